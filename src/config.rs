@@ -1,0 +1,485 @@
+//! The configuration: a TOML file (or the demo registry when there is none), then command-line
+//! flags. Every value is checked here; an error names the file, the key and the reason.
+
+use crate::engine::{ConsumeMode, ConsumerSpec, ProducerSpec, TopicSpec};
+use serde::Deserialize;
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+/// A configuration error: which file, which key, why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("config error in {file}: {key}: {reason}")]
+pub struct ConfigError {
+    pub file: String,
+    pub key: String,
+    pub reason: String,
+}
+
+/// The answer policy of the HTTP status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HttpStatusPolicy {
+    /// Always 200, the outcome in the body's `status` (the Java proxy's behaviour).
+    Body,
+    /// The HTTP status follows the body's `status` (400, 500).
+    Mirror,
+}
+
+/// When a produce is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Flush {
+    Sync,
+    Async,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopicConfig {
+    pub name: String,
+    pub queues: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProducerConfig {
+    pub name: String,
+    pub topic: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    Clustering,
+    Broadcast,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsumerConfig {
+    pub name: String,
+    pub topic: String,
+    #[serde(default = "default_mode")]
+    pub mode: Mode,
+    #[serde(default = "default_consume_timeout_ms")]
+    pub consume_timeout_ms: u64,
+    #[serde(default = "default_max_pull_size")]
+    pub max_pull_size: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CorsConfig {
+    /// `["*"]` (the default) allows any origin; `[]` turns CORS off.
+    #[serde(default = "default_cors_origins")]
+    pub allowed_origins: Vec<String>,
+}
+
+impl Default for CorsConfig {
+    fn default() -> Self {
+        Self {
+            allowed_origins: default_cors_origins(),
+        }
+    }
+}
+
+/// The whole configuration, with its defaults.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// The broker name in answers and requestIds.
+    #[serde(default = "default_broker_name")]
+    pub broker_name: String,
+    #[serde(default = "default_region_id")]
+    pub region_id: String,
+    #[serde(default = "default_http_status")]
+    pub http_status: HttpStatusPolicy,
+    #[serde(default = "default_flush")]
+    pub flush: Flush,
+    /// A flush slower than this answers FLUSH_DISK_TIMEOUT (the message is kept).
+    #[serde(default = "default_flush_timeout_ms")]
+    pub flush_timeout_ms: u64,
+    /// With `flush = "async"`: how often the data is made durable.
+    #[serde(default = "default_async_flush_interval_ms")]
+    pub async_flush_interval_ms: u64,
+    /// Most writes one commit takes (1 turns group commit off).
+    #[serde(default = "default_group_commit_max")]
+    pub group_commit_max: usize,
+    /// Messages older than this are deleted.
+    #[serde(default = "default_retention_hours")]
+    pub retention_hours: u64,
+    /// How often expired messages are looked for.
+    #[serde(default = "default_retention_check_interval_ms")]
+    pub retention_check_interval_ms: u64,
+    /// How far ahead a `deliveryTimestamp` may be (default 3 days).
+    #[serde(default = "default_max_delivery_delay_ms")]
+    pub max_delivery_delay_ms: u64,
+    /// Largest request body (above 4 MiB so an oversize message gets the documented answer).
+    #[serde(default = "default_max_request_bytes")]
+    pub max_request_bytes: usize,
+    /// Pulls per second per consumer until an operator sets another rate.
+    #[serde(default = "default_rate_limit")]
+    pub default_rate_limit: u64,
+    /// Seconds in-flight requests get to finish after SIGTERM/SIGINT.
+    #[serde(default = "default_shutdown_grace_ms")]
+    pub shutdown_grace_ms: u64,
+    #[serde(default)]
+    pub cors: CorsConfig,
+    #[serde(default, rename = "topic")]
+    pub topics: Vec<TopicConfig>,
+    #[serde(default, rename = "producer")]
+    pub producers: Vec<ProducerConfig>,
+    #[serde(default, rename = "consumer")]
+    pub consumers: Vec<ConsumerConfig>,
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:8080".into()
+}
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("./data")
+}
+fn default_broker_name() -> String {
+    "mqproxy".into()
+}
+fn default_region_id() -> String {
+    "DefaultRegion".into()
+}
+fn default_http_status() -> HttpStatusPolicy {
+    HttpStatusPolicy::Body
+}
+fn default_flush() -> Flush {
+    Flush::Sync
+}
+fn default_flush_timeout_ms() -> u64 {
+    5_000
+}
+fn default_async_flush_interval_ms() -> u64 {
+    1_000
+}
+fn default_group_commit_max() -> usize {
+    4_096
+}
+fn default_retention_hours() -> u64 {
+    72
+}
+fn default_retention_check_interval_ms() -> u64 {
+    60_000
+}
+fn default_max_delivery_delay_ms() -> u64 {
+    3 * 24 * 3_600_000
+}
+fn default_max_request_bytes() -> usize {
+    64 * 1024 * 1024
+}
+fn default_rate_limit() -> u64 {
+    1_024
+}
+fn default_shutdown_grace_ms() -> u64 {
+    10_000
+}
+fn default_cors_origins() -> Vec<String> {
+    vec!["*".into()]
+}
+fn default_mode() -> Mode {
+    Mode::Clustering
+}
+fn default_consume_timeout_ms() -> u64 {
+    300_000
+}
+fn default_max_pull_size() -> u32 {
+    32
+}
+
+/// The demo topic, producer and consumers the seed's examples use.
+pub const DEMO_TOPIC: &str = "mqcloud-http-test-topic";
+
+impl Config {
+    /// The configuration without a file: the demo registry of the seed's examples.
+    pub fn demo() -> Self {
+        let mut config: Config =
+            toml::from_str("").unwrap_or_else(|e| unreachable!("empty config parses: {e}"));
+        config.topics = vec![TopicConfig {
+            name: DEMO_TOPIC.into(),
+            queues: 4,
+        }];
+        config.producers = vec![ProducerConfig {
+            name: format!("{DEMO_TOPIC}-producer"),
+            topic: DEMO_TOPIC.into(),
+        }];
+        let consumer = |name: &str, mode| ConsumerConfig {
+            name: name.into(),
+            topic: DEMO_TOPIC.into(),
+            mode,
+            consume_timeout_ms: default_consume_timeout_ms(),
+            max_pull_size: default_max_pull_size(),
+        };
+        config.consumers = vec![
+            consumer("http-clustering-consumer", Mode::Clustering),
+            consumer("http-broadcast-consumer", Mode::Broadcast),
+        ];
+        config
+    }
+
+    /// Reads and checks a config file.
+    ///
+    /// # Errors
+    /// Unreadable file, TOML syntax, unknown key, wrong type, or a value out of range.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: file.clone(),
+            key: "(file)".into(),
+            reason: e.to_string(),
+        })?;
+        Self::from_toml(&text, &file)
+    }
+
+    /// Parses and checks TOML text; `file` names it in errors.
+    ///
+    /// # Errors
+    /// TOML syntax, unknown key, wrong type, or a value out of range.
+    pub fn from_toml(text: &str, file: &str) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError {
+            file: file.to_owned(),
+            key: key_of(&e, text),
+            reason: e.message().to_owned(),
+        })?;
+        config.validate(file)?;
+        Ok(config)
+    }
+
+    /// Checks ranges and cross references.
+    ///
+    /// # Errors
+    /// The first value out of range or reference to nothing.
+    pub fn validate(&self, file: &str) -> Result<(), ConfigError> {
+        let err = |key: String, reason: String| {
+            Err(ConfigError {
+                file: file.to_owned(),
+                key,
+                reason,
+            })
+        };
+        if self.listen.parse::<std::net::SocketAddr>().is_err() {
+            return err(
+                "listen".into(),
+                format!("{:?} is not an address like 127.0.0.1:8080", self.listen),
+            );
+        }
+        if self.broker_name.is_empty() || self.broker_name.contains(',') {
+            return err(
+                "broker_name".into(),
+                "must be non-empty and contain no comma".into(),
+            );
+        }
+        for (key, value, min, max) in [
+            ("flush_timeout_ms", self.flush_timeout_ms, 1, 600_000),
+            (
+                "async_flush_interval_ms",
+                self.async_flush_interval_ms,
+                1,
+                600_000,
+            ),
+            (
+                "group_commit_max",
+                self.group_commit_max as u64,
+                1,
+                1_000_000,
+            ),
+            ("retention_hours", self.retention_hours, 1, 24 * 365 * 10),
+            (
+                "retention_check_interval_ms",
+                self.retention_check_interval_ms,
+                100,
+                86_400_000,
+            ),
+            (
+                "max_delivery_delay_ms",
+                self.max_delivery_delay_ms,
+                1_000,
+                365 * 86_400_000,
+            ),
+            (
+                "max_request_bytes",
+                self.max_request_bytes as u64,
+                8 * 1024 * 1024,
+                1 << 31,
+            ),
+            ("default_rate_limit", self.default_rate_limit, 1, 1_000_000),
+            ("shutdown_grace_ms", self.shutdown_grace_ms, 0, 600_000),
+        ] {
+            if value < min || value > max {
+                return err(
+                    key.into(),
+                    format!("must be between {min} and {max}, got {value}"),
+                );
+            }
+        }
+        let mut topics = HashSet::new();
+        for (i, t) in self.topics.iter().enumerate() {
+            if t.name.trim().is_empty() {
+                return err(format!("topic[{i}].name"), "must not be empty".into());
+            }
+            if !topics.insert(t.name.as_str()) {
+                return err(
+                    format!("topic[{i}].name"),
+                    format!("topic {:?} is defined twice", t.name),
+                );
+            }
+            if !(1..=1024).contains(&t.queues) {
+                return err(
+                    format!("topic[{i}].queues"),
+                    format!("must be between 1 and 1024, got {}", t.queues),
+                );
+            }
+        }
+        let mut names = HashSet::new();
+        for (i, p) in self.producers.iter().enumerate() {
+            if p.name.trim().is_empty() || !names.insert(p.name.as_str()) {
+                return err(
+                    format!("producer[{i}].name"),
+                    format!("{:?} is empty or defined twice", p.name),
+                );
+            }
+            if !topics.contains(p.topic.as_str()) {
+                return err(
+                    format!("producer[{i}].topic"),
+                    format!("no [[topic]] named {:?}", p.topic),
+                );
+            }
+        }
+        let mut names = HashSet::new();
+        for (i, c) in self.consumers.iter().enumerate() {
+            if c.name.trim().is_empty() || !names.insert(c.name.as_str()) {
+                return err(
+                    format!("consumer[{i}].name"),
+                    format!("{:?} is empty or defined twice", c.name),
+                );
+            }
+            if !topics.contains(c.topic.as_str()) {
+                return err(
+                    format!("consumer[{i}].topic"),
+                    format!("no [[topic]] named {:?}", c.topic),
+                );
+            }
+            if !(10_000..=129_600_000).contains(&c.consume_timeout_ms) {
+                return err(
+                    format!("consumer[{i}].consume_timeout_ms"),
+                    format!(
+                        "must be between 10000 (10 s) and 129600000 (36 h), got {}",
+                        c.consume_timeout_ms
+                    ),
+                );
+            }
+            if !(1..=128).contains(&c.max_pull_size) {
+                return err(
+                    format!("consumer[{i}].max_pull_size"),
+                    format!("must be between 1 and 128, got {}", c.max_pull_size),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    pub fn topic_specs(&self) -> Vec<TopicSpec> {
+        self.topics
+            .iter()
+            .map(|t| TopicSpec {
+                name: t.name.clone(),
+                queues: t.queues,
+            })
+            .collect()
+    }
+
+    pub fn producer_specs(&self) -> Vec<ProducerSpec> {
+        self.producers
+            .iter()
+            .map(|p| ProducerSpec {
+                name: p.name.clone(),
+                topic: p.topic.clone(),
+            })
+            .collect()
+    }
+
+    pub fn consumer_specs(&self) -> Vec<ConsumerSpec> {
+        self.consumers
+            .iter()
+            .map(|c| ConsumerSpec {
+                name: c.name.clone(),
+                topic: c.topic.clone(),
+                mode: match c.mode {
+                    Mode::Clustering => ConsumeMode::Clustering,
+                    Mode::Broadcast => ConsumeMode::Broadcast,
+                },
+                consume_timeout_ms: c.consume_timeout_ms,
+                max_pull_size: c.max_pull_size,
+            })
+            .collect()
+    }
+}
+
+/// The dotted key (or line) a TOML error points at.
+fn key_of(e: &toml::de::Error, text: &str) -> String {
+    match e.span() {
+        Some(span) => {
+            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            let snippet = text
+                .get(span.clone())
+                .unwrap_or("")
+                .lines()
+                .next()
+                .unwrap_or("")
+                .trim();
+            format!("line {line} ({snippet})")
+        }
+        None => "(document)".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn demo_is_valid() {
+        let demo = Config::demo();
+        assert_eq!(demo.validate("(demo)"), Ok(()));
+        assert_eq!(demo.topics[0].queues, 4);
+        assert_eq!(demo.consumers.len(), 2);
+    }
+
+    #[test]
+    fn out_of_range_values_are_errors() {
+        let base = "[[topic]]\nname = \"t\"\nqueues = QUEUES\n[[consumer]]\nname = \"c\"\ntopic = \"t\"\nmax_pull_size = MPS\nconsume_timeout_ms = CT\n";
+        let cfg = |q: &str, m: &str, c: &str| {
+            Config::from_toml(
+                &base.replace("QUEUES", q).replace("MPS", m).replace("CT", c),
+                "f.toml",
+            )
+        };
+        assert!(cfg("4", "32", "300000").is_ok());
+        assert_eq!(cfg("0", "32", "300000").unwrap_err().key, "topic[0].queues");
+        assert_eq!(
+            cfg("4", "500", "300000").unwrap_err().key,
+            "consumer[0].max_pull_size"
+        );
+        assert_eq!(
+            cfg("4", "32", "5").unwrap_err().key,
+            "consumer[0].consume_timeout_ms"
+        );
+        let unknown =
+            Config::from_toml("listen = \"127.0.0.1:1\"\nqueuez = 3\n", "f.toml").unwrap_err();
+        assert!(unknown.reason.contains("queuez"), "{unknown}");
+        assert!(
+            unknown
+                .to_string()
+                .starts_with("config error in f.toml: line 2"),
+            "{unknown}"
+        );
+    }
+}

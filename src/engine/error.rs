@@ -1,0 +1,40 @@
+//! The engine's one error vocabulary; each adapter maps [`ErrorKind`] to its own status codes.
+
+use crate::store::StoreError;
+
+/// What kind of failure, for the adapters' status mapping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The request is wrong (status 400 / gRPC InvalidArgument).
+    InvalidArgument,
+    /// A producer or consumer name the proxy does not know (400 / NotFound).
+    NotFound,
+    /// The server failed (500 / Internal or Unavailable).
+    Internal,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("producer:{0} haven't registered")]
+    UnknownProducer(String),
+    #[error("consumer:{0} haven't registered")]
+    UnknownConsumer(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl EngineError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Self::InvalidArgument(_) => ErrorKind::InvalidArgument,
+            Self::UnknownProducer(_) | Self::UnknownConsumer(_) => ErrorKind::NotFound,
+            Self::Store(_) => ErrorKind::Internal,
+        }
+    }
+
+    pub(crate) fn invalid(message: impl Into<String>) -> Self {
+        Self::InvalidArgument(message.into())
+    }
+}

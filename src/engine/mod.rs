@@ -1,0 +1,410 @@
+//! THE core: produce, produce_batch, fetch, ack, unlock and the consumer admin settings, with
+//! the MQCloud HTTP proxy's semantics (registry, orderId queue hash, delay levels, queue choice,
+//! queue locks, requestId acks, retry messages, pause and rate limit).
+//!
+//! Knows nothing of HTTP or gRPC: adapters convert their wire types to the plain types here.
+//! Holds the stores through the traits of [`crate::store`].
+
+mod consume;
+mod error;
+pub mod ids;
+mod rate_limit;
+pub mod request_id;
+
+pub use consume::{
+    AckOutcome, ConsumeTarget, ConsumerView, Delivered, FetchOutcome, FetchRequest, FetchStatus,
+    SettingsChange, UnlockOutcome,
+};
+pub use error::{EngineError, ErrorKind};
+
+use crate::store::{AppendOutcome, ConsumerStore, MessageStore, NewRecord};
+use consume::ConsumerState;
+use ids::MsgIdGenerator;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// The 4 MiB limit of one message body.
+pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+
+/// Clustering (a group shares the stream) or broadcast (each clientId gets all of it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConsumeMode {
+    Clustering,
+    Broadcast,
+}
+
+impl ConsumeMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Clustering => "clustering",
+            Self::Broadcast => "broadcast",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct TopicSpec {
+    pub name: String,
+    pub queues: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct ProducerSpec {
+    pub name: String,
+    pub topic: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct ConsumerSpec {
+    pub name: String,
+    pub topic: String,
+    pub mode: ConsumeMode,
+    pub consume_timeout_ms: u64,
+    pub max_pull_size: u32,
+}
+
+/// What the engine needs to know; built by the caller (config file, tests).
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub broker_name: String,
+    pub region_id: String,
+    /// IPv4 address and port of this server, the first half of every offsetMsgId.
+    pub store_host: [u8; 8],
+    /// How far ahead a `deliveryTimestamp` may be.
+    pub max_delivery_delay_ms: u64,
+    /// Pulls per second per consumer when an operator has not set a rate.
+    pub default_rate_limit: u64,
+    pub topics: Vec<TopicSpec>,
+    pub producers: Vec<ProducerSpec>,
+    pub consumers: Vec<ConsumerSpec>,
+}
+
+/// A message to produce.
+#[derive(Debug, Clone, Default)]
+pub struct ProduceRequest {
+    pub producer: String,
+    pub body: Vec<u8>,
+    pub keys: Option<String>,
+    pub order_id: Option<String>,
+    pub delay_level: Option<i32>,
+    pub delivery_timestamp_ms: Option<i64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendStatus {
+    SendOk,
+    /// Stored, but the flush took longer than the flush timeout.
+    FlushDiskTimeout,
+}
+
+impl SendStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::SendOk => "SEND_OK",
+            Self::FlushDiskTimeout => "FLUSH_DISK_TIMEOUT",
+        }
+    }
+}
+
+/// Where a produced message went.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SendReceipt {
+    pub status: SendStatus,
+    pub msg_id: String,
+    pub topic: String,
+    pub broker_name: String,
+    pub queue_id: u32,
+    pub queue_offset: u64,
+    pub offset_msg_id: String,
+    pub region_id: String,
+    pub trace_on: bool,
+}
+
+/// The core engine (cheap to clone; all clones share state).
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: EngineConfig,
+    topics: HashMap<String, TopicSpec>,
+    producers: HashMap<String, String>,
+    consumers: HashMap<String, ConsumerSpec>,
+    messages: Arc<dyn MessageStore>,
+    consumer_store: Arc<dyn ConsumerStore>,
+    ids: MsgIdGenerator,
+    round_robin: HashMap<String, AtomicU32>,
+    state: ConsumerState,
+}
+
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Engine {
+    /// Builds the engine over its stores and loads the saved consumer state.
+    ///
+    /// # Errors
+    /// When the consumer state cannot be read.
+    pub fn new(
+        config: EngineConfig,
+        messages: Arc<dyn MessageStore>,
+        consumer_store: Arc<dyn ConsumerStore>,
+    ) -> Result<Self, EngineError> {
+        let snapshot = consumer_store.load()?;
+        let topics: HashMap<_, _> = config
+            .topics
+            .iter()
+            .map(|t| (t.name.clone(), t.clone()))
+            .collect();
+        let producers = config
+            .producers
+            .iter()
+            .map(|p| (p.name.clone(), p.topic.clone()))
+            .collect();
+        let consumers = config
+            .consumers
+            .iter()
+            .map(|c| (c.name.clone(), c.clone()))
+            .collect();
+        let round_robin = topics
+            .keys()
+            .map(|t| (t.clone(), AtomicU32::new(0)))
+            .collect();
+        let ids = MsgIdGenerator::new(messages.identity());
+        Ok(Self {
+            inner: Arc::new(Inner {
+                state: ConsumerState::from_snapshot(snapshot),
+                config,
+                topics,
+                producers,
+                consumers,
+                messages,
+                consumer_store,
+                ids,
+                round_robin,
+            }),
+        })
+    }
+
+    /// The registry and settings the engine runs with.
+    pub fn config(&self) -> &EngineConfig {
+        &self.inner.config
+    }
+
+    /// Ready when the store takes a durable write.
+    ///
+    /// # Errors
+    /// The store's failure.
+    pub async fn ready(&self) -> Result<(), EngineError> {
+        Ok(self.inner.messages.probe().await?)
+    }
+
+    fn producer_topic(&self, producer: &str) -> Result<&TopicSpec, EngineError> {
+        let topic = self
+            .inner
+            .producers
+            .get(producer)
+            .ok_or_else(|| EngineError::UnknownProducer(producer.to_owned()))?;
+        self.inner.topics.get(topic).ok_or_else(|| {
+            EngineError::invalid(format!("producer:{producer} has unknown topic {topic}"))
+        })
+    }
+
+    fn check_body(body: &[u8]) -> Result<(), EngineError> {
+        if body.is_empty() {
+            return Err(EngineError::invalid("message is empty"));
+        }
+        if body.len() > MAX_MESSAGE_BYTES {
+            return Err(EngineError::invalid(format!(
+                "message body too long:{MAX_MESSAGE_BYTES}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// When a delayed or timer message becomes visible (None: at once).
+    fn deliver_at(
+        &self,
+        delay_level: Option<i32>,
+        delivery_ts: Option<i64>,
+        now: u64,
+    ) -> Result<Option<u64>, EngineError> {
+        match (delay_level, delivery_ts) {
+            (Some(_), Some(_)) => Err(EngineError::invalid(
+                "delayLevel and deliveryTimestamp cannot be used together",
+            )),
+            (Some(level), None) => {
+                let delay = usize::try_from(level)
+                    .ok()
+                    .and_then(|l| l.checked_sub(1))
+                    .and_then(|i| ids::DELAY_LEVELS_MS.get(i))
+                    .ok_or_else(|| {
+                        EngineError::invalid(format!(
+                            "delayLevel must be between 1 and 18, got {level}"
+                        ))
+                    })?;
+                Ok(Some(now + delay))
+            }
+            (None, Some(ts)) => {
+                let ts = u64::try_from(ts).map_err(|_| {
+                    EngineError::invalid(format!(
+                        "deliveryTimestamp must not be negative, got {ts}"
+                    ))
+                })?;
+                let limit = now + self.inner.config.max_delivery_delay_ms;
+                if ts > limit {
+                    return Err(EngineError::invalid(format!(
+                        "deliveryTimestamp {ts} is more than {} ms ahead (limit {limit})",
+                        self.inner.config.max_delivery_delay_ms
+                    )));
+                }
+                Ok((ts > now).then_some(ts))
+            }
+            (None, None) => Ok(None),
+        }
+    }
+
+    fn round_robin_queue(&self, topic: &TopicSpec) -> u32 {
+        let n = self
+            .inner
+            .round_robin
+            .get(&topic.name)
+            .map_or(0, |c| c.fetch_add(1, Ordering::Relaxed));
+        n % topic.queues.max(1)
+    }
+
+    fn receipt(
+        &self,
+        topic: &TopicSpec,
+        queue: u32,
+        msg_id: &[u8; 16],
+        outcome: &AppendOutcome,
+        i: usize,
+    ) -> Result<SendReceipt, EngineError> {
+        let appended = outcome.appended.get(i).ok_or_else(|| {
+            EngineError::Store(crate::store::StoreError::Corrupt(
+                "append answered too few offsets".into(),
+            ))
+        })?;
+        let config = &self.inner.config;
+        Ok(SendReceipt {
+            status: if outcome.flush_timed_out {
+                SendStatus::FlushDiskTimeout
+            } else {
+                SendStatus::SendOk
+            },
+            msg_id: ids::hex_id(msg_id),
+            topic: topic.name.clone(),
+            broker_name: config.broker_name.clone(),
+            queue_id: queue,
+            queue_offset: appended.queue_offset,
+            offset_msg_id: ids::offset_msg_id(config.store_host, appended.store_seq),
+            region_id: config.region_id.clone(),
+            trace_on: true,
+        })
+    }
+
+    /// Produces one message; answered once it is durable.
+    ///
+    /// # Errors
+    /// Unknown producer, bad parameters (body size, delay), or a store failure.
+    pub async fn produce(&self, req: ProduceRequest) -> Result<SendReceipt, EngineError> {
+        let topic = self.producer_topic(&req.producer)?;
+        Self::check_body(&req.body)?;
+        let now = now_ms();
+        let deliver_at = self.deliver_at(req.delay_level, req.delivery_timestamp_ms, now)?;
+        let order_id = req
+            .order_id
+            .as_deref()
+            .map(str::trim)
+            .filter(|o| !o.is_empty());
+        let queue = match order_id {
+            Some(order_id) => ids::order_queue(order_id, topic.queues),
+            None => self.round_robin_queue(topic),
+        };
+        let msg_id = self.inner.ids.next();
+        let keys = req.keys.filter(|k| !k.is_empty());
+        let record = NewRecord {
+            msg_id,
+            keys,
+            born_ms: now,
+            body: req.body,
+        };
+        let outcome = self
+            .inner
+            .messages
+            .append(&topic.name, queue, deliver_at, vec![record])
+            .await?;
+        self.receipt(topic, queue, &msg_id, &outcome, 0)
+    }
+
+    /// Produces a batch in one durable write to one queue. The outer error is request-level
+    /// (unknown producer, empty batch); each element has its own result.
+    ///
+    /// # Errors
+    /// Unknown producer or an empty batch.
+    pub async fn produce_batch(
+        &self,
+        producer: &str,
+        bodies: Vec<Vec<u8>>,
+    ) -> Result<Vec<Result<SendReceipt, EngineError>>, EngineError> {
+        let topic = self.producer_topic(producer)?;
+        if bodies.is_empty() {
+            return Err(EngineError::invalid("messages is an empty array"));
+        }
+        let now = now_ms();
+        let queue = self.round_robin_queue(topic);
+        let mut results: Vec<Option<Result<SendReceipt, EngineError>>> =
+            Vec::with_capacity(bodies.len());
+        let mut records = Vec::new();
+        let mut record_of = Vec::new();
+        for (i, body) in bodies.into_iter().enumerate() {
+            match Self::check_body(&body) {
+                Ok(()) => {
+                    record_of.push(i);
+                    records.push(NewRecord {
+                        msg_id: self.inner.ids.next(),
+                        keys: None,
+                        born_ms: now,
+                        body,
+                    });
+                    results.push(None);
+                }
+                Err(e) => results.push(Some(Err(e))),
+            }
+        }
+        if !records.is_empty() {
+            let ids: Vec<[u8; 16]> = records.iter().map(|r| r.msg_id).collect();
+            match self
+                .inner
+                .messages
+                .append(&topic.name, queue, None, records)
+                .await
+            {
+                Ok(outcome) => {
+                    for (j, &i) in record_of.iter().enumerate() {
+                        results[i] = Some(self.receipt(topic, queue, &ids[j], &outcome, j));
+                    }
+                }
+                Err(e) => {
+                    let message = e.to_string();
+                    for &i in &record_of {
+                        results[i] = Some(Err(EngineError::Store(
+                            crate::store::StoreError::Database(message.clone()),
+                        )));
+                    }
+                }
+            }
+        }
+        Ok(results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(EngineError::invalid("not sent"))))
+            .collect())
+    }
+}

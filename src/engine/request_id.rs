@@ -1,0 +1,197 @@
+//! The requestId: `brokerName,queueId,offset,nextOffset,lockTime,forceAck` as the Java proxy
+//! writes it, plus a seventh field, an HMAC-SHA256 tag (keyed by the store's secret) over
+//! those fields and the consumer context, so a forged or foreign requestId moves nothing.
+//! URL-safe base64 with padding; decoding accepts it with or without padding.
+
+use crate::store::ContextKey;
+use base64::Engine as _;
+use base64::alphabet::URL_SAFE;
+use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+const ENCODER: GeneralPurpose = GeneralPurpose::new(&URL_SAFE, GeneralPurposeConfig::new());
+const DECODER: GeneralPurpose = GeneralPurpose::new(
+    &URL_SAFE,
+    GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
+);
+/// Bytes of the tag kept (128 bits).
+const TAG_LEN: usize = 16;
+
+/// What a requestId names: one batch handed out from one locked queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchToken {
+    pub broker_name: String,
+    pub queue_id: u32,
+    pub offset: u64,
+    pub next_offset: u64,
+    pub lock_time: u64,
+    pub force_ack: bool,
+}
+
+impl BatchToken {
+    /// The Java proxy's debug form, quoted in ack messages.
+    pub fn info(&self) -> String {
+        format!(
+            "{}-{}:{},{},{},{}",
+            self.broker_name,
+            self.queue_id,
+            self.offset,
+            self.next_offset,
+            self.lock_time,
+            self.force_ack
+        )
+    }
+
+    fn fields(&self) -> String {
+        format!(
+            "{},{},{},{},{},{}",
+            self.broker_name,
+            self.queue_id,
+            self.offset,
+            self.next_offset,
+            self.lock_time,
+            self.force_ack
+        )
+    }
+}
+
+/// Why a requestId was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    #[error("requestId is not URL-safe base64")]
+    Encoding,
+    #[error("requestId is malformed: {0}")]
+    Malformed(&'static str),
+    #[error("requestId was not issued by this server for this consumer")]
+    BadSignature,
+}
+
+fn tag(secret: &[u8; 32], fields: &str, context: &ContextKey) -> Hmac<Sha256> {
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret)
+        .unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
+    for part in [
+        fields,
+        "\n",
+        &context.topic,
+        "\n",
+        &context.group,
+        "\n",
+        context.client_id.as_deref().unwrap_or(""),
+    ] {
+        mac.update(part.as_bytes());
+    }
+    mac
+}
+
+pub fn encode(token: &BatchToken, secret: &[u8; 32], context: &ContextKey) -> String {
+    let fields = token.fields();
+    let digest = tag(secret, &fields, context).finalize().into_bytes();
+    ENCODER.encode(format!("{fields},{}", hex::encode(&digest[..TAG_LEN])))
+}
+
+pub fn decode(
+    request_id: &str,
+    secret: &[u8; 32],
+    context: &ContextKey,
+) -> Result<BatchToken, TokenError> {
+    let bytes = DECODER
+        .decode(request_id.trim())
+        .map_err(|_| TokenError::Encoding)?;
+    let text = String::from_utf8(bytes).map_err(|_| TokenError::Malformed("not UTF-8"))?;
+    let (fields, tag_hex) = text
+        .rsplit_once(',')
+        .ok_or(TokenError::Malformed("too few fields"))?;
+    let parts: Vec<&str> = fields.split(',').collect();
+    let [
+        broker_name,
+        queue_id,
+        offset,
+        next_offset,
+        lock_time,
+        force_ack,
+    ] = parts.as_slice()
+    else {
+        return Err(TokenError::Malformed("expected 7 fields"));
+    };
+    let tag_bytes = hex::decode(tag_hex).map_err(|_| TokenError::Malformed("bad tag"))?;
+    tag(secret, fields, context)
+        .verify_truncated_left(&tag_bytes)
+        .map_err(|_| TokenError::BadSignature)?;
+    if tag_bytes.len() != TAG_LEN {
+        return Err(TokenError::BadSignature);
+    }
+    let num =
+        |s: &str, what: &'static str| s.parse::<u64>().map_err(|_| TokenError::Malformed(what));
+    Ok(BatchToken {
+        broker_name: (*broker_name).to_owned(),
+        queue_id: queue_id
+            .parse()
+            .map_err(|_| TokenError::Malformed("queueId"))?,
+        offset: num(offset, "offset")?,
+        next_offset: num(next_offset, "nextOffset")?,
+        lock_time: num(lock_time, "lockTime")?,
+        force_ack: force_ack.eq_ignore_ascii_case("true"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx(client: Option<&str>) -> ContextKey {
+        ContextKey {
+            topic: "t".into(),
+            group: "g".into(),
+            client_id: client.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn round_trip_and_forgery() {
+        let token = BatchToken {
+            broker_name: "broker-a".into(),
+            queue_id: 3,
+            offset: 10,
+            next_offset: 42,
+            lock_time: 1_655_882_634_054,
+            force_ack: false,
+        };
+        let secret = [9u8; 32];
+        let id = encode(&token, &secret, &ctx(None));
+        assert!(!id.contains('+') && !id.contains('/'));
+        assert_eq!(decode(&id, &secret, &ctx(None)), Ok(token.clone()));
+        assert_eq!(
+            decode(id.trim_end_matches('='), &secret, &ctx(None)),
+            Ok(token.clone())
+        );
+        // Another consumer context, another secret: refused.
+        assert_eq!(
+            decode(&id, &secret, &ctx(Some("c1"))),
+            Err(TokenError::BadSignature)
+        );
+        assert_eq!(
+            decode(&id, &[1u8; 32], &ctx(None)),
+            Err(TokenError::BadSignature)
+        );
+        // The Java proxy's unsigned form (the seed's sample) and edited fields: refused.
+        assert!(
+            decode(
+                "YnJva2VyLWMsNCwyMTU2OSwyMTYwMSwxNjU1ODgyNjM0MDU0",
+                &secret,
+                &ctx(None)
+            )
+            .is_err()
+        );
+        let text = String::from_utf8(DECODER.decode(&id).expect("b64")).expect("utf8");
+        let forged = ENCODER.encode(text.replace(",42,", ",99,"));
+        assert_eq!(
+            decode(&forged, &secret, &ctx(None)),
+            Err(TokenError::BadSignature)
+        );
+        assert_eq!(
+            decode("%%%", &secret, &ctx(None)),
+            Err(TokenError::Encoding)
+        );
+    }
+}

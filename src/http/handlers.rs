@@ -1,0 +1,344 @@
+//! `impl MqApi for HttpAdapter`: one short method per handler of the spec. Converts
+//! parameters to engine requests and engine results to the seed's reply shapes.
+
+use super::api::{
+    AckParams, BatchReply, ConfigureConsumerParams, ConsumerConfigParams, ConsumerConfigReply,
+    ConsumerSettings, FetchParams, FetchReply, FetchResult, HealthzParams, Message, MessageQueue,
+    MqApi, ProduceBatchParams, ProduceParams, ProduceReply, ReadyzParams, SendResult, StatusReply,
+    UnlockParams,
+};
+use super::support::{Envelope, Reply, RequestContext};
+use crate::engine::{
+    ConsumeTarget, Delivered, Engine, EngineError, ErrorKind, FetchRequest, ProduceRequest,
+    SendReceipt, SettingsChange,
+};
+use axum::http::header;
+
+/// The cookie that carries the requestId with `useCookie=true`.
+const RID_COOKIE: &str = "rid";
+
+/// The HTTP adapter: holds the engine, nothing else.
+#[derive(Clone)]
+pub struct HttpAdapter {
+    pub engine: Engine,
+}
+
+fn error_status(e: &EngineError) -> i32 {
+    match e.kind() {
+        ErrorKind::InvalidArgument | ErrorKind::NotFound => 400,
+        ErrorKind::Internal => 500,
+    }
+}
+
+fn fail<T: Envelope>(e: &EngineError) -> Reply<T> {
+    if e.kind() == ErrorKind::Internal {
+        tracing::error!(error = %e, "request failed");
+    }
+    Reply::new(T::error(error_status(e), e.to_string()))
+}
+
+fn send_result(r: SendReceipt) -> SendResult {
+    SendResult {
+        send_status: r.status.as_str().to_owned(),
+        msg_id: r.msg_id,
+        message_queue: MessageQueue {
+            topic: r.topic,
+            broker_name: r.broker_name,
+            queue_id: r.queue_id as i32,
+        },
+        queue_offset: r.queue_offset as i64,
+        offset_msg_id: r.offset_msg_id,
+        region_id: r.region_id,
+        trace_on: r.trace_on,
+    }
+}
+
+fn message(d: Delivered) -> Message {
+    Message {
+        message_id: d.msg_id,
+        message: String::from_utf8_lossy(&d.body).into_owned(),
+        timestamp: d.store_ms as i64,
+    }
+}
+
+/// The requestId of a consume call: the parameter, else (useCookie) the `rid` cookie.
+fn request_id(param: Option<String>, use_cookie: bool, ctx: &RequestContext) -> Option<String> {
+    param.or_else(|| {
+        if !use_cookie {
+            return None;
+        }
+        ctx.headers
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(cookie::Cookie::split_parse)
+            .filter_map(Result::ok)
+            .find(|c| c.name() == RID_COOKIE && !c.value().is_empty())
+            .map(|c| c.value().to_owned())
+    })
+}
+
+/// The clientIp parameter, else X-Forwarded-For (first), else X-Real-IP, else the socket.
+fn client_ip(param: Option<String>, ctx: &RequestContext) -> Option<String> {
+    let header_value = |name: &str| {
+        ctx.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(',').next())
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+            .map(str::to_owned)
+    };
+    param
+        .map(|p| p.trim().to_owned())
+        .filter(|p| !p.is_empty())
+        .or_else(|| header_value("x-forwarded-for"))
+        .or_else(|| header_value("x-real-ip"))
+        .or_else(|| ctx.peer.map(|p| p.ip().to_string()))
+}
+
+fn target(topic: String, consumer: String, client_id: Option<String>) -> ConsumeTarget {
+    ConsumeTarget {
+        topic,
+        consumer,
+        client_id,
+    }
+}
+
+impl HttpAdapter {
+    async fn configure(
+        &self,
+        consumer: &str,
+        change: SettingsChange,
+    ) -> Reply<ConsumerConfigReply> {
+        match self.engine.configure_consumer(consumer, change).await {
+            Ok(v) => Reply::new(ConsumerConfigReply {
+                status: 200,
+                message: None,
+                result: Some(ConsumerSettings {
+                    consumer: v.consumer,
+                    topic: v.topic,
+                    mode: v.mode.as_str().to_owned(),
+                    paused: v.settings.paused,
+                    rate_limit_enabled: v.settings.rate_limit_enabled,
+                    limit_rate: v.settings.limit_rate as i64,
+                    max_pull_size: v.max_pull_size as i32,
+                    consume_timeout_ms: v.consume_timeout_ms as i64,
+                    retry_queued: Some(v.retry_queued as i32),
+                }),
+            }),
+            Err(e) => fail(&e),
+        }
+    }
+}
+
+impl MqApi for HttpAdapter {
+    async fn produce(&self, p: ProduceParams, _ctx: RequestContext) -> Reply<ProduceReply> {
+        let req = ProduceRequest {
+            producer: p.producer,
+            body: p.message.into_bytes(),
+            keys: p.keys,
+            order_id: p.order_id,
+            delay_level: p.delay_level,
+            delivery_timestamp_ms: p.delivery_timestamp,
+        };
+        match self.engine.produce(req).await {
+            Ok(r) => Reply::new(ProduceReply {
+                status: 200,
+                message: None,
+                result: Some(send_result(r)),
+            }),
+            Err(e) => fail(&e),
+        }
+    }
+
+    async fn produce_batch(
+        &self,
+        p: ProduceBatchParams,
+        _ctx: RequestContext,
+    ) -> Reply<BatchReply> {
+        let elements = match serde_json::from_str::<serde_json::Value>(&p.messages) {
+            Ok(serde_json::Value::Array(items)) => items,
+            _ => {
+                return Reply::new(BatchReply::error(
+                    400,
+                    "parameter messages: must be a JSON array".into(),
+                ));
+            }
+        };
+        // A string element is the message as-is; any other value is sent as its compact JSON.
+        let bodies = elements
+            .into_iter()
+            .map(|v| match v {
+                serde_json::Value::String(s) => s.into_bytes(),
+                other => other.to_string().into_bytes(),
+            })
+            .collect();
+        match self.engine.produce_batch(&p.producer, bodies).await {
+            Ok(results) if results.iter().all(Result::is_ok) => Reply::new(BatchReply {
+                status: 200,
+                message: None,
+                result: None,
+            }),
+            Ok(results) => {
+                let items = results
+                    .iter()
+                    .map(|r| match r {
+                        Ok(_) => StatusReply {
+                            status: 200,
+                            message: None,
+                        },
+                        Err(e) => StatusReply {
+                            status: error_status(e),
+                            message: Some(e.to_string()),
+                        },
+                    })
+                    .collect();
+                Reply::new(BatchReply {
+                    status: 500,
+                    message: Some("some messages failed to send".into()),
+                    result: Some(items),
+                })
+            }
+            Err(e) => fail(&e),
+        }
+    }
+
+    async fn fetch(&self, p: FetchParams, ctx: RequestContext) -> Reply<FetchReply> {
+        let use_cookie = p.use_cookie.unwrap_or(false);
+        let req = FetchRequest {
+            request_id: request_id(p.request_id, use_cookie, &ctx),
+            client_ip: client_ip(p.client_ip, &ctx),
+            target: target(p.topic, p.consumer, p.client_id),
+        };
+        let mut reply = match self.engine.fetch(req).await {
+            Ok(o) => {
+                let ack_info = o.ack.map(|a| match a {
+                    Ok(a) => StatusReply {
+                        status: 200,
+                        message: Some(a.message),
+                    },
+                    Err(m) => StatusReply {
+                        status: 400,
+                        message: Some(m),
+                    },
+                });
+                let msg_list: Vec<Message> = o.messages.into_iter().map(message).collect();
+                let retry_list: Vec<Message> = o.retry_messages.into_iter().map(message).collect();
+                Reply::new(FetchReply {
+                    status: 200,
+                    message: None,
+                    result: Some(FetchResult {
+                        status: o.status.as_str().to_owned(),
+                        request_id: o.request_id,
+                        msg_list_size: msg_list.len() as i32,
+                        msg_list: (!msg_list.is_empty()).then_some(msg_list),
+                        retry_msg_list_size: retry_list.len() as i32,
+                        retry_msg_list: (!retry_list.is_empty()).then_some(retry_list),
+                        ack_info,
+                    }),
+                })
+            }
+            Err(e) => fail(&e),
+        };
+        if use_cookie && reply.body.status == 200 {
+            let rid = reply
+                .body
+                .result
+                .as_ref()
+                .and_then(|r| r.request_id.clone());
+            reply.set_cookie = Some(match rid {
+                Some(rid) => format!("{RID_COOKIE}={rid}; Path=/"),
+                None => format!("{RID_COOKIE}=; Path=/; Max-Age=0"),
+            });
+        }
+        reply
+    }
+
+    async fn ack(&self, p: AckParams, ctx: RequestContext) -> Reply<StatusReply> {
+        let Some(rid) = request_id(p.request_id, p.use_cookie.unwrap_or(false), &ctx) else {
+            return Reply::new(StatusReply::error(
+                400,
+                "parameter requestId: is required".into(),
+            ));
+        };
+        match self
+            .engine
+            .ack(&target(p.topic, p.consumer, p.client_id), &rid)
+            .await
+        {
+            Ok(o) => Reply::new(StatusReply {
+                status: 200,
+                message: Some(o.message),
+            }),
+            Err(e) => fail(&e),
+        }
+    }
+
+    async fn unlock(&self, p: UnlockParams, ctx: RequestContext) -> Reply<StatusReply> {
+        let Some(rid) = request_id(p.request_id, p.use_cookie.unwrap_or(false), &ctx) else {
+            return Reply::new(StatusReply::error(
+                400,
+                "parameter requestId: is required".into(),
+            ));
+        };
+        match self
+            .engine
+            .unlock(&target(p.topic, p.consumer, p.client_id), &rid)
+            .await
+        {
+            Ok(o) => Reply::new(StatusReply {
+                status: 200,
+                message: Some(o.message),
+            }),
+            Err(e) => fail(&e),
+        }
+    }
+
+    async fn consumer_config(
+        &self,
+        p: ConsumerConfigParams,
+        _ctx: RequestContext,
+    ) -> Reply<ConsumerConfigReply> {
+        self.configure(&p.consumer, SettingsChange::default()).await
+    }
+
+    async fn configure_consumer(
+        &self,
+        p: ConfigureConsumerParams,
+        _ctx: RequestContext,
+    ) -> Reply<ConsumerConfigReply> {
+        let change = SettingsChange {
+            client_id: p.client_id,
+            paused: p.pause,
+            rate_limit_enabled: p.rate_limit_enabled,
+            limit_rate: p.limit_rate.map(|r| r as u64),
+            retry_msg_id: p.retry_msg_id,
+        };
+        self.configure(&p.consumer, change).await
+    }
+
+    async fn healthz(&self, _p: HealthzParams, _ctx: RequestContext) -> Reply<StatusReply> {
+        let mut reply = Reply::new(StatusReply {
+            status: 200,
+            message: None,
+        });
+        reply.always_mirror = true;
+        reply
+    }
+
+    async fn readyz(&self, _p: ReadyzParams, _ctx: RequestContext) -> Reply<StatusReply> {
+        let mut reply = match self.engine.ready().await {
+            Ok(()) => Reply::new(StatusReply {
+                status: 200,
+                message: None,
+            }),
+            Err(e) => Reply::new(StatusReply {
+                status: 500,
+                message: Some(format!("store not writable: {e}")),
+            }),
+        };
+        reply.always_mirror = true;
+        reply
+    }
+}

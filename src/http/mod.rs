@@ -1,0 +1,73 @@
+//! The HTTP adapter (axum): the seed's REST endpoints (generated from `openapi/mqproxy.yaml`),
+//! the OpenAPI document at `/openapi.json`, Swagger UI at `/swagger-ui/`, CORS.
+//! Holds an [`Engine`]; never touches a store.
+
+pub mod api;
+mod handlers;
+pub mod support;
+
+pub use handlers::HttpAdapter;
+
+use crate::engine::Engine;
+use axum::Router;
+use axum::http::HeaderValue;
+use std::sync::Arc;
+use support::{RouterSettings, RouterState};
+use tower_http::cors::{AllowOrigin, Any, CorsLayer};
+
+/// The REST contract, exactly as checked in.
+pub const OPENAPI_YAML: &str = include_str!("../../openapi/mqproxy.yaml");
+
+/// The contract as JSON (the document served at `/openapi.json`).
+///
+/// # Panics
+/// Never at run time: `build.rs` parsed the same file, so the build fails first.
+pub fn openapi_json() -> serde_json::Value {
+    yaml_serde::from_str(OPENAPI_YAML)
+        .unwrap_or_else(|e| unreachable!("openapi/mqproxy.yaml was checked at build time: {e}"))
+}
+
+/// HTTP settings of the adapter.
+#[derive(Debug, Clone)]
+pub struct HttpSettings {
+    pub mirror_http_status: bool,
+    pub max_request_bytes: usize,
+    /// Allowed CORS origins; `["*"]` allows any, empty turns CORS off.
+    pub cors_allowed_origins: Vec<String>,
+}
+
+fn cors(origins: &[String]) -> Option<CorsLayer> {
+    if origins.is_empty() {
+        return None;
+    }
+    let layer = CorsLayer::new().allow_methods(Any).allow_headers(Any);
+    Some(if origins.iter().any(|o| o == "*") {
+        layer.allow_origin(Any)
+    } else {
+        let list: Vec<HeaderValue> = origins
+            .iter()
+            .filter_map(|o| HeaderValue::from_str(o).ok())
+            .collect();
+        layer.allow_origin(AllowOrigin::list(list))
+    })
+}
+
+/// The whole HTTP application.
+pub fn router(engine: Engine, settings: &HttpSettings) -> Router {
+    let state = RouterState {
+        api: Arc::new(HttpAdapter { engine }),
+        settings: Arc::new(RouterSettings {
+            mirror_http_status: settings.mirror_http_status,
+            max_request_bytes: settings.max_request_bytes,
+        }),
+    };
+    let swagger = utoipa_swagger_ui::SwaggerUi::new("/swagger-ui")
+        .external_url_unchecked("/openapi.json", openapi_json());
+    let app = api::router(state)
+        .merge(swagger)
+        .layer(tower_http::trace::TraceLayer::new_for_http());
+    match cors(&settings.cors_allowed_origins) {
+        Some(layer) => app.layer(layer),
+        None => app,
+    }
+}

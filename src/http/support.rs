@@ -1,0 +1,252 @@
+//! What the generated REST code (`api.rs`) stands on: reading parameters from the query string
+//! and form body, the reply envelope, and the HTTP status policy.
+
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Request};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+/// What a handler may need of the HTTP request besides its parameters.
+#[derive(Debug, Clone, Default)]
+pub struct RequestContext {
+    pub headers: HeaderMap,
+    pub peer: Option<SocketAddr>,
+}
+
+/// A handler's answer: the envelope and, optionally, the `rid` cookie to set.
+#[derive(Debug, Clone)]
+pub struct Reply<T> {
+    pub body: T,
+    pub set_cookie: Option<String>,
+    /// Make the HTTP status follow the body whatever the configured policy (probes).
+    pub always_mirror: bool,
+}
+
+impl<T> Reply<T> {
+    pub fn new(body: T) -> Self {
+        Self {
+            body,
+            set_cookie: None,
+            always_mirror: false,
+        }
+    }
+}
+
+/// Every reply type is an envelope `{status, message?, ...}`.
+pub trait Envelope {
+    fn status(&self) -> i32;
+    /// The envelope of a failure: the status, the message, nothing else.
+    fn error(status: i32, message: String) -> Self;
+}
+
+/// HTTP-level settings of the generated router.
+#[derive(Debug, Clone)]
+pub struct RouterSettings {
+    /// HTTP status = body status (400/500) instead of always 200.
+    pub mirror_http_status: bool,
+    /// Largest request body read; above it the answer is 413.
+    pub max_request_bytes: usize,
+}
+
+/// The state the generated handlers get.
+pub struct RouterState<A> {
+    pub api: Arc<A>,
+    pub settings: Arc<RouterSettings>,
+}
+
+impl<A> Clone for RouterState<A> {
+    fn clone(&self) -> Self {
+        Self {
+            api: self.api.clone(),
+            settings: self.settings.clone(),
+        }
+    }
+}
+
+/// A missing or malformed parameter.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("parameter {param}: {reason}")]
+pub struct ParamError {
+    pub param: &'static str,
+    pub reason: String,
+}
+
+impl ParamError {
+    pub fn new(param: &'static str, reason: impl Into<String>) -> Self {
+        Self {
+            param,
+            reason: reason.into(),
+        }
+    }
+
+    pub fn missing(param: &'static str) -> Self {
+        Self::new(param, "is required")
+    }
+}
+
+/// A request that could not be read at all.
+#[derive(Debug, Clone)]
+pub struct RequestError {
+    pub status: i32,
+    pub message: String,
+}
+
+/// The first non-blank value of `name` (query string first, then the body).
+pub fn param<'a>(pairs: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    pairs
+        .iter()
+        .find(|(k, v)| k == name && !v.trim().is_empty())
+        .map(|(_, v)| v.as_str())
+}
+
+pub fn parse_bool(name: &'static str, value: &str) -> Result<bool, ParamError> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" => Ok(true),
+        "false" | "0" => Ok(false),
+        _ => Err(ParamError::new(
+            name,
+            format!("must be true or false, got {value:?}"),
+        )),
+    }
+}
+
+pub fn parse_int(
+    name: &'static str,
+    value: &str,
+    min: Option<i64>,
+    max: Option<i64>,
+) -> Result<i64, ParamError> {
+    let n: i64 = value
+        .trim()
+        .parse()
+        .map_err(|_| ParamError::new(name, format!("must be an integer, got {value:?}")))?;
+    if min.is_some_and(|m| n < m) || max.is_some_and(|m| n > m) {
+        let range = match (min, max) {
+            (Some(a), Some(b)) => format!("between {a} and {b}"),
+            (Some(a), None) => format!("at least {a}"),
+            (None, Some(b)) => format!("at most {b}"),
+            (None, None) => String::new(),
+        };
+        return Err(ParamError::new(name, format!("must be {range}, got {n}")));
+    }
+    Ok(n)
+}
+
+fn is_form(headers: &HeaderMap) -> Option<bool> {
+    let ct = headers
+        .get(header::CONTENT_TYPE)?
+        .to_str()
+        .ok()?
+        .to_ascii_lowercase();
+    Some(ct.starts_with("application/x-www-form-urlencoded"))
+}
+
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.to_ascii_lowercase().starts_with("application/json"))
+}
+
+/// Parameters from the query string, then from a form body (or a JSON object body, whose
+/// string values are taken as they are and other values as JSON text).
+pub async fn read_request(
+    req: Request,
+    limit: usize,
+) -> Result<(Vec<(String, String)>, RequestContext), RequestError> {
+    let (parts, body) = req.into_parts();
+    let mut pairs: Vec<(String, String)> = parts
+        .uri
+        .query()
+        .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
+        .unwrap_or_default();
+    let bytes = axum::body::to_bytes(body, limit)
+        .await
+        .map_err(|_| RequestError {
+            status: 413,
+            message: format!("request body larger than {limit} bytes (max_request_bytes)"),
+        })?;
+    if !bytes.is_empty() {
+        if is_json(&parts.headers) {
+            let value: serde_json::Value =
+                serde_json::from_slice(&bytes).map_err(|e| RequestError {
+                    status: 400,
+                    message: format!("request body is not valid JSON: {e}"),
+                })?;
+            let object = value.as_object().ok_or_else(|| RequestError {
+                status: 400,
+                message: "a JSON request body must be an object".into(),
+            })?;
+            for (k, v) in object {
+                let text = match v {
+                    serde_json::Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                pairs.push((k.clone(), text));
+            }
+        } else if is_form(&parts.headers).unwrap_or(true) {
+            pairs.extend(form_urlencoded::parse(&bytes).into_owned());
+        } else {
+            return Err(RequestError {
+                status: 415,
+                message:
+                    "send parameters in the query string or as application/x-www-form-urlencoded"
+                        .into(),
+            });
+        }
+    }
+    let peer = parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0);
+    Ok((
+        pairs,
+        RequestContext {
+            headers: parts.headers,
+            peer,
+        },
+    ))
+}
+
+fn http_status(status: i32) -> StatusCode {
+    u16::try_from(status)
+        .ok()
+        .filter(|s| (200..600).contains(s))
+        .and_then(|s| StatusCode::from_u16(s).ok())
+        .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+}
+
+/// The envelope as JSON; HTTP 200 unless mirroring is on (then the body's status).
+pub fn respond<T: Serialize + Envelope>(settings: &RouterSettings, reply: Reply<T>) -> Response {
+    let status = if settings.mirror_http_status || reply.always_mirror {
+        http_status(reply.body.status())
+    } else {
+        StatusCode::OK
+    };
+    let body = match serde_json::to_vec(&reply.body) {
+        Ok(b) => b,
+        Err(e) => {
+            return (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("cannot encode the answer: {e}"),
+            )
+                .into_response();
+        }
+    };
+    let mut response = Response::new(Body::from(body));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if let Some(cookie) = reply
+        .set_cookie
+        .and_then(|c| HeaderValue::from_str(&c).ok())
+    {
+        response.headers_mut().insert(header::SET_COOKIE, cookie);
+    }
+    response
+}

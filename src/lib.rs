@@ -1,0 +1,14 @@
+//! mqproxy: RocketMQ-style produce and consume over plain HTTP (the REST API of Sohu MQCloud's
+//! HTTP proxy), on a durable embedded store.
+//!
+//! - [`engine`]: the core semantics, protocol-free.
+//! - [`store`]: where messages and consumer state live (the embedded redb store).
+//! - [`http`]: the axum adapter, generated from `openapi/mqproxy.yaml`.
+//! - [`config`]: the TOML configuration and the demo registry.
+//! - [`server`]: wiring and graceful shutdown.
+
+pub mod config;
+pub mod engine;
+pub mod http;
+pub mod server;
+pub mod store;

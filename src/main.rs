@@ -1,0 +1,120 @@
+//! The `mqproxy` command.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use mqproxy::config::Config;
+use std::io::Write;
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "mqproxy",
+    version,
+    about = "Produce and consume RocketMQ-style messages over plain HTTP (MQCloud HTTP proxy API)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the server (the default when no command is given).
+    Serve(ServeArgs),
+}
+
+#[derive(clap::Args, Debug, Default)]
+struct ServeArgs {
+    /// TOML config file (topics, producers, consumers, storage). Without it the server runs the
+    /// demo registry: topic mqcloud-http-test-topic (4 queues), producer
+    /// mqcloud-http-test-topic-producer, consumers http-clustering-consumer and
+    /// http-broadcast-consumer.
+    #[arg(long, short, env = "MQPROXY_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address to listen on, overriding the config's `listen` (default 127.0.0.1:8080; port 0
+    /// picks a free port, printed at start).
+    #[arg(long, env = "MQPROXY_LISTEN")]
+    listen: Option<String>,
+    /// Directory of the message store, overriding the config's `data_dir` (default ./data).
+    #[arg(long, env = "MQPROXY_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for SIGINT");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => tracing::info!("SIGINT received"),
+        () = term => tracing::info!("SIGTERM received"),
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let mut config = match &args.config {
+        Some(path) => Config::from_file(path)?,
+        None => Config::demo(),
+    };
+    if let Some(listen) = args.listen {
+        config.listen = listen;
+    }
+    if let Some(dir) = args.data_dir {
+        config.data_dir = dir;
+    }
+    let origin = args
+        .config
+        .as_ref()
+        .map_or("(flags)".to_owned(), |p| p.display().to_string());
+    config.validate(&origin)?;
+    let listener = tokio::net::TcpListener::bind(&config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(
+        %addr,
+        data_dir = %config.data_dir.display(),
+        topics = config.topics.len(),
+        producers = config.producers.len(),
+        consumers = config.consumers.len(),
+        "mqproxy starting"
+    );
+    // The one line scripts and tests wait for.
+    println!("mqproxy listening on http://{addr} (Swagger UI: http://{addr}/swagger-ui/)");
+    std::io::stdout().flush()?;
+    mqproxy::server::run(config, listener, shutdown_signal()).await?;
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,tower_http=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let args = match cli.command {
+        Some(Command::Serve(args)) => args,
+        None => ServeArgs::default(),
+    };
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    runtime.block_on(serve(args))
+}

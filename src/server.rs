@@ -1,0 +1,116 @@
+//! Wiring: opens the store, builds the engine and the HTTP app, serves one listener until the
+//! shutdown future resolves, lets in-flight requests finish, then closes the store (flush).
+
+use crate::config::{Config, Flush, HttpStatusPolicy};
+use crate::engine::{Engine, EngineConfig, EngineError};
+use crate::http::{self, HttpSettings};
+use crate::store::StoreError;
+use crate::store::embedded::{EmbeddedConfig, EmbeddedStore, FlushPolicy};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot open the store in {dir}: {source}")]
+    Store { dir: String, source: StoreError },
+    #[error("cannot start the engine: {0}")]
+    Engine(#[from] EngineError),
+    #[error("server I/O error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// `ip(4) port(4)` of the listener, the first half of offsetMsgIds.
+fn store_host(addr: SocketAddr) -> [u8; 8] {
+    let mut host = [0u8; 8];
+    if let SocketAddr::V4(v4) = addr {
+        host[..4].copy_from_slice(&v4.ip().octets());
+    }
+    host[4..].copy_from_slice(&u32::from(addr.port()).to_be_bytes());
+    host
+}
+
+/// Serves `config` on `listener` until `shutdown` resolves.
+///
+/// # Errors
+/// The store cannot be opened, or the listener fails.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let addr = listener.local_addr()?;
+    let store = EmbeddedStore::open(EmbeddedConfig {
+        data_dir: config.data_dir.clone(),
+        flush: match config.flush {
+            Flush::Sync => FlushPolicy::Sync,
+            Flush::Async => FlushPolicy::Async,
+        },
+        flush_timeout: Duration::from_millis(config.flush_timeout_ms),
+        group_commit_max: config.group_commit_max,
+        async_flush_interval: Duration::from_millis(config.async_flush_interval_ms),
+        retention: Duration::from_secs(config.retention_hours * 3600),
+        retention_check_interval: Duration::from_millis(config.retention_check_interval_ms),
+        topics: config
+            .topics
+            .iter()
+            .map(|t| (t.name.clone(), t.queues))
+            .collect(),
+    })
+    .map_err(|source| ServeError::Store {
+        dir: config.data_dir.display().to_string(),
+        source,
+    })?;
+    let engine = Engine::new(
+        EngineConfig {
+            broker_name: config.broker_name.clone(),
+            region_id: config.region_id.clone(),
+            store_host: store_host(addr),
+            max_delivery_delay_ms: config.max_delivery_delay_ms,
+            default_rate_limit: config.default_rate_limit,
+            topics: config.topic_specs(),
+            producers: config.producer_specs(),
+            consumers: config.consumer_specs(),
+        },
+        Arc::new(store.clone()),
+        Arc::new(store.clone()),
+    )?;
+    let app = http::router(
+        engine,
+        &HttpSettings {
+            mirror_http_status: config.http_status == HttpStatusPolicy::Mirror,
+            max_request_bytes: config.max_request_bytes,
+            cors_allowed_origins: config.cors.allowed_origins.clone(),
+        },
+    );
+
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let mut graceful_rx = stop_rx.clone();
+    let server = axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move {
+        let _ = graceful_rx.wait_for(|stop| *stop).await;
+        tracing::info!("shutting down: no new connections, finishing in-flight requests");
+    });
+    let grace = Duration::from_millis(config.shutdown_grace_ms);
+    tokio::select! {
+        served = server => served?,
+        () = async {
+            let _ = stop_rx.wait_for(|stop| *stop).await;
+            tokio::time::sleep(grace).await;
+        } => tracing::warn!(grace_ms = config.shutdown_grace_ms, "in-flight requests did not finish within the grace period"),
+    }
+    tokio::task::spawn_blocking(move || store.close())
+        .await
+        .map_err(std::io::Error::other)?;
+    tracing::info!("stopped");
+    Ok(())
+}

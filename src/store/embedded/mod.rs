@@ -1,0 +1,281 @@
+//! The embedded store (the default): one redb database file under `data_dir`.
+//!
+//! All writes go through one writer thread ([`writer`]) that takes every write waiting in its
+//! channel, applies them in one transaction and commits once: concurrent produce requests share
+//! one flush (group commit). A caller is answered only after the commit that holds its write.
+//! The same thread moves due delayed messages into their queues and purges expired messages,
+//! so the database has exactly one writer and the in-memory queue ranges change only after a
+//! commit.
+
+mod codec;
+mod writer;
+
+use super::{
+    AppendOutcome, ConsumerOp, ConsumerSnapshot, ConsumerStore, MessageLocation, MessageStore,
+    NewRecord, PendingWrite, QueueRange, StoreError, StoreIdentity, StoredMessage,
+};
+use async_trait::async_trait;
+use redb::{Database, ReadableDatabase, TableDefinition};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock, mpsc};
+use std::time::Duration;
+use tokio::sync::oneshot;
+use writer::WriteOp;
+
+/// Messages by (topic, queue, offset).
+const MESSAGES: TableDefinition<(&str, u32, u64), &[u8]> = TableDefinition::new("messages");
+/// Delayed and timer messages by (due epoch ms, schedule sequence).
+const SCHEDULE: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("schedule");
+/// msgId -> location, for the operator's "resend message".
+const MSG_INDEX: TableDefinition<&[u8], &[u8]> = TableDefinition::new("msg_index");
+/// (context, queue) -> queue state.
+const CONSUMER_QUEUES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("consumer_queues");
+/// (context, seq) -> retry entry.
+const RETRIES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("retries");
+/// consumer -> settings.
+const SETTINGS: TableDefinition<&str, &[u8]> = TableDefinition::new("consumer_settings");
+/// Identity and counters.
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+
+/// When a produce is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlushPolicy {
+    /// After the commit is on disk (fsync): nothing answered 200 is lost by a crash.
+    Sync,
+    /// After the commit is in the OS; a background flush makes it durable within
+    /// `async_flush_interval`. A crash (power loss) may lose the last interval.
+    Async,
+}
+
+/// Settings of the embedded store.
+#[derive(Debug, Clone)]
+pub struct EmbeddedConfig {
+    pub data_dir: PathBuf,
+    pub flush: FlushPolicy,
+    /// A flush longer than this answers FLUSH_DISK_TIMEOUT (the message is kept).
+    pub flush_timeout: Duration,
+    /// Most writes one commit takes; 1 turns group commit off (one flush per write).
+    pub group_commit_max: usize,
+    pub async_flush_interval: Duration,
+    /// Messages older than this are deleted.
+    pub retention: Duration,
+    /// How often expired messages are looked for.
+    pub retention_check_interval: Duration,
+    /// The topics and their queue counts (the queues whose ranges are tracked).
+    pub topics: Vec<(String, u32)>,
+}
+
+/// The embedded store handle (cheap to clone).
+#[derive(Clone)]
+pub struct EmbeddedStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: Arc<Database>,
+    ranges: Arc<RwLock<HashMap<(String, u32), QueueRange>>>,
+    tx: std::sync::Mutex<Option<mpsc::Sender<WriteOp>>>,
+    identity: StoreIdentity,
+    thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+fn db_err(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Database(e.to_string())
+}
+
+impl EmbeddedStore {
+    /// Opens (or creates) the database in `config.data_dir` and starts the writer thread.
+    ///
+    /// # Errors
+    /// When the directory cannot be created or the database cannot be opened.
+    pub fn open(config: EmbeddedConfig) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(&config.data_dir)?;
+        let path = config.data_dir.join("mqproxy.redb");
+        let db = Arc::new(Database::create(&path).map_err(db_err)?);
+        let (identity, counters) = writer::init(&db)?;
+        let ranges = Arc::new(RwLock::new(load_ranges(&db, &config.topics)?));
+        let (tx, rx) = mpsc::channel();
+        let thread = writer::spawn(
+            writer::Writer::new(db.clone(), ranges.clone(), &config, counters)?,
+            rx,
+        )?;
+        tracing::info!(path = %path.display(), flush = ?config.flush, "embedded store open");
+        Ok(Self {
+            inner: Arc::new(Inner {
+                db,
+                ranges,
+                tx: std::sync::Mutex::new(Some(tx)),
+                identity,
+                thread: std::sync::Mutex::new(Some(thread)),
+            }),
+        })
+    }
+
+    fn send(&self, op: WriteOp) -> Result<(), StoreError> {
+        let guard = self.inner.tx.lock().map_err(|_| StoreError::Closed)?;
+        guard
+            .as_ref()
+            .ok_or(StoreError::Closed)?
+            .send(op)
+            .map_err(|_| StoreError::Closed)
+    }
+
+    /// Stops the writer after it has committed every write already sent, and waits for it.
+    pub fn close(&self) {
+        if let Ok(mut tx) = self.inner.tx.lock() {
+            tx.take();
+        }
+        let handle = self.inner.thread.lock().ok().and_then(|mut t| t.take());
+        if let Some(handle) = handle
+            && handle.join().is_err()
+        {
+            tracing::error!("the store writer thread panicked");
+        }
+    }
+}
+
+fn load_ranges(
+    db: &Database,
+    topics: &[(String, u32)],
+) -> Result<HashMap<(String, u32), QueueRange>, StoreError> {
+    let txn = db.begin_read().map_err(db_err)?;
+    let mut ranges = HashMap::new();
+    let table = match txn.open_table(MESSAGES) {
+        Ok(t) => Some(t),
+        Err(redb::TableError::TableDoesNotExist(_)) => None,
+        Err(e) => return Err(db_err(e)),
+    };
+    for (topic, queues) in topics {
+        for queue in 0..*queues {
+            let mut range = QueueRange::default();
+            if let Some(table) = &table {
+                let mut iter = table
+                    .range((topic.as_str(), queue, 0)..=(topic.as_str(), queue, u64::MAX))
+                    .map_err(db_err)?;
+                if let Some(first) = iter.next() {
+                    range.min = first.map_err(db_err)?.0.value().2;
+                    range.max = match iter.next_back() {
+                        Some(last) => last.map_err(db_err)?.0.value().2 + 1,
+                        None => range.min + 1,
+                    };
+                }
+            }
+            ranges.insert((topic.clone(), queue), range);
+        }
+    }
+    Ok(ranges)
+}
+
+async fn await_reply<T>(rx: oneshot::Receiver<Result<T, StoreError>>) -> Result<T, StoreError> {
+    rx.await.map_err(|_| StoreError::Closed)?
+}
+
+#[async_trait]
+impl MessageStore for EmbeddedStore {
+    async fn append(
+        &self,
+        topic: &str,
+        queue: u32,
+        deliver_at_ms: Option<u64>,
+        records: Vec<NewRecord>,
+    ) -> Result<AppendOutcome, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(WriteOp::Append {
+            topic: topic.to_owned(),
+            queue,
+            deliver_at_ms,
+            records,
+            reply,
+        })?;
+        await_reply(rx).await
+    }
+
+    fn queue_range(&self, topic: &str, queue: u32) -> QueueRange {
+        self.inner
+            .ranges
+            .read()
+            .map(|r| {
+                r.get(&(topic.to_owned(), queue))
+                    .copied()
+                    .unwrap_or_default()
+            })
+            .unwrap_or_default()
+    }
+
+    async fn read(
+        &self,
+        topic: &str,
+        queue: u32,
+        from: u64,
+        max: usize,
+    ) -> Result<Vec<StoredMessage>, StoreError> {
+        let db = self.inner.db.clone();
+        let topic = topic.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let txn = db.begin_read().map_err(db_err)?;
+            let table = match txn.open_table(MESSAGES) {
+                Ok(t) => t,
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+                Err(e) => return Err(db_err(e)),
+            };
+            let mut out = Vec::new();
+            for entry in table
+                .range((topic.as_str(), queue, from)..=(topic.as_str(), queue, u64::MAX))
+                .map_err(db_err)?
+            {
+                if out.len() >= max {
+                    break;
+                }
+                let (key, value) = entry.map_err(db_err)?;
+                out.push(codec::decode_message(key.value().2, value.value())?);
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(|e| StoreError::Database(format!("read task failed: {e}")))?
+    }
+
+    async fn locate(&self, msg_id: [u8; 16]) -> Result<Option<MessageLocation>, StoreError> {
+        let db = self.inner.db.clone();
+        tokio::task::spawn_blocking(move || {
+            let txn = db.begin_read().map_err(db_err)?;
+            let table = match txn.open_table(MSG_INDEX) {
+                Ok(t) => t,
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+                Err(e) => return Err(db_err(e)),
+            };
+            match table.get(msg_id.as_slice()).map_err(db_err)? {
+                Some(v) => Ok(Some(codec::from_postcard(v.value())?)),
+                None => Ok(None),
+            }
+        })
+        .await
+        .map_err(|e| StoreError::Database(format!("lookup task failed: {e}")))?
+    }
+
+    async fn probe(&self) -> Result<(), StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(WriteOp::Probe { reply })?;
+        await_reply(rx).await
+    }
+
+    fn identity(&self) -> &StoreIdentity {
+        &self.inner.identity
+    }
+}
+
+impl ConsumerStore for EmbeddedStore {
+    fn load(&self) -> Result<ConsumerSnapshot, StoreError> {
+        writer::load_consumer_state(&self.inner.db)
+    }
+
+    fn save(&self, ops: Vec<ConsumerOp>) -> PendingWrite {
+        let (reply, rx) = oneshot::channel();
+        let sent = self.send(WriteOp::Consumer { ops, reply });
+        Box::pin(async move {
+            sent?;
+            await_reply(rx).await
+        })
+    }
+}

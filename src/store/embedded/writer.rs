@@ -1,0 +1,596 @@
+//! The single writer of the embedded store: group commit, delayed-message delivery, retention.
+
+use super::codec;
+use super::{
+    CONSUMER_QUEUES, EmbeddedConfig, FlushPolicy, MESSAGES, META, MSG_INDEX, RETRIES, SCHEDULE,
+    SETTINGS, db_err,
+};
+use crate::store::{
+    AppendOutcome, Appended, ConsumerOp, ConsumerSnapshot, ContextKey, MessageLocation, NewRecord,
+    QueueRange, StoreError, StoreIdentity,
+};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, WriteTransaction};
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock, mpsc};
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+
+/// Most due or expired messages moved in one commit, so one commit stays short.
+const MAINTENANCE_BATCH: usize = 10_000;
+
+pub enum WriteOp {
+    Append {
+        topic: String,
+        queue: u32,
+        deliver_at_ms: Option<u64>,
+        records: Vec<NewRecord>,
+        reply: oneshot::Sender<Result<AppendOutcome, StoreError>>,
+    },
+    Consumer {
+        ops: Vec<ConsumerOp>,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+    Probe {
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Counters {
+    store_seq: u64,
+    schedule_seq: u64,
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn meta_u64(txn: &WriteTransaction, key: &str) -> Result<Option<u64>, StoreError> {
+    let table = txn.open_table(META).map_err(db_err)?;
+    let value = table.get(key).map_err(db_err)?;
+    Ok(value.and_then(|v| v.value().try_into().ok().map(u64::from_be_bytes)))
+}
+
+/// Creates the tables, the secret and node id on first open; counts this start.
+pub fn init(db: &Database) -> Result<(StoreIdentity, Counters), StoreError> {
+    let txn = db.begin_write().map_err(db_err)?;
+    for table in [MSG_INDEX, CONSUMER_QUEUES, RETRIES] {
+        txn.open_table(table).map_err(db_err)?;
+    }
+    txn.open_table(MESSAGES).map_err(db_err)?;
+    txn.open_table(SCHEDULE).map_err(db_err)?;
+    txn.open_table(SETTINGS).map_err(db_err)?;
+    let secret: [u8; 32] = {
+        let mut meta = txn.open_table(META).map_err(db_err)?;
+        let existing = meta
+            .get("secret")
+            .map_err(db_err)?
+            .and_then(|v| v.value().try_into().ok());
+        match existing {
+            Some(s) => s,
+            None => {
+                let s: [u8; 32] = rand::random();
+                meta.insert("secret", s.as_slice()).map_err(db_err)?;
+                s
+            }
+        }
+    };
+    let node_id = match meta_u64(&txn, "node_id")? {
+        Some(n) => n as u32,
+        None => u64::from(rand::random::<u32>()) as u32,
+    };
+    let boot = meta_u64(&txn, "boot")?.unwrap_or(0) + 1;
+    let counters = Counters {
+        store_seq: meta_u64(&txn, "store_seq")?.unwrap_or(0),
+        schedule_seq: meta_u64(&txn, "schedule_seq")?.unwrap_or(0),
+    };
+    {
+        let mut meta = txn.open_table(META).map_err(db_err)?;
+        meta.insert("node_id", u64::from(node_id).to_be_bytes().as_slice())
+            .map_err(db_err)?;
+        meta.insert("boot", boot.to_be_bytes().as_slice())
+            .map_err(db_err)?;
+    }
+    txn.commit().map_err(db_err)?;
+    Ok((
+        StoreIdentity {
+            secret,
+            node_id,
+            boot: boot as u32,
+        },
+        counters,
+    ))
+}
+
+pub fn load_consumer_state(db: &Database) -> Result<ConsumerSnapshot, StoreError> {
+    let txn = db.begin_read().map_err(db_err)?;
+    let mut snapshot = ConsumerSnapshot::default();
+    for entry in txn
+        .open_table(CONSUMER_QUEUES)
+        .map_err(db_err)?
+        .iter()
+        .map_err(db_err)?
+    {
+        let (k, v) = entry.map_err(db_err)?;
+        let (context, queue): (ContextKey, u32) = codec::from_postcard(k.value())?;
+        snapshot
+            .queues
+            .push((context, queue, codec::from_postcard(v.value())?));
+    }
+    for entry in txn
+        .open_table(RETRIES)
+        .map_err(db_err)?
+        .iter()
+        .map_err(db_err)?
+    {
+        let (k, v) = entry.map_err(db_err)?;
+        let (context, _seq): (ContextKey, u64) = codec::from_postcard(k.value())?;
+        snapshot
+            .retries
+            .push((context, codec::from_postcard(v.value())?));
+    }
+    for entry in txn
+        .open_table(SETTINGS)
+        .map_err(db_err)?
+        .iter()
+        .map_err(db_err)?
+    {
+        let (k, v) = entry.map_err(db_err)?;
+        snapshot
+            .settings
+            .push((k.value().to_owned(), codec::from_postcard(v.value())?));
+    }
+    Ok(snapshot)
+}
+
+/// The tables one commit writes, opened once per commit.
+struct Tables<'t> {
+    messages: redb::Table<'t, (&'static str, u32, u64), &'static [u8]>,
+    index: redb::Table<'t, &'static [u8], &'static [u8]>,
+    schedule: redb::Table<'t, (u64, u64), &'static [u8]>,
+}
+
+pub struct Writer {
+    db: Arc<Database>,
+    shared_ranges: Arc<RwLock<HashMap<(String, u32), QueueRange>>>,
+    ranges: HashMap<(String, u32), QueueRange>,
+    counters: Counters,
+    flush: FlushPolicy,
+    flush_timeout: Duration,
+    group_commit_max: usize,
+    async_flush_interval: Duration,
+    retention: Duration,
+    retention_check_interval: Duration,
+    next_due: Option<u64>,
+    last_purge: Instant,
+    last_sync: Instant,
+    unsynced: bool,
+}
+
+enum Reply {
+    Append(
+        oneshot::Sender<Result<AppendOutcome, StoreError>>,
+        Vec<Appended>,
+    ),
+    Done(oneshot::Sender<Result<(), StoreError>>),
+}
+
+impl Writer {
+    pub fn new(
+        db: Arc<Database>,
+        shared_ranges: Arc<RwLock<HashMap<(String, u32), QueueRange>>>,
+        config: &EmbeddedConfig,
+        counters: Counters,
+    ) -> Result<Self, StoreError> {
+        let ranges = shared_ranges
+            .read()
+            .map_err(|_| StoreError::Closed)?
+            .clone();
+        let next_due = {
+            let txn = db.begin_read().map_err(db_err)?;
+            let table = txn.open_table(SCHEDULE).map_err(db_err)?;
+            table.first().map_err(db_err)?.map(|(k, _)| k.value().0)
+        };
+        Ok(Self {
+            db,
+            shared_ranges,
+            ranges,
+            counters,
+            flush: config.flush,
+            flush_timeout: config.flush_timeout,
+            group_commit_max: config.group_commit_max.max(1),
+            async_flush_interval: config.async_flush_interval,
+            retention: config.retention,
+            retention_check_interval: config.retention_check_interval,
+            next_due,
+            last_purge: Instant::now(),
+            last_sync: Instant::now(),
+            unsynced: false,
+        })
+    }
+
+    /// How long the writer may sleep before it has maintenance to do.
+    fn next_wakeup(&self) -> Duration {
+        let mut wait = self
+            .retention_check_interval
+            .saturating_sub(self.last_purge.elapsed());
+        if let Some(due) = self.next_due {
+            wait = wait.min(Duration::from_millis(due.saturating_sub(now_ms())));
+        }
+        if self.unsynced {
+            wait = wait.min(
+                self.async_flush_interval
+                    .saturating_sub(self.last_sync.elapsed()),
+            );
+        }
+        wait
+    }
+
+    fn run(mut self, rx: mpsc::Receiver<WriteOp>) {
+        loop {
+            let mut batch = Vec::new();
+            match rx.recv_timeout(self.next_wakeup()) {
+                Ok(op) => batch.push(op),
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+            while batch.len() < self.group_commit_max {
+                match rx.try_recv() {
+                    Ok(op) => batch.push(op),
+                    Err(_) => break,
+                }
+            }
+            self.commit(batch, false);
+        }
+        // Closing: make everything durable whatever the flush policy.
+        self.commit(Vec::new(), true);
+        tracing::info!("embedded store writer stopped");
+    }
+
+    fn commit(&mut self, ops: Vec<WriteOp>, closing: bool) {
+        let now = now_ms();
+        let due = self.next_due.is_some_and(|d| d <= now);
+        let purge = self.last_purge.elapsed() >= self.retention_check_interval;
+        let sync_now = self.flush == FlushPolicy::Sync
+            || (self.unsynced
+                && (closing || self.last_sync.elapsed() >= self.async_flush_interval));
+        if ops.is_empty() && !due && !purge && !(sync_now && self.unsynced) {
+            return;
+        }
+        let saved_counters = self.counters;
+        let saved_ranges = self.ranges.clone();
+        let saved_due = self.next_due;
+        let started = Instant::now();
+        let mut replies = Vec::with_capacity(ops.len());
+        let result = self.apply(ops, now, due, purge, sync_now, &mut replies);
+        let elapsed = started.elapsed();
+        match result {
+            Ok(()) => {
+                if sync_now {
+                    self.last_sync = Instant::now();
+                    self.unsynced = false;
+                } else {
+                    self.unsynced = true;
+                }
+                if purge {
+                    self.last_purge = Instant::now();
+                }
+                if let Ok(mut shared) = self.shared_ranges.write() {
+                    shared.clone_from(&self.ranges);
+                }
+                let flush_timed_out = sync_now && elapsed > self.flush_timeout;
+                if flush_timed_out {
+                    tracing::warn!(
+                        elapsed_ms = elapsed.as_millis() as u64,
+                        "flush exceeded flush_timeout_ms"
+                    );
+                }
+                for reply in replies {
+                    match reply {
+                        Reply::Append(tx, appended) => {
+                            let _ = tx.send(Ok(AppendOutcome {
+                                appended,
+                                flush_timed_out,
+                            }));
+                        }
+                        Reply::Done(tx) => {
+                            let _ = tx.send(Ok(()));
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "store commit failed; its writes are answered with an error");
+                self.counters = saved_counters;
+                self.ranges = saved_ranges;
+                self.next_due = saved_due;
+                let message = e.to_string();
+                for reply in replies {
+                    match reply {
+                        Reply::Append(tx, _) => {
+                            let _ = tx.send(Err(StoreError::Database(message.clone())));
+                        }
+                        Reply::Done(tx) => {
+                            let _ = tx.send(Err(StoreError::Database(message.clone())));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn apply(
+        &mut self,
+        ops: Vec<WriteOp>,
+        now: u64,
+        due: bool,
+        purge: bool,
+        sync_now: bool,
+        replies: &mut Vec<Reply>,
+    ) -> Result<(), StoreError> {
+        let mut txn = self.db.begin_write().map_err(db_err)?;
+        txn.set_durability(if sync_now {
+            Durability::Immediate
+        } else {
+            Durability::None
+        })
+        .map_err(db_err)?;
+        let mut tables = Tables {
+            messages: txn.open_table(MESSAGES).map_err(db_err)?,
+            index: txn.open_table(MSG_INDEX).map_err(db_err)?,
+            schedule: txn.open_table(SCHEDULE).map_err(db_err)?,
+        };
+        for op in ops {
+            match op {
+                WriteOp::Append {
+                    topic,
+                    queue,
+                    deliver_at_ms,
+                    records,
+                    reply,
+                } => {
+                    let appended = self.append(
+                        &mut tables,
+                        &topic,
+                        queue,
+                        deliver_at_ms.filter(|d| *d > now),
+                        records,
+                        now,
+                    )?;
+                    replies.push(Reply::Append(reply, appended));
+                }
+                WriteOp::Consumer { ops, reply } => {
+                    apply_consumer_ops(&txn, ops)?;
+                    replies.push(Reply::Done(reply));
+                }
+                WriteOp::Probe { reply } => {
+                    let mut meta = txn.open_table(META).map_err(db_err)?;
+                    meta.insert("probe", now.to_be_bytes().as_slice())
+                        .map_err(db_err)?;
+                    replies.push(Reply::Done(reply));
+                }
+            }
+        }
+        if due {
+            self.deliver_due(&mut tables, now)?;
+        }
+        if purge {
+            self.purge(&mut tables, now)?;
+        }
+        drop(tables);
+        {
+            let mut meta = txn.open_table(META).map_err(db_err)?;
+            meta.insert(
+                "store_seq",
+                self.counters.store_seq.to_be_bytes().as_slice(),
+            )
+            .map_err(db_err)?;
+            meta.insert(
+                "schedule_seq",
+                self.counters.schedule_seq.to_be_bytes().as_slice(),
+            )
+            .map_err(db_err)?;
+        }
+        txn.commit().map_err(db_err)
+    }
+
+    fn append(
+        &mut self,
+        tables: &mut Tables<'_>,
+        topic: &str,
+        queue: u32,
+        deliver_at_ms: Option<u64>,
+        records: Vec<NewRecord>,
+        now: u64,
+    ) -> Result<Vec<Appended>, StoreError> {
+        let mut appended = Vec::with_capacity(records.len());
+        if let Some(due) = deliver_at_ms {
+            for record in &records {
+                let seq = self.counters.schedule_seq;
+                self.counters.schedule_seq += 1;
+                tables
+                    .schedule
+                    .insert(
+                        (due, seq),
+                        codec::encode_scheduled(topic, queue, record).as_slice(),
+                    )
+                    .map_err(db_err)?;
+                appended.push(Appended {
+                    queue_offset: seq,
+                    store_seq: self.next_store_seq(),
+                });
+            }
+            self.next_due = Some(self.next_due.map_or(due, |d| d.min(due)));
+            return Ok(appended);
+        }
+        for record in records {
+            appended.push(self.append_to_queue(tables, topic, queue, &record, now)?);
+        }
+        Ok(appended)
+    }
+
+    fn next_store_seq(&mut self) -> u64 {
+        let seq = self.counters.store_seq;
+        self.counters.store_seq += 1;
+        seq
+    }
+
+    fn append_to_queue(
+        &mut self,
+        tables: &mut Tables<'_>,
+        topic: &str,
+        queue: u32,
+        record: &NewRecord,
+        now: u64,
+    ) -> Result<Appended, StoreError> {
+        let offset = {
+            let range = self.ranges.entry((topic.to_owned(), queue)).or_default();
+            range.max += 1;
+            range.max - 1
+        };
+        let store_seq = self.next_store_seq();
+        tables
+            .messages
+            .insert(
+                (topic, queue, offset),
+                codec::encode_message(record, now, store_seq).as_slice(),
+            )
+            .map_err(db_err)?;
+        let location = MessageLocation {
+            topic: topic.to_owned(),
+            queue,
+            offset,
+        };
+        tables
+            .index
+            .insert(
+                record.msg_id.as_slice(),
+                codec::to_postcard(&location)?.as_slice(),
+            )
+            .map_err(db_err)?;
+        Ok(Appended {
+            queue_offset: offset,
+            store_seq,
+        })
+    }
+
+    /// Moves due delayed/timer messages into their queues (stored "now", as RocketMQ does).
+    fn deliver_due(&mut self, tables: &mut Tables<'_>, now: u64) -> Result<(), StoreError> {
+        let due: Vec<((u64, u64), Vec<u8>)> = {
+            let mut due = Vec::new();
+            for entry in tables
+                .schedule
+                .range((0, 0)..=(now, u64::MAX))
+                .map_err(db_err)?
+                .take(MAINTENANCE_BATCH)
+            {
+                let (k, v) = entry.map_err(db_err)?;
+                due.push((k.value(), v.value().to_vec()));
+            }
+            due
+        };
+        for (key, value) in &due {
+            let (topic, queue, record) = codec::decode_scheduled(value)?;
+            self.append_to_queue(tables, &topic, queue, &record, now)?;
+            tables.schedule.remove(key).map_err(db_err)?;
+        }
+        self.next_due = tables
+            .schedule
+            .first()
+            .map_err(db_err)?
+            .map(|(k, _)| k.value().0);
+        if !due.is_empty() {
+            tracing::debug!(count = due.len(), "delivered due delayed messages");
+        }
+        Ok(())
+    }
+
+    /// Deletes messages stored before `now - retention`, oldest first, per queue.
+    fn purge(&mut self, tables: &mut Tables<'_>, now: u64) -> Result<(), StoreError> {
+        let cutoff = now.saturating_sub(self.retention.as_millis() as u64);
+        let mut budget = MAINTENANCE_BATCH;
+        let Tables {
+            messages, index, ..
+        } = tables;
+        let mut removed_total = 0;
+        for ((topic, queue), range) in &mut self.ranges {
+            while range.min < range.max && budget > 0 {
+                let expired_id = match messages
+                    .get((topic.as_str(), *queue, range.min))
+                    .map_err(db_err)?
+                {
+                    Some(v) => {
+                        let (record, store_ms) = codec::decode_record(v.value())?;
+                        (store_ms < cutoff).then_some(record.msg_id)
+                    }
+                    None => None,
+                };
+                let Some(msg_id) = expired_id else { break };
+                messages
+                    .remove((topic.as_str(), *queue, range.min))
+                    .map_err(db_err)?;
+                index.remove(msg_id.as_slice()).map_err(db_err)?;
+                range.min += 1;
+                budget -= 1;
+                removed_total += 1;
+            }
+        }
+        if removed_total > 0 {
+            tracing::info!(
+                removed = removed_total,
+                "retention deleted expired messages"
+            );
+        }
+        Ok(())
+    }
+}
+
+fn apply_consumer_ops(txn: &WriteTransaction, ops: Vec<ConsumerOp>) -> Result<(), StoreError> {
+    for op in ops {
+        match op {
+            ConsumerOp::PutQueue {
+                context,
+                queue,
+                state,
+            } => {
+                let mut table = txn.open_table(CONSUMER_QUEUES).map_err(db_err)?;
+                let key = codec::to_postcard(&(context, queue))?;
+                table
+                    .insert(key.as_slice(), codec::to_postcard(&state)?.as_slice())
+                    .map_err(db_err)?;
+            }
+            ConsumerOp::PutRetry { context, entry } => {
+                let mut table = txn.open_table(RETRIES).map_err(db_err)?;
+                let key = codec::to_postcard(&(context, entry.seq))?;
+                table
+                    .insert(key.as_slice(), codec::to_postcard(&entry)?.as_slice())
+                    .map_err(db_err)?;
+            }
+            ConsumerOp::DeleteRetry { context, seq } => {
+                let mut table = txn.open_table(RETRIES).map_err(db_err)?;
+                table
+                    .remove(codec::to_postcard(&(context, seq))?.as_slice())
+                    .map_err(db_err)?;
+            }
+            ConsumerOp::PutSettings { consumer, settings } => {
+                let mut table = txn.open_table(SETTINGS).map_err(db_err)?;
+                table
+                    .insert(consumer.as_str(), codec::to_postcard(&settings)?.as_slice())
+                    .map_err(db_err)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn spawn(
+    writer: Writer,
+    rx: mpsc::Receiver<WriteOp>,
+) -> Result<std::thread::JoinHandle<()>, StoreError> {
+    Ok(std::thread::Builder::new()
+        .name("mqproxy-store-writer".into())
+        .spawn(move || writer.run(rx))?)
+}

@@ -1,0 +1,204 @@
+//! Where messages and consumer state live, behind two traits the engine holds:
+//! [`MessageStore`] (queues of messages, the delay/timer schedule, lookup by msgId) and
+//! [`ConsumerStore`] (durable consumer offsets, locks, retry lists and settings).
+//!
+//! The engine keeps the consumer state it works on in memory and writes every change through
+//! [`ConsumerStore::save`], which is ordered: changes enqueued in order are applied in order.
+//! Only `embedded/` imports the database crate.
+
+pub mod embedded;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use std::future::Future;
+use std::pin::Pin;
+
+/// A storage failure. The engine reports it as an internal error (status 500).
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("storage error: {0}")]
+    Database(String),
+    #[error("storage I/O error: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("corrupt record in the store: {0}")]
+    Corrupt(String),
+    #[error("the store is closed")]
+    Closed,
+}
+
+/// A message as the engine hands it to the store.
+#[derive(Debug, Clone)]
+pub struct NewRecord {
+    pub msg_id: [u8; 16],
+    pub keys: Option<String>,
+    pub born_ms: u64,
+    pub body: Vec<u8>,
+}
+
+/// A message as read back from a queue.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredMessage {
+    pub msg_id: [u8; 16],
+    pub offset: u64,
+    pub store_ms: u64,
+    pub keys: Option<String>,
+    pub body: Vec<u8>,
+}
+
+/// Where one appended message went.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Appended {
+    /// Offset in the topic queue, or in the delay schedule for a delayed message.
+    pub queue_offset: u64,
+    /// Store-wide sequence number (the store's "commit log position"), unique for ever.
+    pub store_seq: u64,
+}
+
+/// The result of one durable append.
+#[derive(Debug, Clone)]
+pub struct AppendOutcome {
+    pub appended: Vec<Appended>,
+    /// The flush took longer than the configured flush timeout (the messages are stored).
+    pub flush_timed_out: bool,
+}
+
+/// The offsets present in a queue: `min..max` (max is the offset the next message gets).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueRange {
+    pub min: u64,
+    pub max: u64,
+}
+
+/// Identity values the store keeps for the server across restarts.
+#[derive(Debug, Clone)]
+pub struct StoreIdentity {
+    /// Key of the requestId MAC.
+    pub secret: [u8; 32],
+    /// Random per data directory; part of every msgId.
+    pub node_id: u32,
+    /// Incremented at every start; part of every msgId, so ids never repeat across restarts.
+    pub boot: u32,
+}
+
+/// Where a message made by a producer sits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageLocation {
+    pub topic: String,
+    pub queue: u32,
+    pub offset: u64,
+}
+
+/// Who consumes: a consumer group (clustering) or one client of it (broadcast).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ContextKey {
+    pub topic: String,
+    pub group: String,
+    pub client_id: Option<String>,
+}
+
+/// The consumption state of one queue for one context.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct QueueState {
+    /// Committed offset: the next offset to consume. None until the first ack.
+    pub committed: Option<u64>,
+    /// Lock time (epoch ms) of the batch handed out and not yet acknowledged or unlocked.
+    pub lock_time: Option<u64>,
+    /// When this queue was last pulled (epoch ms): the queue-choice tie-break.
+    pub last_pull_ms: u64,
+    /// The client that last pulled it.
+    pub client_ip: Option<String>,
+}
+
+/// A message re-sent to a consumer context by an operator.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RetryEntry {
+    pub seq: u64,
+    pub msg_id: [u8; 16],
+    pub location: MessageLocation,
+    /// The (queue, lockTime) of the batch it was last delivered with.
+    pub in_flight: Option<(u32, u64)>,
+}
+
+/// Per-consumer settings changed by an operator.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConsumerSettings {
+    pub paused: bool,
+    pub rate_limit_enabled: bool,
+    pub limit_rate: u64,
+}
+
+/// One change of consumer state.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ConsumerOp {
+    PutQueue {
+        context: ContextKey,
+        queue: u32,
+        state: QueueState,
+    },
+    PutRetry {
+        context: ContextKey,
+        entry: RetryEntry,
+    },
+    DeleteRetry {
+        context: ContextKey,
+        seq: u64,
+    },
+    PutSettings {
+        consumer: String,
+        settings: ConsumerSettings,
+    },
+}
+
+/// Everything [`ConsumerStore::load`] returns at start-up.
+#[derive(Debug, Default)]
+pub struct ConsumerSnapshot {
+    pub queues: Vec<(ContextKey, u32, QueueState)>,
+    pub retries: Vec<(ContextKey, RetryEntry)>,
+    pub settings: Vec<(String, ConsumerSettings)>,
+}
+
+/// Resolves when a write is durable (or failed).
+pub type PendingWrite = Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send>>;
+
+/// Queues of messages.
+#[async_trait]
+pub trait MessageStore: Send + Sync + 'static {
+    /// Appends `records` to one queue in one durable write, in order. With `deliver_at_ms`
+    /// in the future they go to the delay schedule instead and reach the queue when due.
+    async fn append(
+        &self,
+        topic: &str,
+        queue: u32,
+        deliver_at_ms: Option<u64>,
+        records: Vec<NewRecord>,
+    ) -> Result<AppendOutcome, StoreError>;
+
+    /// The offsets present in a queue (cheap: kept in memory).
+    fn queue_range(&self, topic: &str, queue: u32) -> QueueRange;
+
+    /// Up to `max` messages of a queue from offset `from` on.
+    async fn read(
+        &self,
+        topic: &str,
+        queue: u32,
+        from: u64,
+        max: usize,
+    ) -> Result<Vec<StoredMessage>, StoreError>;
+
+    /// Where the message with this msgId sits, if it is in a queue.
+    async fn locate(&self, msg_id: [u8; 16]) -> Result<Option<MessageLocation>, StoreError>;
+
+    /// A durable write that changes nothing visible: readiness.
+    async fn probe(&self) -> Result<(), StoreError>;
+
+    /// Identity values kept across restarts.
+    fn identity(&self) -> &StoreIdentity;
+}
+
+/// Durable consumer state.
+pub trait ConsumerStore: Send + Sync + 'static {
+    /// Everything saved so far.
+    fn load(&self) -> Result<ConsumerSnapshot, StoreError>;
+    /// Enqueues changes now (in call order) and returns a future that resolves when durable.
+    fn save(&self, ops: Vec<ConsumerOp>) -> PendingWrite;
+}
