@@ -110,8 +110,8 @@ pub struct Config {
     #[serde(default = "default_group_commit_max")]
     pub group_commit_max: usize,
     /// Messages older than this are deleted.
-    #[serde(default = "default_retention_hours")]
-    pub retention_hours: u64,
+    #[serde(default = "default_retention_ms")]
+    pub retention_ms: u64,
     /// How often expired messages are looked for.
     #[serde(default = "default_retention_check_interval_ms")]
     pub retention_check_interval_ms: u64,
@@ -164,8 +164,8 @@ fn default_async_flush_interval_ms() -> u64 {
 fn default_group_commit_max() -> usize {
     4_096
 }
-fn default_retention_hours() -> u64 {
-    72
+fn default_retention_ms() -> u64 {
+    72 * 3_600_000
 }
 fn default_retention_check_interval_ms() -> u64 {
     60_000
@@ -291,7 +291,12 @@ impl Config {
                 1,
                 1_000_000,
             ),
-            ("retention_hours", self.retention_hours, 1, 24 * 365 * 10),
+            (
+                "retention_ms",
+                self.retention_ms,
+                1_000,
+                10 * 365 * 86_400_000,
+            ),
             (
                 "retention_check_interval_ms",
                 self.retention_check_interval_ms,

@@ -51,7 +51,7 @@ pub async fn run(
         flush_timeout: Duration::from_millis(config.flush_timeout_ms),
         group_commit_max: config.group_commit_max,
         async_flush_interval: Duration::from_millis(config.async_flush_interval_ms),
-        retention: Duration::from_secs(config.retention_hours * 3600),
+        retention: Duration::from_millis(config.retention_ms),
         retention_check_interval: Duration::from_millis(config.retention_check_interval_ms),
         topics: config
             .topics

@@ -72,6 +72,20 @@ pub struct FetchOutcome {
     pub retry_messages: Vec<Delivered>,
     /// The piggy-backed ack: Ok(what it did) or Err(why the requestId was refused).
     pub ack: Option<Result<AckOutcome, String>>,
+    /// The queue this pull used.
+    pub queue: Option<QueueSnapshot>,
+}
+
+/// A queue as one pull saw it (debugging aid).
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueueSnapshot {
+    pub topic: String,
+    pub queue_id: u32,
+    pub min_offset: u64,
+    pub max_offset: u64,
+    pub committed: Option<u64>,
+    pub lock_time: Option<u64>,
+    pub client_ip: Option<String>,
 }
 
 /// What an ack did.
@@ -182,6 +196,7 @@ struct Chosen {
     /// The committed offset is outside the queue's range: reset to this offset on ack.
     reset_to: Option<u64>,
     retries: Vec<RetryEntry>,
+    snapshot: QueueSnapshot,
 }
 
 fn to_delivered(m: StoredMessage) -> Delivered {
@@ -296,6 +311,7 @@ impl Engine {
             messages: Vec::new(),
             retry_messages: Vec::new(),
             ack,
+            queue: None,
         };
         let settings = self.settings_of(&spec.name);
         if settings.paused {
@@ -317,6 +333,7 @@ impl Engine {
             // Every queue is locked by other pulls, or the topic has none: nothing to deliver.
             return Ok(outcome);
         };
+        outcome.queue = Some(chosen.snapshot.clone());
         let secret = &self.inner.messages.identity().secret;
         let token = |start: u64, next: u64, force_ack: bool| {
             request_id::encode(
@@ -350,6 +367,9 @@ impl Engine {
         };
         if messages.is_empty() && retry_messages.is_empty() {
             self.release(&key, &ctx, &chosen, &missing_retries);
+            if let Some(q) = outcome.queue.as_mut() {
+                q.lock_time = None;
+            }
             return Ok(outcome);
         }
         if !missing_retries.is_empty() {
@@ -450,12 +470,23 @@ impl Engine {
             }
         }
         drop(self.inner.consumer_store.save(ops));
+        let qs = &st.queues[queue as usize];
+        let snapshot = QueueSnapshot {
+            topic: spec.topic.clone(),
+            queue_id: queue,
+            min_offset: range.min,
+            max_offset: range.max,
+            committed: qs.committed,
+            lock_time: qs.lock_time,
+            client_ip: qs.client_ip.clone(),
+        };
         Some(Chosen {
             queue,
             lock_time,
             start,
             reset_to,
             retries,
+            snapshot,
         })
     }
 

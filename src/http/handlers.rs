@@ -4,8 +4,8 @@
 use super::api::{
     AckParams, BatchReply, ConfigureConsumerParams, ConsumerConfigParams, ConsumerConfigReply,
     ConsumerSettings, FetchParams, FetchReply, FetchResult, HealthzParams, Message, MessageQueue,
-    MqApi, ProduceBatchParams, ProduceParams, ProduceReply, ReadyzParams, SendResult, StatusReply,
-    UnlockParams,
+    MqApi, ProduceBatchParams, ProduceParams, ProduceReply, QueueInfo, ReadyzParams, SendResult,
+    StatusReply, UnlockParams,
 };
 use super::support::{Envelope, Reply, RequestContext};
 use crate::engine::{
@@ -236,6 +236,18 @@ impl MqApi for HttpAdapter {
                         retry_msg_list_size: retry_list.len() as i32,
                         retry_msg_list: (!retry_list.is_empty()).then_some(retry_list),
                         ack_info,
+                        queue_info: o.queue.map(|q| QueueInfo {
+                            message_queue: MessageQueue {
+                                topic: q.topic,
+                                broker_name: self.engine.config().broker_name.clone(),
+                                queue_id: q.queue_id as i32,
+                            },
+                            min_offset: q.min_offset as i64,
+                            max_offset: q.max_offset as i64,
+                            committed_offset: q.committed.map(|c| c as i64),
+                            lock_timestamp: q.lock_time.map(|l| l as i64),
+                            last_consume_client_ip: q.client_ip,
+                        }),
                     }),
                 })
             }

@@ -1,0 +1,210 @@
+//! The test harness: the real server (`mqproxy::server::run`) on 127.0.0.1:0 with its own
+//! data directory, and an HTTP client. Every test talks HTTP to it.
+
+#![allow(dead_code)]
+
+use mqproxy::config::Config;
+use serde_json::Value;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+pub const TOPIC: &str = "mqcloud-http-test-topic";
+pub const PRODUCER: &str = "mqcloud-http-test-topic-producer";
+pub const CLUSTERING: &str = "http-clustering-consumer";
+pub const BROADCAST: &str = "http-broadcast-consumer";
+
+pub struct TestServer {
+    pub base: String,
+    pub client: reqwest::Client,
+    pub data_dir: PathBuf,
+    config: Config,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+/// The demo registry, or the given TOML.
+pub fn config(toml: Option<&str>) -> Config {
+    match toml {
+        Some(t) => Config::from_toml(t, "(test)").expect("test config is valid"),
+        None => Config::demo(),
+    }
+}
+
+impl TestServer {
+    pub async fn start() -> Self {
+        Self::with_config(config(None)).await
+    }
+
+    pub async fn with_toml(toml: &str) -> Self {
+        Self::with_config(config(Some(toml))).await
+    }
+
+    pub async fn with_config(mut config: Config) -> Self {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        config.data_dir = tmp.path().to_path_buf();
+        let mut server = Self::launch(config).await;
+        server._tmp = Some(tmp);
+        server
+    }
+
+    async fn launch(config: Config) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let base = format!("http://{}", listener.local_addr().expect("addr"));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let run_config = config.clone();
+        let task = tokio::spawn(async move {
+            mqproxy::server::run(run_config, listener, async {
+                let _ = stopped.await;
+            })
+            .await
+            .expect("server runs");
+        });
+        let client = reqwest::Client::builder()
+            .cookie_store(true)
+            .build()
+            .expect("client");
+        Self {
+            base,
+            client,
+            data_dir: config.data_dir.clone(),
+            config,
+            stop: Some(stop),
+            task: Some(task),
+            _tmp: None,
+        }
+    }
+
+    /// Graceful stop (flush), then a new server on the same data directory.
+    pub async fn restart(mut self) -> Self {
+        self.shutdown().await;
+        let tmp = self._tmp.take();
+        let mut server = Self::launch(self.config.clone()).await;
+        server._tmp = tmp;
+        server
+    }
+
+    pub async fn shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.expect("server task");
+        }
+    }
+
+    pub async fn post(&self, path: &str, form: &[(&str, &str)]) -> Value {
+        let resp = self
+            .client
+            .post(format!("{}{path}", self.base))
+            .form(form)
+            .send()
+            .await
+            .expect("POST");
+        resp.json().await.expect("JSON answer")
+    }
+
+    pub async fn get(&self, path: &str, query: &[(&str, &str)]) -> Value {
+        let resp = self
+            .client
+            .get(format!("{}{path}", self.base))
+            .query(query)
+            .send()
+            .await
+            .expect("GET");
+        resp.json().await.expect("JSON answer")
+    }
+
+    pub async fn produce(&self, message: &str) -> Value {
+        let v = self
+            .post(
+                "/mq/produce",
+                &[("producer", PRODUCER), ("message", message)],
+            )
+            .await;
+        assert_eq!(v["status"], 200, "{v}");
+        v
+    }
+
+    /// One `/mq/message` call of a clustering consumer.
+    pub async fn fetch(&self, consumer: &str, request_id: Option<&str>) -> Value {
+        let mut q = vec![("topic", TOPIC), ("consumer", consumer)];
+        if let Some(r) = request_id {
+            q.push(("requestId", r));
+        }
+        let v = self.get("/mq/message", &q).await;
+        assert_eq!(v["status"], 200, "{v}");
+        v
+    }
+
+    /// Pulls (acking as it goes) until nothing new comes; returns the bodies.
+    pub async fn drain(&self, consumer: &str, client_id: Option<&str>) -> Vec<String> {
+        let mut bodies = Vec::new();
+        let mut rid: Option<String> = None;
+        let mut empty_in_a_row = 0;
+        while empty_in_a_row < 8 {
+            let mut q = vec![("topic", TOPIC), ("consumer", consumer)];
+            if let Some(c) = client_id {
+                q.push(("clientId", c));
+            }
+            if let Some(r) = &rid {
+                q.push(("requestId", r));
+            }
+            let v = self.get("/mq/message", &q).await;
+            assert_eq!(v["status"], 200, "{v}");
+            rid = v["result"]["requestId"].as_str().map(str::to_owned);
+            let list = bodies_of(&v);
+            if list.is_empty() {
+                empty_in_a_row += 1;
+            } else {
+                empty_in_a_row = 0;
+            }
+            bodies.extend(list);
+        }
+        bodies
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+pub fn bodies_of(v: &Value) -> Vec<String> {
+    v["result"]["msgList"]
+        .as_array()
+        .map(|l| {
+            l.iter()
+                .map(|m| m["message"].as_str().unwrap_or_default().to_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Polls `check` until it returns Some, or panics after `limit`.
+pub async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as i64
+}

@@ -1,0 +1,326 @@
+//! Delayed and timer messages, durability across restarts, retention, admin settings.
+
+mod common;
+use common::*;
+use serde_json::Value;
+use std::time::{Duration, Instant};
+
+fn rid(v: &Value) -> String {
+    v["result"]["requestId"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no requestId in {v}"))
+        .to_owned()
+}
+
+fn one_queue(extra: &str) -> String {
+    format!(
+        "[[topic]]\nname=\"{TOPIC}\"\nqueues=1\n[[producer]]\nname=\"{PRODUCER}\"\ntopic=\"{TOPIC}\"\n\
+         [[consumer]]\nname=\"c\"\ntopic=\"{TOPIC}\"\n{extra}"
+    )
+}
+
+/// delayLevel 1 (1 s): invisible until due, then delivered.
+#[tokio::test]
+async fn delay_level_is_invisible_until_due() {
+    let s = TestServer::with_toml(&one_queue("")).await;
+    let sent_at = Instant::now();
+    let v = s
+        .post(
+            "/mq/produce",
+            &[
+                ("producer", PRODUCER),
+                ("message", "later"),
+                ("delayLevel", "1"),
+            ],
+        )
+        .await;
+    assert_eq!(v["status"], 200, "{v}");
+    s.produce("now").await;
+    assert_eq!(
+        s.drain("c", None).await,
+        ["now"],
+        "the delayed one is not there yet"
+    );
+    let got = eventually(Duration::from_secs(10), "the delayed message", || async {
+        let v = s.drain("c", None).await;
+        (!v.is_empty()).then_some(v)
+    })
+    .await;
+    assert!(
+        sent_at.elapsed() >= Duration::from_millis(900),
+        "delivered after its delay"
+    );
+    assert_eq!(got, ["later"]);
+}
+
+/// deliveryTimestamp: delivered at that time, not before; a past time is delivered at once.
+#[tokio::test]
+async fn timer_message_is_delivered_at_its_time() {
+    let s = TestServer::with_toml(&one_queue("")).await;
+    let at = now_ms() + 1_500;
+    let v = s
+        .post(
+            "/mq/produce",
+            &[
+                ("producer", PRODUCER),
+                ("message", "timer"),
+                ("deliveryTimestamp", &at.to_string()),
+            ],
+        )
+        .await;
+    assert_eq!(v["status"], 200, "{v}");
+    let past = (now_ms() - 10_000).to_string();
+    s.post(
+        "/mq/produce",
+        &[
+            ("producer", PRODUCER),
+            ("message", "past"),
+            ("deliveryTimestamp", &past),
+        ],
+    )
+    .await;
+    assert_eq!(s.drain("c", None).await, ["past"]);
+    let got = eventually(Duration::from_secs(10), "the timer message", || async {
+        let v = s.drain("c", None).await;
+        (!v.is_empty()).then_some(v)
+    })
+    .await;
+    assert!(now_ms() >= at, "not before its deliveryTimestamp");
+    assert_eq!(got, ["timer"]);
+}
+
+/// Messages, delayed messages and committed offsets survive a restart.
+#[tokio::test]
+async fn restart_keeps_messages_schedule_and_offsets() {
+    let s = TestServer::with_toml(&one_queue("max_pull_size=2\n")).await;
+    for m in ["a", "b", "c", "d"] {
+        s.produce(m).await;
+    }
+    let at = (now_ms() + 2_000).to_string();
+    s.post(
+        "/mq/produce",
+        &[
+            ("producer", PRODUCER),
+            ("message", "timer"),
+            ("deliveryTimestamp", &at),
+        ],
+    )
+    .await;
+    let first = s.fetch("c", None).await;
+    assert_eq!(bodies_of(&first), ["a", "b"]);
+    let ack = s
+        .get(
+            "/mq/ack",
+            &[
+                ("topic", TOPIC),
+                ("consumer", "c"),
+                ("requestId", &rid(&first)),
+            ],
+        )
+        .await;
+    assert!(
+        ack["message"].as_str().is_some_and(|m| m.starts_with("ok")),
+        "{ack}"
+    );
+    let s = s.restart().await;
+    let second = s.fetch("c", None).await;
+    assert_eq!(bodies_of(&second), ["c", "d"], "the committed offset held");
+    let s = s.restart().await;
+    // The unacknowledged batch's lock survived the restart: nothing to pull until it is unlocked.
+    assert_eq!(s.fetch("c", None).await["result"]["status"], "NO_NEW_MSG");
+    let u = s
+        .get(
+            "/mq/unlock",
+            &[
+                ("topic", TOPIC),
+                ("consumer", "c"),
+                ("requestId", &rid(&second)),
+            ],
+        )
+        .await;
+    assert!(
+        u["message"]
+            .as_str()
+            .is_some_and(|m| m.ends_with("unlock:true")),
+        "requestIds survive restarts: {u}"
+    );
+    assert_eq!(s.drain("c", None).await, ["c", "d"]);
+    let got = eventually(
+        Duration::from_secs(10),
+        "the timer message after restart",
+        || async {
+            let v = s.drain("c", None).await;
+            v.contains(&"timer".to_owned()).then_some(v)
+        },
+    )
+    .await;
+    assert!(got.contains(&"timer".to_owned()));
+}
+
+/// Retention deletes old messages; a consumer left behind gets OFFSET_ILLEGAL once and then
+/// continues from the smallest offset.
+#[tokio::test]
+async fn retention_and_offset_illegal_reset() {
+    let s = TestServer::with_toml(&format!(
+        "retention_ms=1500\nretention_check_interval_ms=100\n{}",
+        one_queue("max_pull_size=1\n")
+    ))
+    .await;
+    for m in ["a", "b", "c"] {
+        s.produce(m).await;
+    }
+    let first = s.fetch("c", None).await;
+    assert_eq!(bodies_of(&first), ["a"]);
+    s.get(
+        "/mq/ack",
+        &[
+            ("topic", TOPIC),
+            ("consumer", "c"),
+            ("requestId", &rid(&first)),
+        ],
+    )
+    .await;
+    // Wait until retention removed b and c (the queue's smallest offset moved past them).
+    let illegal = eventually(
+        Duration::from_secs(10),
+        "retention to delete old messages",
+        || async {
+            s.produce("fresh").await;
+            let v = s.fetch("c", None).await;
+            match v["result"]["status"].as_str() {
+                Some("OFFSET_ILLEGAL") => Some(v),
+                Some("FOUND") => {
+                    // Still old messages: give the batch back and look again.
+                    s.get(
+                        "/mq/unlock",
+                        &[("topic", TOPIC), ("consumer", "c"), ("requestId", &rid(&v))],
+                    )
+                    .await;
+                    None
+                }
+                _ => None,
+            }
+        },
+    )
+    .await;
+    // The OFFSET_ILLEGAL answer carries a requestId whose ack moves the offset to the smallest.
+    let next = s.fetch("c", Some(&rid(&illegal))).await;
+    assert!(
+        next["result"]["ackInfo"]["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("ok")),
+        "{next}"
+    );
+    assert_eq!(
+        next["result"]["status"], "FOUND",
+        "continues from the smallest offset: {next}"
+    );
+    assert_eq!(bodies_of(&next), ["fresh"]);
+    assert_eq!(
+        next["result"]["queueInfo"]["committedOffset"], next["result"]["queueInfo"]["minOffset"],
+        "{next}"
+    );
+}
+
+/// Admin: pause -> PAUSED, rate limit -> RATE_LIMITED, both durable; resume works.
+#[tokio::test]
+async fn pause_and_rate_limit() {
+    let s = TestServer::with_toml(&one_queue("")).await;
+    s.produce("a").await;
+    let v = s
+        .post(
+            "/admin/consumer/config",
+            &[("consumer", "c"), ("pause", "true")],
+        )
+        .await;
+    assert_eq!(v["result"]["paused"], true, "{v}");
+    let paused = s.fetch("c", None).await;
+    assert_eq!(paused["result"]["status"], "PAUSED");
+    assert!(paused["result"].get("requestId").is_none());
+    let s = s.restart().await;
+    assert_eq!(
+        s.fetch("c", None).await["result"]["status"],
+        "PAUSED",
+        "the pause is durable"
+    );
+    s.post(
+        "/admin/consumer/config",
+        &[("consumer", "c"), ("pause", "false"), ("limitRate", "2")],
+    )
+    .await;
+    let mut statuses = Vec::new();
+    for _ in 0..6 {
+        statuses.push(
+            s.fetch("c", None).await["result"]["status"]
+                .as_str()
+                .unwrap_or("")
+                .to_owned(),
+        );
+    }
+    assert!(
+        statuses.contains(&"RATE_LIMITED".to_owned()),
+        "{statuses:?}"
+    );
+    assert_eq!(statuses[0], "FOUND");
+    let bad = s
+        .post(
+            "/admin/consumer/config",
+            &[("consumer", "c"), ("limitRate", "0")],
+        )
+        .await;
+    assert_eq!(bad["status"], 400);
+    assert_eq!(
+        s.get("/admin/consumer/config", &[("consumer", "nobody")])
+            .await["status"],
+        400
+    );
+}
+
+/// Admin resend: the message comes back in retryMsgList, is acknowledged with the batch's
+/// requestId, and comes again when that batch is not acknowledged.
+#[tokio::test]
+async fn retry_messages_are_durable_and_acknowledged() {
+    let s = TestServer::with_toml(&one_queue("")).await;
+    let id = s.produce("original").await["result"]["msgId"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    assert_eq!(s.drain("c", None).await, ["original"]);
+    let v = s
+        .post(
+            "/admin/consumer/config",
+            &[("consumer", "c"), ("retryMsgId", &id)],
+        )
+        .await;
+    assert_eq!(v["result"]["retryQueued"], 1, "{v}");
+    let s = s.restart().await;
+    let first = s.fetch("c", None).await;
+    assert_eq!(first["result"]["retryMsgListSize"], 1, "{first}");
+    assert_eq!(first["result"]["retryMsgList"][0]["messageId"], id.as_str());
+    assert_eq!(first["result"]["retryMsgList"][0]["message"], "original");
+    // Not acknowledged: unlock, it comes again.
+    s.get(
+        "/mq/unlock",
+        &[
+            ("topic", TOPIC),
+            ("consumer", "c"),
+            ("requestId", &rid(&first)),
+        ],
+    )
+    .await;
+    let second = s.fetch("c", None).await;
+    assert_eq!(second["result"]["retryMsgListSize"], 1, "{second}");
+    // Acknowledged: gone.
+    let third = s.fetch("c", Some(&rid(&second))).await;
+    assert_eq!(third["result"]["retryMsgListSize"], 0, "{third}");
+    let bad = s
+        .post(
+            "/admin/consumer/config",
+            &[
+                ("consumer", "c"),
+                ("retryMsgId", "00000000000000000000000000000000"),
+            ],
+        )
+        .await;
+    assert_eq!(bad["status"], 400);
+}

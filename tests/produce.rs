@@ -1,0 +1,364 @@
+//! `/mq/produce` and `/mq/produce/batch` against the real server.
+
+mod common;
+use common::*;
+use serde_json::Value;
+
+fn is_hex32(v: &Value) -> bool {
+    v.as_str()
+        .is_some_and(|s| s.len() == 32 && s.chars().all(|c| c.is_ascii_hexdigit()))
+}
+
+/// The seed's result shape: every field, no nulls.
+#[tokio::test]
+async fn produce_answers_the_documented_shape() {
+    let s = TestServer::start().await;
+    let v = s
+        .post(
+            "/mq/produce",
+            &[
+                ("producer", PRODUCER),
+                ("message", "{\"id\":1}"),
+                ("keys", "k1 k2"),
+            ],
+        )
+        .await;
+    assert_eq!(v["status"], 200, "{v}");
+    assert!(v.get("message").is_none(), "null fields are omitted: {v}");
+    let r = &v["result"];
+    assert_eq!(r["sendStatus"], "SEND_OK");
+    assert!(is_hex32(&r["msgId"]) && is_hex32(&r["offsetMsgId"]), "{r}");
+    assert_eq!(r["messageQueue"]["topic"], TOPIC);
+    assert!(r["messageQueue"]["brokerName"].is_string());
+    assert!(
+        r["messageQueue"]["queueId"]
+            .as_i64()
+            .is_some_and(|q| (0..4).contains(&q))
+    );
+    assert!(r["queueOffset"].is_i64());
+    assert_eq!(r["regionId"], "DefaultRegion");
+    assert_eq!(r["traceOn"], true);
+    let keys: Vec<&str> = r
+        .as_object()
+        .expect("object")
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(keys.len(), 7, "exactly the seed's fields: {keys:?}");
+    // The message is consumable with its id.
+    let got = s.fetch(CLUSTERING, None).await;
+    assert_eq!(got["result"]["msgList"][0]["messageId"], r["msgId"]);
+    assert_eq!(got["result"]["msgList"][0]["message"], "{\"id\":1}");
+}
+
+/// Query-string parameters work as well as form bodies; offsets grow per queue.
+#[tokio::test]
+async fn produce_takes_query_parameters_and_assigns_offsets() {
+    let s = TestServer::with_toml("[[topic]]\nname=\"mqcloud-http-test-topic\"\nqueues=1\n[[producer]]\nname=\"mqcloud-http-test-topic-producer\"\ntopic=\"mqcloud-http-test-topic\"\n").await;
+    let url = format!("{}/mq/produce?producer={PRODUCER}&message=hello", s.base);
+    let a: Value = s
+        .client
+        .post(&url)
+        .send()
+        .await
+        .expect("post")
+        .json()
+        .await
+        .expect("json");
+    let b: Value = s
+        .client
+        .post(&url)
+        .send()
+        .await
+        .expect("post")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(
+        (
+            a["result"]["queueOffset"].as_i64(),
+            b["result"]["queueOffset"].as_i64()
+        ),
+        (Some(0), Some(1))
+    );
+    assert_ne!(a["result"]["msgId"], b["result"]["msgId"]);
+}
+
+/// orderId -> |javaStringHash(orderId) % queues|: "order-1" with 4 queues is queue 2,
+/// "12345" with 3 queues is queue 0; one order id always lands in one queue.
+#[tokio::test]
+async fn order_id_picks_the_java_hash_queue() {
+    let s = TestServer::start().await;
+    for _ in 0..3 {
+        let v = s
+            .post(
+                "/mq/produce",
+                &[
+                    ("producer", PRODUCER),
+                    ("message", "m"),
+                    ("orderId", "order-1"),
+                ],
+            )
+            .await;
+        assert_eq!(v["result"]["messageQueue"]["queueId"], 2, "{v}");
+    }
+    let s3 = TestServer::with_toml(
+        "[[topic]]\nname=\"t3\"\nqueues=3\n[[producer]]\nname=\"p3\"\ntopic=\"t3\"\n",
+    )
+    .await;
+    let v = s3
+        .post(
+            "/mq/produce",
+            &[("producer", "p3"), ("message", "m"), ("orderId", "12345")],
+        )
+        .await;
+    assert_eq!(v["result"]["messageQueue"]["queueId"], 0, "{v}");
+}
+
+/// Every missing or malformed parameter is a 400 naming it; unknown producers too.
+#[tokio::test]
+async fn bad_parameters_are_400_naming_the_parameter() {
+    let s = TestServer::start().await;
+    let cases: Vec<(Vec<(&str, &str)>, &str)> = vec![
+        (vec![("message", "m")], "producer"),
+        (vec![("producer", PRODUCER)], "message"),
+        (
+            vec![
+                ("producer", PRODUCER),
+                ("message", "m"),
+                ("delayLevel", "abc"),
+            ],
+            "delayLevel",
+        ),
+        (
+            vec![
+                ("producer", PRODUCER),
+                ("message", "m"),
+                ("delayLevel", "0"),
+            ],
+            "delayLevel",
+        ),
+        (
+            vec![
+                ("producer", PRODUCER),
+                ("message", "m"),
+                ("delayLevel", "19"),
+            ],
+            "delayLevel",
+        ),
+        (
+            vec![
+                ("producer", PRODUCER),
+                ("message", "m"),
+                ("deliveryTimestamp", "soon"),
+            ],
+            "deliveryTimestamp",
+        ),
+        (vec![("producer", "nobody"), ("message", "m")], "nobody"),
+    ];
+    for (form, name) in cases {
+        let v = s.post("/mq/produce", &form).await;
+        assert_eq!(v["status"], 400, "{form:?} -> {v}");
+        assert!(
+            v["message"].as_str().is_some_and(|m| m.contains(name)),
+            "{form:?} -> {v}"
+        );
+        assert!(v.get("result").is_none());
+    }
+    let too_far = (now_ms() + 4 * 86_400_000).to_string();
+    let v = s
+        .post(
+            "/mq/produce",
+            &[
+                ("producer", PRODUCER),
+                ("message", "m"),
+                ("deliveryTimestamp", &too_far),
+            ],
+        )
+        .await;
+    assert_eq!(v["status"], 400, "{v}");
+    assert!(
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("deliveryTimestamp")),
+        "{v}"
+    );
+}
+
+/// 4 MiB is the limit: one byte more is the documented 400, not a bare 413.
+#[tokio::test]
+async fn message_body_limit_is_4_mib() {
+    let s = TestServer::start().await;
+    let max = "x".repeat(4 * 1024 * 1024);
+    let v = s
+        .post("/mq/produce", &[("producer", PRODUCER), ("message", &max)])
+        .await;
+    assert_eq!(v["status"], 200, "exactly 4 MiB is accepted");
+    let over = format!("{max}y");
+    let v = s
+        .post("/mq/produce", &[("producer", PRODUCER), ("message", &over)])
+        .await;
+    assert_eq!(
+        v,
+        serde_json::json!({"status": 400, "message": "message body too long:4194304"})
+    );
+}
+
+/// Batch: all ok is exactly {"status":200}; elements are strings as-is or compact JSON.
+#[tokio::test]
+async fn batch_all_ok_and_element_encoding() {
+    let s = TestServer::start().await;
+    let messages = r#"[{"id": "123", "title": "video"}, "only text", 42, [1, 2]]"#;
+    let v = s
+        .post(
+            "/mq/produce/batch",
+            &[("producer", PRODUCER), ("messages", messages)],
+        )
+        .await;
+    assert_eq!(v, serde_json::json!({"status": 200}));
+    let mut bodies = s.drain(CLUSTERING, None).await;
+    bodies.sort();
+    let mut expected = vec![
+        r#"{"id":"123","title":"video"}"#,
+        "only text",
+        "42",
+        "[1,2]",
+    ];
+    expected.sort_unstable();
+    assert_eq!(bodies, expected);
+}
+
+/// Batch: a failing element gives 500 with per-element results; the others are sent.
+#[tokio::test]
+async fn batch_partial_failure_reports_each_element() {
+    let s = TestServer::start().await;
+    let big = "z".repeat(4 * 1024 * 1024 + 1);
+    let messages = serde_json::to_string(&serde_json::json!([big, "fine"])).expect("json");
+    let v = s
+        .post(
+            "/mq/produce/batch",
+            &[("producer", PRODUCER), ("messages", &messages)],
+        )
+        .await;
+    assert_eq!(
+        v,
+        serde_json::json!({
+            "status": 500,
+            "message": "some messages failed to send",
+            "result": [{"status": 400, "message": "message body too long:4194304"}, {"status": 200}]
+        })
+    );
+    assert_eq!(s.drain(CLUSTERING, None).await, vec!["fine"]);
+}
+
+/// Batch: request-level errors carry no `result`.
+#[tokio::test]
+async fn batch_request_errors_have_no_result() {
+    let s = TestServer::start().await;
+    for form in [
+        vec![("producer", "nobody"), ("messages", "[\"a\"]")],
+        vec![
+            ("producer", PRODUCER),
+            ("messages", "{\"not\":\"an array\"}"),
+        ],
+        vec![("producer", PRODUCER), ("messages", "not json")],
+        vec![("producer", PRODUCER)],
+    ] {
+        let v = s.post("/mq/produce/batch", &form).await;
+        assert_eq!(v["status"], 400, "{form:?} -> {v}");
+        assert!(v.get("result").is_none(), "{v}");
+        assert!(v["message"].is_string());
+    }
+}
+
+/// msgIds stay unique across a restart (the boot count is part of them).
+#[tokio::test]
+async fn msg_ids_are_unique_across_restarts() {
+    let s = TestServer::start().await;
+    let mut ids = std::collections::HashSet::new();
+    for i in 0..5 {
+        ids.insert(
+            s.produce(&format!("a{i}")).await["result"]["msgId"]
+                .as_str()
+                .expect("id")
+                .to_owned(),
+        );
+    }
+    let s = s.restart().await;
+    for i in 0..5 {
+        ids.insert(
+            s.produce(&format!("b{i}")).await["result"]["msgId"]
+                .as_str()
+                .expect("id")
+                .to_owned(),
+        );
+    }
+    assert_eq!(ids.len(), 10);
+}
+
+/// `http_status = "mirror"`: the HTTP status follows the body; the default keeps 200.
+#[tokio::test]
+async fn http_status_policy() {
+    let s = TestServer::start().await;
+    let resp = s
+        .client
+        .post(format!("{}/mq/produce", s.base))
+        .form(&[("producer", "nobody"), ("message", "m")])
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(resp.status(), 200);
+    let mut cfg = config(None);
+    cfg.http_status = mqproxy::config::HttpStatusPolicy::Mirror;
+    let m = TestServer::with_config(cfg).await;
+    let resp = m
+        .client
+        .post(format!("{}/mq/produce", m.base))
+        .form(&[("producer", "nobody"), ("message", "m")])
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(resp.status(), 400);
+    let resp = m
+        .client
+        .post(format!("{}/mq/produce", m.base))
+        .form(&[("producer", PRODUCER), ("message", "m")])
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(resp.status(), 200);
+}
+
+/// CORS is open by default (browsers call the proxy from other origins, as the seed's jQuery does).
+#[tokio::test]
+async fn cors_is_open_by_default() {
+    let s = TestServer::start().await;
+    let resp = s
+        .client
+        .request(reqwest::Method::OPTIONS, format!("{}/mq/produce", s.base))
+        .header("Origin", "http://example.test")
+        .header("Access-Control-Request-Method", "POST")
+        .send()
+        .await
+        .expect("preflight");
+    assert_eq!(
+        resp.headers()
+            .get("access-control-allow-origin")
+            .map(|v| v.to_str().unwrap_or("")),
+        Some("*")
+    );
+}
+
+/// Liveness and readiness.
+#[tokio::test]
+async fn health_endpoints() {
+    let s = TestServer::start().await;
+    assert_eq!(
+        s.get("/healthz", &[]).await,
+        serde_json::json!({"status": 200})
+    );
+    assert_eq!(
+        s.get("/readyz", &[]).await,
+        serde_json::json!({"status": 200})
+    );
+}
