@@ -378,10 +378,10 @@ impl Engine {
             drop(self.inner.consumer_store.save(ops));
         }
         let next = messages.last().map_or(chosen.start, |m| m.offset + 1);
-        if settings.rate_limit_enabled {
-            if let Some(bucket) = lock(&self.inner.state.buckets).get_mut(&spec.name) {
-                bucket.charge(messages.len());
-            }
+        if settings.rate_limit_enabled
+            && let Some(bucket) = lock(&self.inner.state.buckets).get_mut(&spec.name)
+        {
+            bucket.charge(messages.len());
         }
         outcome.status = FetchStatus::Found;
         outcome.request_id = Some(token(chosen.start, next, false));

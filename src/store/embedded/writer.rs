@@ -257,7 +257,8 @@ impl Writer {
         let sync_now = self.flush == FlushPolicy::Sync
             || (self.unsynced
                 && (closing || self.last_sync.elapsed() >= self.async_flush_interval));
-        if ops.is_empty() && !due && !purge && !(sync_now && self.unsynced) {
+        let flush_due = sync_now && self.unsynced;
+        if ops.is_empty() && !due && !purge && !flush_due {
             return;
         }
         let saved_counters = self.counters;

@@ -1,0 +1,139 @@
+//! The REST contract: the served OpenAPI document is the checked-in file, it covers the seed's
+//! endpoints, every operation is routed, and Swagger UI is served from the binary.
+
+mod common;
+use common::*;
+use serde_json::Value;
+
+fn spec_from_file() -> Value {
+    let text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/openapi/mqproxy.yaml"))
+            .expect("spec file");
+    yaml_serde::from_str(&text).expect("spec parses")
+}
+
+#[tokio::test]
+async fn served_document_equals_the_file_and_covers_the_seed() {
+    let s = TestServer::start().await;
+    let served: Value = s
+        .client
+        .get(format!("{}/openapi.json", s.base))
+        .send()
+        .await
+        .expect("get")
+        .json()
+        .await
+        .expect("json");
+    let file = spec_from_file();
+    assert_eq!(served, file);
+    assert_eq!(served["openapi"], "3.1.0");
+    let paths = served["paths"].as_object().expect("paths");
+    // The seed's endpoints, read from the seed document when it is beside the repository.
+    let mut seed_paths: Vec<String> = [
+        "/mq/produce",
+        "/mq/produce/batch",
+        "/mq/message",
+        "/mq/ack",
+        "/mq/unlock",
+    ]
+    .map(String::from)
+    .to_vec();
+    if let Ok(seed) = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../shared/seed/http-api.en.md"
+    )) {
+        for word in
+            seed.split(|c: char| c.is_whitespace() || c == '`' || c == ',' || c == '(' || c == ')')
+        {
+            if word.starts_with("/mq/") {
+                seed_paths.push(word.trim_end_matches(['.', ':']).to_owned());
+            }
+        }
+    }
+    for p in &seed_paths {
+        assert!(paths.contains_key(p), "seed path {p} is in the spec");
+    }
+    for (path, methods) in [
+        ("/mq/message", ["get", "post"]),
+        ("/mq/ack", ["get", "post"]),
+        ("/mq/unlock", ["get", "post"]),
+    ] {
+        for m in methods {
+            assert!(paths[path].get(m).is_some(), "{m} {path}");
+        }
+    }
+}
+
+/// Every operation of the spec is routed and answers its JSON envelope (nothing 404/405/5xx
+/// for a request with no parameters: a 400 naming the missing one, or 200).
+#[tokio::test]
+async fn every_operation_is_implemented() {
+    let s = TestServer::start().await;
+    for (method, path, op, _) in mqproxy::http::api::OPERATIONS {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
+        let resp = s
+            .client
+            .request(method.clone(), format!("{}{path}", s.base))
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(resp.status(), 200, "{method} {path} ({op})");
+        let v: Value = resp.json().await.expect("JSON envelope");
+        let status = v["status"].as_i64().expect("status");
+        assert!(status == 200 || status == 400, "{op}: {v}");
+    }
+    // And the generated operations are exactly the spec's.
+    let spec = spec_from_file();
+    let count: usize = spec["paths"]
+        .as_object()
+        .expect("paths")
+        .values()
+        .map(|p| p.as_object().map_or(0, |o| o.len()))
+        .sum();
+    assert_eq!(count, mqproxy::http::api::OPERATIONS.len());
+}
+
+/// Swagger UI and its assets come from the binary and load the served document.
+#[tokio::test]
+async fn swagger_ui_is_served() {
+    let s = TestServer::start().await;
+    let get = |p: &str| s.client.get(format!("{}{p}", s.base)).send();
+    let page = get("/swagger-ui/").await.expect("page");
+    assert_eq!(page.status(), 200);
+    assert!(page.text().await.expect("html").contains("swagger-ui"));
+    let bundle = get("/swagger-ui/swagger-ui-bundle.js")
+        .await
+        .expect("bundle");
+    assert_eq!(bundle.status(), 200);
+    assert!(bundle.bytes().await.expect("js").len() > 100_000);
+    let init = get("/swagger-ui/swagger-initializer.js")
+        .await
+        .expect("init")
+        .text()
+        .await
+        .expect("js");
+    assert!(init.contains("/openapi.json"), "{init}");
+}
+
+/// What Swagger UI's "Try it out" sends for a POST form operation works.
+#[tokio::test]
+async fn try_it_out_form_request_works() {
+    let s = TestServer::start().await;
+    let resp = s
+        .client
+        .post(format!("{}/mq/produce", s.base))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("accept", "application/json")
+        .body(format!(
+            "producer={PRODUCER}&message=%7B%22id%22%3A1%2C%22name%22%3A%22tv1%22%7D"
+        ))
+        .send()
+        .await
+        .expect("post");
+    let v: Value = resp.json().await.expect("json");
+    assert_eq!(v["status"], 200, "{v}");
+    let fetched = s
+        .get("/mq/message", &[("topic", TOPIC), ("consumer", CLUSTERING)])
+        .await;
+    assert_eq!(bodies_of(&fetched), ["{\"id\":1,\"name\":\"tv1\"}"]);
+}

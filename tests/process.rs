@@ -1,0 +1,267 @@
+//! The `mqproxy` binary as a user runs it: CLI, config errors, SIGTERM, kill -9 durability.
+
+mod common;
+use common::*;
+use serde_json::Value;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+const BIN: &str = env!("CARGO_BIN_EXE_mqproxy");
+
+struct Proc {
+    child: Child,
+    base: String,
+}
+
+/// Starts `mqproxy serve` on a free port and waits for its "listening" line.
+fn spawn(data_dir: &std::path::Path, extra: &[&str]) -> Proc {
+    let mut child = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data_dir)
+        .args(extra)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn mqproxy");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("read the listening line");
+    let base = line
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .to_owned();
+    Proc { child, base }
+}
+
+fn signal(child: &Child, sig: i32) {
+    let pid = i32::try_from(child.id()).expect("pid");
+    // SAFETY: kill(2) with a pid we own and a valid signal number.
+    assert_eq!(unsafe { libc::kill(pid, sig) }, 0);
+}
+
+#[test]
+fn help_explains_each_option() {
+    let out = Command::new(BIN)
+        .args(["serve", "--help"])
+        .output()
+        .expect("run");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    for opt in ["--config", "--listen", "--data-dir"] {
+        assert!(text.contains(opt), "{opt} in {text}");
+    }
+    assert!(text.contains("demo registry"), "{text}");
+}
+
+/// Config errors name the file, the key and the reason, and the process exits non-zero.
+#[test]
+fn config_errors_exit_non_zero_naming_file_key_and_reason() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let cases = [
+        ("[[topic]]\nname = \"t\"\nqueues = 0\n", "topic[0].queues"),
+        (
+            "[[topic]]\nname = \"t\"\nqueues = 1\n[[consumer]]\nname = \"c\"\ntopic = \"t\"\nmax_pull_size = 500\n",
+            "consumer[0].max_pull_size",
+        ),
+        (
+            "[[topic]]\nname = \"t\"\nqueues = 1\n[[consumer]]\nname = \"c\"\ntopic = \"t\"\nconsume_timeout_ms = 5\n",
+            "consumer[0].consume_timeout_ms",
+        ),
+        ("listen = \"127.0.0.1:0\"\nqueuez = 3\n", "queuez"),
+        (
+            "[[producer]]\nname = \"p\"\ntopic = \"missing\"\n",
+            "producer[0].topic",
+        ),
+    ];
+    for (i, (toml, key)) in cases.iter().enumerate() {
+        let path = dir.path().join(format!("bad{i}.toml"));
+        std::fs::write(&path, toml).expect("write");
+        let out = Command::new(BIN)
+            .arg("serve")
+            .arg("--config")
+            .arg(&path)
+            .arg("--data-dir")
+            .arg(dir.path())
+            .output()
+            .expect("run");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{toml} must fail");
+        assert!(
+            err.contains(&path.display().to_string()),
+            "file named: {err}"
+        );
+        assert!(err.contains(key), "key {key} named: {err}");
+    }
+    let out = Command::new(BIN)
+        .args(["serve", "--config", "/nonexistent/mqproxy.toml"])
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+}
+
+/// SIGTERM: in-flight work finishes, the process exits 0, and what it answered is kept.
+#[test]
+fn sigterm_shuts_down_gracefully() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let rt = tokio::runtime::Runtime::new().expect("rt");
+    let mut p = spawn(dir.path(), &[]);
+    let client = reqwest::Client::new();
+    rt.block_on(async {
+        let v: Value = client
+            .post(format!("{}/mq/produce", p.base))
+            .form(&[("producer", PRODUCER), ("message", "kept")])
+            .send()
+            .await
+            .expect("post")
+            .json()
+            .await
+            .expect("json");
+        assert_eq!(v["status"], 200);
+    });
+    signal(&p.child, libc::SIGTERM);
+    let status = p.child.wait().expect("wait");
+    assert!(status.success(), "exit 0 after SIGTERM: {status:?}");
+    let mut p = spawn(dir.path(), &[]);
+    let got: Value = rt.block_on(async {
+        client
+            .get(format!("{}/mq/message", p.base))
+            .query(&[("topic", TOPIC), ("consumer", CLUSTERING)])
+            .send()
+            .await
+            .expect("get")
+            .json()
+            .await
+            .expect("json")
+    });
+    assert_eq!(bodies_of(&got), ["kept"]);
+    signal(&p.child, libc::SIGINT);
+    assert!(
+        p.child.wait().expect("wait").success(),
+        "exit 0 after SIGINT"
+    );
+}
+
+/// kill -9 while 8 writers produce: after restart every message answered 200 is there.
+#[test]
+fn kill_9_loses_no_acknowledged_message() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let rt = tokio::runtime::Runtime::new().expect("rt");
+    let mut p = spawn(dir.path(), &[]);
+    let base = p.base.clone();
+    let acknowledged = rt.block_on(async {
+        let client = reqwest::Client::new();
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let mut writers = Vec::new();
+        for w in 0..8 {
+            let (client, base, stop_rx) = (client.clone(), base.clone(), stop_rx.clone());
+            writers.push(tokio::spawn(async move {
+                let mut ok = Vec::new();
+                for i in 0..100_000 {
+                    if *stop_rx.borrow() {
+                        break;
+                    }
+                    let body = format!("w{w}-{i}");
+                    let sent = client
+                        .post(format!("{base}/mq/produce"))
+                        .form(&[("producer", PRODUCER), ("message", &body)])
+                        .send()
+                        .await;
+                    match sent {
+                        Ok(resp) => match resp.json::<Value>().await {
+                            Ok(v) if v["status"] == 200 => ok.push(body),
+                            _ => break,
+                        },
+                        Err(_) => break,
+                    }
+                }
+                ok
+            }));
+        }
+        // Let the writers get going, then kill the server under them.
+        let probe = reqwest::Client::new();
+        eventually(Duration::from_secs(10), "some messages written", || async {
+            let v: Value = probe
+                .get(format!("{base}/mq/message"))
+                .query(&[
+                    ("topic", TOPIC),
+                    ("consumer", BROADCAST),
+                    ("clientId", "probe"),
+                ])
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            let offsets: i64 = v["result"]["queueInfo"]["maxOffset"].as_i64().unwrap_or(0);
+            (offsets > 50).then_some(())
+        })
+        .await;
+        signal(&p.child, libc::SIGKILL);
+        let _ = p.child.wait();
+        let _ = stop_tx.send(true);
+        let mut all = Vec::new();
+        for w in writers {
+            all.extend(w.await.expect("writer"));
+        }
+        all
+    });
+    assert!(
+        acknowledged.len() > 50,
+        "writers made progress: {}",
+        acknowledged.len()
+    );
+    let mut p = spawn(dir.path(), &[]);
+    let found: std::collections::HashSet<String> = rt.block_on(async {
+        let client = reqwest::Client::new();
+        let mut found = std::collections::HashSet::new();
+        let mut rid: Option<String> = None;
+        let mut empty = 0;
+        while empty < 8 {
+            let mut q = vec![
+                ("topic", TOPIC.to_owned()),
+                ("consumer", BROADCAST.to_owned()),
+                ("clientId", "after-crash".to_owned()),
+            ];
+            if let Some(r) = &rid {
+                q.push(("requestId", r.clone()));
+            }
+            let v: Value = client
+                .get(format!("{}/mq/message", p.base))
+                .query(&q)
+                .send()
+                .await
+                .expect("get")
+                .json()
+                .await
+                .expect("json");
+            rid = v["result"]["requestId"].as_str().map(str::to_owned);
+            let bodies = bodies_of(&v);
+            if bodies.is_empty() {
+                empty += 1;
+            } else {
+                empty = 0;
+            }
+            found.extend(bodies);
+        }
+        found
+    });
+    let lost: Vec<&String> = acknowledged
+        .iter()
+        .filter(|b| !found.contains(*b))
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "{} of {} acknowledged messages lost, e.g. {:?}",
+        lost.len(),
+        acknowledged.len(),
+        &lost[..lost.len().min(5)]
+    );
+    signal(&p.child, libc::SIGTERM);
+    let _ = p.child.wait();
+}
