@@ -1,1 +1,159 @@
-fn main() {}
+//! Produce throughput of the real server over HTTP on loopback: group commit (the default)
+//! against one flush per message (`group_commit_max = 1`), at 1 and 64 concurrent producers,
+//! plus a consume (pull + ack) rate. Prints medians of 3 runs and the ratio to the baseline.
+//!
+//! Run: `cargo bench --bench produce` (env BENCH_SECONDS, default 3, sets each run's length).
+
+use mqproxy::config::Config;
+use serde_json::Value;
+use std::time::{Duration, Instant};
+
+const PRODUCER: &str = "mqcloud-http-test-topic-producer";
+const TOPIC: &str = "mqcloud-http-test-topic";
+
+struct Server {
+    base: String,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+    _dir: tempfile::TempDir,
+}
+
+async fn start(group_commit_max: usize) -> Server {
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut config = Config::demo();
+    config.data_dir = dir.path().to_path_buf();
+    config.group_commit_max = group_commit_max;
+    config.default_rate_limit = 1_000_000;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let base = format!("http://{}", listener.local_addr().expect("addr"));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        mqproxy::server::run(config, listener, async {
+            let _ = stopped.await;
+        })
+        .await
+        .expect("server");
+    });
+    Server { base, stop, task, _dir: dir }
+}
+
+/// Messages per second and per-request latencies (ms) of `writers` producers for `secs`.
+async fn produce_run(base: &str, writers: usize, secs: f64, body: &str) -> (f64, Vec<f64>) {
+    let client = reqwest::Client::builder().pool_max_idle_per_host(writers).build().expect("client");
+    let deadline = Instant::now() + Duration::from_secs_f64(secs);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..writers {
+        let (client, url, body) = (client.clone(), format!("{base}/mq/produce"), body.to_owned());
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                let v: Value = client
+                    .post(&url)
+                    .form(&[("producer", PRODUCER), ("message", body.as_str())])
+                    .send()
+                    .await
+                    .expect("post")
+                    .json()
+                    .await
+                    .expect("json");
+                assert_eq!(v["status"], 200, "{v}");
+                lat.push(t.elapsed().as_secs_f64() * 1000.0);
+            }
+            lat
+        }));
+    }
+    let mut lat = Vec::new();
+    for t in tasks {
+        lat.extend(t.await.expect("writer"));
+    }
+    (lat.len() as f64 / started.elapsed().as_secs_f64(), lat)
+}
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(((v.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or(0.0)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    percentile(&mut v, 0.5)
+}
+
+async fn consume_run(base: &str) -> f64 {
+    let client = reqwest::Client::new();
+    let started = Instant::now();
+    let (mut n, mut rid, mut empty) = (0usize, None::<String>, 0);
+    while empty < 4 {
+        let mut q = vec![("topic", TOPIC.to_owned()), ("consumer", "http-clustering-consumer".to_owned())];
+        if let Some(r) = &rid {
+            q.push(("requestId", r.clone()));
+        }
+        let v: Value = client.get(format!("{base}/mq/message")).query(&q).send().await.expect("get").json().await.expect("json");
+        rid = v["result"]["requestId"].as_str().map(str::to_owned);
+        let got = v["result"]["msgListSize"].as_u64().unwrap_or(0) as usize;
+        if got == 0 {
+            empty += 1;
+        }
+        n += got;
+    }
+    n as f64 / started.elapsed().as_secs_f64()
+}
+
+/// The disk's own floor: appends of 1 KiB, each followed by fdatasync, for one second.
+fn raw_fdatasync_per_second(dir: &std::path::Path) -> f64 {
+    use std::io::Write;
+    let mut file = std::fs::File::create(dir.join("fsync-probe")).expect("probe file");
+    let block = [7u8; 1024];
+    let started = Instant::now();
+    let mut n = 0u32;
+    while started.elapsed() < Duration::from_secs(1) {
+        file.write_all(&block).expect("write");
+        file.sync_data().expect("fdatasync");
+        n += 1;
+    }
+    f64::from(n) / started.elapsed().as_secs_f64()
+}
+
+#[tokio::main]
+async fn main() {
+    let secs: f64 = std::env::var("BENCH_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(3.0);
+    let body = "x".repeat(1024);
+    let probe_dir = tempfile::tempdir().expect("tmp");
+    let fsyncs = raw_fdatasync_per_second(probe_dir.path());
+    println!("raw 1 KiB write + fdatasync on this disk: {fsyncs:.0}/s ({:.2} ms each)", 1000.0 / fsyncs);
+    println!("produce of 1 KiB messages over HTTP, flush = sync, {secs} s per run, median of 3 runs");
+    println!("{:<34} {:>10} {:>9} {:>9} {:>8}", "configuration", "msg/s", "p50 ms", "p99 ms", "ratio");
+    let mut baseline = None;
+    for (label, group_max, writers) in [
+        ("one flush per message, 1 writer", 1, 1),
+        ("one flush per message, 64 writers", 1, 64),
+        ("group commit, 1 writer", 4096, 1),
+        ("group commit, 64 writers", 4096, 64),
+    ] {
+        let mut rates = Vec::new();
+        let mut all_lat = Vec::new();
+        for _ in 0..3 {
+            let server = start(group_max).await;
+            let (rate, lat) = produce_run(&server.base, writers, secs, &body).await;
+            rates.push(rate);
+            all_lat.extend(lat);
+            let _ = server.stop.send(());
+            server.task.await.expect("stop");
+        }
+        let rate = median(rates);
+        let base = *baseline.get_or_insert(rate);
+        println!(
+            "{label:<34} {rate:>10.0} {:>9.2} {:>9.2} {:>7.1}x",
+            percentile(&mut all_lat, 0.5),
+            percentile(&mut all_lat, 0.99),
+            rate / base
+        );
+    }
+    let server = start(4096).await;
+    produce_run(&server.base, 64, secs, &body).await;
+    let rates: Vec<f64> = vec![consume_run(&server.base).await];
+    println!("consume (pull 32 + ack by next pull, 1 consumer): {:.0} msg/s", median(rates));
+    let _ = server.stop.send(());
+    server.task.await.expect("stop");
+}
