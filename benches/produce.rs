@@ -34,12 +34,20 @@ async fn start(group_commit_max: usize) -> Server {
         .await
         .expect("server");
     });
-    Server { base, stop, task, _dir: dir }
+    Server {
+        base,
+        stop,
+        task,
+        _dir: dir,
+    }
 }
 
 /// Messages per second and per-request latencies (ms) of `writers` producers for `secs`.
 async fn produce_run(base: &str, writers: usize, secs: f64, body: &str) -> (f64, Vec<f64>) {
-    let client = reqwest::Client::builder().pool_max_idle_per_host(writers).build().expect("client");
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(writers)
+        .build()
+        .expect("client");
     let deadline = Instant::now() + Duration::from_secs_f64(secs);
     let started = Instant::now();
     let mut tasks = Vec::new();
@@ -73,7 +81,9 @@ async fn produce_run(base: &str, writers: usize, secs: f64, body: &str) -> (f64,
 
 fn percentile(v: &mut [f64], p: f64) -> f64 {
     v.sort_by(f64::total_cmp);
-    v.get(((v.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or(0.0)
+    v.get(((v.len() as f64 - 1.0) * p).round() as usize)
+        .copied()
+        .unwrap_or(0.0)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -85,11 +95,22 @@ async fn consume_run(base: &str) -> f64 {
     let started = Instant::now();
     let (mut n, mut rid, mut empty) = (0usize, None::<String>, 0);
     while empty < 4 {
-        let mut q = vec![("topic", TOPIC.to_owned()), ("consumer", "http-clustering-consumer".to_owned())];
+        let mut q = vec![
+            ("topic", TOPIC.to_owned()),
+            ("consumer", "http-clustering-consumer".to_owned()),
+        ];
         if let Some(r) = &rid {
             q.push(("requestId", r.clone()));
         }
-        let v: Value = client.get(format!("{base}/mq/message")).query(&q).send().await.expect("get").json().await.expect("json");
+        let v: Value = client
+            .get(format!("{base}/mq/message"))
+            .query(&q)
+            .send()
+            .await
+            .expect("get")
+            .json()
+            .await
+            .expect("json");
         rid = v["result"]["requestId"].as_str().map(str::to_owned);
         let got = v["result"]["msgListSize"].as_u64().unwrap_or(0) as usize;
         if got == 0 {
@@ -117,13 +138,22 @@ fn raw_fdatasync_per_second(dir: &std::path::Path) -> f64 {
 
 #[tokio::main]
 async fn main() {
-    let secs: f64 = std::env::var("BENCH_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(3.0);
+    let secs: f64 = std::env::var("BENCH_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3.0);
     let body = "x".repeat(1024);
     let probe_dir = tempfile::tempdir().expect("tmp");
     let fsyncs = raw_fdatasync_per_second(probe_dir.path());
-    println!("raw 1 KiB write + fdatasync on this disk: {fsyncs:.0}/s ({:.2} ms each)", 1000.0 / fsyncs);
+    println!(
+        "raw 1 KiB write + fdatasync on this disk: {fsyncs:.0}/s ({:.2} ms each)",
+        1000.0 / fsyncs
+    );
     println!("produce of 1 KiB messages over HTTP, flush = sync, {secs} s per run, median of 3 runs");
-    println!("{:<34} {:>10} {:>9} {:>9} {:>8}", "configuration", "msg/s", "p50 ms", "p99 ms", "ratio");
+    println!(
+        "{:<34} {:>10} {:>9} {:>9} {:>8}",
+        "configuration", "msg/s", "p50 ms", "p99 ms", "ratio"
+    );
     let mut baseline = None;
     for (label, group_max, writers) in [
         ("one flush per message, 1 writer", 1, 1),
@@ -153,7 +183,10 @@ async fn main() {
     let server = start(4096).await;
     produce_run(&server.base, 64, secs, &body).await;
     let rates: Vec<f64> = vec![consume_run(&server.base).await];
-    println!("consume (pull 32 + ack by next pull, 1 consumer): {:.0} msg/s", median(rates));
+    println!(
+        "consume (pull 32 + ack by next pull, 1 consumer): {:.0} msg/s",
+        median(rates)
+    );
     let _ = server.stop.send(());
     server.task.await.expect("stop");
 }

@@ -201,8 +201,7 @@ pub const DEMO_TOPIC: &str = "mqcloud-http-test-topic";
 impl Config {
     /// The configuration without a file: the demo registry of the seed's examples.
     pub fn demo() -> Self {
-        let mut config: Config =
-            toml::from_str("").unwrap_or_else(|e| unreachable!("empty config parses: {e}"));
+        let mut config: Config = toml::from_str("").unwrap_or_else(|e| unreachable!("empty config parses: {e}"));
         config.topics = vec![TopicConfig {
             name: DEMO_TOPIC.into(),
             queues: 4,
@@ -272,31 +271,13 @@ impl Config {
             );
         }
         if self.broker_name.is_empty() || self.broker_name.contains(',') {
-            return err(
-                "broker_name".into(),
-                "must be non-empty and contain no comma".into(),
-            );
+            return err("broker_name".into(), "must be non-empty and contain no comma".into());
         }
         for (key, value, min, max) in [
             ("flush_timeout_ms", self.flush_timeout_ms, 1, 600_000),
-            (
-                "async_flush_interval_ms",
-                self.async_flush_interval_ms,
-                1,
-                600_000,
-            ),
-            (
-                "group_commit_max",
-                self.group_commit_max as u64,
-                1,
-                1_000_000,
-            ),
-            (
-                "retention_ms",
-                self.retention_ms,
-                1_000,
-                10 * 365 * 86_400_000,
-            ),
+            ("async_flush_interval_ms", self.async_flush_interval_ms, 1, 600_000),
+            ("group_commit_max", self.group_commit_max as u64, 1, 1_000_000),
+            ("retention_ms", self.retention_ms, 1_000, 10 * 365 * 86_400_000),
             (
                 "retention_check_interval_ms",
                 self.retention_check_interval_ms,
@@ -319,10 +300,7 @@ impl Config {
             ("shutdown_grace_ms", self.shutdown_grace_ms, 0, 600_000),
         ] {
             if value < min || value > max {
-                return err(
-                    key.into(),
-                    format!("must be between {min} and {max}, got {value}"),
-                );
+                return err(key.into(), format!("must be between {min} and {max}, got {value}"));
             }
         }
         let mut topics = HashSet::new();
@@ -433,13 +411,7 @@ fn key_of(e: &toml::de::Error, text: &str) -> String {
     match e.span() {
         Some(span) => {
             let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
-            let snippet = text
-                .get(span.clone())
-                .unwrap_or("")
-                .lines()
-                .next()
-                .unwrap_or("")
-                .trim();
+            let snippet = text.get(span.clone()).unwrap_or("").lines().next().unwrap_or("").trim();
             format!("line {line} ({snippet})")
         }
         None => "(document)".into(),
@@ -462,28 +434,16 @@ mod tests {
     fn out_of_range_values_are_errors() {
         let base = "[[topic]]\nname = \"t\"\nqueues = QUEUES\n[[consumer]]\nname = \"c\"\ntopic = \"t\"\nmax_pull_size = MPS\nconsume_timeout_ms = CT\n";
         let cfg = |q: &str, m: &str, c: &str| {
-            Config::from_toml(
-                &base.replace("QUEUES", q).replace("MPS", m).replace("CT", c),
-                "f.toml",
-            )
+            Config::from_toml(&base.replace("QUEUES", q).replace("MPS", m).replace("CT", c), "f.toml")
         };
         assert!(cfg("4", "32", "300000").is_ok());
         assert_eq!(cfg("0", "32", "300000").unwrap_err().key, "topic[0].queues");
-        assert_eq!(
-            cfg("4", "500", "300000").unwrap_err().key,
-            "consumer[0].max_pull_size"
-        );
-        assert_eq!(
-            cfg("4", "32", "5").unwrap_err().key,
-            "consumer[0].consume_timeout_ms"
-        );
-        let unknown =
-            Config::from_toml("listen = \"127.0.0.1:1\"\nqueuez = 3\n", "f.toml").unwrap_err();
+        assert_eq!(cfg("4", "500", "300000").unwrap_err().key, "consumer[0].max_pull_size");
+        assert_eq!(cfg("4", "32", "5").unwrap_err().key, "consumer[0].consume_timeout_ms");
+        let unknown = Config::from_toml("listen = \"127.0.0.1:1\"\nqueuez = 3\n", "f.toml").unwrap_err();
         assert!(unknown.reason.contains("queuez"), "{unknown}");
         assert!(
-            unknown
-                .to_string()
-                .starts_with("config error in f.toml: line 2"),
+            unknown.to_string().starts_with("config error in f.toml: line 2"),
             "{unknown}"
         );
     }

@@ -53,11 +53,7 @@ pub async fn run(
         async_flush_interval: Duration::from_millis(config.async_flush_interval_ms),
         retention: Duration::from_millis(config.retention_ms),
         retention_check_interval: Duration::from_millis(config.retention_check_interval_ms),
-        topics: config
-            .topics
-            .iter()
-            .map(|t| (t.name.clone(), t.queues))
-            .collect(),
+        topics: config.topics.iter().map(|t| (t.name.clone(), t.queues)).collect(),
     })
     .map_err(|source| ServeError::Store {
         dir: config.data_dir.display().to_string(),
@@ -92,14 +88,12 @@ pub async fn run(
         let _ = stop_tx.send(true);
     });
     let mut graceful_rx = stop_rx.clone();
-    let server = axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move {
-        let _ = graceful_rx.wait_for(|stop| *stop).await;
-        tracing::info!("shutting down: no new connections, finishing in-flight requests");
-    });
+    let server = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>()).with_graceful_shutdown(
+        async move {
+            let _ = graceful_rx.wait_for(|stop| *stop).await;
+            tracing::info!("shutting down: no new connections, finishing in-flight requests");
+        },
+    );
     let grace = Duration::from_millis(config.shutdown_grace_ms);
     tokio::select! {
         served = server => served?,

@@ -80,17 +80,10 @@ async fn ack_endpoint_commits() {
     let s = TestServer::with_toml(&one_queue("")).await;
     s.produce("a").await;
     let first = s.fetch("c", None).await;
-    let q = [
-        ("topic", TOPIC),
-        ("consumer", "c"),
-        ("requestId", &rid(&first)),
-    ];
+    let q = [("topic", TOPIC), ("consumer", "c"), ("requestId", &rid(&first))];
     let ack = s.get("/mq/ack", &q).await;
     assert_eq!(ack["status"], 200, "{ack}");
-    assert!(
-        ack["message"].as_str().is_some_and(|m| m.starts_with("ok")),
-        "{ack}"
-    );
+    assert!(ack["message"].as_str().is_some_and(|m| m.starts_with("ok")), "{ack}");
     let again = s.post("/mq/ack", &q).await;
     assert_eq!(again["status"], 200);
     assert!(
@@ -113,20 +106,11 @@ async fn unlock_redelivers_at_once() {
     let u = s
         .get(
             "/mq/unlock",
-            &[
-                ("topic", TOPIC),
-                ("consumer", "c"),
-                ("requestId", &rid(&first)),
-            ],
+            &[("topic", TOPIC), ("consumer", "c"), ("requestId", &rid(&first))],
         )
         .await;
     assert_eq!(u["status"], 200);
-    assert!(
-        u["message"]
-            .as_str()
-            .is_some_and(|m| m.ends_with("unlock:true")),
-        "{u}"
-    );
+    assert!(u["message"].as_str().is_some_and(|m| m.ends_with("unlock:true")), "{u}");
     let again = s.fetch("c", None).await;
     assert_eq!(bodies_of(&again), ["a"]);
     assert_ne!(rid(&again), rid(&first));
@@ -139,14 +123,10 @@ async fn lock_expiry_redelivers() {
     s.produce("a").await;
     let first = s.fetch("c", None).await;
     let started = std::time::Instant::now();
-    let again = eventually(
-        Duration::from_secs(20),
-        "redelivery after lock expiry",
-        || async {
-            let v = s.fetch("c", None).await;
-            (v["result"]["status"] == "FOUND").then_some(v)
-        },
-    )
+    let again = eventually(Duration::from_secs(20), "redelivery after lock expiry", || async {
+        let v = s.fetch("c", None).await;
+        (v["result"]["status"] == "FOUND").then_some(v)
+    })
     .await;
     assert!(
         started.elapsed() >= Duration::from_secs(9),
@@ -157,33 +137,20 @@ async fn lock_expiry_redelivers() {
     let stale = s
         .get(
             "/mq/ack",
-            &[
-                ("topic", TOPIC),
-                ("consumer", "c"),
-                ("requestId", &rid(&first)),
-            ],
+            &[("topic", TOPIC), ("consumer", "c"), ("requestId", &rid(&first))],
         )
         .await;
     assert!(
-        stale["message"]
-            .as_str()
-            .is_some_and(|m| m.starts_with("ack ignored")),
+        stale["message"].as_str().is_some_and(|m| m.starts_with("ack ignored")),
         "{stale}"
     );
     let ok = s
         .get(
             "/mq/ack",
-            &[
-                ("topic", TOPIC),
-                ("consumer", "c"),
-                ("requestId", &rid(&again)),
-            ],
+            &[("topic", TOPIC), ("consumer", "c"), ("requestId", &rid(&again))],
         )
         .await;
-    assert!(
-        ok["message"].as_str().is_some_and(|m| m.starts_with("ok")),
-        "{ok}"
-    );
+    assert!(ok["message"].as_str().is_some_and(|m| m.starts_with("ok")), "{ok}");
 }
 
 /// A stale ack (queue re-locked since) moves nothing: the re-delivered batch is still owed.
@@ -194,40 +161,26 @@ async fn stale_ack_after_unlock_changes_nothing() {
     let first = s.fetch("c", None).await;
     s.get(
         "/mq/unlock",
-        &[
-            ("topic", TOPIC),
-            ("consumer", "c"),
-            ("requestId", &rid(&first)),
-        ],
+        &[("topic", TOPIC), ("consumer", "c"), ("requestId", &rid(&first))],
     )
     .await;
     let second = s.fetch("c", None).await;
     let stale = s
         .get(
             "/mq/ack",
-            &[
-                ("topic", TOPIC),
-                ("consumer", "c"),
-                ("requestId", &rid(&first)),
-            ],
+            &[("topic", TOPIC), ("consumer", "c"), ("requestId", &rid(&first))],
         )
         .await;
     assert_eq!(stale["status"], 200);
     assert!(
-        stale["message"]
-            .as_str()
-            .is_some_and(|m| m.starts_with("ack ignored")),
+        stale["message"].as_str().is_some_and(|m| m.starts_with("ack ignored")),
         "{stale}"
     );
     // Still locked by the second pull, and not committed: unlocking it brings "a" back.
     assert_eq!(s.fetch("c", None).await["result"]["status"], "NO_NEW_MSG");
     s.get(
         "/mq/unlock",
-        &[
-            ("topic", TOPIC),
-            ("consumer", "c"),
-            ("requestId", &rid(&second)),
-        ],
+        &[("topic", TOPIC), ("consumer", "c"), ("requestId", &rid(&second))],
     )
     .await;
     assert_eq!(bodies_of(&s.fetch("c", None).await), ["a"]);
@@ -246,37 +199,23 @@ async fn forged_request_id() {
     let genuine = rid(&first);
     // The Java proxy's unsigned form, a tampered token, another consumer's token, garbage.
     use base64::Engine as _;
-    let text = String::from_utf8(
-        base64::engine::general_purpose::URL_SAFE
-            .decode(&genuine)
-            .expect("b64"),
-    )
-    .expect("utf8");
+    let text =
+        String::from_utf8(base64::engine::general_purpose::URL_SAFE.decode(&genuine).expect("b64")).expect("utf8");
     let fields: Vec<&str> = text.split(',').collect();
     let tampered = base64::engine::general_purpose::URL_SAFE.encode(format!(
         "{},{},{},{},{},true,{}",
         fields[0], fields[1], fields[2], 999, fields[4], fields[6]
     ));
-    let unsigned = base64::engine::general_purpose::URL_SAFE.encode(format!(
-        "{},{},0,999,{},true",
-        fields[0], fields[1], fields[4]
-    ));
+    let unsigned = base64::engine::general_purpose::URL_SAFE
+        .encode(format!("{},{},0,999,{},true", fields[0], fields[1], fields[4]));
     let other = {
         s.produce("b").await;
         rid(&s.fetch("other", None).await)
     };
-    for bad in [
-        tampered.as_str(),
-        unsigned.as_str(),
-        other.as_str(),
-        "!!not-base64!!",
-    ] {
+    for bad in [tampered.as_str(), unsigned.as_str(), other.as_str(), "!!not-base64!!"] {
         for path in ["/mq/ack", "/mq/unlock"] {
             let v = s
-                .get(
-                    path,
-                    &[("topic", TOPIC), ("consumer", "c"), ("requestId", bad)],
-                )
+                .get(path, &[("topic", TOPIC), ("consumer", "c"), ("requestId", bad)])
                 .await;
             assert_eq!(v["status"], 400, "{path} {bad} -> {v}");
         }
@@ -290,10 +229,7 @@ async fn forged_request_id() {
             &[("topic", TOPIC), ("consumer", "c"), ("requestId", &genuine)],
         )
         .await;
-    assert!(
-        ok["message"].as_str().is_some_and(|m| m.starts_with("ok")),
-        "{ok}"
-    );
+    assert!(ok["message"].as_str().is_some_and(|m| m.starts_with("ok")), "{ok}");
     assert_eq!(s.drain("c", None).await, ["b"]);
 }
 
@@ -314,50 +250,29 @@ async fn broadcast_two_clients_each_get_all() {
         v
     };
     assert_eq!((a, b), (all.clone(), all));
-    let no_client = s
-        .get("/mq/message", &[("topic", TOPIC), ("consumer", BROADCAST)])
-        .await;
+    let no_client = s.get("/mq/message", &[("topic", TOPIC), ("consumer", BROADCAST)]).await;
     assert_eq!(no_client["status"], 400);
     assert!(
-        no_client["message"]
-            .as_str()
-            .is_some_and(|m| m.contains("clientId")),
+        no_client["message"].as_str().is_some_and(|m| m.contains("clientId")),
         "{no_client}"
     );
     let clustering_with_client = s
         .get(
             "/mq/message",
-            &[
-                ("topic", TOPIC),
-                ("consumer", CLUSTERING),
-                ("clientId", "x"),
-            ],
+            &[("topic", TOPIC), ("consumer", CLUSTERING), ("clientId", "x")],
         )
         .await;
     assert_eq!(clustering_with_client["status"], 400);
     let wrong_topic = s
-        .get(
-            "/mq/message",
-            &[("topic", "other-topic"), ("consumer", CLUSTERING)],
-        )
+        .get("/mq/message", &[("topic", "other-topic"), ("consumer", CLUSTERING)])
         .await;
     assert_eq!(wrong_topic["status"], 400);
-    let unknown = s
-        .get("/mq/message", &[("topic", TOPIC), ("consumer", "nobody")])
-        .await;
+    let unknown = s.get("/mq/message", &[("topic", TOPIC), ("consumer", "nobody")]).await;
     assert_eq!(unknown["status"], 400);
-    assert!(
-        unknown["message"]
-            .as_str()
-            .is_some_and(|m| m.contains("nobody"))
-    );
+    assert!(unknown["message"].as_str().is_some_and(|m| m.contains("nobody")));
     let missing = s.get("/mq/message", &[("consumer", CLUSTERING)]).await;
     assert_eq!(missing["status"], 400);
-    assert!(
-        missing["message"]
-            .as_str()
-            .is_some_and(|m| m.contains("topic"))
-    );
+    assert!(missing["message"].as_str().is_some_and(|m| m.contains("topic")));
 }
 
 /// useCookie=true: the requestId travels in cookie `rid` and acknowledges automatically.
@@ -402,10 +317,7 @@ async fn cookie_mode() {
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_owned();
-    assert!(
-        cookie.starts_with("rid=;") && cookie.contains("Max-Age=0"),
-        "{cookie}"
-    );
+    assert!(cookie.starts_with("rid=;") && cookie.contains("Max-Age=0"), "{cookie}");
 }
 
 /// clientIp: the parameter, else X-Forwarded-For, else X-Real-IP, else the socket.
@@ -418,8 +330,7 @@ async fn client_ip_resolution() {
             .map(str::to_owned)
     };
     let q = [("topic", TOPIC), ("consumer", "c")];
-    let get = |headers: Vec<(&'static str, &'static str)>,
-               extra: Option<(&'static str, &'static str)>| {
+    let get = |headers: Vec<(&'static str, &'static str)>, extra: Option<(&'static str, &'static str)>| {
         let mut req = s.client.get(format!("{}/mq/message", s.base)).query(&q);
         if let Some(e) = extra {
             req = req.query(&[e]);
@@ -427,14 +338,7 @@ async fn client_ip_resolution() {
         for (k, v) in headers {
             req = req.header(k, v);
         }
-        async move {
-            req.send()
-                .await
-                .expect("get")
-                .json::<Value>()
-                .await
-                .expect("json")
-        }
+        async move { req.send().await.expect("get").json::<Value>().await.expect("json") }
     };
     assert_eq!(
         ip_of(
@@ -450,10 +354,7 @@ async fn client_ip_resolution() {
     assert_eq!(
         ip_of(
             &get(
-                vec![
-                    ("x-forwarded-for", "1.1.1.1, 2.2.2.2"),
-                    ("x-real-ip", "3.3.3.3")
-                ],
+                vec![("x-forwarded-for", "1.1.1.1, 2.2.2.2"), ("x-real-ip", "3.3.3.3")],
                 None
             )
             .await
@@ -465,10 +366,7 @@ async fn client_ip_resolution() {
         ip_of(&get(vec![("x-real-ip", "3.3.3.3")], None).await).as_deref(),
         Some("3.3.3.3")
     );
-    assert_eq!(
-        ip_of(&get(vec![], None).await).as_deref(),
-        Some("127.0.0.1")
-    );
+    assert_eq!(ip_of(&get(vec![], None).await).as_deref(), Some("127.0.0.1"));
 }
 
 /// Queue choice: the biggest backlog first; every queue locked -> 200 NO_NEW_MSG.
@@ -479,30 +377,19 @@ async fn queue_choice_and_all_locked() {
     for _ in 0..3 {
         s.post(
             "/mq/produce",
-            &[
-                ("producer", PRODUCER),
-                ("message", "q2"),
-                ("orderId", "order-1"),
-            ],
+            &[("producer", PRODUCER), ("message", "q2"), ("orderId", "order-1")],
         )
         .await;
     }
     let first = s.fetch(CLUSTERING, None).await;
-    assert_eq!(
-        first["result"]["queueInfo"]["messageQueue"]["queueId"], 2,
-        "{first}"
-    );
+    assert_eq!(first["result"]["queueInfo"]["messageQueue"]["queueId"], 2, "{first}");
     assert_eq!(first["result"]["msgListSize"], 3);
     // One message in each other queue ("k3", "k0", "k2" hash to queues 0, 1, 3): three more
     // pulls lock them, one each, while queue 2 stays locked by the first pull.
     for order_id in ["k3", "k0", "k2"] {
         s.post(
             "/mq/produce",
-            &[
-                ("producer", PRODUCER),
-                ("message", "x"),
-                ("orderId", order_id),
-            ],
+            &[("producer", PRODUCER), ("message", "x"), ("orderId", order_id)],
         )
         .await;
     }
@@ -527,11 +414,8 @@ async fn concurrent_consumers_see_no_duplicates() {
     for chunk in messages.chunks(50) {
         let batch = serde_json::to_string(chunk).expect("json");
         assert_eq!(
-            s.post(
-                "/mq/produce/batch",
-                &[("producer", PRODUCER), ("messages", &batch)]
-            )
-            .await["status"],
+            s.post("/mq/produce/batch", &[("producer", PRODUCER), ("messages", &batch)])
+                .await["status"],
             200
         );
     }
@@ -566,11 +450,7 @@ async fn queue_choice_round_robins_by_staleness() {
         );
         s.get(
             "/mq/unlock",
-            &[
-                ("topic", TOPIC),
-                ("consumer", CLUSTERING),
-                ("requestId", &rid(&v)),
-            ],
+            &[("topic", TOPIC), ("consumer", CLUSTERING), ("requestId", &rid(&v))],
         )
         .await;
     }

@@ -7,8 +7,7 @@ use serde_json::Value;
 
 fn spec_from_file() -> Value {
     let text =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/openapi/mqproxy.yaml"))
-            .expect("spec file");
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/openapi/mqproxy.yaml")).expect("spec file");
     yaml_serde::from_str(&text).expect("spec parses")
 }
 
@@ -38,13 +37,8 @@ async fn served_document_equals_the_file_and_covers_the_seed() {
     ]
     .map(String::from)
     .to_vec();
-    if let Ok(seed) = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../shared/seed/http-api.en.md"
-    )) {
-        for word in
-            seed.split(|c: char| c.is_whitespace() || c == '`' || c == ',' || c == '(' || c == ')')
-        {
+    if let Ok(seed) = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/seed/http-api.en.md")) {
+        for word in seed.split(|c: char| c.is_whitespace() || c == '`' || c == ',' || c == '(' || c == ')') {
             if word.starts_with("/mq/") {
                 seed_paths.push(word.trim_end_matches(['.', ':']).to_owned());
             }
@@ -101,9 +95,7 @@ async fn swagger_ui_is_served() {
     let page = get("/swagger-ui/").await.expect("page");
     assert_eq!(page.status(), 200);
     assert!(page.text().await.expect("html").contains("swagger-ui"));
-    let bundle = get("/swagger-ui/swagger-ui-bundle.js")
-        .await
-        .expect("bundle");
+    let bundle = get("/swagger-ui/swagger-ui-bundle.js").await.expect("bundle");
     assert_eq!(bundle.status(), 200);
     assert!(bundle.bytes().await.expect("js").len() > 100_000);
     let init = get("/swagger-ui/swagger-initializer.js")

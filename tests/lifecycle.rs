@@ -27,20 +27,12 @@ async fn delay_level_is_invisible_until_due() {
     let v = s
         .post(
             "/mq/produce",
-            &[
-                ("producer", PRODUCER),
-                ("message", "later"),
-                ("delayLevel", "1"),
-            ],
+            &[("producer", PRODUCER), ("message", "later"), ("delayLevel", "1")],
         )
         .await;
     assert_eq!(v["status"], 200, "{v}");
     s.produce("now").await;
-    assert_eq!(
-        s.drain("c", None).await,
-        ["now"],
-        "the delayed one is not there yet"
-    );
+    assert_eq!(s.drain("c", None).await, ["now"], "the delayed one is not there yet");
     let got = eventually(Duration::from_secs(10), "the delayed message", || async {
         let v = s.drain("c", None).await;
         (!v.is_empty()).then_some(v)
@@ -99,11 +91,7 @@ async fn restart_keeps_messages_schedule_and_offsets() {
     let at = (now_ms() + 2_000).to_string();
     s.post(
         "/mq/produce",
-        &[
-            ("producer", PRODUCER),
-            ("message", "timer"),
-            ("deliveryTimestamp", &at),
-        ],
+        &[("producer", PRODUCER), ("message", "timer"), ("deliveryTimestamp", &at)],
     )
     .await;
     let first = s.fetch("c", None).await;
@@ -111,17 +99,10 @@ async fn restart_keeps_messages_schedule_and_offsets() {
     let ack = s
         .get(
             "/mq/ack",
-            &[
-                ("topic", TOPIC),
-                ("consumer", "c"),
-                ("requestId", &rid(&first)),
-            ],
+            &[("topic", TOPIC), ("consumer", "c"), ("requestId", &rid(&first))],
         )
         .await;
-    assert!(
-        ack["message"].as_str().is_some_and(|m| m.starts_with("ok")),
-        "{ack}"
-    );
+    assert!(ack["message"].as_str().is_some_and(|m| m.starts_with("ok")), "{ack}");
     let s = s.restart().await;
     let second = s.fetch("c", None).await;
     assert_eq!(bodies_of(&second), ["c", "d"], "the committed offset held");
@@ -131,28 +112,18 @@ async fn restart_keeps_messages_schedule_and_offsets() {
     let u = s
         .get(
             "/mq/unlock",
-            &[
-                ("topic", TOPIC),
-                ("consumer", "c"),
-                ("requestId", &rid(&second)),
-            ],
+            &[("topic", TOPIC), ("consumer", "c"), ("requestId", &rid(&second))],
         )
         .await;
     assert!(
-        u["message"]
-            .as_str()
-            .is_some_and(|m| m.ends_with("unlock:true")),
+        u["message"].as_str().is_some_and(|m| m.ends_with("unlock:true")),
         "requestIds survive restarts: {u}"
     );
     assert_eq!(s.drain("c", None).await, ["c", "d"]);
-    let got = eventually(
-        Duration::from_secs(10),
-        "the timer message after restart",
-        || async {
-            let v = s.drain("c", None).await;
-            v.contains(&"timer".to_owned()).then_some(v)
-        },
-    )
+    let got = eventually(Duration::from_secs(10), "the timer message after restart", || async {
+        let v = s.drain("c", None).await;
+        v.contains(&"timer".to_owned()).then_some(v)
+    })
     .await;
     assert!(got.contains(&"timer".to_owned()));
 }
@@ -173,35 +144,27 @@ async fn retention_and_offset_illegal_reset() {
     assert_eq!(bodies_of(&first), ["a"]);
     s.get(
         "/mq/ack",
-        &[
-            ("topic", TOPIC),
-            ("consumer", "c"),
-            ("requestId", &rid(&first)),
-        ],
+        &[("topic", TOPIC), ("consumer", "c"), ("requestId", &rid(&first))],
     )
     .await;
     // Wait until retention removed b and c (the queue's smallest offset moved past them).
-    let illegal = eventually(
-        Duration::from_secs(10),
-        "retention to delete old messages",
-        || async {
-            s.produce("fresh").await;
-            let v = s.fetch("c", None).await;
-            match v["result"]["status"].as_str() {
-                Some("OFFSET_ILLEGAL") => Some(v),
-                Some("FOUND") => {
-                    // Still old messages: give the batch back and look again.
-                    s.get(
-                        "/mq/unlock",
-                        &[("topic", TOPIC), ("consumer", "c"), ("requestId", &rid(&v))],
-                    )
-                    .await;
-                    None
-                }
-                _ => None,
+    let illegal = eventually(Duration::from_secs(10), "retention to delete old messages", || async {
+        s.produce("fresh").await;
+        let v = s.fetch("c", None).await;
+        match v["result"]["status"].as_str() {
+            Some("OFFSET_ILLEGAL") => Some(v),
+            Some("FOUND") => {
+                // Still old messages: give the batch back and look again.
+                s.get(
+                    "/mq/unlock",
+                    &[("topic", TOPIC), ("consumer", "c"), ("requestId", &rid(&v))],
+                )
+                .await;
+                None
             }
-        },
-    )
+            _ => None,
+        }
+    })
     .await;
     // The OFFSET_ILLEGAL answer carries a requestId whose ack moves the offset to the smallest.
     let next = s.fetch("c", Some(&rid(&illegal))).await;
@@ -228,10 +191,7 @@ async fn pause_and_rate_limit() {
     let s = TestServer::with_toml(&one_queue("")).await;
     s.produce("a").await;
     let v = s
-        .post(
-            "/admin/consumer/config",
-            &[("consumer", "c"), ("pause", "true")],
-        )
+        .post("/admin/consumer/config", &[("consumer", "c"), ("pause", "true")])
         .await;
     assert_eq!(v["result"]["paused"], true, "{v}");
     let paused = s.fetch("c", None).await;
@@ -257,21 +217,14 @@ async fn pause_and_rate_limit() {
                 .to_owned(),
         );
     }
-    assert!(
-        statuses.contains(&"RATE_LIMITED".to_owned()),
-        "{statuses:?}"
-    );
+    assert!(statuses.contains(&"RATE_LIMITED".to_owned()), "{statuses:?}");
     assert_eq!(statuses[0], "FOUND");
     let bad = s
-        .post(
-            "/admin/consumer/config",
-            &[("consumer", "c"), ("limitRate", "0")],
-        )
+        .post("/admin/consumer/config", &[("consumer", "c"), ("limitRate", "0")])
         .await;
     assert_eq!(bad["status"], 400);
     assert_eq!(
-        s.get("/admin/consumer/config", &[("consumer", "nobody")])
-            .await["status"],
+        s.get("/admin/consumer/config", &[("consumer", "nobody")]).await["status"],
         400
     );
 }
@@ -287,10 +240,7 @@ async fn retry_messages_are_durable_and_acknowledged() {
         .to_owned();
     assert_eq!(s.drain("c", None).await, ["original"]);
     let v = s
-        .post(
-            "/admin/consumer/config",
-            &[("consumer", "c"), ("retryMsgId", &id)],
-        )
+        .post("/admin/consumer/config", &[("consumer", "c"), ("retryMsgId", &id)])
         .await;
     assert_eq!(v["result"]["retryQueued"], 1, "{v}");
     let s = s.restart().await;
@@ -301,11 +251,7 @@ async fn retry_messages_are_durable_and_acknowledged() {
     // Not acknowledged: unlock, it comes again.
     s.get(
         "/mq/unlock",
-        &[
-            ("topic", TOPIC),
-            ("consumer", "c"),
-            ("requestId", &rid(&first)),
-        ],
+        &[("topic", TOPIC), ("consumer", "c"), ("requestId", &rid(&first))],
     )
     .await;
     let second = s.fetch("c", None).await;
@@ -316,10 +262,7 @@ async fn retry_messages_are_durable_and_acknowledged() {
     let bad = s
         .post(
             "/admin/consumer/config",
-            &[
-                ("consumer", "c"),
-                ("retryMsgId", "00000000000000000000000000000000"),
-            ],
+            &[("consumer", "c"), ("retryMsgId", "00000000000000000000000000000000")],
         )
         .await;
     assert_eq!(bad["status"], 400);

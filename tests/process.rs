@@ -46,10 +46,7 @@ fn signal(child: &Child, sig: i32) {
 
 #[test]
 fn help_explains_each_option() {
-    let out = Command::new(BIN)
-        .args(["serve", "--help"])
-        .output()
-        .expect("run");
+    let out = Command::new(BIN).args(["serve", "--help"]).output().expect("run");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success());
     for opt in ["--config", "--listen", "--data-dir"] {
@@ -73,10 +70,7 @@ fn config_errors_exit_non_zero_naming_file_key_and_reason() {
             "consumer[0].consume_timeout_ms",
         ),
         ("listen = \"127.0.0.1:0\"\nqueuez = 3\n", "queuez"),
-        (
-            "[[producer]]\nname = \"p\"\ntopic = \"missing\"\n",
-            "producer[0].topic",
-        ),
+        ("[[producer]]\nname = \"p\"\ntopic = \"missing\"\n", "producer[0].topic"),
     ];
     for (i, (toml, key)) in cases.iter().enumerate() {
         let path = dir.path().join(format!("bad{i}.toml"));
@@ -91,10 +85,7 @@ fn config_errors_exit_non_zero_naming_file_key_and_reason() {
             .expect("run");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{toml} must fail");
-        assert!(
-            err.contains(&path.display().to_string()),
-            "file named: {err}"
-        );
+        assert!(err.contains(&path.display().to_string()), "file named: {err}");
         assert!(err.contains(key), "key {key} named: {err}");
     }
     let out = Command::new(BIN)
@@ -140,10 +131,7 @@ fn sigterm_shuts_down_gracefully() {
     });
     assert_eq!(bodies_of(&got), ["kept"]);
     signal(&p.child, libc::SIGINT);
-    assert!(
-        p.child.wait().expect("wait").success(),
-        "exit 0 after SIGINT"
-    );
+    assert!(p.child.wait().expect("wait").success(), "exit 0 after SIGINT");
 }
 
 /// kill -9 while 8 writers produce: after restart every message answered 200 is there.
@@ -187,11 +175,7 @@ fn kill_9_loses_no_acknowledged_message() {
         eventually(Duration::from_secs(10), "some messages written", || async {
             let v: Value = probe
                 .get(format!("{base}/mq/message"))
-                .query(&[
-                    ("topic", TOPIC),
-                    ("consumer", BROADCAST),
-                    ("clientId", "probe"),
-                ])
+                .query(&[("topic", TOPIC), ("consumer", BROADCAST), ("clientId", "probe")])
                 .send()
                 .await
                 .ok()?
@@ -211,11 +195,7 @@ fn kill_9_loses_no_acknowledged_message() {
         }
         all
     });
-    assert!(
-        acknowledged.len() > 50,
-        "writers made progress: {}",
-        acknowledged.len()
-    );
+    assert!(acknowledged.len() > 50, "writers made progress: {}", acknowledged.len());
     let mut p = spawn(dir.path(), &[]);
     let found: std::collections::HashSet<String> = rt.block_on(async {
         let client = reqwest::Client::new();
@@ -251,10 +231,7 @@ fn kill_9_loses_no_acknowledged_message() {
         }
         found
     });
-    let lost: Vec<&String> = acknowledged
-        .iter()
-        .filter(|b| !found.contains(*b))
-        .collect();
+    let lost: Vec<&String> = acknowledged.iter().filter(|b| !found.contains(*b)).collect();
     assert!(
         lost.is_empty(),
         "{} of {} acknowledged messages lost, e.g. {:?}",

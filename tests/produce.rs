@@ -16,11 +16,7 @@ async fn produce_answers_the_documented_shape() {
     let v = s
         .post(
             "/mq/produce",
-            &[
-                ("producer", PRODUCER),
-                ("message", "{\"id\":1}"),
-                ("keys", "k1 k2"),
-            ],
+            &[("producer", PRODUCER), ("message", "{\"id\":1}"), ("keys", "k1 k2")],
         )
         .await;
     assert_eq!(v["status"], 200, "{v}");
@@ -38,12 +34,7 @@ async fn produce_answers_the_documented_shape() {
     assert!(r["queueOffset"].is_i64());
     assert_eq!(r["regionId"], "DefaultRegion");
     assert_eq!(r["traceOn"], true);
-    let keys: Vec<&str> = r
-        .as_object()
-        .expect("object")
-        .keys()
-        .map(String::as_str)
-        .collect();
+    let keys: Vec<&str> = r.as_object().expect("object").keys().map(String::as_str).collect();
     assert_eq!(keys.len(), 7, "exactly the seed's fields: {keys:?}");
     // The message is consumable with its id.
     let got = s.fetch(CLUSTERING, None).await;
@@ -75,10 +66,7 @@ async fn produce_takes_query_parameters_and_assigns_offsets() {
         .await
         .expect("json");
     assert_eq!(
-        (
-            a["result"]["queueOffset"].as_i64(),
-            b["result"]["queueOffset"].as_i64()
-        ),
+        (a["result"]["queueOffset"].as_i64(), b["result"]["queueOffset"].as_i64()),
         (Some(0), Some(1))
     );
     assert_ne!(a["result"]["msgId"], b["result"]["msgId"]);
@@ -93,19 +81,12 @@ async fn order_id_picks_the_java_hash_queue() {
         let v = s
             .post(
                 "/mq/produce",
-                &[
-                    ("producer", PRODUCER),
-                    ("message", "m"),
-                    ("orderId", "order-1"),
-                ],
+                &[("producer", PRODUCER), ("message", "m"), ("orderId", "order-1")],
             )
             .await;
         assert_eq!(v["result"]["messageQueue"]["queueId"], 2, "{v}");
     }
-    let s3 = TestServer::with_toml(
-        "[[topic]]\nname=\"t3\"\nqueues=3\n[[producer]]\nname=\"p3\"\ntopic=\"t3\"\n",
-    )
-    .await;
+    let s3 = TestServer::with_toml("[[topic]]\nname=\"t3\"\nqueues=3\n[[producer]]\nname=\"p3\"\ntopic=\"t3\"\n").await;
     let v = s3
         .post(
             "/mq/produce",
@@ -123,35 +104,19 @@ async fn bad_parameters_are_400_naming_the_parameter() {
         (vec![("message", "m")], "producer"),
         (vec![("producer", PRODUCER)], "message"),
         (
-            vec![
-                ("producer", PRODUCER),
-                ("message", "m"),
-                ("delayLevel", "abc"),
-            ],
+            vec![("producer", PRODUCER), ("message", "m"), ("delayLevel", "abc")],
             "delayLevel",
         ),
         (
-            vec![
-                ("producer", PRODUCER),
-                ("message", "m"),
-                ("delayLevel", "0"),
-            ],
+            vec![("producer", PRODUCER), ("message", "m"), ("delayLevel", "0")],
             "delayLevel",
         ),
         (
-            vec![
-                ("producer", PRODUCER),
-                ("message", "m"),
-                ("delayLevel", "19"),
-            ],
+            vec![("producer", PRODUCER), ("message", "m"), ("delayLevel", "19")],
             "delayLevel",
         ),
         (
-            vec![
-                ("producer", PRODUCER),
-                ("message", "m"),
-                ("deliveryTimestamp", "soon"),
-            ],
+            vec![("producer", PRODUCER), ("message", "m"), ("deliveryTimestamp", "soon")],
             "deliveryTimestamp",
         ),
         (vec![("producer", "nobody"), ("message", "m")], "nobody"),
@@ -178,9 +143,7 @@ async fn bad_parameters_are_400_naming_the_parameter() {
         .await;
     assert_eq!(v["status"], 400, "{v}");
     assert!(
-        v["message"]
-            .as_str()
-            .is_some_and(|m| m.contains("deliveryTimestamp")),
+        v["message"].as_str().is_some_and(|m| m.contains("deliveryTimestamp")),
         "{v}"
     );
 }
@@ -210,20 +173,12 @@ async fn batch_all_ok_and_element_encoding() {
     let s = TestServer::start().await;
     let messages = r#"[{"id": "123", "title": "video"}, "only text", 42, [1, 2]]"#;
     let v = s
-        .post(
-            "/mq/produce/batch",
-            &[("producer", PRODUCER), ("messages", messages)],
-        )
+        .post("/mq/produce/batch", &[("producer", PRODUCER), ("messages", messages)])
         .await;
     assert_eq!(v, serde_json::json!({"status": 200}));
     let mut bodies = s.drain(CLUSTERING, None).await;
     bodies.sort();
-    let mut expected = vec![
-        r#"{"id":"123","title":"video"}"#,
-        "only text",
-        "42",
-        "[1,2]",
-    ];
+    let mut expected = vec![r#"{"id":"123","title":"video"}"#, "only text", "42", "[1,2]"];
     expected.sort_unstable();
     assert_eq!(bodies, expected);
 }
@@ -235,10 +190,7 @@ async fn batch_partial_failure_reports_each_element() {
     let big = "z".repeat(4 * 1024 * 1024 + 1);
     let messages = serde_json::to_string(&serde_json::json!([big, "fine"])).expect("json");
     let v = s
-        .post(
-            "/mq/produce/batch",
-            &[("producer", PRODUCER), ("messages", &messages)],
-        )
+        .post("/mq/produce/batch", &[("producer", PRODUCER), ("messages", &messages)])
         .await;
     assert_eq!(
         v,
@@ -257,10 +209,7 @@ async fn batch_request_errors_have_no_result() {
     let s = TestServer::start().await;
     for form in [
         vec![("producer", "nobody"), ("messages", "[\"a\"]")],
-        vec![
-            ("producer", PRODUCER),
-            ("messages", "{\"not\":\"an array\"}"),
-        ],
+        vec![("producer", PRODUCER), ("messages", "{\"not\":\"an array\"}")],
         vec![("producer", PRODUCER), ("messages", "not json")],
         vec![("producer", PRODUCER)],
     ] {
@@ -353,12 +302,6 @@ async fn cors_is_open_by_default() {
 #[tokio::test]
 async fn health_endpoints() {
     let s = TestServer::start().await;
-    assert_eq!(
-        s.get("/healthz", &[]).await,
-        serde_json::json!({"status": 200})
-    );
-    assert_eq!(
-        s.get("/readyz", &[]).await,
-        serde_json::json!({"status": 200})
-    );
+    assert_eq!(s.get("/healthz", &[]).await, serde_json::json!({"status": 200}));
+    assert_eq!(s.get("/readyz", &[]).await, serde_json::json!({"status": 200}));
 }

@@ -10,8 +10,7 @@ use super::rate_limit::TokenBucket;
 use super::request_id::{self, BatchToken};
 use super::{ConsumeMode, ConsumerSpec, Engine, EngineError, now_ms};
 use crate::store::{
-    ConsumerOp, ConsumerSettings, ConsumerSnapshot, ContextKey, MessageLocation, QueueState,
-    RetryEntry, StoredMessage,
+    ConsumerOp, ConsumerSettings, ConsumerSnapshot, ContextKey, MessageLocation, QueueState, RetryEntry, StoredMessage,
 };
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -224,23 +223,13 @@ impl Engine {
                 spec.name, spec.topic, target.topic
             )));
         }
-        let client_id = target
-            .client_id
-            .as_deref()
-            .map(str::trim)
-            .filter(|c| !c.is_empty());
+        let client_id = target.client_id.as_deref().map(str::trim).filter(|c| !c.is_empty());
         let client_id = match (spec.mode, client_id) {
             (ConsumeMode::Broadcast, None) => {
-                return Err(EngineError::invalid(format!(
-                    "consumer:{} clientId is null",
-                    spec.name
-                )));
+                return Err(EngineError::invalid(format!("consumer:{} clientId is null", spec.name)));
             }
             (ConsumeMode::Clustering, Some(_)) => {
-                return Err(EngineError::invalid(format!(
-                    "consumer:{} no need clientId",
-                    spec.name
-                )));
+                return Err(EngineError::invalid(format!("consumer:{} no need clientId", spec.name)));
             }
             (_, c) => c.map(str::to_owned),
         };
@@ -269,19 +258,11 @@ impl Engine {
             })
     }
 
-    fn decode_token(
-        &self,
-        request_id: &str,
-        key: &ContextKey,
-        queues: u32,
-    ) -> Result<BatchToken, EngineError> {
+    fn decode_token(&self, request_id: &str, key: &ContextKey, queues: u32) -> Result<BatchToken, EngineError> {
         let token = request_id::decode(request_id, &self.inner.messages.identity().secret, key)
             .map_err(|e| EngineError::invalid(e.to_string()))?;
         if token.broker_name != self.inner.config.broker_name || token.queue_id >= queues {
-            return Err(EngineError::invalid(format!(
-                "ack illegal {}",
-                token.info()
-            )));
+            return Err(EngineError::invalid(format!("ack illegal {}", token.info())));
         }
         Ok(token)
     }
@@ -292,17 +273,8 @@ impl Engine {
     /// Unknown consumer, topic mismatch, clientId rules, or a store failure.
     pub async fn fetch(&self, req: FetchRequest) -> Result<FetchOutcome, EngineError> {
         let (spec, key) = self.resolve(&req.target)?;
-        let ack = match req
-            .request_id
-            .as_deref()
-            .map(str::trim)
-            .filter(|r| !r.is_empty())
-        {
-            Some(rid) => Some(
-                self.ack_in_context(spec, &key, rid)
-                    .await
-                    .map_err(|e| e.to_string()),
-            ),
+        let ack = match req.request_id.as_deref().map(str::trim).filter(|r| !r.is_empty()) {
+            Some(rid) => Some(self.ack_in_context(spec, &key, rid).await.map_err(|e| e.to_string())),
             None => None,
         };
         let mut outcome = FetchOutcome {
@@ -500,31 +472,14 @@ impl Engine {
         let messages = self
             .inner
             .messages
-            .read(
-                &spec.topic,
-                chosen.queue,
-                chosen.start,
-                spec.max_pull_size as usize,
-            )
+            .read(&spec.topic, chosen.queue, chosen.start, spec.max_pull_size as usize)
             .await?;
         let mut retry_messages = Vec::new();
         let mut missing = Vec::new();
         for entry in &chosen.retries {
-            let MessageLocation {
-                topic,
-                queue,
-                offset,
-            } = &entry.location;
-            match self
-                .inner
-                .messages
-                .read(topic, *queue, *offset, 1)
-                .await?
-                .pop()
-            {
-                Some(m) if m.offset == *offset && m.msg_id == entry.msg_id => {
-                    retry_messages.push(to_delivered(m))
-                }
+            let MessageLocation { topic, queue, offset } = &entry.location;
+            match self.inner.messages.read(topic, *queue, *offset, 1).await?.pop() {
+                Some(m) if m.offset == *offset && m.msg_id == entry.msg_id => retry_messages.push(to_delivered(m)),
                 _ => missing.push(entry.seq),
             }
         }
@@ -532,13 +487,7 @@ impl Engine {
     }
 
     /// Unlocks a queue chosen for a pull that delivers nothing.
-    fn release(
-        &self,
-        key: &ContextKey,
-        ctx: &Mutex<ContextState>,
-        chosen: &Chosen,
-        missing_retries: &[u64],
-    ) {
+    fn release(&self, key: &ContextKey, ctx: &Mutex<ContextState>, chosen: &Chosen, missing_retries: &[u64]) {
         let mut st = lock(ctx);
         let mut ops = drop_retries(&mut st, key, missing_retries);
         if let Some(qs) = st.queues.get_mut(chosen.queue as usize)
@@ -559,11 +508,7 @@ impl Engine {
     ///
     /// # Errors
     /// Unknown consumer, bad target, a malformed or forged requestId, or a store failure.
-    pub async fn ack(
-        &self,
-        target: &ConsumeTarget,
-        request_id: &str,
-    ) -> Result<AckOutcome, EngineError> {
+    pub async fn ack(&self, target: &ConsumeTarget, request_id: &str) -> Result<AckOutcome, EngineError> {
         let (spec, key) = self.resolve(target)?;
         self.ack_in_context(spec, &key, request_id.trim()).await
     }
@@ -592,9 +537,7 @@ impl Engine {
                 },
                 Some(t) if t != token.lock_time => AckOutcome {
                     committed: false,
-                    message: format!(
-                        "ack ignored: the queue was locked again since (lockTime {t}) {info}"
-                    ),
+                    message: format!("ack ignored: the queue was locked again since (lockTime {t}) {info}"),
                 },
                 Some(t) => {
                     let expired = now.saturating_sub(t) > spec.consume_timeout_ms;
@@ -603,9 +546,7 @@ impl Engine {
                         None => (true, "ok"),
                         Some(_) if token.force_ack => (true, "ok"),
                         Some(c) if token.offset == c && token.next_offset > c => (true, "ok"),
-                        Some(c) if token.offset == c || token.next_offset == c => {
-                            (false, "offset has committed")
-                        }
+                        Some(c) if token.offset == c || token.next_offset == c => (false, "offset has committed"),
                         Some(_) => (false, "offset changed since the batch was handed out"),
                     };
                     if committed {
@@ -645,11 +586,7 @@ impl Engine {
     ///
     /// # Errors
     /// Unknown consumer, bad target, a malformed or forged requestId, or a store failure.
-    pub async fn unlock(
-        &self,
-        target: &ConsumeTarget,
-        request_id: &str,
-    ) -> Result<UnlockOutcome, EngineError> {
+    pub async fn unlock(&self, target: &ConsumeTarget, request_id: &str) -> Result<UnlockOutcome, EngineError> {
         let (spec, key) = self.resolve(target)?;
         let token = self.decode_token(request_id.trim(), &key, self.queue_count(&spec.topic))?;
         let ctx = self.inner.state.context(&key);
@@ -690,16 +627,11 @@ impl Engine {
         let spec = self.consumer_spec(consumer)?.clone();
         let mut retry_queued = 0;
         if let Some(retry) = change.retry_msg_id.as_deref() {
-            retry_queued = self
-                .queue_retry(&spec, retry, change.client_id.as_deref())
-                .await?;
+            retry_queued = self.queue_retry(&spec, retry, change.client_id.as_deref()).await?;
         }
         let settings = {
             let mut all = lock(&self.inner.state.settings);
-            let mut settings = all
-                .get(consumer)
-                .cloned()
-                .unwrap_or_else(|| self.settings_of_default());
+            let mut settings = all.get(consumer).cloned().unwrap_or_else(|| self.settings_of_default());
             if let Some(p) = change.paused {
                 settings.paused = p;
             }
@@ -715,12 +647,10 @@ impl Engine {
                 || change.rate_limit_enabled.is_some()
                 || change.limit_rate.is_some())
             .then(|| {
-                self.inner
-                    .consumer_store
-                    .save(vec![ConsumerOp::PutSettings {
-                        consumer: consumer.to_owned(),
-                        settings: settings.clone(),
-                    }])
+                self.inner.consumer_store.save(vec![ConsumerOp::PutSettings {
+                    consumer: consumer.to_owned(),
+                    settings: settings.clone(),
+                }])
             });
             (settings, pending)
         };
@@ -752,9 +682,8 @@ impl Engine {
         msg_id: &str,
         client_id: Option<&str>,
     ) -> Result<u32, EngineError> {
-        let id = super::ids::parse_hex_id(msg_id).ok_or_else(|| {
-            EngineError::invalid(format!("retryMsgId {msg_id:?} is not a 32-hex-digit msgId"))
-        })?;
+        let id = super::ids::parse_hex_id(msg_id)
+            .ok_or_else(|| EngineError::invalid(format!("retryMsgId {msg_id:?} is not a 32-hex-digit msgId")))?;
         let location = self.inner.messages.locate(id).await?.ok_or_else(|| {
             EngineError::invalid(format!(
                 "message {msg_id} not found (never stored, not yet due, or expired)"
@@ -766,10 +695,7 @@ impl Engine {
                 spec.topic
             )));
         }
-        let keys: Vec<ContextKey> = match (
-            spec.mode,
-            client_id.map(str::trim).filter(|c| !c.is_empty()),
-        ) {
+        let keys: Vec<ContextKey> = match (spec.mode, client_id.map(str::trim).filter(|c| !c.is_empty())) {
             (ConsumeMode::Clustering, _) => {
                 vec![ContextKey {
                     topic: spec.topic.clone(),
@@ -826,12 +752,7 @@ fn drop_retries(st: &mut ContextState, key: &ContextKey, seqs: &[u64]) -> Vec<Co
 }
 
 /// Retry messages delivered with the batch of (queue, lock) become deliverable again.
-fn free_retries(
-    st: &mut ContextState,
-    key: &ContextKey,
-    queue: u32,
-    lock_time: u64,
-) -> Vec<ConsumerOp> {
+fn free_retries(st: &mut ContextState, key: &ContextKey, queue: u32, lock_time: u64) -> Vec<ConsumerOp> {
     st.retries
         .values_mut()
         .filter(|e| e.in_flight == Some((queue, lock_time)))

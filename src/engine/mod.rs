@@ -12,8 +12,8 @@ mod rate_limit;
 pub mod request_id;
 
 pub use consume::{
-    AckOutcome, ConsumeTarget, ConsumerView, Delivered, FetchOutcome, FetchRequest, FetchStatus,
-    SettingsChange, UnlockOutcome,
+    AckOutcome, ConsumeTarget, ConsumerView, Delivered, FetchOutcome, FetchRequest, FetchStatus, SettingsChange,
+    UnlockOutcome,
 };
 pub use error::{EngineError, ErrorKind};
 
@@ -157,25 +157,14 @@ impl Engine {
         consumer_store: Arc<dyn ConsumerStore>,
     ) -> Result<Self, EngineError> {
         let snapshot = consumer_store.load()?;
-        let topics: HashMap<_, _> = config
-            .topics
-            .iter()
-            .map(|t| (t.name.clone(), t.clone()))
-            .collect();
+        let topics: HashMap<_, _> = config.topics.iter().map(|t| (t.name.clone(), t.clone())).collect();
         let producers = config
             .producers
             .iter()
             .map(|p| (p.name.clone(), p.topic.clone()))
             .collect();
-        let consumers = config
-            .consumers
-            .iter()
-            .map(|c| (c.name.clone(), c.clone()))
-            .collect();
-        let round_robin = topics
-            .keys()
-            .map(|t| (t.clone(), AtomicU32::new(0)))
-            .collect();
+        let consumers = config.consumers.iter().map(|c| (c.name.clone(), c.clone())).collect();
+        let round_robin = topics.keys().map(|t| (t.clone(), AtomicU32::new(0))).collect();
         let ids = MsgIdGenerator::new(messages.identity());
         Ok(Self {
             inner: Arc::new(Inner {
@@ -211,9 +200,10 @@ impl Engine {
             .producers
             .get(producer)
             .ok_or_else(|| EngineError::UnknownProducer(producer.to_owned()))?;
-        self.inner.topics.get(topic).ok_or_else(|| {
-            EngineError::invalid(format!("producer:{producer} has unknown topic {topic}"))
-        })
+        self.inner
+            .topics
+            .get(topic)
+            .ok_or_else(|| EngineError::invalid(format!("producer:{producer} has unknown topic {topic}")))
     }
 
     fn check_body(body: &[u8]) -> Result<(), EngineError> {
@@ -244,19 +234,12 @@ impl Engine {
                     .ok()
                     .and_then(|l| l.checked_sub(1))
                     .and_then(|i| ids::DELAY_LEVELS_MS.get(i))
-                    .ok_or_else(|| {
-                        EngineError::invalid(format!(
-                            "delayLevel must be between 1 and 18, got {level}"
-                        ))
-                    })?;
+                    .ok_or_else(|| EngineError::invalid(format!("delayLevel must be between 1 and 18, got {level}")))?;
                 Ok(Some(now + delay))
             }
             (None, Some(ts)) => {
-                let ts = u64::try_from(ts).map_err(|_| {
-                    EngineError::invalid(format!(
-                        "deliveryTimestamp must not be negative, got {ts}"
-                    ))
-                })?;
+                let ts = u64::try_from(ts)
+                    .map_err(|_| EngineError::invalid(format!("deliveryTimestamp must not be negative, got {ts}")))?;
                 let limit = now + self.inner.config.max_delivery_delay_ms;
                 if ts > limit {
                     return Err(EngineError::invalid(format!(
@@ -319,11 +302,7 @@ impl Engine {
         Self::check_body(&req.body)?;
         let now = now_ms();
         let deliver_at = self.deliver_at(req.delay_level, req.delivery_timestamp_ms, now)?;
-        let order_id = req
-            .order_id
-            .as_deref()
-            .map(str::trim)
-            .filter(|o| !o.is_empty());
+        let order_id = req.order_id.as_deref().map(str::trim).filter(|o| !o.is_empty());
         let queue = match order_id {
             Some(order_id) => ids::order_queue(order_id, topic.queues),
             None => self.round_robin_queue(topic),
@@ -360,8 +339,7 @@ impl Engine {
         }
         let now = now_ms();
         let queue = self.round_robin_queue(topic);
-        let mut results: Vec<Option<Result<SendReceipt, EngineError>>> =
-            Vec::with_capacity(bodies.len());
+        let mut results: Vec<Option<Result<SendReceipt, EngineError>>> = Vec::with_capacity(bodies.len());
         let mut records = Vec::new();
         let mut record_of = Vec::new();
         for (i, body) in bodies.into_iter().enumerate() {
@@ -381,12 +359,7 @@ impl Engine {
         }
         if !records.is_empty() {
             let ids: Vec<[u8; 16]> = records.iter().map(|r| r.msg_id).collect();
-            match self
-                .inner
-                .messages
-                .append(&topic.name, queue, None, records)
-                .await
-            {
+            match self.inner.messages.append(&topic.name, queue, None, records).await {
                 Ok(outcome) => {
                     for (j, &i) in record_of.iter().enumerate() {
                         results[i] = Some(self.receipt(topic, queue, &ids[j], &outcome, j));
@@ -395,9 +368,9 @@ impl Engine {
                 Err(e) => {
                     let message = e.to_string();
                     for &i in &record_of {
-                        results[i] = Some(Err(EngineError::Store(
-                            crate::store::StoreError::Database(message.clone()),
-                        )));
+                        results[i] = Some(Err(EngineError::Store(crate::store::StoreError::Database(
+                            message.clone(),
+                        ))));
                     }
                 }
             }

@@ -34,24 +34,14 @@ impl BatchToken {
     pub fn info(&self) -> String {
         format!(
             "{}-{}:{},{},{},{}",
-            self.broker_name,
-            self.queue_id,
-            self.offset,
-            self.next_offset,
-            self.lock_time,
-            self.force_ack
+            self.broker_name, self.queue_id, self.offset, self.next_offset, self.lock_time, self.force_ack
         )
     }
 
     fn fields(&self) -> String {
         format!(
             "{},{},{},{},{},{}",
-            self.broker_name,
-            self.queue_id,
-            self.offset,
-            self.next_offset,
-            self.lock_time,
-            self.force_ack
+            self.broker_name, self.queue_id, self.offset, self.next_offset, self.lock_time, self.force_ack
         )
     }
 }
@@ -68,8 +58,8 @@ pub enum TokenError {
 }
 
 fn tag(secret: &[u8; 32], fields: &str, context: &ContextKey) -> Hmac<Sha256> {
-    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret)
-        .unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
+    let mut mac =
+        <Hmac<Sha256> as Mac>::new_from_slice(secret).unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
     for part in [
         fields,
         "\n",
@@ -90,28 +80,12 @@ pub fn encode(token: &BatchToken, secret: &[u8; 32], context: &ContextKey) -> St
     ENCODER.encode(format!("{fields},{}", hex::encode(&digest[..TAG_LEN])))
 }
 
-pub fn decode(
-    request_id: &str,
-    secret: &[u8; 32],
-    context: &ContextKey,
-) -> Result<BatchToken, TokenError> {
-    let bytes = DECODER
-        .decode(request_id.trim())
-        .map_err(|_| TokenError::Encoding)?;
+pub fn decode(request_id: &str, secret: &[u8; 32], context: &ContextKey) -> Result<BatchToken, TokenError> {
+    let bytes = DECODER.decode(request_id.trim()).map_err(|_| TokenError::Encoding)?;
     let text = String::from_utf8(bytes).map_err(|_| TokenError::Malformed("not UTF-8"))?;
-    let (fields, tag_hex) = text
-        .rsplit_once(',')
-        .ok_or(TokenError::Malformed("too few fields"))?;
+    let (fields, tag_hex) = text.rsplit_once(',').ok_or(TokenError::Malformed("too few fields"))?;
     let parts: Vec<&str> = fields.split(',').collect();
-    let [
-        broker_name,
-        queue_id,
-        offset,
-        next_offset,
-        lock_time,
-        force_ack,
-    ] = parts.as_slice()
-    else {
+    let [broker_name, queue_id, offset, next_offset, lock_time, force_ack] = parts.as_slice() else {
         return Err(TokenError::Malformed("expected 7 fields"));
     };
     let tag_bytes = hex::decode(tag_hex).map_err(|_| TokenError::Malformed("bad tag"))?;
@@ -121,13 +95,10 @@ pub fn decode(
     if tag_bytes.len() != TAG_LEN {
         return Err(TokenError::BadSignature);
     }
-    let num =
-        |s: &str, what: &'static str| s.parse::<u64>().map_err(|_| TokenError::Malformed(what));
+    let num = |s: &str, what: &'static str| s.parse::<u64>().map_err(|_| TokenError::Malformed(what));
     Ok(BatchToken {
         broker_name: (*broker_name).to_owned(),
-        queue_id: queue_id
-            .parse()
-            .map_err(|_| TokenError::Malformed("queueId"))?,
+        queue_id: queue_id.parse().map_err(|_| TokenError::Malformed("queueId"))?,
         offset: num(offset, "offset")?,
         next_offset: num(next_offset, "nextOffset")?,
         lock_time: num(lock_time, "lockTime")?,
@@ -161,37 +132,15 @@ mod tests {
         let id = encode(&token, &secret, &ctx(None));
         assert!(!id.contains('+') && !id.contains('/'));
         assert_eq!(decode(&id, &secret, &ctx(None)), Ok(token.clone()));
-        assert_eq!(
-            decode(id.trim_end_matches('='), &secret, &ctx(None)),
-            Ok(token.clone())
-        );
+        assert_eq!(decode(id.trim_end_matches('='), &secret, &ctx(None)), Ok(token.clone()));
         // Another consumer context, another secret: refused.
-        assert_eq!(
-            decode(&id, &secret, &ctx(Some("c1"))),
-            Err(TokenError::BadSignature)
-        );
-        assert_eq!(
-            decode(&id, &[1u8; 32], &ctx(None)),
-            Err(TokenError::BadSignature)
-        );
+        assert_eq!(decode(&id, &secret, &ctx(Some("c1"))), Err(TokenError::BadSignature));
+        assert_eq!(decode(&id, &[1u8; 32], &ctx(None)), Err(TokenError::BadSignature));
         // The Java proxy's unsigned form (the seed's sample) and edited fields: refused.
-        assert!(
-            decode(
-                "YnJva2VyLWMsNCwyMTU2OSwyMTYwMSwxNjU1ODgyNjM0MDU0",
-                &secret,
-                &ctx(None)
-            )
-            .is_err()
-        );
+        assert!(decode("YnJva2VyLWMsNCwyMTU2OSwyMTYwMSwxNjU1ODgyNjM0MDU0", &secret, &ctx(None)).is_err());
         let text = String::from_utf8(DECODER.decode(&id).expect("b64")).expect("utf8");
         let forged = ENCODER.encode(text.replace(",42,", ",99,"));
-        assert_eq!(
-            decode(&forged, &secret, &ctx(None)),
-            Err(TokenError::BadSignature)
-        );
-        assert_eq!(
-            decode("%%%", &secret, &ctx(None)),
-            Err(TokenError::Encoding)
-        );
+        assert_eq!(decode(&forged, &secret, &ctx(None)), Err(TokenError::BadSignature));
+        assert_eq!(decode("%%%", &secret, &ctx(None)), Err(TokenError::Encoding));
     }
 }

@@ -2,15 +2,13 @@
 //! parameters to engine requests and engine results to the seed's reply shapes.
 
 use super::api::{
-    AckParams, BatchReply, ConfigureConsumerParams, ConsumerConfigParams, ConsumerConfigReply,
-    ConsumerSettings, FetchParams, FetchReply, FetchResult, HealthzParams, Message, MessageQueue,
-    MqApi, ProduceBatchParams, ProduceParams, ProduceReply, QueueInfo, ReadyzParams, SendResult,
-    StatusReply, UnlockParams,
+    AckParams, BatchReply, ConfigureConsumerParams, ConsumerConfigParams, ConsumerConfigReply, ConsumerSettings,
+    FetchParams, FetchReply, FetchResult, HealthzParams, Message, MessageQueue, MqApi, ProduceBatchParams,
+    ProduceParams, ProduceReply, QueueInfo, ReadyzParams, SendResult, StatusReply, UnlockParams,
 };
 use super::support::{Envelope, Reply, RequestContext};
 use crate::engine::{
-    ConsumeTarget, Delivered, Engine, EngineError, ErrorKind, FetchRequest, ProduceRequest,
-    SendReceipt, SettingsChange,
+    ConsumeTarget, Delivered, Engine, EngineError, ErrorKind, FetchRequest, ProduceRequest, SendReceipt, SettingsChange,
 };
 use axum::http::header;
 
@@ -106,11 +104,7 @@ fn target(topic: String, consumer: String, client_id: Option<String>) -> Consume
 }
 
 impl HttpAdapter {
-    async fn configure(
-        &self,
-        consumer: &str,
-        change: SettingsChange,
-    ) -> Reply<ConsumerConfigReply> {
+    async fn configure(&self, consumer: &str, change: SettingsChange) -> Reply<ConsumerConfigReply> {
         match self.engine.configure_consumer(consumer, change).await {
             Ok(v) => Reply::new(ConsumerConfigReply {
                 status: 200,
@@ -152,11 +146,7 @@ impl MqApi for HttpAdapter {
         }
     }
 
-    async fn produce_batch(
-        &self,
-        p: ProduceBatchParams,
-        _ctx: RequestContext,
-    ) -> Reply<BatchReply> {
+    async fn produce_batch(&self, p: ProduceBatchParams, _ctx: RequestContext) -> Reply<BatchReply> {
         let elements = match serde_json::from_str::<serde_json::Value>(&p.messages) {
             Ok(serde_json::Value::Array(items)) => items,
             _ => {
@@ -254,11 +244,7 @@ impl MqApi for HttpAdapter {
             Err(e) => fail(&e),
         };
         if use_cookie && reply.body.status == 200 {
-            let rid = reply
-                .body
-                .result
-                .as_ref()
-                .and_then(|r| r.request_id.clone());
+            let rid = reply.body.result.as_ref().and_then(|r| r.request_id.clone());
             reply.set_cookie = Some(match rid {
                 Some(rid) => format!("{RID_COOKIE}={rid}; Path=/"),
                 None => format!("{RID_COOKIE}=; Path=/; Max-Age=0"),
@@ -269,16 +255,9 @@ impl MqApi for HttpAdapter {
 
     async fn ack(&self, p: AckParams, ctx: RequestContext) -> Reply<StatusReply> {
         let Some(rid) = request_id(p.request_id, p.use_cookie.unwrap_or(false), &ctx) else {
-            return Reply::new(StatusReply::error(
-                400,
-                "parameter requestId: is required".into(),
-            ));
+            return Reply::new(StatusReply::error(400, "parameter requestId: is required".into()));
         };
-        match self
-            .engine
-            .ack(&target(p.topic, p.consumer, p.client_id), &rid)
-            .await
-        {
+        match self.engine.ack(&target(p.topic, p.consumer, p.client_id), &rid).await {
             Ok(o) => Reply::new(StatusReply {
                 status: 200,
                 message: Some(o.message),
@@ -289,10 +268,7 @@ impl MqApi for HttpAdapter {
 
     async fn unlock(&self, p: UnlockParams, ctx: RequestContext) -> Reply<StatusReply> {
         let Some(rid) = request_id(p.request_id, p.use_cookie.unwrap_or(false), &ctx) else {
-            return Reply::new(StatusReply::error(
-                400,
-                "parameter requestId: is required".into(),
-            ));
+            return Reply::new(StatusReply::error(400, "parameter requestId: is required".into()));
         };
         match self
             .engine
@@ -307,19 +283,11 @@ impl MqApi for HttpAdapter {
         }
     }
 
-    async fn consumer_config(
-        &self,
-        p: ConsumerConfigParams,
-        _ctx: RequestContext,
-    ) -> Reply<ConsumerConfigReply> {
+    async fn consumer_config(&self, p: ConsumerConfigParams, _ctx: RequestContext) -> Reply<ConsumerConfigReply> {
         self.configure(&p.consumer, SettingsChange::default()).await
     }
 
-    async fn configure_consumer(
-        &self,
-        p: ConfigureConsumerParams,
-        _ctx: RequestContext,
-    ) -> Reply<ConsumerConfigReply> {
+    async fn configure_consumer(&self, p: ConfigureConsumerParams, _ctx: RequestContext) -> Reply<ConsumerConfigReply> {
         let change = SettingsChange {
             client_id: p.client_id,
             paused: p.pause,

@@ -44,10 +44,7 @@ fn cors(origins: &[String]) -> Option<CorsLayer> {
     Some(if origins.iter().any(|o| o == "*") {
         layer.allow_origin(Any)
     } else {
-        let list: Vec<HeaderValue> = origins
-            .iter()
-            .filter_map(|o| HeaderValue::from_str(o).ok())
-            .collect();
+        let list: Vec<HeaderValue> = origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()).collect();
         layer.allow_origin(AllowOrigin::list(list))
     })
 }
@@ -61,8 +58,8 @@ pub fn router(engine: Engine, settings: &HttpSettings) -> Router {
             max_request_bytes: settings.max_request_bytes,
         }),
     };
-    let swagger = utoipa_swagger_ui::SwaggerUi::new("/swagger-ui")
-        .external_url_unchecked("/openapi.json", openapi_json());
+    let swagger =
+        utoipa_swagger_ui::SwaggerUi::new("/swagger-ui").external_url_unchecked("/openapi.json", openapi_json());
     let app = api::router(state)
         .merge(swagger)
         .layer(tower_http::trace::TraceLayer::new_for_http());

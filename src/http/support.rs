@@ -106,19 +106,11 @@ pub fn parse_bool(name: &'static str, value: &str) -> Result<bool, ParamError> {
     match value.trim().to_ascii_lowercase().as_str() {
         "true" | "1" => Ok(true),
         "false" | "0" => Ok(false),
-        _ => Err(ParamError::new(
-            name,
-            format!("must be true or false, got {value:?}"),
-        )),
+        _ => Err(ParamError::new(name, format!("must be true or false, got {value:?}"))),
     }
 }
 
-pub fn parse_int(
-    name: &'static str,
-    value: &str,
-    min: Option<i64>,
-    max: Option<i64>,
-) -> Result<i64, ParamError> {
+pub fn parse_int(name: &'static str, value: &str, min: Option<i64>, max: Option<i64>) -> Result<i64, ParamError> {
     let n: i64 = value
         .trim()
         .parse()
@@ -136,11 +128,7 @@ pub fn parse_int(
 }
 
 fn is_form(headers: &HeaderMap) -> Option<bool> {
-    let ct = headers
-        .get(header::CONTENT_TYPE)?
-        .to_str()
-        .ok()?
-        .to_ascii_lowercase();
+    let ct = headers.get(header::CONTENT_TYPE)?.to_str().ok()?.to_ascii_lowercase();
     Some(ct.starts_with("application/x-www-form-urlencoded"))
 }
 
@@ -153,29 +141,23 @@ fn is_json(headers: &HeaderMap) -> bool {
 
 /// Parameters from the query string, then from a form body (or a JSON object body, whose
 /// string values are taken as they are and other values as JSON text).
-pub async fn read_request(
-    req: Request,
-    limit: usize,
-) -> Result<(Vec<(String, String)>, RequestContext), RequestError> {
+pub async fn read_request(req: Request, limit: usize) -> Result<(Vec<(String, String)>, RequestContext), RequestError> {
     let (parts, body) = req.into_parts();
     let mut pairs: Vec<(String, String)> = parts
         .uri
         .query()
         .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
         .unwrap_or_default();
-    let bytes = axum::body::to_bytes(body, limit)
-        .await
-        .map_err(|_| RequestError {
-            status: 413,
-            message: format!("request body larger than {limit} bytes (max_request_bytes)"),
-        })?;
+    let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| RequestError {
+        status: 413,
+        message: format!("request body larger than {limit} bytes (max_request_bytes)"),
+    })?;
     if !bytes.is_empty() {
         if is_json(&parts.headers) {
-            let value: serde_json::Value =
-                serde_json::from_slice(&bytes).map_err(|e| RequestError {
-                    status: 400,
-                    message: format!("request body is not valid JSON: {e}"),
-                })?;
+            let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| RequestError {
+                status: 400,
+                message: format!("request body is not valid JSON: {e}"),
+            })?;
             let object = value.as_object().ok_or_else(|| RequestError {
                 status: 400,
                 message: "a JSON request body must be an object".into(),
@@ -192,16 +174,11 @@ pub async fn read_request(
         } else {
             return Err(RequestError {
                 status: 415,
-                message:
-                    "send parameters in the query string or as application/x-www-form-urlencoded"
-                        .into(),
+                message: "send parameters in the query string or as application/x-www-form-urlencoded".into(),
             });
         }
     }
-    let peer = parts
-        .extensions
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0);
+    let peer = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0);
     Ok((
         pairs,
         RequestContext {
@@ -238,14 +215,10 @@ pub fn respond<T: Serialize + Envelope>(settings: &RouterSettings, reply: Reply<
     };
     let mut response = Response::new(Body::from(body));
     *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    if let Some(cookie) = reply
-        .set_cookie
-        .and_then(|c| HeaderValue::from_str(&c).ok())
-    {
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    if let Some(cookie) = reply.set_cookie.and_then(|c| HeaderValue::from_str(&c).ok()) {
         response.headers_mut().insert(header::SET_COOKIE, cookie);
     }
     response

@@ -177,13 +177,7 @@ pub trait MessageStore: Send + Sync + 'static {
     fn queue_range(&self, topic: &str, queue: u32) -> QueueRange;
 
     /// Up to `max` messages of a queue from offset `from` on.
-    async fn read(
-        &self,
-        topic: &str,
-        queue: u32,
-        from: u64,
-        max: usize,
-    ) -> Result<Vec<StoredMessage>, StoreError>;
+    async fn read(&self, topic: &str, queue: u32, from: u64, max: usize) -> Result<Vec<StoredMessage>, StoreError>;
 
     /// Where the message with this msgId sits, if it is in a queue.
     async fn locate(&self, msg_id: [u8; 16]) -> Result<Option<MessageLocation>, StoreError>;

@@ -49,9 +49,7 @@ impl TestServer {
     }
 
     async fn launch(config: Config) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let base = format!("http://{}", listener.local_addr().expect("addr"));
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let run_config = config.clone();
@@ -62,10 +60,7 @@ impl TestServer {
             .await
             .expect("server runs");
         });
-        let client = reqwest::Client::builder()
-            .cookie_store(true)
-            .build()
-            .expect("client");
+        let client = reqwest::Client::builder().cookie_store(true).build().expect("client");
         Self {
             base,
             client,
@@ -119,10 +114,7 @@ impl TestServer {
 
     pub async fn produce(&self, message: &str) -> Value {
         let v = self
-            .post(
-                "/mq/produce",
-                &[("producer", PRODUCER), ("message", message)],
-            )
+            .post("/mq/produce", &[("producer", PRODUCER), ("message", message)])
             .await;
         assert_eq!(v["status"], 200, "{v}");
         v

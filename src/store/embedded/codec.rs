@@ -97,8 +97,7 @@ pub fn decode_scheduled(bytes: &[u8]) -> Result<(String, u32, NewRecord), StoreE
     let topic = bytes
         .get(2..2 + topic_len)
         .ok_or_else(|| corrupt("short schedule topic"))?;
-    let topic =
-        String::from_utf8(topic.to_vec()).map_err(|_| corrupt("schedule topic not UTF-8"))?;
+    let topic = String::from_utf8(topic.to_vec()).map_err(|_| corrupt("schedule topic not UTF-8"))?;
     let queue = bytes
         .get(2 + topic_len..6 + topic_len)
         .and_then(|s| s.try_into().ok())
@@ -141,10 +140,7 @@ mod tests {
         assert_eq!(msg.body, b"hello");
         let sched = encode_scheduled("t", 2, &record);
         let (topic, queue, back) = decode_scheduled(&sched).expect("decode scheduled");
-        assert_eq!(
-            (topic.as_str(), queue, back.body),
-            ("t", 2, b"hello".to_vec())
-        );
+        assert_eq!((topic.as_str(), queue, back.body), ("t", 2, b"hello".to_vec()));
         assert!(decode_message(0, &bytes[..10]).is_err());
     }
 }

@@ -11,8 +11,8 @@ mod codec;
 mod writer;
 
 use super::{
-    AppendOutcome, ConsumerOp, ConsumerSnapshot, ConsumerStore, MessageLocation, MessageStore,
-    NewRecord, PendingWrite, QueueRange, StoreError, StoreIdentity, StoredMessage,
+    AppendOutcome, ConsumerOp, ConsumerSnapshot, ConsumerStore, MessageLocation, MessageStore, NewRecord, PendingWrite,
+    QueueRange, StoreError, StoreIdentity, StoredMessage,
 };
 use async_trait::async_trait;
 use redb::{Database, ReadableDatabase, TableDefinition};
@@ -96,10 +96,7 @@ impl EmbeddedStore {
         let (identity, counters) = writer::init(&db)?;
         let ranges = Arc::new(RwLock::new(load_ranges(&db, &config.topics)?));
         let (tx, rx) = mpsc::channel();
-        let thread = writer::spawn(
-            writer::Writer::new(db.clone(), ranges.clone(), &config, counters)?,
-            rx,
-        )?;
+        let thread = writer::spawn(writer::Writer::new(db.clone(), ranges.clone(), &config, counters)?, rx)?;
         tracing::info!(path = %path.display(), flush = ?config.flush, "embedded store open");
         Ok(Self {
             inner: Arc::new(Inner {
@@ -135,10 +132,7 @@ impl EmbeddedStore {
     }
 }
 
-fn load_ranges(
-    db: &Database,
-    topics: &[(String, u32)],
-) -> Result<HashMap<(String, u32), QueueRange>, StoreError> {
+fn load_ranges(db: &Database, topics: &[(String, u32)]) -> Result<HashMap<(String, u32), QueueRange>, StoreError> {
     let txn = db.begin_read().map_err(db_err)?;
     let mut ranges = HashMap::new();
     let table = match txn.open_table(MESSAGES) {
@@ -195,21 +189,11 @@ impl MessageStore for EmbeddedStore {
         self.inner
             .ranges
             .read()
-            .map(|r| {
-                r.get(&(topic.to_owned(), queue))
-                    .copied()
-                    .unwrap_or_default()
-            })
+            .map(|r| r.get(&(topic.to_owned(), queue)).copied().unwrap_or_default())
             .unwrap_or_default()
     }
 
-    async fn read(
-        &self,
-        topic: &str,
-        queue: u32,
-        from: u64,
-        max: usize,
-    ) -> Result<Vec<StoredMessage>, StoreError> {
+    async fn read(&self, topic: &str, queue: u32, from: u64, max: usize) -> Result<Vec<StoredMessage>, StoreError> {
         let db = self.inner.db.clone();
         let topic = topic.to_owned();
         tokio::task::spawn_blocking(move || {

@@ -2,12 +2,11 @@
 
 use super::codec;
 use super::{
-    CONSUMER_QUEUES, EmbeddedConfig, FlushPolicy, MESSAGES, META, MSG_INDEX, RETRIES, SCHEDULE,
-    SETTINGS, db_err,
+    CONSUMER_QUEUES, EmbeddedConfig, FlushPolicy, MESSAGES, META, MSG_INDEX, RETRIES, SCHEDULE, SETTINGS, db_err,
 };
 use crate::store::{
-    AppendOutcome, Appended, ConsumerOp, ConsumerSnapshot, ContextKey, MessageLocation, NewRecord,
-    QueueRange, StoreError, StoreIdentity,
+    AppendOutcome, Appended, ConsumerOp, ConsumerSnapshot, ContextKey, MessageLocation, NewRecord, QueueRange,
+    StoreError, StoreIdentity,
 };
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, WriteTransaction};
 use std::collections::HashMap;
@@ -91,8 +90,7 @@ pub fn init(db: &Database) -> Result<(StoreIdentity, Counters), StoreError> {
         let mut meta = txn.open_table(META).map_err(db_err)?;
         meta.insert("node_id", u64::from(node_id).to_be_bytes().as_slice())
             .map_err(db_err)?;
-        meta.insert("boot", boot.to_be_bytes().as_slice())
-            .map_err(db_err)?;
+        meta.insert("boot", boot.to_be_bytes().as_slice()).map_err(db_err)?;
     }
     txn.commit().map_err(db_err)?;
     Ok((
@@ -116,28 +114,14 @@ pub fn load_consumer_state(db: &Database) -> Result<ConsumerSnapshot, StoreError
     {
         let (k, v) = entry.map_err(db_err)?;
         let (context, queue): (ContextKey, u32) = codec::from_postcard(k.value())?;
-        snapshot
-            .queues
-            .push((context, queue, codec::from_postcard(v.value())?));
+        snapshot.queues.push((context, queue, codec::from_postcard(v.value())?));
     }
-    for entry in txn
-        .open_table(RETRIES)
-        .map_err(db_err)?
-        .iter()
-        .map_err(db_err)?
-    {
+    for entry in txn.open_table(RETRIES).map_err(db_err)?.iter().map_err(db_err)? {
         let (k, v) = entry.map_err(db_err)?;
         let (context, _seq): (ContextKey, u64) = codec::from_postcard(k.value())?;
-        snapshot
-            .retries
-            .push((context, codec::from_postcard(v.value())?));
+        snapshot.retries.push((context, codec::from_postcard(v.value())?));
     }
-    for entry in txn
-        .open_table(SETTINGS)
-        .map_err(db_err)?
-        .iter()
-        .map_err(db_err)?
-    {
+    for entry in txn.open_table(SETTINGS).map_err(db_err)?.iter().map_err(db_err)? {
         let (k, v) = entry.map_err(db_err)?;
         snapshot
             .settings
@@ -171,10 +155,7 @@ pub struct Writer {
 }
 
 enum Reply {
-    Append(
-        oneshot::Sender<Result<AppendOutcome, StoreError>>,
-        Vec<Appended>,
-    ),
+    Append(oneshot::Sender<Result<AppendOutcome, StoreError>>, Vec<Appended>),
     Done(oneshot::Sender<Result<(), StoreError>>),
 }
 
@@ -185,10 +166,7 @@ impl Writer {
         config: &EmbeddedConfig,
         counters: Counters,
     ) -> Result<Self, StoreError> {
-        let ranges = shared_ranges
-            .read()
-            .map_err(|_| StoreError::Closed)?
-            .clone();
+        let ranges = shared_ranges.read().map_err(|_| StoreError::Closed)?.clone();
         let next_due = {
             let txn = db.begin_read().map_err(db_err)?;
             let table = txn.open_table(SCHEDULE).map_err(db_err)?;
@@ -214,17 +192,12 @@ impl Writer {
 
     /// How long the writer may sleep before it has maintenance to do.
     fn next_wakeup(&self) -> Duration {
-        let mut wait = self
-            .retention_check_interval
-            .saturating_sub(self.last_purge.elapsed());
+        let mut wait = self.retention_check_interval.saturating_sub(self.last_purge.elapsed());
         if let Some(due) = self.next_due {
             wait = wait.min(Duration::from_millis(due.saturating_sub(now_ms())));
         }
         if self.unsynced {
-            wait = wait.min(
-                self.async_flush_interval
-                    .saturating_sub(self.last_sync.elapsed()),
-            );
+            wait = wait.min(self.async_flush_interval.saturating_sub(self.last_sync.elapsed()));
         }
         wait
     }
@@ -255,8 +228,7 @@ impl Writer {
         let due = self.next_due.is_some_and(|d| d <= now);
         let purge = self.last_purge.elapsed() >= self.retention_check_interval;
         let sync_now = self.flush == FlushPolicy::Sync
-            || (self.unsynced
-                && (closing || self.last_sync.elapsed() >= self.async_flush_interval));
+            || (self.unsynced && (closing || self.last_sync.elapsed() >= self.async_flush_interval));
         let flush_due = sync_now && self.unsynced;
         if ops.is_empty() && !due && !purge && !flush_due {
             return;
@@ -369,8 +341,7 @@ impl Writer {
                 }
                 WriteOp::Probe { reply } => {
                     let mut meta = txn.open_table(META).map_err(db_err)?;
-                    meta.insert("probe", now.to_be_bytes().as_slice())
-                        .map_err(db_err)?;
+                    meta.insert("probe", now.to_be_bytes().as_slice()).map_err(db_err)?;
                     replies.push(Reply::Done(reply));
                 }
             }
@@ -384,16 +355,10 @@ impl Writer {
         drop(tables);
         {
             let mut meta = txn.open_table(META).map_err(db_err)?;
-            meta.insert(
-                "store_seq",
-                self.counters.store_seq.to_be_bytes().as_slice(),
-            )
-            .map_err(db_err)?;
-            meta.insert(
-                "schedule_seq",
-                self.counters.schedule_seq.to_be_bytes().as_slice(),
-            )
-            .map_err(db_err)?;
+            meta.insert("store_seq", self.counters.store_seq.to_be_bytes().as_slice())
+                .map_err(db_err)?;
+            meta.insert("schedule_seq", self.counters.schedule_seq.to_be_bytes().as_slice())
+                .map_err(db_err)?;
         }
         txn.commit().map_err(db_err)
     }
@@ -414,10 +379,7 @@ impl Writer {
                 self.counters.schedule_seq += 1;
                 tables
                     .schedule
-                    .insert(
-                        (due, seq),
-                        codec::encode_scheduled(topic, queue, record).as_slice(),
-                    )
+                    .insert((due, seq), codec::encode_scheduled(topic, queue, record).as_slice())
                     .map_err(db_err)?;
                 appended.push(Appended {
                     queue_offset: seq,
@@ -467,10 +429,7 @@ impl Writer {
         };
         tables
             .index
-            .insert(
-                record.msg_id.as_slice(),
-                codec::to_postcard(&location)?.as_slice(),
-            )
+            .insert(record.msg_id.as_slice(), codec::to_postcard(&location)?.as_slice())
             .map_err(db_err)?;
         Ok(Appended {
             queue_offset: offset,
@@ -498,11 +457,7 @@ impl Writer {
             self.append_to_queue(tables, &topic, queue, &record, now)?;
             tables.schedule.remove(key).map_err(db_err)?;
         }
-        self.next_due = tables
-            .schedule
-            .first()
-            .map_err(db_err)?
-            .map(|(k, _)| k.value().0);
+        self.next_due = tables.schedule.first().map_err(db_err)?.map(|(k, _)| k.value().0);
         if !due.is_empty() {
             tracing::debug!(count = due.len(), "delivered due delayed messages");
         }
@@ -513,16 +468,11 @@ impl Writer {
     fn purge(&mut self, tables: &mut Tables<'_>, now: u64) -> Result<(), StoreError> {
         let cutoff = now.saturating_sub(self.retention.as_millis() as u64);
         let mut budget = MAINTENANCE_BATCH;
-        let Tables {
-            messages, index, ..
-        } = tables;
+        let Tables { messages, index, .. } = tables;
         let mut removed_total = 0;
         for ((topic, queue), range) in &mut self.ranges {
             while range.min < range.max && budget > 0 {
-                let expired_id = match messages
-                    .get((topic.as_str(), *queue, range.min))
-                    .map_err(db_err)?
-                {
+                let expired_id = match messages.get((topic.as_str(), *queue, range.min)).map_err(db_err)? {
                     Some(v) => {
                         let (record, store_ms) = codec::decode_record(v.value())?;
                         (store_ms < cutoff).then_some(record.msg_id)
@@ -530,9 +480,7 @@ impl Writer {
                     None => None,
                 };
                 let Some(msg_id) = expired_id else { break };
-                messages
-                    .remove((topic.as_str(), *queue, range.min))
-                    .map_err(db_err)?;
+                messages.remove((topic.as_str(), *queue, range.min)).map_err(db_err)?;
                 index.remove(msg_id.as_slice()).map_err(db_err)?;
                 range.min += 1;
                 budget -= 1;
@@ -540,10 +488,7 @@ impl Writer {
             }
         }
         if removed_total > 0 {
-            tracing::info!(
-                removed = removed_total,
-                "retention deleted expired messages"
-            );
+            tracing::info!(removed = removed_total, "retention deleted expired messages");
         }
         Ok(())
     }
@@ -552,11 +497,7 @@ impl Writer {
 fn apply_consumer_ops(txn: &WriteTransaction, ops: Vec<ConsumerOp>) -> Result<(), StoreError> {
     for op in ops {
         match op {
-            ConsumerOp::PutQueue {
-                context,
-                queue,
-                state,
-            } => {
+            ConsumerOp::PutQueue { context, queue, state } => {
                 let mut table = txn.open_table(CONSUMER_QUEUES).map_err(db_err)?;
                 let key = codec::to_postcard(&(context, queue))?;
                 table
@@ -587,10 +528,7 @@ fn apply_consumer_ops(txn: &WriteTransaction, ops: Vec<ConsumerOp>) -> Result<()
     Ok(())
 }
 
-pub fn spawn(
-    writer: Writer,
-    rx: mpsc::Receiver<WriteOp>,
-) -> Result<std::thread::JoinHandle<()>, StoreError> {
+pub fn spawn(writer: Writer, rx: mpsc::Receiver<WriteOp>) -> Result<std::thread::JoinHandle<()>, StoreError> {
     Ok(std::thread::Builder::new()
         .name("mqproxy-store-writer".into())
         .spawn(move || writer.run(rx))?)
