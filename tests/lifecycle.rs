@@ -267,3 +267,18 @@ async fn retry_messages_are_durable_and_acknowledged() {
         .await;
     assert_eq!(bad["status"], 400);
 }
+
+/// `flush = "async"`: answered before fsync, made durable by the periodic flush and at shutdown.
+#[tokio::test]
+async fn async_flush_keeps_messages_across_a_graceful_restart() {
+    let s = TestServer::with_toml(&format!(
+        "flush=\"async\"\nasync_flush_interval_ms=50\n{}",
+        one_queue("")
+    ))
+    .await;
+    for m in ["a", "b"] {
+        s.produce(m).await;
+    }
+    let s = s.restart().await;
+    assert_eq!(s.drain("c", None).await, ["a", "b"]);
+}

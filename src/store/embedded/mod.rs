@@ -43,8 +43,9 @@ const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 pub enum FlushPolicy {
     /// After the commit is on disk (fsync): nothing answered 200 is lost by a crash.
     Sync,
-    /// After the commit is in the OS; a background flush makes it durable within
-    /// `async_flush_interval`. A crash (power loss) may lose the last interval.
+    /// After the commit, before it is durable; a background flush makes it durable every
+    /// `async_flush_interval`. redb keeps non-durable commits in the process, so any crash
+    /// (kill -9 included, not only power loss) may lose the last interval.
     Async,
 }
 
