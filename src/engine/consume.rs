@@ -187,6 +187,15 @@ impl ConsumerState {
     }
 }
 
+/// What queue choice found.
+enum Choice {
+    /// Every queue is locked by other pulls (or the topic has none).
+    AllLocked,
+    /// The best queue has nothing to hand out: not locked.
+    Idle(QueueSnapshot),
+    Locked(Chosen),
+}
+
 /// A queue chosen and locked for one fetch.
 struct Chosen {
     queue: u32,
@@ -301,9 +310,13 @@ impl Engine {
         }
 
         let ctx = self.inner.state.context(&key);
-        let Some(chosen) = self.choose_and_lock(spec, &key, &ctx, req.client_ip) else {
-            // Every queue is locked by other pulls, or the topic has none: nothing to deliver.
-            return Ok(outcome);
+        let chosen = match self.choose_and_lock(spec, &key, &ctx, req.client_ip) {
+            Choice::Locked(chosen) => chosen,
+            Choice::Idle(snapshot) => {
+                outcome.queue = Some(snapshot);
+                return Ok(outcome);
+            }
+            Choice::AllLocked => return Ok(outcome),
         };
         outcome.queue = Some(chosen.snapshot.clone());
         let secret = &self.inner.messages.identity().secret;
@@ -370,7 +383,7 @@ impl Engine {
         key: &ContextKey,
         ctx: &Mutex<ContextState>,
         client_ip: Option<String>,
-    ) -> Option<Chosen> {
+    ) -> Choice {
         let queues = self.queue_count(&spec.topic);
         let now = now_ms();
         let mut st = lock(ctx);
@@ -391,20 +404,16 @@ impl Engine {
                     .cmp(&st.queues[b as usize].last_pull_ms),
             )
         });
-        let queue = order
+        let Some(queue) = order
             .into_iter()
-            .find(|&q| st.live_lock(q, now, spec.consume_timeout_ms).is_none())?;
+            .find(|&q| st.live_lock(q, now, spec.consume_timeout_ms).is_none())
+        else {
+            return Choice::AllLocked;
+        };
         let range = ranges[queue as usize];
-        let qs = &mut st.queues[queue as usize];
-        // Strictly increasing per queue, so an ack of an older lock never matches a newer one.
-        let lock_time = now.max(qs.last_pull_ms + 1);
-        qs.lock_time = Some(lock_time);
-        qs.last_pull_ms = lock_time;
-        if client_ip.is_some() {
-            qs.client_ip = client_ip;
-        }
-        let start = qs.committed.unwrap_or(range.min);
-        let reset_to = qs.committed.and_then(|c| {
+        let committed = st.queues[queue as usize].committed;
+        let start = committed.unwrap_or(range.min);
+        let reset_to = committed.and_then(|c| {
             if c < range.min {
                 Some(range.min)
             } else if c > range.max {
@@ -413,6 +422,33 @@ impl Engine {
                 None
             }
         });
+        let retry_is_free = |e: &RetryEntry| match e.in_flight {
+            None => true,
+            Some((q, l)) => st.live_lock(q, now, spec.consume_timeout_ms) != Some(l),
+        };
+        let idle = reset_to.is_none() && start >= range.max && !st.retries.values().any(retry_is_free);
+        let qs = &mut st.queues[queue as usize];
+        if client_ip.is_some() {
+            qs.client_ip = client_ip;
+        }
+        if idle {
+            // Nothing to hand out: no lock and no store write, so idle polling costs no I/O.
+            // (last_pull_ms only orders queues and bounds lock times; it need not be durable.)
+            qs.last_pull_ms = now.max(qs.last_pull_ms);
+            return Choice::Idle(QueueSnapshot {
+                topic: spec.topic.clone(),
+                queue_id: queue,
+                min_offset: range.min,
+                max_offset: range.max,
+                committed: qs.committed,
+                lock_time: None,
+                client_ip: qs.client_ip.clone(),
+            });
+        }
+        // Strictly increasing per queue, so an ack of an older lock never matches a newer one.
+        let lock_time = now.max(qs.last_pull_ms + 1);
+        qs.lock_time = Some(lock_time);
+        qs.last_pull_ms = lock_time;
         let mut ops = vec![ConsumerOp::PutQueue {
             context: key.clone(),
             queue,
@@ -452,7 +488,7 @@ impl Engine {
             lock_time: qs.lock_time,
             client_ip: qs.client_ip.clone(),
         };
-        Some(Chosen {
+        Choice::Locked(Chosen {
             queue,
             lock_time,
             start,
