@@ -111,12 +111,7 @@ impl Generator<'_> {
                         body.pointer("/content/application~1x-www-form-urlencoded/schema")
                             .unwrap_or_else(|| panic!("{at}: only form bodies are supported")),
                     );
-                    let required: BTreeSet<&str> = schema["required"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .filter_map(Value::as_str)
-                        .collect();
+                    let required: BTreeSet<&str> = required_names(schema).collect();
                     for (name, prop) in schema["properties"].as_object().expect("form properties") {
                         params.push(Self::param_from_schema(
                             name,
@@ -281,12 +276,7 @@ impl Generator<'_> {
 
     fn emit_struct(&self, out: &mut String, name: &str) {
         let schema = &self.doc["components"]["schemas"][name];
-        let required: BTreeSet<&str> = schema["required"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(Value::as_str)
-            .collect();
+        let required: BTreeSet<&str> = required_names(schema).collect();
         let _ = writeln!(
             out,
             "#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]\n#[serde(rename_all = \"camelCase\")]\npub struct {name} {{"
@@ -316,12 +306,7 @@ impl Generator<'_> {
     /// everything else, so the router can answer a parameter error in the reply's own type.
     fn emit_envelope(&self, out: &mut String, name: &str) {
         let schema = &self.doc["components"]["schemas"][name];
-        let required: Vec<&str> = schema["required"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(Value::as_str)
-            .collect();
+        let required: Vec<&str> = required_names(schema).collect();
         assert_eq!(
             required,
             ["status"],
@@ -342,6 +327,15 @@ impl Generator<'_> {
 }}\n"
         );
     }
+}
+
+/// The `required` list of a schema object.
+fn required_names(schema: &Value) -> impl Iterator<Item = &str> {
+    schema["required"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
 }
 
 fn params_name(handler: &str) -> String {

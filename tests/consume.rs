@@ -6,21 +6,6 @@ use serde_json::Value;
 use std::collections::HashSet;
 use std::time::Duration;
 
-/// One topic with one queue, one clustering consumer `c` (and broadcast `b`).
-fn one_queue(extra_consumer: &str) -> String {
-    format!(
-        "[[topic]]\nname=\"{TOPIC}\"\nqueues=1\n[[producer]]\nname=\"{PRODUCER}\"\ntopic=\"{TOPIC}\"\n\
-         [[consumer]]\nname=\"c\"\ntopic=\"{TOPIC}\"\n{extra_consumer}"
-    )
-}
-
-fn rid(v: &Value) -> String {
-    v["result"]["requestId"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no requestId in {v}"))
-        .to_owned()
-}
-
 /// First pull starts at the smallest offset; the answer has the seed's shape; an empty pull is
 /// NO_NEW_MSG without requestId but with both sizes.
 #[tokio::test]
@@ -281,20 +266,7 @@ async fn cookie_mode() {
     let s = TestServer::with_toml(&one_queue("")).await;
     s.produce("a").await;
     let q = [("topic", TOPIC), ("consumer", "c"), ("useCookie", "true")];
-    let resp = s
-        .client
-        .get(format!("{}/mq/message", s.base))
-        .query(&q)
-        .send()
-        .await
-        .expect("get");
-    let cookie = resp
-        .headers()
-        .get("set-cookie")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_owned();
-    let v: Value = resp.json().await.expect("json");
+    let (cookie, v) = s.fetch_with_cookie(&q).await;
     assert_eq!(cookie, format!("rid={}; Path=/", rid(&v)));
     s.produce("b").await;
     // The client's cookie store sends rid back: the first batch is acknowledged, "b" comes.
@@ -304,19 +276,7 @@ async fn cookie_mode() {
     let v3 = s.get("/mq/message", &q).await;
     assert_eq!(v3["result"]["status"], "NO_NEW_MSG");
     // Nothing to hand out: the cookie is deleted.
-    let resp = s
-        .client
-        .get(format!("{}/mq/message", s.base))
-        .query(&q)
-        .send()
-        .await
-        .expect("get");
-    let cookie = resp
-        .headers()
-        .get("set-cookie")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_owned();
+    let (cookie, _) = s.fetch_with_cookie(&q).await;
     assert!(cookie.starts_with("rid=;") && cookie.contains("Max-Age=0"), "{cookie}");
 }
 

@@ -2,22 +2,7 @@
 
 mod common;
 use common::*;
-use serde_json::Value;
 use std::time::{Duration, Instant};
-
-fn rid(v: &Value) -> String {
-    v["result"]["requestId"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no requestId in {v}"))
-        .to_owned()
-}
-
-fn one_queue(extra: &str) -> String {
-    format!(
-        "[[topic]]\nname=\"{TOPIC}\"\nqueues=1\n[[producer]]\nname=\"{PRODUCER}\"\ntopic=\"{TOPIC}\"\n\
-         [[consumer]]\nname=\"c\"\ntopic=\"{TOPIC}\"\n{extra}"
-    )
-}
 
 /// delayLevel 1 (1 s): invisible until due, then delivered.
 #[tokio::test]

@@ -200,3 +200,40 @@ pub fn now_ms() -> i64 {
         .expect("clock")
         .as_millis() as i64
 }
+
+/// The requestId of a fetch answer.
+pub fn rid(v: &Value) -> String {
+    v["result"]["requestId"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no requestId in {v}"))
+        .to_owned()
+}
+
+/// One topic with one queue, its producer and a clustering consumer `c` (plus `extra` TOML,
+/// which continues the consumer's table first).
+pub fn one_queue(extra: &str) -> String {
+    format!(
+        "[[topic]]\nname=\"{TOPIC}\"\nqueues=1\n[[producer]]\nname=\"{PRODUCER}\"\ntopic=\"{TOPIC}\"\n\
+         [[consumer]]\nname=\"c\"\ntopic=\"{TOPIC}\"\n{extra}"
+    )
+}
+
+impl TestServer {
+    /// The Set-Cookie header of one GET /mq/message, and its JSON answer.
+    pub async fn fetch_with_cookie(&self, query: &[(&str, &str)]) -> (String, Value) {
+        let resp = self
+            .client
+            .get(format!("{}/mq/message", self.base))
+            .query(query)
+            .send()
+            .await
+            .expect("get");
+        let cookie = resp
+            .headers()
+            .get("set-cookie")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        (cookie, resp.json().await.expect("json"))
+    }
+}
