@@ -406,13 +406,14 @@ impl Config {
     }
 }
 
-/// The dotted key (or line) a TOML error points at.
+/// Where a TOML error points: the line number and that line's text (which names the key).
 fn key_of(e: &toml::de::Error, text: &str) -> String {
     match e.span() {
         Some(span) => {
-            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
-            let snippet = text.get(span.clone()).unwrap_or("").lines().next().unwrap_or("").trim();
-            format!("line {line} ({snippet})")
+            let start = span.start.min(text.len());
+            let line_no = text[..start].matches('\n').count() + 1;
+            let line = text.lines().nth(line_no - 1).unwrap_or("").trim();
+            format!("line {line_no} `{line}`")
         }
         None => "(document)".into(),
     }

@@ -12,9 +12,13 @@ use std::path::PathBuf;
     version,
     about = "Produce and consume RocketMQ-style messages over plain HTTP (MQCloud HTTP proxy API)"
 )]
+#[command(args_conflicts_with_subcommands = true)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
+    /// `mqproxy [OPTIONS]` is `mqproxy serve [OPTIONS]`.
+    #[command(flatten)]
+    serve: ServeArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -23,7 +27,7 @@ enum Command {
     Serve(ServeArgs),
 }
 
-#[derive(clap::Args, Debug, Default)]
+#[derive(clap::Args, Debug)]
 struct ServeArgs {
     /// TOML config file (topics, producers, consumers, storage). Without it the server runs the
     /// demo registry: topic mqcloud-http-test-topic (4 queues), producer
@@ -102,7 +106,18 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // The error chain in one line, no backtrace: config errors are for people.
+            eprintln!("mqproxy: {e:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,tower_http=warn".into()),
@@ -112,7 +127,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let args = match cli.command {
         Some(Command::Serve(args)) => args,
-        None => ServeArgs::default(),
+        None => cli.serve,
     };
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(serve(args))
