@@ -161,6 +161,10 @@ impl ConsumerState {
     pub(super) fn from_snapshot(snapshot: ConsumerSnapshot) -> Self {
         let mut contexts: HashMap<ContextKey, ContextState> = HashMap::new();
         for (key, queue, state) in snapshot.queues {
+            if queue >= MAX_QUEUES {
+                tracing::warn!(?key, queue, "ignoring saved state of a queue id beyond any topic");
+                continue;
+            }
             let ctx = contexts.entry(key).or_default();
             ctx.ensure_queues(queue + 1);
             ctx.queues[queue as usize] = state;
@@ -195,6 +199,9 @@ enum Choice {
     Idle(QueueSnapshot),
     Locked(Chosen),
 }
+
+/// Queue ids beyond this come from no config (topics have at most 1024 queues).
+const MAX_QUEUES: u32 = 1024;
 
 /// A queue chosen and locked for one fetch.
 struct Chosen {
