@@ -15,7 +15,7 @@ use super::{
     QueueRange, StoreError, StoreIdentity, StoredMessage,
 };
 use async_trait::async_trait;
-use redb::{Database, ReadableDatabase, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock, mpsc};
@@ -133,30 +133,33 @@ impl EmbeddedStore {
     }
 }
 
+/// The offsets a queue holds in the messages table.
+fn range_in_table(
+    table: &impl ReadableTable<(&'static str, u32, u64), &'static [u8]>,
+    topic: &str,
+    queue: u32,
+) -> Result<QueueRange, StoreError> {
+    let mut iter = table
+        .range((topic, queue, 0)..=(topic, queue, u64::MAX))
+        .map_err(db_err)?;
+    let first = iter.next().transpose().map_err(db_err)?.map(|(k, _)| k.value().2);
+    let last = iter.next_back().transpose().map_err(db_err)?.map(|(k, _)| k.value().2);
+    Ok(match first {
+        Some(min) => QueueRange {
+            min,
+            max: last.unwrap_or(min) + 1,
+        },
+        None => QueueRange::default(),
+    })
+}
+
 fn load_ranges(db: &Database, topics: &[(String, u32)]) -> Result<HashMap<(String, u32), QueueRange>, StoreError> {
     let txn = db.begin_read().map_err(db_err)?;
+    let table = txn.open_table(MESSAGES).map_err(db_err)?;
     let mut ranges = HashMap::new();
-    let table = match txn.open_table(MESSAGES) {
-        Ok(t) => Some(t),
-        Err(redb::TableError::TableDoesNotExist(_)) => None,
-        Err(e) => return Err(db_err(e)),
-    };
     for (topic, queues) in topics {
         for queue in 0..*queues {
-            let mut range = QueueRange::default();
-            if let Some(table) = &table {
-                let mut iter = table
-                    .range((topic.as_str(), queue, 0)..=(topic.as_str(), queue, u64::MAX))
-                    .map_err(db_err)?;
-                if let Some(first) = iter.next() {
-                    range.min = first.map_err(db_err)?.0.value().2;
-                    range.max = match iter.next_back() {
-                        Some(last) => last.map_err(db_err)?.0.value().2 + 1,
-                        None => range.min + 1,
-                    };
-                }
-            }
-            ranges.insert((topic.clone(), queue), range);
+            ranges.insert((topic.clone(), queue), range_in_table(&table, topic, queue)?);
         }
     }
     Ok(ranges)

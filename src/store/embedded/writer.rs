@@ -409,8 +409,16 @@ impl Writer {
         record: &NewRecord,
         now: u64,
     ) -> Result<Appended, StoreError> {
+        let key = (topic.to_owned(), queue);
+        if !self.ranges.contains_key(&key) {
+            // A queue not tracked since start (its topic was not configured then, e.g. a due
+            // delayed message of a removed topic): continue after what the table holds, never
+            // overwrite.
+            let range = super::range_in_table(&tables.messages, topic, queue)?;
+            self.ranges.insert(key.clone(), range);
+        }
         let offset = {
-            let range = self.ranges.entry((topic.to_owned(), queue)).or_default();
+            let range = self.ranges.entry(key).or_default();
             range.max += 1;
             range.max - 1
         };
