@@ -103,15 +103,12 @@ fn sigterm_shuts_down_gracefully() {
     let mut p = spawn(dir.path(), &[]);
     let client = reqwest::Client::new();
     rt.block_on(async {
-        let v: Value = client
-            .post(format!("{}/mq/produce", p.base))
-            .form(&[("producer", PRODUCER), ("message", "kept")])
-            .send()
-            .await
-            .expect("post")
-            .json()
-            .await
-            .expect("json");
+        let v: Value = post_json(
+            &client,
+            &format!("{}/mq/produce", p.base),
+            &[("producer", PRODUCER), ("message", "kept")],
+        )
+        .await;
         assert_eq!(v["status"], 200);
     });
     signal(&p.child, libc::SIGTERM);
@@ -119,15 +116,12 @@ fn sigterm_shuts_down_gracefully() {
     assert!(status.success(), "exit 0 after SIGTERM: {status:?}");
     let mut p = spawn(dir.path(), &[]);
     let got: Value = rt.block_on(async {
-        client
-            .get(format!("{}/mq/message", p.base))
-            .query(&[("topic", TOPIC), ("consumer", CLUSTERING)])
-            .send()
-            .await
-            .expect("get")
-            .json()
-            .await
-            .expect("json")
+        get_json(
+            &client,
+            &format!("{}/mq/message", p.base),
+            &[("topic", TOPIC), ("consumer", CLUSTERING)],
+        )
+        .await
     });
     assert_eq!(bodies_of(&got), ["kept"]);
     signal(&p.child, libc::SIGINT);
@@ -145,36 +139,27 @@ fn kill_9_loses_no_acknowledged_message() {
     // A committed offset before the crash: "pre" is consumed and acknowledged.
     rt.block_on(async {
         let client = reqwest::Client::new();
-        let v: Value = client
-            .post(format!("{base}/mq/produce"))
-            .form(&[("producer", PRODUCER), ("message", "pre")])
-            .send()
-            .await
-            .expect("post")
-            .json()
-            .await
-            .expect("json");
+        let v: Value = post_json(
+            &client,
+            &format!("{base}/mq/produce"),
+            &[("producer", PRODUCER), ("message", "pre")],
+        )
+        .await;
         assert_eq!(v["status"], 200);
-        let got: Value = client
-            .get(format!("{base}/mq/message"))
-            .query(&[("topic", TOPIC), ("consumer", CLUSTERING)])
-            .send()
-            .await
-            .expect("get")
-            .json()
-            .await
-            .expect("json");
+        let got: Value = get_json(
+            &client,
+            &format!("{base}/mq/message"),
+            &[("topic", TOPIC), ("consumer", CLUSTERING)],
+        )
+        .await;
         assert_eq!(bodies_of(&got), ["pre"]);
         let rid = got["result"]["requestId"].as_str().expect("rid");
-        let ack: Value = client
-            .get(format!("{base}/mq/ack"))
-            .query(&[("topic", TOPIC), ("consumer", CLUSTERING), ("requestId", rid)])
-            .send()
-            .await
-            .expect("ack")
-            .json()
-            .await
-            .expect("json");
+        let ack: Value = get_json(
+            &client,
+            &format!("{base}/mq/ack"),
+            &[("topic", TOPIC), ("consumer", CLUSTERING), ("requestId", rid)],
+        )
+        .await;
         assert!(ack["message"].as_str().is_some_and(|m| m.starts_with("ok")), "{ack}");
     });
     let acknowledged = rt.block_on(async {
@@ -240,15 +225,7 @@ fn kill_9_loses_no_acknowledged_message() {
             if let Some(r) = &rid {
                 q.push(("requestId", r.clone()));
             }
-            let v: Value = client
-                .get(format!("{}/mq/message", p.base))
-                .query(&q)
-                .send()
-                .await
-                .expect("get")
-                .json()
-                .await
-                .expect("json");
+            let v: Value = get_json(&client, &format!("{}/mq/message", p.base), &q).await;
             rid = v["result"]["requestId"].as_str().map(str::to_owned);
             let bodies = bodies_of(&v);
             if bodies.is_empty() {

@@ -47,24 +47,8 @@ async fn produce_answers_the_documented_shape() {
 async fn produce_takes_query_parameters_and_assigns_offsets() {
     let s = TestServer::with_toml("[[topic]]\nname=\"mqcloud-http-test-topic\"\nqueues=1\n[[producer]]\nname=\"mqcloud-http-test-topic-producer\"\ntopic=\"mqcloud-http-test-topic\"\n").await;
     let url = format!("{}/mq/produce?producer={PRODUCER}&message=hello", s.base);
-    let a: Value = s
-        .client
-        .post(&url)
-        .send()
-        .await
-        .expect("post")
-        .json()
-        .await
-        .expect("json");
-    let b: Value = s
-        .client
-        .post(&url)
-        .send()
-        .await
-        .expect("post")
-        .json()
-        .await
-        .expect("json");
+    let a: Value = post_json(&s.client, &url, &[]).await;
+    let b: Value = post_json(&s.client, &url, &[]).await;
     assert_eq!(
         (a["result"]["queueOffset"].as_i64(), b["result"]["queueOffset"].as_i64()),
         (Some(0), Some(1))

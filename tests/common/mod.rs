@@ -167,6 +167,18 @@ impl Drop for TestServer {
     }
 }
 
+/// POST a form, read the JSON answer.
+pub async fn post_json(client: &reqwest::Client, url: &str, form: &[(&str, &str)]) -> Value {
+    let resp = client.post(url).form(form).send().await.expect("POST");
+    resp.json().await.expect("JSON answer")
+}
+
+/// GET with a query, read the JSON answer.
+pub async fn get_json<Q: serde::Serialize + ?Sized>(client: &reqwest::Client, url: &str, query: &Q) -> Value {
+    let resp = client.get(url).query(query).send().await.expect("GET");
+    resp.json().await.expect("JSON answer")
+}
+
 pub fn bodies_of(v: &Value) -> Vec<String> {
     v["result"]["msgList"]
         .as_array()
