@@ -12,14 +12,31 @@ use std::fmt::Write as _;
 
 const SPEC: &str = "openapi/mqproxy.yaml";
 
+const PROTO: &str = "proto/mqproxy/v1/messaging.proto";
+
 fn main() {
     println!("cargo:rerun-if-changed={SPEC}");
+    println!("cargo:rerun-if-changed=proto");
     println!("cargo:rerun-if-changed=build.rs");
+    compile_proto();
     let text = std::fs::read_to_string(SPEC).expect("read openapi/mqproxy.yaml");
     let doc: Value = yaml_serde::from_str(&text).expect("openapi/mqproxy.yaml is not valid YAML");
     let code = Generator { doc: &doc }.generate();
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR")).join("rest_api.rs");
     std::fs::write(out, code).expect("write rest_api.rs");
+}
+
+/// proto/ -> prost messages and the tonic service (protox: no `protoc` needed), plus the
+/// descriptor set that server reflection serves.
+fn compile_proto() {
+    use prost::Message as _;
+    let fds = protox::compile([PROTO], ["proto"]).unwrap_or_else(|e| panic!("{PROTO}: {e}"));
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
+    std::fs::write(out.join("mqproxy_descriptor.bin"), fds.encode_to_vec()).expect("write descriptor set");
+    tonic_prost_build::configure()
+        .build_client(true)
+        .compile_fds(fds)
+        .expect("generate the gRPC code");
 }
 
 #[derive(Clone, PartialEq, Debug)]

@@ -4,11 +4,13 @@
 //! - [`engine`]: the core semantics, protocol-free.
 //! - [`store`]: where messages and consumer state live (the embedded redb store).
 //! - [`http`]: the axum adapter, generated from `openapi/mqproxy.yaml`.
+//! - [`grpc`]: the tonic adapter, generated from `proto/mqproxy/v1/messaging.proto`.
 //! - [`config`]: the TOML configuration and the demo registry.
 //! - [`server`]: wiring and graceful shutdown.
 
 pub mod config;
 pub mod engine;
+pub mod grpc;
 pub mod http;
 pub mod server;
 pub mod store;

@@ -6,6 +6,7 @@ use crate::engine::{Engine, EngineConfig, EngineError};
 use crate::http::{self, HttpSettings};
 use crate::store::StoreError;
 use crate::store::embedded::{EmbeddedConfig, EmbeddedStore, FlushPolicy};
+use axum::serve::ListenerExt;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,6 +19,8 @@ pub enum ServeError {
     Store { dir: String, source: StoreError },
     #[error("cannot start the engine: {0}")]
     Engine(#[from] EngineError),
+    #[error("cannot build the gRPC services: {0}")]
+    Grpc(String),
     #[error("server I/O error: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -73,6 +76,7 @@ pub async fn run(
         Arc::new(store.clone()),
         Arc::new(store.clone()),
     )?;
+    let grpc = crate::grpc::router(engine.clone()).map_err(|e| ServeError::Grpc(e.to_string()))?;
     let app = http::router(
         engine,
         &HttpSettings {
@@ -80,7 +84,8 @@ pub async fn run(
             max_request_bytes: config.max_request_bytes,
             cors_allowed_origins: config.cors.allowed_origins.clone(),
         },
-    );
+    )
+    .merge(grpc);
 
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
@@ -88,6 +93,12 @@ pub async fn run(
         let _ = stop_tx.send(true);
     });
     let mut graceful_rx = stop_rx.clone();
+    // No Nagle: small answers (acks, stream batches) must not wait 40 ms for a delayed ACK.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::warn!(error = %e, "cannot set TCP_NODELAY");
+        }
+    });
     let server = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>()).with_graceful_shutdown(
         async move {
             let _ = graceful_rx.wait_for(|stop| *stop).await;

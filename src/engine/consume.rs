@@ -30,6 +30,8 @@ pub struct FetchRequest {
     /// The previous batch's requestId: acknowledged before pulling.
     pub request_id: Option<String>,
     pub client_ip: Option<String>,
+    /// Fewer messages per batch than the consumer's `max_pull_size` (at most 128).
+    pub max_pull_size: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -231,7 +233,7 @@ impl Engine {
     }
 
     /// Checks the request against the registry and names its consumption context.
-    fn resolve(&self, target: &ConsumeTarget) -> Result<(&ConsumerSpec, ContextKey), EngineError> {
+    pub(super) fn resolve(&self, target: &ConsumeTarget) -> Result<(&ConsumerSpec, ContextKey), EngineError> {
         let spec = self.consumer_spec(&target.consumer)?;
         if target.topic != spec.topic {
             return Err(EngineError::invalid(format!(
@@ -257,6 +259,19 @@ impl Engine {
                 client_id,
             },
         ))
+    }
+
+    /// When the earliest live lock of this context expires (epoch ms), if any.
+    pub(super) fn next_lock_expiry(&self, key: &ContextKey, timeout_ms: u64) -> Option<u64> {
+        let ctx = self.inner.state.context(key);
+        let st = lock(&ctx);
+        let now = now_ms();
+        st.queues
+            .iter()
+            .filter_map(|q| q.lock_time)
+            .map(|l| l + timeout_ms + 1)
+            .filter(|&expiry| expiry > now)
+            .min()
     }
 
     fn queue_count(&self, topic: &str) -> u32 {
@@ -317,7 +332,8 @@ impl Engine {
         }
 
         let ctx = self.inner.state.context(&key);
-        let chosen = match self.choose_and_lock(spec, &key, &ctx, req.client_ip) {
+        let max_pull = req.max_pull_size.map_or(spec.max_pull_size, |m| m.clamp(1, 128));
+        let chosen = match self.choose_and_lock(spec, &key, &ctx, req.client_ip, max_pull) {
             Choice::Locked(chosen) => chosen,
             Choice::Idle(snapshot) => {
                 outcome.queue = Some(snapshot);
@@ -349,7 +365,7 @@ impl Engine {
             return Ok(outcome);
         }
 
-        let read = self.read_batch(spec, &chosen).await;
+        let read = self.read_batch(spec, &chosen, max_pull).await;
         let (messages, retry_messages, missing_retries) = match read {
             Ok(v) => v,
             Err(e) => {
@@ -370,11 +386,6 @@ impl Engine {
             drop(self.inner.consumer_store.save(ops));
         }
         let next = messages.last().map_or(chosen.start, |m| m.offset + 1);
-        if settings.rate_limit_enabled
-            && let Some(bucket) = lock(&self.inner.state.buckets).get_mut(&spec.name)
-        {
-            bucket.charge(messages.len());
-        }
         outcome.status = FetchStatus::Found;
         outcome.request_id = Some(token(chosen.start, next, false));
         outcome.messages = messages.into_iter().map(to_delivered).collect();
@@ -390,6 +401,7 @@ impl Engine {
         key: &ContextKey,
         ctx: &Mutex<ContextState>,
         client_ip: Option<String>,
+        max_pull: u32,
     ) -> Choice {
         let queues = self.queue_count(&spec.topic);
         let now = now_ms();
@@ -471,7 +483,7 @@ impl Engine {
                     Some((q, l)) => st.live_lock(q, now, spec.consume_timeout_ms) != Some(l),
                 })
                 .map(|e| e.seq)
-                .take(spec.max_pull_size as usize)
+                .take(max_pull as usize)
                 .collect();
             for seq in free {
                 if let Some(entry) = st.retries.get_mut(&seq) {
@@ -511,11 +523,12 @@ impl Engine {
         &self,
         spec: &ConsumerSpec,
         chosen: &Chosen,
+        max_pull: u32,
     ) -> Result<(Vec<StoredMessage>, Vec<Delivered>, Vec<u64>), EngineError> {
         let messages = self
             .inner
             .messages
-            .read(&spec.topic, chosen.queue, chosen.start, spec.max_pull_size as usize)
+            .read(&spec.topic, chosen.queue, chosen.start, max_pull as usize)
             .await?;
         let mut retry_messages = Vec::new();
         let mut missing = Vec::new();
@@ -545,6 +558,8 @@ impl Engine {
         }
         ops.extend(free_retries(&mut st, key, chosen.queue, chosen.lock_time));
         drop(self.inner.consumer_store.save(ops));
+        drop(st);
+        self.notify_consumers();
     }
 
     /// Acknowledges a batch by its requestId.
@@ -622,6 +637,7 @@ impl Engine {
             (outcome, self.inner.consumer_store.save(ops))
         };
         pending.await?;
+        self.notify_consumers();
         Ok(outcome)
     }
 
@@ -652,6 +668,9 @@ impl Engine {
             (unlocked, self.inner.consumer_store.save(ops))
         };
         pending.await?;
+        if unlocked {
+            self.notify_consumers();
+        }
         Ok(UnlockOutcome {
             unlocked,
             message: format!("{} unlock:{unlocked}", token.info()),
@@ -700,6 +719,7 @@ impl Engine {
         if let Some(pending) = settings.1 {
             pending.await?;
         }
+        self.notify_consumers();
         Ok(ConsumerView {
             consumer: spec.name.clone(),
             topic: spec.topic.clone(),

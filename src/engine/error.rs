@@ -9,8 +9,10 @@ pub enum ErrorKind {
     InvalidArgument,
     /// A producer or consumer name the proxy does not know (400 / NotFound).
     NotFound,
-    /// The server failed (500 / Internal or Unavailable).
+    /// The server failed (500 / Internal).
     Internal,
+    /// The server is shutting down or its store is closed (500 / Unavailable).
+    Unavailable,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +32,7 @@ impl EngineError {
         match self {
             Self::InvalidArgument(_) => ErrorKind::InvalidArgument,
             Self::UnknownProducer(_) | Self::UnknownConsumer(_) => ErrorKind::NotFound,
+            Self::Store(StoreError::Closed) => ErrorKind::Unavailable,
             Self::Store(_) => ErrorKind::Internal,
         }
     }

@@ -10,12 +10,14 @@ mod error;
 pub mod ids;
 mod rate_limit;
 pub mod request_id;
+mod stream;
 
 pub use consume::{
     AckOutcome, ConsumeTarget, ConsumerView, Delivered, FetchOutcome, FetchRequest, FetchStatus, SettingsChange,
     UnlockOutcome,
 };
 pub use error::{EngineError, ErrorKind};
+pub use stream::{ConsumeCommand, ConsumeEvent, Subscription};
 
 use crate::store::{AppendOutcome, ConsumerStore, MessageStore, NewRecord};
 use consume::ConsumerState;
@@ -137,6 +139,9 @@ struct Inner {
     ids: MsgIdGenerator,
     round_robin: HashMap<String, AtomicU32>,
     state: ConsumerState,
+    /// Bumped when a queue lock is released or consumer settings change: streaming consumers
+    /// waiting for a free queue wake up on it.
+    consumer_changes: tokio::sync::watch::Sender<u64>,
 }
 
 pub(crate) fn now_ms() -> u64 {
@@ -177,8 +182,14 @@ impl Engine {
                 consumer_store,
                 ids,
                 round_robin,
+                consumer_changes: tokio::sync::watch::Sender::new(0),
             }),
         })
+    }
+
+    /// Wakes streaming consumers: a lock was released or settings changed.
+    pub(crate) fn notify_consumers(&self) {
+        self.inner.consumer_changes.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     /// The registry and settings the engine runs with.

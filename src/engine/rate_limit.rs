@@ -1,6 +1,6 @@
-//! A per-consumer token bucket: `rate` pulls per second with a one-second burst. A pull takes
-//! one token; a delivered batch is then charged its message count (the bucket may go into
-//! debt), as the Java proxy's limiter does.
+//! A per-consumer token bucket: `rate` pulls per second with a one-second burst; a pull takes
+//! one token. (The Java proxy also charged each delivered batch its message count, which made
+//! its default of 1024 a limit of ~1024 *messages* per second; here the limit is on pulls.)
 
 use std::time::Instant;
 
@@ -34,11 +34,6 @@ impl TokenBucket {
         } else {
             false
         }
-    }
-
-    /// Charges `n` more tokens after the fact.
-    pub fn charge(&mut self, n: usize) {
-        self.tokens -= n as f64;
     }
 }
 

@@ -24,12 +24,12 @@ pub struct HttpAdapter {
 fn error_status(e: &EngineError) -> i32 {
     match e.kind() {
         ErrorKind::InvalidArgument | ErrorKind::NotFound => 400,
-        ErrorKind::Internal => 500,
+        ErrorKind::Internal | ErrorKind::Unavailable => 500,
     }
 }
 
 fn fail<T: Envelope>(e: &EngineError) -> Reply<T> {
-    if e.kind() == ErrorKind::Internal {
+    if matches!(e.kind(), ErrorKind::Internal | ErrorKind::Unavailable) {
         tracing::error!(error = %e, "request failed");
     }
     Reply::new(T::error(error_status(e), e.to_string()))
@@ -199,6 +199,7 @@ impl MqApi for HttpAdapter {
         let req = FetchRequest {
             request_id: request_id(p.request_id, use_cookie, &ctx),
             client_ip: client_ip(p.client_ip, &ctx),
+            max_pull_size: None,
             target: target(p.topic, p.consumer, p.client_id),
         };
         let mut reply = match self.engine.fetch(req).await {

@@ -187,6 +187,10 @@ pub trait MessageStore: Send + Sync + 'static {
 
     /// Identity values kept across restarts.
     fn identity(&self) -> &StoreIdentity;
+
+    /// Changes (to a new count) whenever messages become visible in some queue: appended, or a
+    /// delayed message fell due. Streaming consumers wait on it instead of polling.
+    fn visible_changes(&self) -> tokio::sync::watch::Receiver<u64>;
 }
 
 /// Durable consumer state.

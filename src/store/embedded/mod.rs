@@ -79,6 +79,7 @@ struct Inner {
     tx: std::sync::Mutex<Option<mpsc::Sender<WriteOp>>>,
     identity: StoreIdentity,
     thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+    visible: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 fn db_err(e: impl std::fmt::Display) -> StoreError {
@@ -97,7 +98,9 @@ impl EmbeddedStore {
         let (identity, counters) = writer::init(&db)?;
         let ranges = Arc::new(RwLock::new(load_ranges(&db, &config.topics)?));
         let (tx, rx) = mpsc::channel();
-        let thread = writer::spawn(writer::Writer::new(db.clone(), ranges.clone(), &config, counters)?, rx)?;
+        let visible = Arc::new(tokio::sync::watch::Sender::new(0));
+        let writer = writer::Writer::new(db.clone(), ranges.clone(), visible.clone(), &config, counters)?;
+        let thread = writer::spawn(writer, rx)?;
         tracing::info!(path = %path.display(), flush = ?config.flush, "embedded store open");
         Ok(Self {
             inner: Arc::new(Inner {
@@ -106,6 +109,7 @@ impl EmbeddedStore {
                 tx: std::sync::Mutex::new(Some(tx)),
                 identity,
                 thread: std::sync::Mutex::new(Some(thread)),
+                visible,
             }),
         })
     }
@@ -250,6 +254,10 @@ impl MessageStore for EmbeddedStore {
 
     fn identity(&self) -> &StoreIdentity {
         &self.inner.identity
+    }
+
+    fn visible_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.visible.subscribe()
     }
 }
 

@@ -141,6 +141,10 @@ pub struct Writer {
     db: Arc<Database>,
     shared_ranges: Arc<RwLock<HashMap<(String, u32), QueueRange>>>,
     ranges: HashMap<(String, u32), QueueRange>,
+    /// Bumped after a commit that made messages visible.
+    visible: Arc<tokio::sync::watch::Sender<u64>>,
+    /// The commit being built appends to a queue.
+    appended: bool,
     counters: Counters,
     flush: FlushPolicy,
     flush_timeout: Duration,
@@ -163,6 +167,7 @@ impl Writer {
     pub fn new(
         db: Arc<Database>,
         shared_ranges: Arc<RwLock<HashMap<(String, u32), QueueRange>>>,
+        visible: Arc<tokio::sync::watch::Sender<u64>>,
         config: &EmbeddedConfig,
         counters: Counters,
     ) -> Result<Self, StoreError> {
@@ -176,6 +181,8 @@ impl Writer {
             db,
             shared_ranges,
             ranges,
+            visible,
+            appended: false,
             counters,
             flush: config.flush,
             flush_timeout: config.flush_timeout,
@@ -254,6 +261,9 @@ impl Writer {
                 if let Ok(mut shared) = self.shared_ranges.write() {
                     shared.clone_from(&self.ranges);
                 }
+                if std::mem::take(&mut self.appended) {
+                    self.visible.send_modify(|n| *n = n.wrapping_add(1));
+                }
                 let flush_timed_out = sync_now && elapsed > self.flush_timeout;
                 if flush_timed_out {
                     tracing::warn!(
@@ -278,6 +288,7 @@ impl Writer {
             Err(e) => {
                 tracing::error!(error = %e, "store commit failed; its writes are answered with an error");
                 self.counters = saved_counters;
+                self.appended = false;
                 self.ranges = saved_ranges;
                 self.next_due = saved_due;
                 let message = e.to_string();
@@ -423,6 +434,7 @@ impl Writer {
             range.max - 1
         };
         let store_seq = self.next_store_seq();
+        self.appended = true;
         tables
             .messages
             .insert(

@@ -1,0 +1,237 @@
+//! `impl MessagingService for GrpcAdapter`: converts protobuf messages to engine calls and
+//! engine results back; engine errors map to gRPC codes with the same text as REST.
+
+use super::pb;
+use crate::engine::{
+    ConsumeCommand, ConsumeEvent, ConsumeTarget, Delivered, Engine, EngineError, ErrorKind, FetchRequest,
+    ProduceRequest, SendReceipt, Subscription,
+};
+use std::pin::Pin;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+
+pub struct GrpcAdapter {
+    pub engine: Engine,
+}
+
+fn status(e: EngineError) -> Status {
+    let message = e.to_string();
+    match e.kind() {
+        ErrorKind::InvalidArgument => Status::invalid_argument(message),
+        ErrorKind::NotFound => Status::not_found(message),
+        ErrorKind::Unavailable => Status::unavailable(message),
+        ErrorKind::Internal => {
+            tracing::error!(error = %message, "gRPC call failed");
+            Status::internal(message)
+        }
+    }
+}
+
+fn send_result(r: SendReceipt) -> pb::SendResult {
+    pb::SendResult {
+        send_status: r.status.as_str().to_owned(),
+        msg_id: r.msg_id,
+        message_queue: Some(pb::MessageQueue {
+            topic: r.topic,
+            broker_name: r.broker_name,
+            queue_id: r.queue_id as i32,
+        }),
+        queue_offset: r.queue_offset as i64,
+        offset_msg_id: r.offset_msg_id,
+        region_id: r.region_id,
+        trace_on: r.trace_on,
+    }
+}
+
+fn message(d: Delivered) -> pb::Message {
+    pb::Message {
+        message_id: d.msg_id,
+        body: d.body,
+        timestamp: d.store_ms as i64,
+    }
+}
+
+fn target(t: Option<pb::ConsumeTarget>) -> Result<ConsumeTarget, Status> {
+    let t = t.ok_or_else(|| Status::invalid_argument("target is required"))?;
+    Ok(ConsumeTarget {
+        topic: t.topic,
+        consumer: t.consumer,
+        client_id: t.client_id,
+    })
+}
+
+fn peer_ip<T>(req: &Request<T>) -> Option<String> {
+    req.remote_addr().map(|a| a.ip().to_string())
+}
+
+type ConsumeStream = Pin<Box<dyn Stream<Item = Result<pb::ConsumeResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::messaging_service_server::MessagingService for GrpcAdapter {
+    async fn produce(&self, request: Request<pb::ProduceRequest>) -> Result<Response<pb::ProduceResponse>, Status> {
+        let r = request.into_inner();
+        let receipt = self
+            .engine
+            .produce(ProduceRequest {
+                producer: r.producer,
+                body: r.body,
+                keys: r.keys,
+                order_id: r.order_id,
+                delay_level: r.delay_level,
+                delivery_timestamp_ms: r.delivery_timestamp,
+            })
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::ProduceResponse {
+            result: Some(send_result(receipt)),
+        }))
+    }
+
+    async fn produce_batch(
+        &self,
+        request: Request<pb::ProduceBatchRequest>,
+    ) -> Result<Response<pb::ProduceBatchResponse>, Status> {
+        let r = request.into_inner();
+        let results = self.engine.produce_batch(&r.producer, r.bodies).await.map_err(status)?;
+        let results = results
+            .into_iter()
+            .map(|item| match item {
+                Ok(receipt) => pb::BatchItemResult {
+                    status: 200,
+                    message: String::new(),
+                    result: Some(send_result(receipt)),
+                },
+                Err(e) => pb::BatchItemResult {
+                    status: if e.kind() == ErrorKind::InvalidArgument {
+                        400
+                    } else {
+                        500
+                    },
+                    message: e.to_string(),
+                    result: None,
+                },
+            })
+            .collect();
+        Ok(Response::new(pb::ProduceBatchResponse { results }))
+    }
+
+    async fn fetch(&self, request: Request<pb::FetchRequest>) -> Result<Response<pb::FetchResponse>, Status> {
+        let peer = peer_ip(&request);
+        let r = request.into_inner();
+        let outcome = self
+            .engine
+            .fetch(FetchRequest {
+                target: target(r.target)?,
+                request_id: r.request_id,
+                client_ip: r.client_ip.or(peer),
+                max_pull_size: None,
+            })
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::FetchResponse {
+            status: outcome.status.as_str().to_owned(),
+            request_id: outcome.request_id,
+            messages: outcome.messages.into_iter().map(message).collect(),
+            retry_messages: outcome.retry_messages.into_iter().map(message).collect(),
+            ack_info: outcome.ack.map(|a| match a {
+                Ok(a) => pb::AckInfo {
+                    status: 200,
+                    message: a.message,
+                },
+                Err(m) => pb::AckInfo {
+                    status: 400,
+                    message: m,
+                },
+            }),
+        }))
+    }
+
+    async fn ack(&self, request: Request<pb::AckRequest>) -> Result<Response<pb::AckResponse>, Status> {
+        let r = request.into_inner();
+        let o = self
+            .engine
+            .ack(&target(r.target)?, &r.request_id)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::AckResponse {
+            committed: o.committed,
+            message: o.message,
+        }))
+    }
+
+    async fn unlock(&self, request: Request<pb::UnlockRequest>) -> Result<Response<pb::UnlockResponse>, Status> {
+        let r = request.into_inner();
+        let o = self
+            .engine
+            .unlock(&target(r.target)?, &r.request_id)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::UnlockResponse {
+            unlocked: o.unlocked,
+            message: o.message,
+        }))
+    }
+
+    type ConsumeStream = ConsumeStream;
+
+    async fn consume(
+        &self,
+        request: Request<Streaming<pb::ConsumeRequest>>,
+    ) -> Result<Response<Self::ConsumeStream>, Status> {
+        let peer = peer_ip(&request);
+        let mut inbound = request.into_inner();
+        let first = inbound
+            .message()
+            .await?
+            .and_then(|m| m.command)
+            .ok_or_else(|| Status::invalid_argument("the first message of Consume must be subscribe"))?;
+        let pb::consume_request::Command::Subscribe(sub) = first else {
+            return Err(Status::invalid_argument(
+                "the first message of Consume must be subscribe",
+            ));
+        };
+        // Later messages: acks and unlocks; a malformed one or a transport error ends input.
+        let commands = inbound
+            .take_while(Result::is_ok)
+            .filter_map(|m| match m.ok()?.command? {
+                pb::consume_request::Command::Ack(id) => Some(ConsumeCommand::Ack(id)),
+                pb::consume_request::Command::Unlock(id) => Some(ConsumeCommand::Unlock(id)),
+                pb::consume_request::Command::Subscribe(_) => None,
+            });
+        let events = self
+            .engine
+            .consume(
+                Subscription {
+                    target: target(sub.target)?,
+                    max_in_flight: sub.max_in_flight.unwrap_or(0),
+                    max_pull_size: sub.max_pull_size,
+                    auto_ack: sub.auto_ack,
+                    client_ip: peer,
+                },
+                Box::pin(commands),
+            )
+            .map_err(status)?;
+        let responses = events.map(|event| {
+            event.map_err(status).map(|event| pb::ConsumeResponse {
+                event: Some(match event {
+                    ConsumeEvent::Batch {
+                        request_id,
+                        messages,
+                        retry_messages,
+                    } => pb::consume_response::Event::Batch(pb::Batch {
+                        request_id,
+                        messages: messages.into_iter().map(message).collect(),
+                        retry_messages: retry_messages.into_iter().map(message).collect(),
+                    }),
+                    ConsumeEvent::CommandResult { ok, message } => {
+                        pb::consume_response::Event::AckResult(pb::AckInfo {
+                            status: if ok { 200 } else { 400 },
+                            message,
+                        })
+                    }
+                }),
+            })
+        });
+        Ok(Response::new(Box::pin(responses)))
+    }
+}
