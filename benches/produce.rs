@@ -136,6 +136,69 @@ fn raw_fdatasync_per_second(dir: &std::path::Path) -> f64 {
     f64::from(n) / started.elapsed().as_secs_f64()
 }
 
+/// Produce over REST one message at a time; time until a gRPC Consume stream delivers it.
+async fn stream_latency(base: &str, n: usize) -> (f64, f64) {
+    use mqproxy::grpc::pb;
+    use pb::consume_request::Command;
+    use pb::consume_response::Event;
+    use tokio_stream::StreamExt;
+    let mut grpc = pb::messaging_service_client::MessagingServiceClient::connect(base.to_owned())
+        .await
+        .expect("connect");
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let target = pb::ConsumeTarget {
+        topic: TOPIC.into(),
+        consumer: "http-clustering-consumer".into(),
+        client_id: None,
+    };
+    let subscribe = pb::Subscribe {
+        target: Some(target),
+        max_in_flight: Some(4),
+        max_pull_size: None,
+        auto_ack: false,
+    };
+    tx.send(pb::ConsumeRequest {
+        command: Some(Command::Subscribe(subscribe)),
+    })
+    .await
+    .expect("subscribe");
+    let mut events = grpc
+        .consume(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("consume")
+        .into_inner();
+    let client = reqwest::Client::new();
+    let mut latencies = Vec::with_capacity(n);
+    for i in 0..n {
+        let started = Instant::now();
+        let v: Value = client
+            .post(format!("{base}/mq/produce"))
+            .form(&[("producer", PRODUCER), ("message", &format!("latency-{i}"))])
+            .send()
+            .await
+            .expect("post")
+            .json()
+            .await
+            .expect("json");
+        assert_eq!(v["status"], 200);
+        loop {
+            match events.next().await.expect("stream open").expect("event").event {
+                Some(Event::Batch(batch)) => {
+                    latencies.push(started.elapsed().as_secs_f64() * 1000.0);
+                    tx.send(pb::ConsumeRequest {
+                        command: Some(Command::Ack(batch.request_id)),
+                    })
+                    .await
+                    .expect("ack");
+                    break;
+                }
+                _ => continue,
+            }
+        }
+    }
+    (percentile(&mut latencies, 0.5), percentile(&mut latencies, 0.99))
+}
+
 #[tokio::main]
 async fn main() {
     let secs: f64 = std::env::var("BENCH_SECONDS")
@@ -181,6 +244,10 @@ async fn main() {
         );
     }
     let server = start(4096).await;
+    let (p50, p99) = stream_latency(&server.base, 500).await;
+    println!(
+        "produce (REST) -> deliver (gRPC Consume stream) latency, 500 messages one at a time: p50 {p50:.2} ms, p99 {p99:.2} ms"
+    );
     produce_run(&server.base, 64, secs, &body).await;
     let rates: Vec<f64> = vec![consume_run(&server.base).await];
     println!(
