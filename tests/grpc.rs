@@ -506,3 +506,51 @@ async fn four_streams_exactly_once_and_a_killed_stream() {
         }
     }
 }
+
+/// The delay scheduler wakes a waiting stream when a delayed message falls due.
+#[tokio::test]
+async fn delayed_message_wakes_the_stream_when_due() {
+    let s = TestServer::with_toml(&one_queue("")).await;
+    let mut c = client(&s).await;
+    let mut stream = Stream::open(&mut c, sub("c", None, 1, None)).await;
+    let sent = Instant::now();
+    s.post(
+        "/mq/produce",
+        &[("producer", PRODUCER), ("message", "later"), ("delayLevel", "1")],
+    )
+    .await;
+    let batch = stream.batch(Duration::from_secs(10)).await.expect("delivered when due");
+    assert!(sent.elapsed() >= Duration::from_millis(900), "not before its delay");
+    assert_eq!(bodies(&batch), ["later"]);
+}
+
+/// The standard health service answers SERVING for the messaging service.
+#[tokio::test]
+async fn health_service_reports_serving() {
+    let s = TestServer::start().await;
+    let channel = Channel::from_shared(s.base.clone())
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let status = eventually(Duration::from_secs(5), "SERVING", || {
+        let mut health = health.clone();
+        async move {
+            let r = health
+                .check(tonic_health::pb::HealthCheckRequest {
+                    service: "mqproxy.v1.MessagingService".into(),
+                })
+                .await
+                .ok()?
+                .into_inner();
+            (r.status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32).then_some(r.status)
+        }
+    })
+    .await;
+    assert_eq!(status, 1);
+    let _ = health
+        .check(tonic_health::pb::HealthCheckRequest { service: String::new() })
+        .await
+        .expect("overall");
+}
