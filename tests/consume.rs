@@ -416,3 +416,25 @@ async fn queue_choice_round_robins_by_staleness() {
     }
     assert_eq!(order, [0, 1, 2, 3]);
 }
+
+/// A pull stops before its bodies pass 4 MiB (always at least one message).
+#[tokio::test]
+async fn a_batch_is_capped_near_4_mib() {
+    let s = TestServer::with_toml(&one_queue("")).await;
+    let big = "b".repeat(3 * 1024 * 1024);
+    for _ in 0..3 {
+        s.produce(&big).await;
+    }
+    s.produce("small").await;
+    let mut sizes = Vec::new();
+    let mut previous: Option<String> = None;
+    loop {
+        let v = s.fetch("c", previous.as_deref()).await;
+        if v["result"]["status"] != "FOUND" {
+            break;
+        }
+        sizes.push(v["result"]["msgListSize"].as_i64().unwrap_or(0));
+        previous = Some(rid(&v));
+    }
+    assert_eq!(sizes, [1, 1, 2], "3 MiB, 3 MiB, then 3 MiB + the small one");
+}

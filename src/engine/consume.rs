@@ -202,6 +202,11 @@ enum Choice {
     Locked(Chosen),
 }
 
+/// Bodies per batch: a pull stops before passing it (but always returns one message), so an
+/// answer stays near the 4 MiB a gRPC client accepts by default, as RocketMQ caps a pull by
+/// bytes too.
+const MAX_BATCH_BYTES: usize = super::MAX_MESSAGE_BYTES;
+
 /// Queue ids beyond this come from no config (topics have at most 1024 queues).
 const MAX_QUEUES: u32 = 1024;
 
@@ -528,13 +533,25 @@ impl Engine {
         let messages = self
             .inner
             .messages
-            .read(&spec.topic, chosen.queue, chosen.start, max_pull as usize)
+            .read(
+                &spec.topic,
+                chosen.queue,
+                chosen.start,
+                max_pull as usize,
+                MAX_BATCH_BYTES,
+            )
             .await?;
         let mut retry_messages = Vec::new();
         let mut missing = Vec::new();
         for entry in &chosen.retries {
             let MessageLocation { topic, queue, offset } = &entry.location;
-            match self.inner.messages.read(topic, *queue, *offset, 1).await?.pop() {
+            match self
+                .inner
+                .messages
+                .read(topic, *queue, *offset, 1, MAX_BATCH_BYTES)
+                .await?
+                .pop()
+            {
                 Some(m) if m.offset == *offset && m.msg_id == entry.msg_id => retry_messages.push(to_delivered(m)),
                 _ => missing.push(entry.seq),
             }

@@ -176,8 +176,16 @@ pub trait MessageStore: Send + Sync + 'static {
     /// The offsets present in a queue (cheap: kept in memory).
     fn queue_range(&self, topic: &str, queue: u32) -> QueueRange;
 
-    /// Up to `max` messages of a queue from offset `from` on.
-    async fn read(&self, topic: &str, queue: u32, from: u64, max: usize) -> Result<Vec<StoredMessage>, StoreError>;
+    /// Up to `max` messages of a queue from offset `from` on, stopping before the bodies would
+    /// pass `max_bytes` (the first message is always included, whatever its size).
+    async fn read(
+        &self,
+        topic: &str,
+        queue: u32,
+        from: u64,
+        max: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<StoredMessage>, StoreError>;
 
     /// Where the message with this msgId sits, if it is in a queue.
     async fn locate(&self, msg_id: [u8; 16]) -> Result<Option<MessageLocation>, StoreError>;

@@ -201,7 +201,14 @@ impl MessageStore for EmbeddedStore {
             .unwrap_or_default()
     }
 
-    async fn read(&self, topic: &str, queue: u32, from: u64, max: usize) -> Result<Vec<StoredMessage>, StoreError> {
+    async fn read(
+        &self,
+        topic: &str,
+        queue: u32,
+        from: u64,
+        max: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<StoredMessage>, StoreError> {
         let db = self.inner.db.clone();
         let topic = topic.to_owned();
         tokio::task::spawn_blocking(move || {
@@ -211,7 +218,8 @@ impl MessageStore for EmbeddedStore {
                 Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
                 Err(e) => return Err(db_err(e)),
             };
-            let mut out = Vec::new();
+            let mut out: Vec<StoredMessage> = Vec::new();
+            let mut bytes = 0;
             for entry in table
                 .range((topic.as_str(), queue, from)..=(topic.as_str(), queue, u64::MAX))
                 .map_err(db_err)?
@@ -220,7 +228,12 @@ impl MessageStore for EmbeddedStore {
                     break;
                 }
                 let (key, value) = entry.map_err(db_err)?;
-                out.push(codec::decode_message(key.value().2, value.value())?);
+                let message = codec::decode_message(key.value().2, value.value())?;
+                bytes += message.body.len();
+                if bytes > max_bytes && !out.is_empty() {
+                    break;
+                }
+                out.push(message);
             }
             Ok(out)
         })
