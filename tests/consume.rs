@@ -438,3 +438,42 @@ async fn a_batch_is_capped_near_4_mib() {
     }
     assert_eq!(sizes, [1, 1, 2], "3 MiB, 3 MiB, then 3 MiB + the small one");
 }
+
+/// `maxPullSize` (the newer MQCloud parameter) makes a pull smaller; out of range is a 400.
+#[tokio::test]
+async fn max_pull_size_parameter() {
+    let s = TestServer::with_toml(&one_queue("")).await;
+    for m in ["a", "b", "c"] {
+        s.produce(m).await;
+    }
+    let v = s
+        .get(
+            "/mq/message",
+            &[("topic", TOPIC), ("consumer", "c"), ("maxPullSize", "2")],
+        )
+        .await;
+    assert_eq!(bodies_of(&v), ["a", "b"]);
+    let v = s
+        .post(
+            "/mq/message",
+            &[
+                ("topic", TOPIC),
+                ("consumer", "c"),
+                ("maxPullSize", "1"),
+                ("requestId", &rid(&v)),
+            ],
+        )
+        .await;
+    assert_eq!(bodies_of(&v), ["c"]);
+    let bad = s
+        .get(
+            "/mq/message",
+            &[("topic", TOPIC), ("consumer", "c"), ("maxPullSize", "129")],
+        )
+        .await;
+    assert_eq!(bad["status"], 400);
+    assert!(
+        bad["message"].as_str().is_some_and(|m| m.contains("maxPullSize")),
+        "{bad}"
+    );
+}

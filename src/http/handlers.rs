@@ -199,7 +199,7 @@ impl MqApi for HttpAdapter {
         let req = FetchRequest {
             request_id: request_id(p.request_id, use_cookie, &ctx),
             client_ip: client_ip(p.client_ip, &ctx),
-            max_pull_size: None,
+            max_pull_size: p.max_pull_size.and_then(|m| u32::try_from(m).ok()),
             target: target(p.topic, p.consumer, p.client_id),
         };
         let mut reply = match self.engine.fetch(req).await {
