@@ -5,6 +5,7 @@ use crate::config::{Config, Flush, HttpStatusPolicy};
 use crate::engine::{Engine, EngineConfig, EngineError};
 use crate::http::{self, HttpSettings};
 use crate::store::StoreError;
+use crate::store::consumer_state::LocalConsumerState;
 use crate::store::embedded::{EmbeddedConfig, EmbeddedStore, FlushPolicy};
 use axum::serve::ListenerExt;
 use std::future::Future;
@@ -74,8 +75,13 @@ pub async fn run(
             consumers: config.consumer_specs(),
         },
         Arc::new(store.clone()),
-        Arc::new(store.clone()),
-    )?;
+        Arc::new(
+            LocalConsumerState::load(Arc::new(store.clone())).map_err(|source| ServeError::Store {
+                dir: config.data_dir.display().to_string(),
+                source,
+            })?,
+        ),
+    );
     let grpc = crate::grpc::router(engine.clone()).map_err(|e| ServeError::Grpc(e.to_string()))?;
     let app = http::router(
         engine,

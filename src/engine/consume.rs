@@ -1,19 +1,17 @@
 //! Consuming: queue choice and locks, fetch, ack, unlock, retry messages, pause and rate limit.
 //!
-//! State per consumer context (a group, or group + clientId in broadcast) sits in memory
-//! behind one mutex per context and is written through to the [`ConsumerStore`] while the
-//! mutex is held, so the store sees changes in the order they happened. Commits (acks) are
-//! awaited before answering; lock-only changes are written behind (losing one in a crash only
-//! makes a batch come back sooner, which at-least-once allows).
+//! The rules live here; the state lives behind [`ConsumerStateStore`], whose steps are atomic
+//! compare-and-set operations (take a lock only if it is still what was seen; finish a batch
+//! only with the lock that handed it out), so the same rules hold for one proxy's memory and
+//! for a state store shared by several proxies.
 
 use super::rate_limit::TokenBucket;
 use super::request_id::{self, BatchToken};
 use super::{ConsumeMode, ConsumerSpec, Engine, EngineError, now_ms};
-use crate::store::{
-    ConsumerOp, ConsumerSettings, ConsumerSnapshot, ContextKey, MessageLocation, QueueState, RetryEntry, StoredMessage,
-};
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex, MutexGuard};
+use crate::store::consumer_state::{ContextSnapshot, LockRequest, RetryFate};
+use crate::store::{ConsumerSettings, ContextKey, QueueState, RetryEntry, StoredMessage};
+use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard};
 
 /// Who consumes what, as a request names it.
 #[derive(Debug, Clone)]
@@ -125,71 +123,34 @@ pub struct ConsumerView {
     pub retry_queued: u32,
 }
 
-#[derive(Debug, Default)]
-struct ContextState {
-    queues: Vec<QueueState>,
-    retries: BTreeMap<u64, RetryEntry>,
-    next_retry_seq: u64,
-}
-
-impl ContextState {
-    fn ensure_queues(&mut self, n: u32) {
-        if self.queues.len() < n as usize {
-            self.queues.resize_with(n as usize, QueueState::default);
-        }
-    }
-
-    /// The lock of `queue` if it is held and not expired.
-    fn live_lock(&self, queue: u32, now: u64, timeout_ms: u64) -> Option<u64> {
-        let lock = self.queues.get(queue as usize)?.lock_time?;
-        (now.saturating_sub(lock) <= timeout_ms).then_some(lock)
-    }
-}
-
-/// All consumer contexts, plus settings and rate limiters per consumer.
-pub(super) struct ConsumerState {
-    contexts: Mutex<HashMap<ContextKey, Arc<Mutex<ContextState>>>>,
-    settings: Mutex<HashMap<String, ConsumerSettings>>,
+/// Rate limiters per consumer (per proxy, as in the Java proxy).
+#[derive(Default)]
+pub(super) struct RateLimiters {
     buckets: Mutex<HashMap<String, TokenBucket>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic while holding a state mutex leaves consistent data (every change is a plain
-    // assignment), so a poisoned mutex is taken over rather than propagated.
+    // A bucket is plain numbers: a poisoned mutex still holds usable data.
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-impl ConsumerState {
-    pub(super) fn from_snapshot(snapshot: ConsumerSnapshot) -> Self {
-        let mut contexts: HashMap<ContextKey, ContextState> = HashMap::new();
-        for (key, queue, state) in snapshot.queues {
-            if queue >= MAX_QUEUES {
-                tracing::warn!(?key, queue, "ignoring saved state of a queue id beyond any topic");
-                continue;
-            }
-            let ctx = contexts.entry(key).or_default();
-            ctx.ensure_queues(queue + 1);
-            ctx.queues[queue as usize] = state;
-        }
-        for (key, entry) in snapshot.retries {
-            let ctx = contexts.entry(key).or_default();
-            ctx.next_retry_seq = ctx.next_retry_seq.max(entry.seq + 1);
-            ctx.retries.insert(entry.seq, entry);
-        }
-        Self {
-            contexts: Mutex::new(
-                contexts
-                    .into_iter()
-                    .map(|(k, v)| (k, Arc::new(Mutex::new(v))))
-                    .collect(),
-            ),
-            settings: Mutex::new(snapshot.settings.into_iter().collect()),
-            buckets: Mutex::new(HashMap::new()),
-        }
-    }
+/// The lock of a queue if it is held and not expired.
+fn live_lock(q: &QueueState, now: u64, timeout_ms: u64) -> Option<u64> {
+    let lock = q.lock_time?;
+    (now.saturating_sub(lock) <= timeout_ms).then_some(lock)
+}
 
-    fn context(&self, key: &ContextKey) -> Arc<Mutex<ContextState>> {
-        lock(&self.contexts).entry(key.clone()).or_default().clone()
+/// A retry entry not delivered with a live batch.
+fn retry_is_free(e: &RetryEntry, snapshot: &ContextSnapshot, now: u64, timeout_ms: u64) -> bool {
+    match e.in_flight {
+        None => true,
+        Some((q, l)) => {
+            snapshot
+                .queues
+                .get(q as usize)
+                .and_then(|qs| live_lock(qs, now, timeout_ms))
+                != Some(l)
+        }
     }
 }
 
@@ -206,9 +167,6 @@ enum Choice {
 /// answer stays near the 4 MiB a gRPC client accepts by default, as RocketMQ caps a pull by
 /// bytes too.
 const MAX_BATCH_BYTES: usize = super::MAX_MESSAGE_BYTES;
-
-/// Queue ids beyond this come from no config (topics have at most 1024 queues).
-const MAX_QUEUES: u32 = 1024;
 
 /// A queue chosen and locked for one fetch.
 struct Chosen {
@@ -267,31 +225,37 @@ impl Engine {
     }
 
     /// When the earliest live lock of this context expires (epoch ms), if any.
-    pub(super) fn next_lock_expiry(&self, key: &ContextKey, timeout_ms: u64) -> Option<u64> {
-        let ctx = self.inner.state.context(key);
-        let st = lock(&ctx);
+    pub(super) async fn next_lock_expiry(&self, key: &ContextKey, timeout_ms: u64) -> Result<Option<u64>, EngineError> {
+        let snapshot = self.inner.state.snapshot(key, self.queue_count(&key.topic)).await?;
         let now = now_ms();
-        st.queues
+        Ok(snapshot
+            .queues
             .iter()
             .filter_map(|q| q.lock_time)
             .map(|l| l + timeout_ms + 1)
             .filter(|&expiry| expiry > now)
-            .min()
+            .min())
     }
 
     fn queue_count(&self, topic: &str) -> u32 {
         self.inner.topics.get(topic).map_or(0, |t| t.queues)
     }
 
-    fn settings_of(&self, consumer: &str) -> ConsumerSettings {
-        lock(&self.inner.state.settings)
-            .get(consumer)
-            .cloned()
-            .unwrap_or(ConsumerSettings {
-                paused: false,
-                rate_limit_enabled: true,
-                limit_rate: self.inner.config.default_rate_limit,
-            })
+    fn default_settings(&self) -> ConsumerSettings {
+        ConsumerSettings {
+            paused: false,
+            rate_limit_enabled: true,
+            limit_rate: self.inner.config.default_rate_limit,
+        }
+    }
+
+    async fn settings_of(&self, consumer: &str) -> Result<ConsumerSettings, EngineError> {
+        Ok(self
+            .inner
+            .state
+            .settings(consumer)
+            .await?
+            .unwrap_or_else(|| self.default_settings()))
     }
 
     fn decode_token(&self, request_id: &str, key: &ContextKey, queues: u32) -> Result<BatchToken, EngineError> {
@@ -321,13 +285,13 @@ impl Engine {
             ack,
             queue: None,
         };
-        let settings = self.settings_of(&spec.name);
+        let settings = self.settings_of(&spec.name).await?;
         if settings.paused {
             outcome.status = FetchStatus::Paused;
             return Ok(outcome);
         }
         if settings.rate_limit_enabled
-            && !lock(&self.inner.state.buckets)
+            && !lock(&self.inner.rate_limiters.buckets)
                 .entry(spec.name.clone())
                 .or_insert_with(|| TokenBucket::new(settings.limit_rate))
                 .try_acquire(settings.limit_rate)
@@ -336,9 +300,8 @@ impl Engine {
             return Ok(outcome);
         }
 
-        let ctx = self.inner.state.context(&key);
         let max_pull = req.max_pull_size.map_or(spec.max_pull_size, |m| m.clamp(1, 128));
-        let chosen = match self.choose_and_lock(spec, &key, &ctx, req.client_ip, max_pull) {
+        let chosen = match self.choose_and_lock(spec, &key, req.client_ip, max_pull).await? {
             Choice::Locked(chosen) => chosen,
             Choice::Idle(snapshot) => {
                 outcome.queue = Some(snapshot);
@@ -370,25 +333,22 @@ impl Engine {
             return Ok(outcome);
         }
 
-        let read = self.read_batch(spec, &chosen, max_pull).await;
-        let (messages, retry_messages, missing_retries) = match read {
+        let (messages, retry_messages, missing_retries) = match self.read_batch(spec, &chosen, max_pull).await {
             Ok(v) => v,
             Err(e) => {
-                self.release(&key, &ctx, &chosen, &[]);
+                self.release(&key, &chosen, &[]).await?;
                 return Err(e);
             }
         };
         if messages.is_empty() && retry_messages.is_empty() {
-            self.release(&key, &ctx, &chosen, &missing_retries);
+            self.release(&key, &chosen, &missing_retries).await?;
             if let Some(q) = outcome.queue.as_mut() {
                 q.lock_time = None;
             }
             return Ok(outcome);
         }
         if !missing_retries.is_empty() {
-            let mut st = lock(&ctx);
-            let ops = drop_retries(&mut st, &key, &missing_retries);
-            drop(self.inner.consumer_store.save(ops));
+            self.inner.state.drop_retries(&key, &missing_retries).await?;
         }
         let next = messages.last().map_or(chosen.start, |m| m.offset + 1);
         outcome.status = FetchStatus::Found;
@@ -399,127 +359,106 @@ impl Engine {
     }
 
     /// Picks the queue with the biggest backlog (then the least recently pulled) among those
-    /// not locked for this context, and locks it.
-    fn choose_and_lock(
+    /// not locked for this context, and locks it; if another pull takes it first, the next.
+    async fn choose_and_lock(
         &self,
         spec: &ConsumerSpec,
         key: &ContextKey,
-        ctx: &Mutex<ContextState>,
         client_ip: Option<String>,
         max_pull: u32,
-    ) -> Choice {
+    ) -> Result<Choice, EngineError> {
         let queues = self.queue_count(&spec.topic);
         let now = now_ms();
-        let mut st = lock(ctx);
-        st.ensure_queues(queues);
+        let timeout = spec.consume_timeout_ms;
+        let snapshot = self.inner.state.snapshot(key, queues).await?;
         let ranges: Vec<_> = (0..queues)
             .map(|q| self.inner.messages.queue_range(&spec.topic, q))
             .collect();
-        let mut order: Vec<u32> = (0..queues).collect();
         let backlog = |q: u32| {
             let r = ranges[q as usize];
             r.max
-                .saturating_sub(st.queues[q as usize].committed.unwrap_or(r.min).max(r.min))
+                .saturating_sub(snapshot.queues[q as usize].committed.unwrap_or(r.min).max(r.min))
         };
+        let mut order: Vec<u32> = (0..queues).collect();
         order.sort_by(|&a, &b| {
             backlog(b).cmp(&backlog(a)).then(
-                st.queues[a as usize]
+                snapshot.queues[a as usize]
                     .last_pull_ms
-                    .cmp(&st.queues[b as usize].last_pull_ms),
+                    .cmp(&snapshot.queues[b as usize].last_pull_ms),
             )
         });
-        let Some(queue) = order
-            .into_iter()
-            .find(|&q| st.live_lock(q, now, spec.consume_timeout_ms).is_none())
-        else {
-            return Choice::AllLocked;
-        };
-        let range = ranges[queue as usize];
-        let committed = st.queues[queue as usize].committed;
-        let start = committed.unwrap_or(range.min);
-        let reset_to = committed.and_then(|c| {
-            if c < range.min {
-                Some(range.min)
-            } else if c > range.max {
-                Some(range.max)
-            } else {
-                None
+        let any_free_retry = snapshot
+            .retries
+            .iter()
+            .any(|e| retry_is_free(e, &snapshot, now, timeout));
+        for queue in order {
+            let qs = &snapshot.queues[queue as usize];
+            if live_lock(qs, now, timeout).is_some() {
+                continue;
             }
-        });
-        let retry_is_free = |e: &RetryEntry| match e.in_flight {
-            None => true,
-            Some((q, l)) => st.live_lock(q, now, spec.consume_timeout_ms) != Some(l),
-        };
-        let idle = reset_to.is_none() && start >= range.max && !st.retries.values().any(retry_is_free);
-        let qs = &mut st.queues[queue as usize];
-        if client_ip.is_some() {
-            qs.client_ip = client_ip;
-        }
-        if idle {
-            // Nothing to hand out: no lock and no store write, so idle polling costs no I/O.
-            // (last_pull_ms only orders queues and bounds lock times; it need not be durable.)
-            qs.last_pull_ms = now.max(qs.last_pull_ms);
-            return Choice::Idle(QueueSnapshot {
+            let range = ranges[queue as usize];
+            let start = qs.committed.unwrap_or(range.min);
+            let reset_to = qs.committed.and_then(|c| {
+                if c < range.min {
+                    Some(range.min)
+                } else if c > range.max {
+                    Some(range.max)
+                } else {
+                    None
+                }
+            });
+            let queue_snapshot = |state: &QueueState| QueueSnapshot {
                 topic: spec.topic.clone(),
                 queue_id: queue,
                 min_offset: range.min,
                 max_offset: range.max,
-                committed: qs.committed,
-                lock_time: None,
-                client_ip: qs.client_ip.clone(),
-            });
-        }
-        // Strictly increasing per queue, so an ack of an older lock never matches a newer one.
-        let lock_time = now.max(qs.last_pull_ms + 1);
-        qs.lock_time = Some(lock_time);
-        qs.last_pull_ms = lock_time;
-        let mut ops = vec![ConsumerOp::PutQueue {
-            context: key.clone(),
-            queue,
-            state: qs.clone(),
-        }];
-        let mut retries = Vec::new();
-        if reset_to.is_none() {
-            let free: Vec<u64> = st
-                .retries
-                .values()
-                .filter(|e| match e.in_flight {
-                    None => true,
-                    Some((q, l)) => st.live_lock(q, now, spec.consume_timeout_ms) != Some(l),
-                })
-                .map(|e| e.seq)
-                .take(max_pull as usize)
-                .collect();
-            for seq in free {
-                if let Some(entry) = st.retries.get_mut(&seq) {
-                    entry.in_flight = Some((queue, lock_time));
-                    ops.push(ConsumerOp::PutRetry {
-                        context: key.clone(),
-                        entry: entry.clone(),
-                    });
-                    retries.push(entry.clone());
+                committed: state.committed,
+                lock_time: state.lock_time,
+                client_ip: state.client_ip.clone(),
+            };
+            if reset_to.is_none() && start >= range.max && !any_free_retry {
+                // Nothing to hand out: no lock and no store write, so idle polling costs no I/O.
+                self.inner.state.touch(key, queue, now, client_ip.clone()).await?;
+                let mut seen = qs.clone();
+                seen.lock_time = None;
+                if client_ip.is_some() {
+                    seen.client_ip.clone_from(&client_ip);
                 }
+                return Ok(Choice::Idle(queue_snapshot(&seen)));
             }
+            let claim_retries = if reset_to.is_none() {
+                snapshot
+                    .retries
+                    .iter()
+                    .filter(|e| retry_is_free(e, &snapshot, now, timeout))
+                    .take(max_pull as usize)
+                    .map(|e| (e.seq, e.in_flight))
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            // Strictly later than the last pull, so an ack of an older lock never matches.
+            let lock_time = now.max(qs.last_pull_ms + 1);
+            let request = LockRequest {
+                queue,
+                seen: qs.lock_time,
+                lock_time,
+                client_ip: client_ip.clone(),
+                claim_retries,
+            };
+            if let Some(grant) = self.inner.state.try_lock(key, request).await? {
+                return Ok(Choice::Locked(Chosen {
+                    queue,
+                    lock_time,
+                    start,
+                    reset_to,
+                    retries: grant.retries,
+                    snapshot: queue_snapshot(&grant.state),
+                }));
+            }
+            // Another pull took this queue between our look and our lock: try the next one.
         }
-        drop(self.inner.consumer_store.save(ops));
-        let qs = &st.queues[queue as usize];
-        let snapshot = QueueSnapshot {
-            topic: spec.topic.clone(),
-            queue_id: queue,
-            min_offset: range.min,
-            max_offset: range.max,
-            committed: qs.committed,
-            lock_time: qs.lock_time,
-            client_ip: qs.client_ip.clone(),
-        };
-        Choice::Locked(Chosen {
-            queue,
-            lock_time,
-            start,
-            reset_to,
-            retries,
-            snapshot,
-        })
+        Ok(Choice::AllLocked)
     }
 
     /// The batch's messages and retry messages; retry entries whose message is gone come back
@@ -544,15 +483,17 @@ impl Engine {
         let mut retry_messages = Vec::new();
         let mut missing = Vec::new();
         for entry in &chosen.retries {
-            let MessageLocation { topic, queue, offset } = &entry.location;
-            match self
+            let location = &entry.location;
+            let found = self
                 .inner
                 .messages
-                .read(topic, *queue, *offset, 1, MAX_BATCH_BYTES)
+                .read(&location.topic, location.queue, location.offset, 1, MAX_BATCH_BYTES)
                 .await?
-                .pop()
-            {
-                Some(m) if m.offset == *offset && m.msg_id == entry.msg_id => retry_messages.push(to_delivered(m)),
+                .pop();
+            match found {
+                Some(m) if m.offset == location.offset && m.msg_id == entry.msg_id => {
+                    retry_messages.push(to_delivered(m))
+                }
                 _ => missing.push(entry.seq),
             }
         }
@@ -560,23 +501,16 @@ impl Engine {
     }
 
     /// Unlocks a queue chosen for a pull that delivers nothing.
-    fn release(&self, key: &ContextKey, ctx: &Mutex<ContextState>, chosen: &Chosen, missing_retries: &[u64]) {
-        let mut st = lock(ctx);
-        let mut ops = drop_retries(&mut st, key, missing_retries);
-        if let Some(qs) = st.queues.get_mut(chosen.queue as usize)
-            && qs.lock_time == Some(chosen.lock_time)
-        {
-            qs.lock_time = None;
-            ops.push(ConsumerOp::PutQueue {
-                context: key.clone(),
-                queue: chosen.queue,
-                state: qs.clone(),
-            });
+    async fn release(&self, key: &ContextKey, chosen: &Chosen, missing_retries: &[u64]) -> Result<(), EngineError> {
+        if !missing_retries.is_empty() {
+            self.inner.state.drop_retries(key, missing_retries).await?;
         }
-        ops.extend(free_retries(&mut st, key, chosen.queue, chosen.lock_time));
-        drop(self.inner.consumer_store.save(ops));
-        drop(st);
+        self.inner
+            .state
+            .finish(key, chosen.queue, chosen.lock_time, None, RetryFate::Free)
+            .await?;
         self.notify_consumers();
+        Ok(())
     }
 
     /// Acknowledges a batch by its requestId.
@@ -595,65 +529,51 @@ impl Engine {
         key: &ContextKey,
         request_id: &str,
     ) -> Result<AckOutcome, EngineError> {
-        let token = self.decode_token(request_id, key, self.queue_count(&spec.topic))?;
+        let queues = self.queue_count(&spec.topic);
+        let token = self.decode_token(request_id, key, queues)?;
         let info = token.info();
-        let ctx = self.inner.state.context(key);
-        let (outcome, pending) = {
-            let mut st = lock(&ctx);
-            st.ensure_queues(self.queue_count(&spec.topic));
-            let now = now_ms();
-            let qs = &mut st.queues[token.queue_id as usize];
-            // The batch's own lock is still there (live or expired, not re-taken).
-            let matched = qs.lock_time == Some(token.lock_time);
-            let outcome = match qs.lock_time {
-                None => AckOutcome {
-                    committed: false,
-                    message: format!("lock not exist {info}"),
-                },
-                Some(t) if t != token.lock_time => AckOutcome {
-                    committed: false,
-                    message: format!("ack ignored: the queue was locked again since (lockTime {t}) {info}"),
-                },
-                Some(t) => {
-                    let expired = now.saturating_sub(t) > spec.consume_timeout_ms;
-                    let prefix = if expired { "lock expired, " } else { "" };
-                    let (committed, what) = match qs.committed {
-                        None => (true, "ok"),
-                        Some(_) if token.force_ack => (true, "ok"),
-                        Some(c) if token.offset == c && token.next_offset > c => (true, "ok"),
-                        Some(c) if token.offset == c || token.next_offset == c => (false, "offset has committed"),
-                        Some(_) => (false, "offset changed since the batch was handed out"),
-                    };
-                    if committed {
-                        qs.committed = Some(token.next_offset);
-                    }
-                    qs.lock_time = None;
+        let snapshot = self.inner.state.snapshot(key, queues).await?;
+        let qs = &snapshot.queues[token.queue_id as usize];
+        let outcome = match qs.lock_time {
+            None => AckOutcome {
+                committed: false,
+                message: format!("lock not exist {info}"),
+            },
+            Some(t) if t != token.lock_time => AckOutcome {
+                committed: false,
+                message: format!("ack ignored: the queue was locked again since (lockTime {t}) {info}"),
+            },
+            Some(t) => {
+                let expired = now_ms().saturating_sub(t) > spec.consume_timeout_ms;
+                let prefix = if expired { "lock expired, " } else { "" };
+                let (commit, what) = match qs.committed {
+                    None => (true, "ok"),
+                    Some(_) if token.force_ack => (true, "ok"),
+                    Some(c) if token.offset == c && token.next_offset > c => (true, "ok"),
+                    Some(c) if token.offset == c || token.next_offset == c => (false, "offset has committed"),
+                    Some(_) => (false, "offset changed since the batch was handed out"),
+                };
+                // The batch reached the consumer and it acknowledged it: its retry messages are
+                // done whether or not the offset moved.
+                let commit_to = commit.then_some(token.next_offset);
+                if self
+                    .inner
+                    .state
+                    .finish(key, token.queue_id, t, commit_to, RetryFate::Done)
+                    .await?
+                {
                     AckOutcome {
-                        committed,
+                        committed: commit,
                         message: format!("{prefix}{what} {info}"),
                     }
+                } else {
+                    AckOutcome {
+                        committed: false,
+                        message: format!("ack ignored: the lock changed meanwhile {info}"),
+                    }
                 }
-            };
-            let state = st.queues[token.queue_id as usize].clone();
-            let mut ops = vec![ConsumerOp::PutQueue {
-                context: key.clone(),
-                queue: token.queue_id,
-                state,
-            }];
-            // Retry messages delivered with this batch are done (whether or not the offset moved:
-            // the batch reached the consumer and it acknowledged it).
-            if matched {
-                let done: Vec<u64> = st
-                    .retries
-                    .values()
-                    .filter(|e| e.in_flight == Some((token.queue_id, token.lock_time)))
-                    .map(|e| e.seq)
-                    .collect();
-                ops.extend(drop_retries(&mut st, key, &done));
             }
-            (outcome, self.inner.consumer_store.save(ops))
         };
-        pending.await?;
         self.notify_consumers();
         Ok(outcome)
     }
@@ -665,26 +585,11 @@ impl Engine {
     pub async fn unlock(&self, target: &ConsumeTarget, request_id: &str) -> Result<UnlockOutcome, EngineError> {
         let (spec, key) = self.resolve(target)?;
         let token = self.decode_token(request_id.trim(), &key, self.queue_count(&spec.topic))?;
-        let ctx = self.inner.state.context(&key);
-        let (unlocked, pending) = {
-            let mut st = lock(&ctx);
-            st.ensure_queues(self.queue_count(&spec.topic));
-            let qs = &mut st.queues[token.queue_id as usize];
-            let unlocked = qs.lock_time == Some(token.lock_time);
-            let mut ops = Vec::new();
-            if unlocked {
-                qs.lock_time = None;
-                let state = qs.clone();
-                ops.push(ConsumerOp::PutQueue {
-                    context: key.clone(),
-                    queue: token.queue_id,
-                    state,
-                });
-                ops.extend(free_retries(&mut st, &key, token.queue_id, token.lock_time));
-            }
-            (unlocked, self.inner.consumer_store.save(ops))
-        };
-        pending.await?;
+        let unlocked = self
+            .inner
+            .state
+            .finish(&key, token.queue_id, token.lock_time, None, RetryFate::Free)
+            .await?;
         if unlocked {
             self.notify_consumers();
         }
@@ -708,9 +613,8 @@ impl Engine {
         if let Some(retry) = change.retry_msg_id.as_deref() {
             retry_queued = self.queue_retry(&spec, retry, change.client_id.as_deref()).await?;
         }
-        let settings = {
-            let mut all = lock(&self.inner.state.settings);
-            let mut settings = all.get(consumer).cloned().unwrap_or_else(|| self.settings_of_default());
+        let mut settings = self.settings_of(consumer).await?;
+        if change.paused.is_some() || change.rate_limit_enabled.is_some() || change.limit_rate.is_some() {
             if let Some(p) = change.paused {
                 settings.paused = p;
             }
@@ -719,41 +623,20 @@ impl Engine {
             }
             if let Some(r) = change.limit_rate {
                 settings.limit_rate = r;
-                lock(&self.inner.state.buckets).remove(consumer);
+                lock(&self.inner.rate_limiters.buckets).remove(consumer);
             }
-            all.insert(consumer.to_owned(), settings.clone());
-            let pending = (change.paused.is_some()
-                || change.rate_limit_enabled.is_some()
-                || change.limit_rate.is_some())
-            .then(|| {
-                self.inner.consumer_store.save(vec![ConsumerOp::PutSettings {
-                    consumer: consumer.to_owned(),
-                    settings: settings.clone(),
-                }])
-            });
-            (settings, pending)
-        };
-        if let Some(pending) = settings.1 {
-            pending.await?;
+            self.inner.state.put_settings(consumer, settings.clone()).await?;
         }
         self.notify_consumers();
         Ok(ConsumerView {
             consumer: spec.name.clone(),
             topic: spec.topic.clone(),
             mode: spec.mode,
-            settings: settings.0,
+            settings,
             max_pull_size: spec.max_pull_size,
             consume_timeout_ms: spec.consume_timeout_ms,
             retry_queued,
         })
-    }
-
-    fn settings_of_default(&self) -> ConsumerSettings {
-        ConsumerSettings {
-            paused: false,
-            rate_limit_enabled: true,
-            limit_rate: self.inner.config.default_rate_limit,
-        }
     }
 
     async fn queue_retry(
@@ -775,73 +658,26 @@ impl Engine {
                 spec.topic
             )));
         }
+        let context = |client_id: Option<String>| ContextKey {
+            topic: spec.topic.clone(),
+            group: spec.name.clone(),
+            client_id,
+        };
         let keys: Vec<ContextKey> = match (spec.mode, client_id.map(str::trim).filter(|c| !c.is_empty())) {
-            (ConsumeMode::Clustering, _) => {
-                vec![ContextKey {
-                    topic: spec.topic.clone(),
-                    group: spec.name.clone(),
-                    client_id: None,
-                }]
-            }
-            (ConsumeMode::Broadcast, Some(c)) => {
-                vec![ContextKey {
-                    topic: spec.topic.clone(),
-                    group: spec.name.clone(),
-                    client_id: Some(c.to_owned()),
-                }]
-            }
-            (ConsumeMode::Broadcast, None) => lock(&self.inner.state.contexts)
-                .keys()
-                .filter(|k| k.group == spec.name && k.topic == spec.topic && k.client_id.is_some())
-                .cloned()
+            (ConsumeMode::Clustering, _) => vec![context(None)],
+            (ConsumeMode::Broadcast, Some(c)) => vec![context(Some(c.to_owned()))],
+            (ConsumeMode::Broadcast, None) => self
+                .inner
+                .state
+                .client_ids(&spec.topic, &spec.name)
+                .await?
+                .into_iter()
+                .map(|c| context(Some(c)))
                 .collect(),
         };
-        let mut pendings = Vec::new();
         for key in &keys {
-            let ctx = self.inner.state.context(key);
-            let mut st = lock(&ctx);
-            let seq = st.next_retry_seq;
-            st.next_retry_seq += 1;
-            let entry = RetryEntry {
-                seq,
-                msg_id: id,
-                location: location.clone(),
-                in_flight: None,
-            };
-            st.retries.insert(seq, entry.clone());
-            pendings.push(self.inner.consumer_store.save(vec![ConsumerOp::PutRetry {
-                context: key.clone(),
-                entry,
-            }]));
-        }
-        for p in pendings {
-            p.await?;
+            self.inner.state.add_retry(key, id, location.clone()).await?;
         }
         Ok(keys.len() as u32)
     }
-}
-
-fn drop_retries(st: &mut ContextState, key: &ContextKey, seqs: &[u64]) -> Vec<ConsumerOp> {
-    seqs.iter()
-        .filter_map(|seq| st.retries.remove(seq))
-        .map(|e| ConsumerOp::DeleteRetry {
-            context: key.clone(),
-            seq: e.seq,
-        })
-        .collect()
-}
-
-/// Retry messages delivered with the batch of (queue, lock) become deliverable again.
-fn free_retries(st: &mut ContextState, key: &ContextKey, queue: u32, lock_time: u64) -> Vec<ConsumerOp> {
-    st.retries
-        .values_mut()
-        .filter(|e| e.in_flight == Some((queue, lock_time)))
-        .map(|e| {
-            e.in_flight = None;
-            ConsumerOp::PutRetry {
-                context: key.clone(),
-                entry: e.clone(),
-            }
-        })
-        .collect()
 }

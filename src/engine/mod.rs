@@ -19,8 +19,9 @@ pub use consume::{
 pub use error::{EngineError, ErrorKind};
 pub use stream::{ConsumeCommand, ConsumeEvent, Subscription};
 
-use crate::store::{AppendOutcome, ConsumerStore, MessageStore, NewRecord};
-use consume::ConsumerState;
+use crate::store::consumer_state::ConsumerStateStore;
+use crate::store::{AppendOutcome, MessageStore, NewRecord};
+use consume::RateLimiters;
 use ids::MsgIdGenerator;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -135,10 +136,11 @@ struct Inner {
     producers: HashMap<String, String>,
     consumers: HashMap<String, ConsumerSpec>,
     messages: Arc<dyn MessageStore>,
-    consumer_store: Arc<dyn ConsumerStore>,
+    /// Consumer offsets, locks, retry entries and settings.
+    state: Arc<dyn ConsumerStateStore>,
     ids: MsgIdGenerator,
     round_robin: HashMap<String, AtomicU32>,
-    state: ConsumerState,
+    rate_limiters: RateLimiters,
     /// Bumped when a queue lock is released or consumer settings change: streaming consumers
     /// waiting for a free queue wake up on it.
     consumer_changes: tokio::sync::watch::Sender<u64>,
@@ -152,16 +154,8 @@ pub(crate) fn now_ms() -> u64 {
 }
 
 impl Engine {
-    /// Builds the engine over its stores and loads the saved consumer state.
-    ///
-    /// # Errors
-    /// When the consumer state cannot be read.
-    pub fn new(
-        config: EngineConfig,
-        messages: Arc<dyn MessageStore>,
-        consumer_store: Arc<dyn ConsumerStore>,
-    ) -> Result<Self, EngineError> {
-        let snapshot = consumer_store.load()?;
+    /// Builds the engine over its message store and consumer state store.
+    pub fn new(config: EngineConfig, messages: Arc<dyn MessageStore>, state: Arc<dyn ConsumerStateStore>) -> Self {
         let topics: HashMap<_, _> = config.topics.iter().map(|t| (t.name.clone(), t.clone())).collect();
         let producers = config
             .producers
@@ -171,20 +165,20 @@ impl Engine {
         let consumers = config.consumers.iter().map(|c| (c.name.clone(), c.clone())).collect();
         let round_robin = topics.keys().map(|t| (t.clone(), AtomicU32::new(0))).collect();
         let ids = MsgIdGenerator::new(messages.identity());
-        Ok(Self {
+        Self {
             inner: Arc::new(Inner {
-                state: ConsumerState::from_snapshot(snapshot),
+                state,
+                rate_limiters: RateLimiters::default(),
                 config,
                 topics,
                 producers,
                 consumers,
                 messages,
-                consumer_store,
                 ids,
                 round_robin,
                 consumer_changes: tokio::sync::watch::Sender::new(0),
             }),
-        })
+        }
     }
 
     /// Wakes streaming consumers: a lock was released or settings changed.

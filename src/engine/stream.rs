@@ -144,11 +144,14 @@ impl Engine {
                     }
                     // PAUSED waits for a settings change; NO_NEW_MSG for messages, a released
                     // lock, or the next lock expiry.
-                    _ => {
-                        if let Some(expiry) = self.next_lock_expiry(&key, timeout_ms) {
-                            wake_at = Some(wake_at.map_or(expiry, |w| w.min(expiry)));
+                    _ => match self.next_lock_expiry(&key, timeout_ms).await {
+                        Ok(Some(expiry)) => wake_at = Some(wake_at.map_or(expiry, |w| w.min(expiry))),
+                        Ok(None) => {}
+                        Err(e) => {
+                            let _ = tx.send(Err(e)).await;
+                            break 'stream;
                         }
-                    }
+                    },
                 }
             }
             let sleep = async {

@@ -6,6 +6,7 @@
 //! [`ConsumerStore::save`], which is ordered: changes enqueued in order are applied in order.
 //! Only `embedded/` imports the database crate.
 
+pub mod consumer_state;
 pub mod embedded;
 
 use async_trait::async_trait;

@@ -1,0 +1,523 @@
+//! Consumer state (offsets, locks, retry entries, settings) behind a few atomic steps, so the
+//! queue-choice and ack rules of the engine run unchanged over one proxy's memory or over a
+//! store shared by several proxies (Redis, issue 4), where each step becomes one atomic call.
+//!
+//! The rules stay in the engine; a store only guarantees that each step is all-or-nothing and
+//! compares before it sets: a lock is taken only if it is still what the caller saw, and a
+//! batch is finished only by the lock that handed it out.
+
+use super::{
+    ConsumerOp, ConsumerSettings, ConsumerStore, ContextKey, MessageLocation, QueueState, RetryEntry, StoreError,
+};
+use async_trait::async_trait;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// A context's state as read at one moment.
+#[derive(Debug, Clone, Default)]
+pub struct ContextSnapshot {
+    /// One entry per queue of the topic.
+    pub queues: Vec<QueueState>,
+    pub retries: Vec<RetryEntry>,
+}
+
+/// Take a queue's lock.
+#[derive(Debug, Clone)]
+pub struct LockRequest {
+    pub queue: u32,
+    /// The lock the caller saw (None, or an expired lock time): the lock is taken only if it is
+    /// still exactly this.
+    pub seen: Option<u64>,
+    /// The new lock time; must be later than the queue's last pull (so a lock time is never
+    /// reused, even after lock and unlock in between).
+    pub lock_time: u64,
+    pub client_ip: Option<String>,
+    /// Retry entries to deliver with the batch: (seq, the in-flight mark the caller saw). Each
+    /// is claimed only if its mark is unchanged.
+    pub claim_retries: Vec<(u64, Option<(u32, u64)>)>,
+}
+
+/// A lock taken.
+#[derive(Debug, Clone)]
+pub struct LockGrant {
+    pub state: QueueState,
+    /// The retry entries claimed for this batch.
+    pub retries: Vec<RetryEntry>,
+}
+
+/// What happens to the retry entries delivered with a finished batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryFate {
+    /// Acknowledged: deleted.
+    Done,
+    /// Given back: deliverable again.
+    Free,
+}
+
+/// Consumer state in atomic steps.
+#[async_trait]
+pub trait ConsumerStateStore: Send + Sync + 'static {
+    /// The state of a context's first `queues` queues and its retry entries.
+    async fn snapshot(&self, ctx: &ContextKey, queues: u32) -> Result<ContextSnapshot, StoreError>;
+
+    /// Takes a lock if the queue's lock is still `seen` and `lock_time` is later than its last
+    /// pull; None when another pull was faster.
+    async fn try_lock(&self, ctx: &ContextKey, request: LockRequest) -> Result<Option<LockGrant>, StoreError>;
+
+    /// Records a pull that found nothing to hand out (no lock taken).
+    async fn touch(
+        &self,
+        ctx: &ContextKey,
+        queue: u32,
+        now_ms: u64,
+        client_ip: Option<String>,
+    ) -> Result<(), StoreError>;
+
+    /// If the queue is still locked with `lock_time`: sets the committed offset to `commit` when
+    /// given (durably, before returning), clears the lock, and applies `retries` to the entries
+    /// delivered with that lock. Returns whether the lock matched.
+    async fn finish(
+        &self,
+        ctx: &ContextKey,
+        queue: u32,
+        lock_time: u64,
+        commit: Option<u64>,
+        retries: RetryFate,
+    ) -> Result<bool, StoreError>;
+
+    /// Deletes retry entries (their message is gone).
+    async fn drop_retries(&self, ctx: &ContextKey, seqs: &[u64]) -> Result<(), StoreError>;
+
+    /// Queues a retry message for a context (durably).
+    async fn add_retry(&self, ctx: &ContextKey, msg_id: [u8; 16], location: MessageLocation) -> Result<(), StoreError>;
+
+    /// The broadcast clientIds that have consumed as this group.
+    async fn client_ids(&self, topic: &str, group: &str) -> Result<Vec<String>, StoreError>;
+
+    async fn settings(&self, consumer: &str) -> Result<Option<ConsumerSettings>, StoreError>;
+
+    /// Saves a consumer's settings (durably).
+    async fn put_settings(&self, consumer: &str, settings: ConsumerSettings) -> Result<(), StoreError>;
+}
+
+/// Queue ids beyond this come from no config (topics have at most 1024 queues).
+const MAX_QUEUES: u32 = 1024;
+
+#[derive(Debug, Default)]
+struct ContextState {
+    queues: Vec<QueueState>,
+    retries: BTreeMap<u64, RetryEntry>,
+    next_retry_seq: u64,
+}
+
+impl ContextState {
+    fn ensure_queues(&mut self, n: u32) {
+        if self.queues.len() < n as usize {
+            self.queues.resize_with(n as usize, QueueState::default);
+        }
+    }
+
+    fn queue_mut(&mut self, queue: u32) -> &mut QueueState {
+        self.ensure_queues(queue + 1);
+        &mut self.queues[queue as usize]
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every change under these mutexes is a plain assignment, so a poisoned mutex still holds
+    // consistent data: take it over rather than propagate a panic.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// One proxy's consumer state: in memory, each change written through to a [`ConsumerStore`]
+/// while the context's mutex is held (so the store applies changes in the order they happened).
+/// Commits and operator changes are awaited before returning; lock-only changes are written
+/// behind (losing one in a crash only brings a batch back sooner).
+pub struct LocalConsumerState {
+    contexts: Mutex<HashMap<ContextKey, Arc<Mutex<ContextState>>>>,
+    settings: Mutex<HashMap<String, ConsumerSettings>>,
+    durable: Arc<dyn ConsumerStore>,
+}
+
+impl LocalConsumerState {
+    /// Loads everything `durable` holds.
+    ///
+    /// # Errors
+    /// The store cannot be read.
+    pub fn load(durable: Arc<dyn ConsumerStore>) -> Result<Self, StoreError> {
+        let snapshot = durable.load()?;
+        let mut contexts: HashMap<ContextKey, ContextState> = HashMap::new();
+        for (key, queue, state) in snapshot.queues {
+            if queue >= MAX_QUEUES {
+                tracing::warn!(?key, queue, "ignoring saved state of a queue id beyond any topic");
+                continue;
+            }
+            *contexts.entry(key).or_default().queue_mut(queue) = state;
+        }
+        for (key, entry) in snapshot.retries {
+            let ctx = contexts.entry(key).or_default();
+            ctx.next_retry_seq = ctx.next_retry_seq.max(entry.seq + 1);
+            ctx.retries.insert(entry.seq, entry);
+        }
+        Ok(Self {
+            contexts: Mutex::new(
+                contexts
+                    .into_iter()
+                    .map(|(k, v)| (k, Arc::new(Mutex::new(v))))
+                    .collect(),
+            ),
+            settings: Mutex::new(snapshot.settings.into_iter().collect()),
+            durable,
+        })
+    }
+
+    fn context(&self, key: &ContextKey) -> Arc<Mutex<ContextState>> {
+        lock(&self.contexts).entry(key.clone()).or_default().clone()
+    }
+
+    fn put_queue(key: &ContextKey, queue: u32, state: &QueueState) -> ConsumerOp {
+        ConsumerOp::PutQueue {
+            context: key.clone(),
+            queue,
+            state: state.clone(),
+        }
+    }
+}
+
+#[async_trait]
+impl ConsumerStateStore for LocalConsumerState {
+    async fn snapshot(&self, ctx: &ContextKey, queues: u32) -> Result<ContextSnapshot, StoreError> {
+        let context = self.context(ctx);
+        let st = lock(&context);
+        let mut snapshot = ContextSnapshot {
+            queues: st.queues.iter().take(queues as usize).cloned().collect(),
+            retries: st.retries.values().cloned().collect(),
+        };
+        snapshot.queues.resize_with(queues as usize, QueueState::default);
+        Ok(snapshot)
+    }
+
+    async fn try_lock(&self, ctx: &ContextKey, request: LockRequest) -> Result<Option<LockGrant>, StoreError> {
+        let context = self.context(ctx);
+        let mut st = lock(&context);
+        let qs = st.queue_mut(request.queue);
+        if qs.lock_time != request.seen || request.lock_time <= qs.last_pull_ms {
+            return Ok(None);
+        }
+        qs.lock_time = Some(request.lock_time);
+        qs.last_pull_ms = request.lock_time;
+        if request.client_ip.is_some() {
+            qs.client_ip = request.client_ip;
+        }
+        let state = qs.clone();
+        let mut ops = vec![Self::put_queue(ctx, request.queue, &state)];
+        let mut retries = Vec::new();
+        for (seq, seen) in request.claim_retries {
+            if let Some(entry) = st.retries.get_mut(&seq)
+                && entry.in_flight == seen
+            {
+                entry.in_flight = Some((request.queue, request.lock_time));
+                ops.push(ConsumerOp::PutRetry {
+                    context: ctx.clone(),
+                    entry: entry.clone(),
+                });
+                retries.push(entry.clone());
+            }
+        }
+        drop(self.durable.save(ops));
+        Ok(Some(LockGrant { state, retries }))
+    }
+
+    async fn touch(
+        &self,
+        ctx: &ContextKey,
+        queue: u32,
+        now_ms: u64,
+        client_ip: Option<String>,
+    ) -> Result<(), StoreError> {
+        // Memory only: the last pull time orders queues and bounds lock times, and the durable
+        // value (written with every lock) is never older than a lock time handed out.
+        let context = self.context(ctx);
+        let mut st = lock(&context);
+        let qs = st.queue_mut(queue);
+        qs.last_pull_ms = qs.last_pull_ms.max(now_ms);
+        if client_ip.is_some() {
+            qs.client_ip = client_ip;
+        }
+        Ok(())
+    }
+
+    async fn finish(
+        &self,
+        ctx: &ContextKey,
+        queue: u32,
+        lock_time: u64,
+        commit: Option<u64>,
+        retries: RetryFate,
+    ) -> Result<bool, StoreError> {
+        let context = self.context(ctx);
+        let pending = {
+            let mut st = lock(&context);
+            let qs = st.queue_mut(queue);
+            if qs.lock_time != Some(lock_time) {
+                return Ok(false);
+            }
+            if commit.is_some() {
+                qs.committed = commit;
+            }
+            qs.lock_time = None;
+            let mut ops = vec![Self::put_queue(ctx, queue, qs)];
+            let delivered: Vec<u64> = st
+                .retries
+                .values()
+                .filter(|e| e.in_flight == Some((queue, lock_time)))
+                .map(|e| e.seq)
+                .collect();
+            for seq in delivered {
+                match retries {
+                    RetryFate::Done => {
+                        st.retries.remove(&seq);
+                        ops.push(ConsumerOp::DeleteRetry {
+                            context: ctx.clone(),
+                            seq,
+                        });
+                    }
+                    RetryFate::Free => {
+                        if let Some(entry) = st.retries.get_mut(&seq) {
+                            entry.in_flight = None;
+                            ops.push(ConsumerOp::PutRetry {
+                                context: ctx.clone(),
+                                entry: entry.clone(),
+                            });
+                        }
+                    }
+                }
+            }
+            self.durable.save(ops)
+        };
+        if commit.is_some() {
+            pending.await?;
+        }
+        Ok(true)
+    }
+
+    async fn drop_retries(&self, ctx: &ContextKey, seqs: &[u64]) -> Result<(), StoreError> {
+        let context = self.context(ctx);
+        let mut st = lock(&context);
+        let ops = seqs
+            .iter()
+            .filter_map(|seq| st.retries.remove(seq))
+            .map(|e| ConsumerOp::DeleteRetry {
+                context: ctx.clone(),
+                seq: e.seq,
+            })
+            .collect();
+        drop(self.durable.save(ops));
+        Ok(())
+    }
+
+    async fn add_retry(&self, ctx: &ContextKey, msg_id: [u8; 16], location: MessageLocation) -> Result<(), StoreError> {
+        let context = self.context(ctx);
+        let pending = {
+            let mut st = lock(&context);
+            let seq = st.next_retry_seq;
+            st.next_retry_seq += 1;
+            let entry = RetryEntry {
+                seq,
+                msg_id,
+                location,
+                in_flight: None,
+            };
+            st.retries.insert(seq, entry.clone());
+            self.durable.save(vec![ConsumerOp::PutRetry {
+                context: ctx.clone(),
+                entry,
+            }])
+        };
+        pending.await
+    }
+
+    async fn client_ids(&self, topic: &str, group: &str) -> Result<Vec<String>, StoreError> {
+        Ok(lock(&self.contexts)
+            .keys()
+            .filter(|k| k.group == group && k.topic == topic)
+            .filter_map(|k| k.client_id.clone())
+            .collect())
+    }
+
+    async fn settings(&self, consumer: &str) -> Result<Option<ConsumerSettings>, StoreError> {
+        Ok(lock(&self.settings).get(consumer).cloned())
+    }
+
+    async fn put_settings(&self, consumer: &str, settings: ConsumerSettings) -> Result<(), StoreError> {
+        let pending = {
+            let mut all = lock(&self.settings);
+            all.insert(consumer.to_owned(), settings.clone());
+            self.durable.save(vec![ConsumerOp::PutSettings {
+                consumer: consumer.to_owned(),
+                settings,
+            }])
+        };
+        pending.await
+    }
+}
+
+/// The contract every [`ConsumerStateStore`] must keep (run against each implementation).
+#[cfg(test)]
+pub(crate) mod contract {
+    use super::*;
+
+    fn ctx() -> ContextKey {
+        ContextKey {
+            topic: "t".into(),
+            group: "g".into(),
+            client_id: None,
+        }
+    }
+
+    fn request(queue: u32, seen: Option<u64>, lock_time: u64) -> LockRequest {
+        LockRequest {
+            queue,
+            seen,
+            lock_time,
+            client_ip: None,
+            claim_retries: Vec::new(),
+        }
+    }
+
+    pub(crate) async fn check(state: &dyn ConsumerStateStore) {
+        let c = ctx();
+        // A lock is taken only if it is still what the caller saw.
+        assert!(state.try_lock(&c, request(0, None, 10)).await.expect("lock").is_some());
+        assert!(
+            state.try_lock(&c, request(0, None, 11)).await.expect("lock").is_none(),
+            "already locked"
+        );
+        // Taking over an expired lock needs the exact lock seen, and a later lock time.
+        assert!(
+            state
+                .try_lock(&c, request(0, Some(9), 12))
+                .await
+                .expect("lock")
+                .is_none()
+        );
+        assert!(
+            state
+                .try_lock(&c, request(0, Some(10), 10))
+                .await
+                .expect("lock")
+                .is_none(),
+            "not later"
+        );
+        assert!(
+            state
+                .try_lock(&c, request(0, Some(10), 12))
+                .await
+                .expect("lock")
+                .is_some()
+        );
+        // Only the current lock finishes a batch; finishing commits and unlocks.
+        assert!(!state.finish(&c, 0, 10, Some(5), RetryFate::Done).await.expect("finish"));
+        assert!(state.finish(&c, 0, 12, Some(5), RetryFate::Done).await.expect("finish"));
+        let snap = state.snapshot(&c, 2).await.expect("snapshot");
+        assert_eq!(
+            (snap.queues.len(), snap.queues[0].committed, snap.queues[0].lock_time),
+            (2, Some(5), None)
+        );
+        assert!(
+            !state.finish(&c, 0, 12, Some(9), RetryFate::Done).await.expect("finish"),
+            "twice"
+        );
+        // No ABA: after lock and release, a lock time not later than the last pull is refused.
+        assert!(state.try_lock(&c, request(0, None, 12)).await.expect("lock").is_none());
+        // Retry entries: claimed with a lock, freed by an unlock, deleted by an ack.
+        let location = MessageLocation {
+            topic: "t".into(),
+            queue: 1,
+            offset: 0,
+        };
+        state.add_retry(&c, [1; 16], location).await.expect("retry");
+        let seq = state.snapshot(&c, 2).await.expect("snapshot").retries[0].seq;
+        let mut claim = request(1, None, 20);
+        claim.claim_retries = vec![(seq, None)];
+        let grant = state.try_lock(&c, claim).await.expect("lock").expect("granted");
+        assert_eq!(grant.retries.len(), 1);
+        assert!(state.finish(&c, 1, 20, None, RetryFate::Free).await.expect("unlock"));
+        assert_eq!(
+            state.snapshot(&c, 2).await.expect("snapshot").retries[0].in_flight,
+            None
+        );
+        let mut claim = request(1, None, 21);
+        claim.claim_retries = vec![(seq, Some((9, 9)))];
+        let grant = state.try_lock(&c, claim).await.expect("lock").expect("granted");
+        assert!(
+            grant.retries.is_empty(),
+            "a retry is claimed only if its mark is as seen"
+        );
+        assert!(state.finish(&c, 1, 21, None, RetryFate::Free).await.expect("unlock"));
+        let mut claim = request(1, None, 22);
+        claim.claim_retries = vec![(seq, None)];
+        assert_eq!(
+            state
+                .try_lock(&c, claim)
+                .await
+                .expect("lock")
+                .expect("granted")
+                .retries
+                .len(),
+            1
+        );
+        assert!(state.finish(&c, 1, 22, Some(1), RetryFate::Done).await.expect("ack"));
+        assert!(state.snapshot(&c, 2).await.expect("snapshot").retries.is_empty());
+        // Settings and broadcast clients.
+        let s = ConsumerSettings {
+            paused: true,
+            rate_limit_enabled: false,
+            limit_rate: 7,
+        };
+        state.put_settings("g", s.clone()).await.expect("settings");
+        assert_eq!(state.settings("g").await.expect("settings"), Some(s));
+        let b = ContextKey {
+            client_id: Some("c1".into()),
+            ..ctx()
+        };
+        state.touch(&b, 0, 1, None).await.expect("touch");
+        assert_eq!(state.client_ids("t", "g").await.expect("ids"), ["c1"]);
+    }
+
+    #[tokio::test]
+    async fn local_state_keeps_the_contract_and_survives_reload() {
+        use crate::store::embedded::{EmbeddedConfig, EmbeddedStore, FlushPolicy};
+        use std::time::Duration;
+        let dir = tempfile::tempdir().expect("tmp");
+        let config = EmbeddedConfig {
+            data_dir: dir.path().to_path_buf(),
+            flush: FlushPolicy::Sync,
+            flush_timeout: Duration::from_secs(5),
+            group_commit_max: 64,
+            async_flush_interval: Duration::from_secs(1),
+            retention: Duration::from_secs(3600),
+            retention_check_interval: Duration::from_secs(60),
+            topics: vec![("t".into(), 2)],
+        };
+        let store = EmbeddedStore::open(config.clone()).expect("open");
+        let state = LocalConsumerState::load(Arc::new(store.clone())).expect("load");
+        check(&state).await;
+        store.close();
+        // The database file is released when the last handle goes.
+        drop((state, store));
+        let store = EmbeddedStore::open(config).expect("reopen");
+        let state = LocalConsumerState::load(Arc::new(store.clone())).expect("reload");
+        let snap = state.snapshot(&ctx(), 2).await.expect("snapshot");
+        assert_eq!(
+            (snap.queues[0].committed, snap.queues[1].committed),
+            (Some(5), Some(1)),
+            "commits are durable"
+        );
+        assert_eq!(
+            state.settings("g").await.expect("settings").map(|s| s.limit_rate),
+            Some(7)
+        );
+        store.close();
+    }
+}
