@@ -67,6 +67,46 @@ pub struct ConsumerConfig {
     pub max_pull_size: u32,
 }
 
+/// Where consumer offsets, locks and retry entries live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConsumerStateKind {
+    /// In the embedded store (one proxy).
+    Embedded,
+    /// In Redis, shared by several proxies.
+    Redis,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsumerStateConfig {
+    #[serde(default = "default_state_kind")]
+    pub kind: ConsumerStateKind,
+    /// `redis://host:port[/db]` when `kind = "redis"`.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// Prefix of every Redis key (keeps mqproxy's keys apart from other users of the server).
+    #[serde(default = "default_state_prefix")]
+    pub prefix: String,
+}
+
+impl Default for ConsumerStateConfig {
+    fn default() -> Self {
+        Self {
+            kind: default_state_kind(),
+            url: None,
+            prefix: default_state_prefix(),
+        }
+    }
+}
+
+fn default_state_kind() -> ConsumerStateKind {
+    ConsumerStateKind::Embedded
+}
+fn default_state_prefix() -> String {
+    "mqproxy:".into()
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CorsConfig {
@@ -129,6 +169,8 @@ pub struct Config {
     pub shutdown_grace_ms: u64,
     #[serde(default)]
     pub cors: CorsConfig,
+    #[serde(default)]
+    pub consumer_state: ConsumerStateConfig,
     #[serde(default, rename = "topic")]
     pub topics: Vec<TopicConfig>,
     #[serde(default, rename = "producer")]
@@ -303,6 +345,18 @@ impl Config {
                 return err(key.into(), format!("must be between {min} and {max}, got {value}"));
             }
         }
+        if self.consumer_state.kind == ConsumerStateKind::Redis
+            && !self
+                .consumer_state
+                .url
+                .as_deref()
+                .is_some_and(|u| u.starts_with("redis://") || u.starts_with("rediss://"))
+        {
+            return err(
+                "consumer_state.url".into(),
+                "kind = \"redis\" needs url = \"redis://host:port\"".into(),
+            );
+        }
         let mut topics = HashSet::new();
         for (i, t) in self.topics.iter().enumerate() {
             if t.name.trim().is_empty() {
@@ -441,6 +495,15 @@ mod tests {
         assert_eq!(cfg("0", "32", "300000").unwrap_err().key, "topic[0].queues");
         assert_eq!(cfg("4", "500", "300000").unwrap_err().key, "consumer[0].max_pull_size");
         assert_eq!(cfg("4", "32", "5").unwrap_err().key, "consumer[0].consume_timeout_ms");
+        let redis = Config::from_toml("[consumer_state]\nkind = \"redis\"\n", "f.toml").unwrap_err();
+        assert_eq!(redis.key, "consumer_state.url");
+        assert!(
+            Config::from_toml(
+                "[consumer_state]\nkind = \"redis\"\nurl = \"redis://127.0.0.1:6379\"\n",
+                "f.toml"
+            )
+            .is_ok()
+        );
         let unknown = Config::from_toml("listen = \"127.0.0.1:1\"\nqueuez = 3\n", "f.toml").unwrap_err();
         assert!(unknown.reason.contains("queuez"), "{unknown}");
         assert!(

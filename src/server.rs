@@ -1,12 +1,13 @@
 //! Wiring: opens the store, builds the engine and the HTTP app, serves one listener until the
 //! shutdown future resolves, lets in-flight requests finish, then closes the store (flush).
 
-use crate::config::{Config, Flush, HttpStatusPolicy};
+use crate::config::{Config, ConsumerStateKind, Flush, HttpStatusPolicy};
 use crate::engine::{Engine, EngineConfig, EngineError};
 use crate::http::{self, HttpSettings};
 use crate::store::StoreError;
-use crate::store::consumer_state::LocalConsumerState;
+use crate::store::consumer_state::{ConsumerStateStore, LocalConsumerState};
 use crate::store::embedded::{EmbeddedConfig, EmbeddedStore, FlushPolicy};
+use crate::store::redis::RedisConsumerState;
 use axum::serve::ListenerExt;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -20,6 +21,8 @@ pub enum ServeError {
     Store { dir: String, source: StoreError },
     #[error("cannot start the engine: {0}")]
     Engine(#[from] EngineError),
+    #[error("cannot reach the consumer state store at {url}: {source}")]
+    ConsumerState { url: String, source: StoreError },
     #[error("cannot build the gRPC services: {0}")]
     Grpc(String),
     #[error("server I/O error: {0}")]
@@ -34,6 +37,29 @@ fn store_host(addr: SocketAddr) -> [u8; 8] {
     }
     host[4..].copy_from_slice(&u32::from(addr.port()).to_be_bytes());
     host
+}
+
+/// The consumer state store the config asks for.
+async fn consumer_state(config: &Config, store: &EmbeddedStore) -> Result<Arc<dyn ConsumerStateStore>, ServeError> {
+    let state = &config.consumer_state;
+    Ok(match (state.kind, state.url.as_deref()) {
+        (ConsumerStateKind::Redis, Some(url)) => {
+            let redis = RedisConsumerState::connect(url, &state.prefix, &config.broker_name)
+                .await
+                .map_err(|source| ServeError::ConsumerState {
+                    url: url.to_owned(),
+                    source,
+                })?;
+            tracing::info!(url, prefix = %state.prefix, "consumer state in Redis");
+            Arc::new(redis)
+        }
+        _ => Arc::new(
+            LocalConsumerState::load(Arc::new(store.clone())).map_err(|source| ServeError::Store {
+                dir: config.data_dir.display().to_string(),
+                source,
+            })?,
+        ),
+    })
 }
 
 /// Serves `config` on `listener` until `shutdown` resolves.
@@ -75,12 +101,7 @@ pub async fn run(
             consumers: config.consumer_specs(),
         },
         Arc::new(store.clone()),
-        Arc::new(
-            LocalConsumerState::load(Arc::new(store.clone())).map_err(|source| ServeError::Store {
-                dir: config.data_dir.display().to_string(),
-                source,
-            })?,
-        ),
+        consumer_state(&config, &store).await?,
     );
     let grpc = crate::grpc::router(engine.clone()).map_err(|e| ServeError::Grpc(e.to_string()))?;
     let app = http::router(

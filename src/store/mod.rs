@@ -8,6 +8,7 @@
 
 pub mod consumer_state;
 pub mod embedded;
+pub mod redis;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};

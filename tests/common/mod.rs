@@ -43,6 +43,14 @@ impl TestServer {
     pub async fn with_config(mut config: Config) -> Self {
         let tmp = tempfile::tempdir().expect("tempdir");
         config.data_dir = tmp.path().to_path_buf();
+        // The same suite runs with the consumer state in Redis when asked (scripts/test does).
+        if std::env::var("MQPROXY_TEST_STATE").as_deref() == Ok("redis") {
+            config.consumer_state.kind = mqproxy::config::ConsumerStateKind::Redis;
+            config.consumer_state.url = Some(
+                std::env::var("MQPROXY_TEST_REDIS_URL").expect("MQPROXY_TEST_STATE=redis needs MQPROXY_TEST_REDIS_URL"),
+            );
+            config.consumer_state.prefix = format!("mqproxy-test-{}:", unique_suffix());
+        }
         let mut server = Self::launch(config).await;
         server._tmp = Some(tmp);
         server
@@ -204,6 +212,18 @@ where
         assert!(Instant::now() < deadline, "timed out waiting for: {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// A suffix that keeps each test server's Redis keys apart.
+fn unique_suffix() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{}-{}-{}",
+        std::process::id(),
+        now_ms(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 pub fn now_ms() -> i64 {

@@ -1,0 +1,386 @@
+//! Consumer state in Redis, shared by several proxies (the Java proxy's layout): one hash per
+//! consumption context, key `<prefix><group>` or `<prefix><group>:<clientId>`, fields
+//! `<broker>:<queue>:cmt` (committed offset), `:l` (lock time), `:t` (last pull), `:ip`.
+//! Retry entries live in `<ctx>:retry` (field = seq, value = `mark|msgId,queue,offset,topic`
+//! with mark empty or `queue,lockTime`), settings in `<prefix>consumer_config`
+//! (`<consumer>:p`, `:rl`, `:rt`), broadcast clientIds in `<prefix><group>:clients`.
+//!
+//! Each step of [`ConsumerStateStore`] that must be atomic is one Lua script, so two proxies
+//! never take the same lock or finish each other's batch. Durability is Redis's own (AOF).
+//! Only this module imports the Redis client.
+
+use super::consumer_state::{ConsumerStateStore, ContextSnapshot, LockGrant, LockRequest, RetryFate};
+use super::{ConsumerSettings, ContextKey, MessageLocation, QueueState, RetryEntry, StoreError};
+use async_trait::async_trait;
+use redis::AsyncCommands;
+use redis::aio::ConnectionManager;
+use std::collections::HashMap;
+
+/// Takes a lock if it is still as seen and later than the last pull; claims retry entries
+/// whose mark is still as seen. Returns nil, or {"ok", claimed seq...}.
+const TRY_LOCK: &str = r"
+local cur = redis.call('HGET', KEYS[1], ARGV[1]) or ''
+if cur ~= ARGV[4] then return nil end
+local last = tonumber(redis.call('HGET', KEYS[1], ARGV[2]) or '0')
+if tonumber(ARGV[5]) <= last then return nil end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[5], ARGV[2], ARGV[5])
+if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], ARGV[3], ARGV[6]) end
+local claimed = {'ok'}
+for i = 8, #ARGV, 2 do
+  local v = redis.call('HGET', KEYS[2], ARGV[i])
+  if v then
+    local sep = string.find(v, '|', 1, true)
+    if string.sub(v, 1, sep - 1) == ARGV[i + 1] then
+      redis.call('HSET', KEYS[2], ARGV[i], ARGV[7] .. '|' .. string.sub(v, sep + 1))
+      table.insert(claimed, ARGV[i])
+    end
+  end
+end
+return claimed
+";
+
+/// Finishes a batch if the lock is still the one given: commit (if any), unlock, retries
+/// done or freed. Returns 1 if the lock matched.
+const FINISH: &str = r"
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+if cur ~= ARGV[3] then return 0 end
+if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], ARGV[2], ARGV[4]) end
+redis.call('HDEL', KEYS[1], ARGV[1])
+local all = redis.call('HGETALL', KEYS[2])
+for i = 1, #all, 2 do
+  local v = all[i + 1]
+  local sep = string.find(v, '|', 1, true)
+  if string.sub(v, 1, sep - 1) == ARGV[6] then
+    if ARGV[5] == 'done' then
+      redis.call('HDEL', KEYS[2], all[i])
+    else
+      redis.call('HSET', KEYS[2], all[i], '|' .. string.sub(v, sep + 1))
+    end
+  end
+end
+return 1
+";
+
+/// Raises the last-pull time (never lowers it: lock times must keep growing).
+const TOUCH: &str = r"
+local last = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+if tonumber(ARGV[2]) > last then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
+if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], ARGV[3], ARGV[4]) end
+return 1
+";
+
+fn redis_err(e: redis::RedisError) -> StoreError {
+    StoreError::Database(format!("redis: {e}"))
+}
+
+/// Consumer state shared through Redis.
+#[derive(Clone)]
+pub struct RedisConsumerState {
+    connection: ConnectionManager,
+    prefix: String,
+    broker_name: String,
+    try_lock: redis::Script,
+    finish: redis::Script,
+    touch: redis::Script,
+}
+
+impl RedisConsumerState {
+    /// Connects (with automatic reconnection). `prefix` namespaces every key; `broker_name`
+    /// is the `<broker>` of the field names.
+    ///
+    /// # Errors
+    /// The URL is malformed or Redis cannot be reached.
+    pub async fn connect(url: &str, prefix: &str, broker_name: &str) -> Result<Self, StoreError> {
+        let client = redis::Client::open(url).map_err(redis_err)?;
+        let connection = client.get_connection_manager().await.map_err(redis_err)?;
+        Ok(Self {
+            connection,
+            prefix: prefix.to_owned(),
+            broker_name: broker_name.to_owned(),
+            try_lock: redis::Script::new(TRY_LOCK),
+            finish: redis::Script::new(FINISH),
+            touch: redis::Script::new(TOUCH),
+        })
+    }
+
+    fn key(&self, ctx: &ContextKey) -> String {
+        match &ctx.client_id {
+            Some(c) => format!("{}{}:{c}", self.prefix, ctx.group),
+            None => format!("{}{}", self.prefix, ctx.group),
+        }
+    }
+
+    fn retry_key(&self, ctx: &ContextKey) -> String {
+        format!("{}:retry", self.key(ctx))
+    }
+
+    fn clients_key(&self, group: &str) -> String {
+        format!("{}{group}:clients", self.prefix)
+    }
+
+    fn field(&self, queue: u32, flag: &str) -> String {
+        format!("{}:{queue}:{flag}", self.broker_name)
+    }
+
+    async fn remember_client(&self, ctx: &ContextKey) -> Result<(), StoreError> {
+        if let Some(client) = &ctx.client_id {
+            let mut con = self.connection.clone();
+            let _: usize = con
+                .sadd(self.clients_key(&ctx.group), client)
+                .await
+                .map_err(redis_err)?;
+        }
+        Ok(())
+    }
+}
+
+fn mark(in_flight: Option<(u32, u64)>) -> String {
+    in_flight.map(|(q, l)| format!("{q},{l}")).unwrap_or_default()
+}
+
+fn parse_mark(s: &str) -> Option<(u32, u64)> {
+    let (q, l) = s.split_once(',')?;
+    Some((q.parse().ok()?, l.parse().ok()?))
+}
+
+fn payload(entry_msg_id: &[u8; 16], location: &MessageLocation) -> String {
+    format!(
+        "{},{},{},{}",
+        hex::encode_upper(entry_msg_id),
+        location.queue,
+        location.offset,
+        location.topic
+    )
+}
+
+/// `mark|msgId,queue,offset,topic` back to an entry.
+fn parse_retry(seq: &str, value: &str) -> Result<RetryEntry, StoreError> {
+    let corrupt = || StoreError::Corrupt(format!("retry entry {seq}: {value:?}"));
+    let (mark_text, rest) = value.split_once('|').ok_or_else(corrupt)?;
+    let mut parts = rest.splitn(4, ',');
+    let (Some(id), Some(queue), Some(offset), Some(topic)) = (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(corrupt());
+    };
+    let msg_id: [u8; 16] = hex::decode(id)
+        .ok()
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(corrupt)?;
+    Ok(RetryEntry {
+        seq: seq.parse().map_err(|_| corrupt())?,
+        msg_id,
+        location: MessageLocation {
+            topic: topic.to_owned(),
+            queue: queue.parse().map_err(|_| corrupt())?,
+            offset: offset.parse().map_err(|_| corrupt())?,
+        },
+        in_flight: parse_mark(mark_text),
+    })
+}
+
+#[async_trait]
+impl ConsumerStateStore for RedisConsumerState {
+    async fn snapshot(&self, ctx: &ContextKey, queues: u32) -> Result<ContextSnapshot, StoreError> {
+        let mut con = self.connection.clone();
+        let fields: HashMap<String, String> = con.hgetall(self.key(ctx)).await.map_err(redis_err)?;
+        let number = |queue: u32, flag: &str| fields.get(&self.field(queue, flag)).and_then(|v| v.parse::<u64>().ok());
+        let queues = (0..queues)
+            .map(|q| QueueState {
+                committed: number(q, "cmt"),
+                lock_time: number(q, "l"),
+                last_pull_ms: number(q, "t").unwrap_or(0),
+                client_ip: fields.get(&self.field(q, "ip")).cloned(),
+            })
+            .collect();
+        let retry_fields: HashMap<String, String> = con.hgetall(self.retry_key(ctx)).await.map_err(redis_err)?;
+        let mut retries = retry_fields
+            .iter()
+            .map(|(k, v)| parse_retry(k, v))
+            .collect::<Result<Vec<_>, _>>()?;
+        retries.sort_by_key(|e| e.seq);
+        Ok(ContextSnapshot { queues, retries })
+    }
+
+    async fn try_lock(&self, ctx: &ContextKey, request: LockRequest) -> Result<Option<LockGrant>, StoreError> {
+        self.remember_client(ctx).await?;
+        let mut con = self.connection.clone();
+        let new_mark = mark(Some((request.queue, request.lock_time)));
+        let mut invocation = self.try_lock.key(self.key(ctx));
+        invocation
+            .key(self.retry_key(ctx))
+            .arg(self.field(request.queue, "l"))
+            .arg(self.field(request.queue, "t"))
+            .arg(self.field(request.queue, "ip"))
+            .arg(request.seen.map(|s| s.to_string()).unwrap_or_default())
+            .arg(request.lock_time)
+            .arg(request.client_ip.clone().unwrap_or_default())
+            .arg(&new_mark);
+        for (seq, seen) in &request.claim_retries {
+            invocation.arg(seq).arg(mark(*seen));
+        }
+        let claimed: Option<Vec<String>> = invocation.invoke_async(&mut con).await.map_err(redis_err)?;
+        let Some(claimed) = claimed else { return Ok(None) };
+        let claimed: Vec<u64> = claimed.iter().skip(1).filter_map(|s| s.parse().ok()).collect();
+        let snapshot = self.snapshot(ctx, request.queue + 1).await?;
+        let mut state = snapshot
+            .queues
+            .into_iter()
+            .nth(request.queue as usize)
+            .unwrap_or_default();
+        // The lock is ours: report it as granted even if the snapshot raced an unlock.
+        state.lock_time = Some(request.lock_time);
+        let retries = snapshot
+            .retries
+            .into_iter()
+            .filter(|e| claimed.contains(&e.seq))
+            .collect();
+        Ok(Some(LockGrant { state, retries }))
+    }
+
+    async fn touch(
+        &self,
+        ctx: &ContextKey,
+        queue: u32,
+        now_ms: u64,
+        client_ip: Option<String>,
+    ) -> Result<(), StoreError> {
+        self.remember_client(ctx).await?;
+        let mut con = self.connection.clone();
+        let _: i64 = self
+            .touch
+            .key(self.key(ctx))
+            .arg(self.field(queue, "t"))
+            .arg(now_ms)
+            .arg(self.field(queue, "ip"))
+            .arg(client_ip.unwrap_or_default())
+            .invoke_async(&mut con)
+            .await
+            .map_err(redis_err)?;
+        Ok(())
+    }
+
+    async fn finish(
+        &self,
+        ctx: &ContextKey,
+        queue: u32,
+        lock_time: u64,
+        commit: Option<u64>,
+        retries: RetryFate,
+    ) -> Result<bool, StoreError> {
+        let mut con = self.connection.clone();
+        let matched: i64 = self
+            .finish
+            .key(self.key(ctx))
+            .key(self.retry_key(ctx))
+            .arg(self.field(queue, "l"))
+            .arg(self.field(queue, "cmt"))
+            .arg(lock_time)
+            .arg(commit.map(|c| c.to_string()).unwrap_or_default())
+            .arg(if retries == RetryFate::Done { "done" } else { "free" })
+            .arg(mark(Some((queue, lock_time))))
+            .invoke_async(&mut con)
+            .await
+            .map_err(redis_err)?;
+        Ok(matched == 1)
+    }
+
+    async fn drop_retries(&self, ctx: &ContextKey, seqs: &[u64]) -> Result<(), StoreError> {
+        if seqs.is_empty() {
+            return Ok(());
+        }
+        let mut con = self.connection.clone();
+        let _: usize = con.hdel(self.retry_key(ctx), seqs).await.map_err(redis_err)?;
+        Ok(())
+    }
+
+    async fn add_retry(&self, ctx: &ContextKey, msg_id: [u8; 16], location: MessageLocation) -> Result<(), StoreError> {
+        let mut con = self.connection.clone();
+        let seq: i64 = con
+            .incr(format!("{}:seq", self.retry_key(ctx)), 1)
+            .await
+            .map_err(redis_err)?;
+        let value = format!("|{}", payload(&msg_id, &location));
+        let _: usize = con.hset(self.retry_key(ctx), seq, value).await.map_err(redis_err)?;
+        Ok(())
+    }
+
+    async fn client_ids(&self, _topic: &str, group: &str) -> Result<Vec<String>, StoreError> {
+        let mut con = self.connection.clone();
+        let ids: std::collections::HashSet<String> = con.smembers(self.clients_key(group)).await.map_err(redis_err)?;
+        let mut ids: Vec<String> = ids.into_iter().collect();
+        ids.sort();
+        Ok(ids)
+    }
+
+    async fn settings(&self, consumer: &str) -> Result<Option<ConsumerSettings>, StoreError> {
+        let mut con = self.connection.clone();
+        let key = format!("{}consumer_config", self.prefix);
+        let values: Vec<Option<String>> = redis::cmd("HMGET")
+            .arg(&key)
+            .arg(format!("{consumer}:p"))
+            .arg(format!("{consumer}:rl"))
+            .arg(format!("{consumer}:rt"))
+            .query_async(&mut con)
+            .await
+            .map_err(redis_err)?;
+        let [paused, limited, rate] = values.as_slice() else {
+            return Err(StoreError::Corrupt("HMGET answered the wrong number of fields".into()));
+        };
+        let Some(rate) = rate.as_deref().and_then(|r| r.parse::<f64>().ok()) else {
+            return Ok(None);
+        };
+        Ok(Some(ConsumerSettings {
+            paused: paused.as_deref() == Some("1"),
+            rate_limit_enabled: limited.as_deref() == Some("1"),
+            limit_rate: rate.max(1.0) as u64,
+        }))
+    }
+
+    async fn put_settings(&self, consumer: &str, settings: ConsumerSettings) -> Result<(), StoreError> {
+        let mut con = self.connection.clone();
+        let key = format!("{}consumer_config", self.prefix);
+        let flag = |b: bool| if b { "1" } else { "0" }.to_owned();
+        let items = [
+            (format!("{consumer}:p"), flag(settings.paused)),
+            (format!("{consumer}:rl"), flag(settings.rate_limit_enabled)),
+            (format!("{consumer}:rt"), settings.limit_rate.to_string()),
+        ];
+        let _: () = con.hset_multiple(key, &items).await.map_err(redis_err)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The shared contract against a real Redis: `MQPROXY_TEST_REDIS_URL` (CI starts one).
+    #[tokio::test]
+    async fn redis_state_keeps_the_contract() {
+        let Ok(url) = std::env::var("MQPROXY_TEST_REDIS_URL") else {
+            eprintln!("skipped: set MQPROXY_TEST_REDIS_URL (e.g. redis://127.0.0.1:6379) to run");
+            return;
+        };
+        let prefix = format!("mqproxy-test-{}:", rand::random::<u64>());
+        let state = RedisConsumerState::connect(&url, &prefix, "broker-a")
+            .await
+            .expect("connect to Redis");
+        crate::store::consumer_state::contract::check(&state).await;
+    }
+
+    #[test]
+    fn retry_values_round_trip() {
+        let location = MessageLocation {
+            topic: "t-1".into(),
+            queue: 3,
+            offset: 9,
+        };
+        let value = format!("2,7|{}", payload(&[0xAB; 16], &location));
+        let entry = parse_retry("5", &value).expect("parse");
+        assert_eq!(
+            (entry.seq, entry.in_flight, entry.location),
+            (5, Some((2, 7)), location)
+        );
+        assert!(parse_retry("x", "no separator").is_err());
+    }
+}
