@@ -397,16 +397,22 @@ impl Engine {
                 continue;
             }
             let range = ranges[queue as usize];
-            let start = qs.committed.unwrap_or(range.min);
-            let reset_to = qs.committed.and_then(|c| {
-                if c < range.min {
-                    Some(range.min)
-                } else if c > range.max {
-                    Some(range.max)
-                } else {
-                    None
-                }
-            });
+            // Where to start and whether the offset is out of range; computed again from the
+            // state the lock was granted on, since the committed offset may have moved between
+            // this look and the lock.
+            let offsets = |committed: Option<u64>| {
+                let reset_to = committed.and_then(|c| {
+                    if c < range.min {
+                        Some(range.min)
+                    } else if c > range.max {
+                        Some(range.max)
+                    } else {
+                        None
+                    }
+                });
+                (committed.unwrap_or(range.min), reset_to)
+            };
+            let (start, reset_to) = offsets(qs.committed);
             let queue_snapshot = |state: &QueueState| QueueSnapshot {
                 topic: spec.topic.clone(),
                 queue_id: queue,
@@ -447,6 +453,7 @@ impl Engine {
                 claim_retries,
             };
             if let Some(grant) = self.inner.state.try_lock(key, request).await? {
+                let (start, reset_to) = offsets(grant.state.committed);
                 return Ok(Choice::Locked(Chosen {
                     queue,
                     lock_time,

@@ -40,6 +40,8 @@ pub struct LockRequest {
 /// A lock taken.
 #[derive(Debug, Clone)]
 pub struct LockGrant {
+    /// The queue's state as locked, read atomically with taking the lock (the committed
+    /// offset here, not the one seen before, is where the batch starts).
     pub state: QueueState,
     /// The retry entries claimed for this batch.
     pub retries: Vec<RetryEntry>,

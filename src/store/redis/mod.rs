@@ -17,7 +17,8 @@ use redis::aio::ConnectionManager;
 use std::collections::HashMap;
 
 /// Takes a lock if it is still as seen and later than the last pull; claims retry entries
-/// whose mark is still as seen. Returns nil, or {"ok", claimed seq...}.
+/// whose mark is still as seen. Returns nil, or {committed, ip, seq1, value1, seq2, ...}: the
+/// state as locked and the claimed entries, read in the same atomic step.
 const TRY_LOCK: &str = r"
 local cur = redis.call('HGET', KEYS[1], ARGV[1]) or ''
 if cur ~= ARGV[4] then return nil end
@@ -25,14 +26,16 @@ local last = tonumber(redis.call('HGET', KEYS[1], ARGV[2]) or '0')
 if tonumber(ARGV[5]) <= last then return nil end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[5], ARGV[2], ARGV[5])
 if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], ARGV[3], ARGV[6]) end
-local claimed = {'ok'}
-for i = 8, #ARGV, 2 do
+local claimed = {redis.call('HGET', KEYS[1], ARGV[8]) or '', redis.call('HGET', KEYS[1], ARGV[3]) or ''}
+for i = 9, #ARGV, 2 do
   local v = redis.call('HGET', KEYS[2], ARGV[i])
   if v then
     local sep = string.find(v, '|', 1, true)
     if string.sub(v, 1, sep - 1) == ARGV[i + 1] then
-      redis.call('HSET', KEYS[2], ARGV[i], ARGV[7] .. '|' .. string.sub(v, sep + 1))
+      local claimed_value = ARGV[7] .. '|' .. string.sub(v, sep + 1)
+      redis.call('HSET', KEYS[2], ARGV[i], claimed_value)
       table.insert(claimed, ARGV[i])
+      table.insert(claimed, claimed_value)
     end
   end
 end
@@ -214,26 +217,26 @@ impl ConsumerStateStore for RedisConsumerState {
             .arg(request.seen.map(|s| s.to_string()).unwrap_or_default())
             .arg(request.lock_time)
             .arg(request.client_ip.clone().unwrap_or_default())
-            .arg(&new_mark);
+            .arg(&new_mark)
+            .arg(self.field(request.queue, "cmt"));
         for (seq, seen) in &request.claim_retries {
             invocation.arg(seq).arg(mark(*seen));
         }
-        let claimed: Option<Vec<String>> = invocation.invoke_async(&mut con).await.map_err(redis_err)?;
-        let Some(claimed) = claimed else { return Ok(None) };
-        let claimed: Vec<u64> = claimed.iter().skip(1).filter_map(|s| s.parse().ok()).collect();
-        let snapshot = self.snapshot(ctx, request.queue + 1).await?;
-        let mut state = snapshot
-            .queues
-            .into_iter()
-            .nth(request.queue as usize)
-            .unwrap_or_default();
-        // The lock is ours: report it as granted even if the snapshot raced an unlock.
-        state.lock_time = Some(request.lock_time);
-        let retries = snapshot
-            .retries
-            .into_iter()
-            .filter(|e| claimed.contains(&e.seq))
-            .collect();
+        let reply: Option<Vec<String>> = invocation.invoke_async(&mut con).await.map_err(redis_err)?;
+        let Some(reply) = reply else { return Ok(None) };
+        let [committed, ip, claimed @ ..] = reply.as_slice() else {
+            return Err(StoreError::Corrupt("try_lock script answered too few values".into()));
+        };
+        let state = QueueState {
+            committed: committed.parse().ok(),
+            lock_time: Some(request.lock_time),
+            last_pull_ms: request.lock_time,
+            client_ip: (!ip.is_empty()).then(|| ip.clone()),
+        };
+        let retries = claimed
+            .chunks_exact(2)
+            .map(|pair| parse_retry(&pair[0], &pair[1]))
+            .collect::<Result<_, _>>()?;
         Ok(Some(LockGrant { state, retries }))
     }
 
