@@ -19,6 +19,8 @@ const browser = await chromium.launch({
 try {
   const page = await browser.newPage({ viewport: { width: 1280, height: 2000 } });
   await page.goto(`${base}/swagger-ui/`);
+  // Swagger UI renders after fetching the spec: wait for the last operation before reading.
+  await page.locator('#operations-health-readyz').waitFor({ timeout: 30000 });
   const summaries = await page.locator('.opblock-summary-path').allInnerTexts();
   for (const path of ['/mq/produce', '/mq/produce/batch', '/mq/message', '/mq/ack', '/mq/unlock']) {
     check(`Swagger UI lists ${path}`, summaries.some(s => s.replace(/\u200b/g, '') === path), summaries.join(','));
