@@ -53,6 +53,7 @@ storePathCommitLog = "$RMQ_RUN/store/commitlog"
 mappedFileSizeCommitLog = 67108864
 maxHashSlotNum = 50000
 maxIndexNum = 200000
+mappedFileSizeConsumeQueue = 120000
 haListenPort = $((BROKER_PORT + 1))
 TOML
 }

@@ -67,6 +67,92 @@ pub struct ConsumerConfig {
     pub max_pull_size: u32,
 }
 
+/// Where messages live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// The embedded store in `data_dir` (nothing else to run).
+    Embedded,
+    /// A RocketMQ cluster (`[rocketmq] namesrv_addr`).
+    Rocketmq,
+}
+
+/// The RocketMQ cluster behind `backend = "rocketmq"`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RocketmqConfig {
+    /// Name server address(es), `host:port[;host:port]`.
+    #[serde(default = "default_namesrv_addr")]
+    pub namesrv_addr: String,
+    /// A send that takes longer answers 300 (outcome unknown).
+    #[serde(default = "default_send_timeout_ms")]
+    pub send_timeout_ms: u64,
+    /// A pull or offset query that takes longer fails (500).
+    #[serde(default = "default_pull_timeout_ms")]
+    pub pull_timeout_ms: u64,
+    /// How often every topic's queue offsets are re-read from the brokers (messages produced
+    /// by other clients, due delayed messages): the longest a new message waits unseen.
+    #[serde(default = "default_offset_refresh_ms")]
+    pub offset_refresh_ms: u64,
+    /// Create registered topics missing on the cluster (with the configured queue count);
+    /// otherwise start-up fails naming them.
+    #[serde(default)]
+    pub auto_create_topics: bool,
+    /// The cluster new topics go to (`auto_create_topics`).
+    #[serde(default = "default_cluster")]
+    pub cluster: String,
+    /// Prefix of every topic name on the cluster (many environments on one cluster).
+    #[serde(default)]
+    pub topic_prefix: String,
+    /// Group name of the proxy's own producer and pull consumer (never used for offsets).
+    #[serde(default = "default_client_group")]
+    pub client_group: String,
+    /// ACL credentials, when the cluster requires them.
+    #[serde(default)]
+    pub access_key: Option<String>,
+    #[serde(default)]
+    pub secret_key: Option<String>,
+}
+
+impl Default for RocketmqConfig {
+    fn default() -> Self {
+        Self {
+            namesrv_addr: default_namesrv_addr(),
+            send_timeout_ms: default_send_timeout_ms(),
+            pull_timeout_ms: default_pull_timeout_ms(),
+            offset_refresh_ms: default_offset_refresh_ms(),
+            auto_create_topics: false,
+            cluster: default_cluster(),
+            topic_prefix: String::new(),
+            client_group: default_client_group(),
+            access_key: None,
+            secret_key: None,
+        }
+    }
+}
+
+fn default_backend() -> Backend {
+    Backend::Embedded
+}
+fn default_namesrv_addr() -> String {
+    "127.0.0.1:9876".into()
+}
+fn default_send_timeout_ms() -> u64 {
+    3_000
+}
+fn default_pull_timeout_ms() -> u64 {
+    10_000
+}
+fn default_offset_refresh_ms() -> u64 {
+    500
+}
+fn default_cluster() -> String {
+    "DefaultCluster".into()
+}
+fn default_client_group() -> String {
+    "mqproxy".into()
+}
+
 /// Where consumer offsets, locks and retry entries live.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -131,6 +217,11 @@ pub struct Config {
     pub listen: String,
     #[serde(default = "default_data_dir")]
     pub data_dir: PathBuf,
+    /// Where messages live: `"embedded"` (default) or `"rocketmq"`.
+    #[serde(default = "default_backend")]
+    pub backend: Backend,
+    #[serde(default)]
+    pub rocketmq: RocketmqConfig,
     /// The broker name in answers and requestIds.
     #[serde(default = "default_broker_name")]
     pub broker_name: String,
@@ -356,6 +447,30 @@ impl Config {
                 "consumer_state.url".into(),
                 "kind = \"redis\" needs url = \"redis://host:port\"".into(),
             );
+        }
+        if self.backend == Backend::Rocketmq {
+            let r = &self.rocketmq;
+            if r.namesrv_addr.trim().is_empty() {
+                return err(
+                    "rocketmq.namesrv_addr".into(),
+                    "must name the name server, like 127.0.0.1:9876".into(),
+                );
+            }
+            for (key, value, min, max) in [
+                ("rocketmq.send_timeout_ms", r.send_timeout_ms, 10, 600_000),
+                ("rocketmq.pull_timeout_ms", r.pull_timeout_ms, 10, 600_000),
+                ("rocketmq.offset_refresh_ms", r.offset_refresh_ms, 10, 600_000),
+            ] {
+                if value < min || value > max {
+                    return err(key.into(), format!("must be between {min} and {max}, got {value}"));
+                }
+            }
+            if r.access_key.is_some() != r.secret_key.is_some() {
+                return err(
+                    "rocketmq.access_key".into(),
+                    "access_key and secret_key go together".into(),
+                );
+            }
         }
         let mut topics = HashSet::new();
         for (i, t) in self.topics.iter().enumerate() {

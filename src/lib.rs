@@ -1,3 +1,5 @@
+// The RocketMQ client's request futures nest deeply: proving them Send needs a deeper limit.
+#![recursion_limit = "256"]
 //! mqproxy: RocketMQ-style produce and consume over plain HTTP (the REST API of Sohu MQCloud's
 //! HTTP proxy), on a durable embedded store.
 //!

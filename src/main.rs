@@ -120,7 +120,9 @@ fn main() -> std::process::ExitCode {
 fn run() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,tower_http=warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                "info,tower_http=warn,rocketmq_client_rust=warn,rocketmq_runtime=warn,rocketmq_transport=warn".into()
+            }),
         )
         .with_writer(std::io::stderr)
         .init();

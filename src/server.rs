@@ -1,13 +1,14 @@
 //! Wiring: opens the store, builds the engine and the HTTP app, serves one listener until the
 //! shutdown future resolves, lets in-flight requests finish, then closes the store (flush).
 
-use crate::config::{Config, ConsumerStateKind, Flush, HttpStatusPolicy};
+use crate::config::{Backend, Config, ConsumerStateKind, Flush, HttpStatusPolicy};
 use crate::engine::{Engine, EngineConfig, EngineError};
 use crate::http::{self, HttpSettings};
-use crate::store::StoreError;
 use crate::store::consumer_state::{ConsumerStateStore, LocalConsumerState};
 use crate::store::embedded::{EmbeddedConfig, EmbeddedStore, FlushPolicy};
 use crate::store::redis::RedisConsumerState;
+use crate::store::rocketmq::{RocketMqSettings, RocketMqStartError, RocketMqStore};
+use crate::store::{MessageStore, StoreError};
 use axum::serve::ListenerExt;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -23,6 +24,8 @@ pub enum ServeError {
     Engine(#[from] EngineError),
     #[error("cannot reach the consumer state store at {url}: {source}")]
     ConsumerState { url: String, source: StoreError },
+    #[error(transparent)]
+    RocketMq(#[from] RocketMqStartError),
     #[error("cannot build the gRPC services: {0}")]
     Grpc(String),
     #[error("server I/O error: {0}")]
@@ -62,6 +65,41 @@ async fn consumer_state(config: &Config, store: &EmbeddedStore) -> Result<Arc<dy
     })
 }
 
+/// The message store the config asks for: the embedded one, or a RocketMQ cluster.
+/// Boxed: the RocketMQ client's futures nest so deeply that proving them `Send` needs a raised
+/// recursion limit, which every crate awaiting `run` would need too.
+type BoxedStart<'a> = std::pin::Pin<Box<dyn Future<Output = Result<Arc<dyn MessageStore>, ServeError>> + Send + 'a>>;
+
+fn message_store<'a>(config: &'a Config, embedded: &'a EmbeddedStore) -> BoxedStart<'a> {
+    Box::pin(message_store_unboxed(config, embedded))
+}
+
+async fn message_store_unboxed(config: &Config, embedded: &EmbeddedStore) -> Result<Arc<dyn MessageStore>, ServeError> {
+    Ok(match config.backend {
+        Backend::Embedded => Arc::new(embedded.clone()),
+        Backend::Rocketmq => {
+            let r = &config.rocketmq;
+            let store = RocketMqStore::start(
+                RocketMqSettings {
+                    namesrv_addr: r.namesrv_addr.clone(),
+                    send_timeout: Duration::from_millis(r.send_timeout_ms),
+                    pull_timeout: Duration::from_millis(r.pull_timeout_ms),
+                    offset_refresh: Duration::from_millis(r.offset_refresh_ms),
+                    auto_create_topics: r.auto_create_topics,
+                    topic_prefix: r.topic_prefix.clone(),
+                    client_group: r.client_group.clone(),
+                    credentials: r.access_key.clone().zip(r.secret_key.clone()),
+                    topics: config.topics.iter().map(|t| (t.name.clone(), t.queues)).collect(),
+                },
+                embedded.identity().clone(),
+            )
+            .await?;
+            tracing::info!(namesrv = %r.namesrv_addr, "messages on the RocketMQ cluster");
+            Arc::new(store)
+        }
+    })
+}
+
 /// Serves `config` on `listener` until `shutdown` resolves.
 ///
 /// # Errors
@@ -84,11 +122,24 @@ pub async fn run(
         retention: Duration::from_millis(config.retention_ms),
         retention_check_interval: Duration::from_millis(config.retention_check_interval_ms),
         topics: config.topics.iter().map(|t| (t.name.clone(), t.queues)).collect(),
+        broker_name: config.broker_name.clone(),
     })
     .map_err(|source| ServeError::Store {
         dir: config.data_dir.display().to_string(),
         source,
     })?;
+    // The embedded store always opens: it keeps the identity (msgId node, requestId key) and,
+    // without Redis, the consumer state; with the RocketMQ backend it holds no messages.
+    let messages = message_store(&config, &store).await?;
+    let state = consumer_state(&config, &store).await?;
+    let secret = state
+        .shared_secret()
+        .await
+        .map_err(|source| ServeError::ConsumerState {
+            url: config.consumer_state.url.clone().unwrap_or_default(),
+            source,
+        })?
+        .unwrap_or(store.identity().secret);
     let engine = Engine::new(
         EngineConfig {
             broker_name: config.broker_name.clone(),
@@ -100,8 +151,9 @@ pub async fn run(
             producers: config.producer_specs(),
             consumers: config.consumer_specs(),
         },
-        Arc::new(store.clone()),
-        consumer_state(&config, &store).await?,
+        messages,
+        state,
+        secret,
     );
     let grpc = crate::grpc::router(engine.clone()).map_err(|e| ServeError::Grpc(e.to_string()))?;
     let app = http::router(

@@ -9,7 +9,7 @@ use super::rate_limit::TokenBucket;
 use super::request_id::{self, BatchToken};
 use super::{ConsumeMode, ConsumerSpec, Engine, EngineError, now_ms};
 use crate::store::consumer_state::{ContextSnapshot, LockRequest, RetryFate};
-use crate::store::{ConsumerSettings, ContextKey, QueueState, RetryEntry, StoredMessage};
+use crate::store::{ConsumerSettings, ContextKey, QueueState, ReadOutcome, RetryEntry, StoredMessage};
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
 
@@ -79,6 +79,7 @@ pub struct FetchOutcome {
 #[derive(Debug, Clone, PartialEq)]
 pub struct QueueSnapshot {
     pub topic: String,
+    pub broker_name: String,
     pub queue_id: u32,
     pub min_offset: u64,
     pub max_offset: u64,
@@ -238,7 +239,7 @@ impl Engine {
     }
 
     fn queue_count(&self, topic: &str) -> u32 {
-        self.inner.topics.get(topic).map_or(0, |t| t.queues)
+        u32::try_from(self.inner.messages.queues(topic).len()).unwrap_or(u32::MAX)
     }
 
     fn default_settings(&self) -> ConsumerSettings {
@@ -258,13 +259,19 @@ impl Engine {
             .unwrap_or_else(|| self.default_settings()))
     }
 
-    fn decode_token(&self, request_id: &str, key: &ContextKey, queues: u32) -> Result<BatchToken, EngineError> {
-        let token = request_id::decode(request_id, &self.inner.messages.identity().secret, key)
-            .map_err(|e| EngineError::invalid(e.to_string()))?;
-        if token.broker_name != self.inner.config.broker_name || token.queue_id >= queues {
-            return Err(EngineError::invalid(format!("ack illegal {}", token.info())));
-        }
-        Ok(token)
+    /// The batch a requestId names and the index of its queue in the topic's route.
+    fn decode_token(&self, request_id: &str, key: &ContextKey) -> Result<(BatchToken, u32), EngineError> {
+        let token =
+            request_id::decode(request_id, &self.inner.secret, key).map_err(|e| EngineError::invalid(e.to_string()))?;
+        let index = self
+            .inner
+            .messages
+            .queues(&key.topic)
+            .iter()
+            .position(|q| q.broker_name == token.broker_name && q.queue_id == token.queue_id)
+            .and_then(|i| u32::try_from(i).ok())
+            .ok_or_else(|| EngineError::invalid(format!("ack illegal {}", token.info())))?;
+        Ok((token, index))
     }
 
     /// Pulls one batch from one queue (acknowledging `request_id` first).
@@ -310,12 +317,12 @@ impl Engine {
             Choice::AllLocked => return Ok(outcome),
         };
         outcome.queue = Some(chosen.snapshot.clone());
-        let secret = &self.inner.messages.identity().secret;
+        let secret = &self.inner.secret;
         let token = |start: u64, next: u64, force_ack: bool| {
             request_id::encode(
                 &BatchToken {
-                    broker_name: self.inner.config.broker_name.clone(),
-                    queue_id: chosen.queue,
+                    broker_name: chosen.snapshot.broker_name.clone(),
+                    queue_id: chosen.snapshot.queue_id,
                     offset: start,
                     next_offset: next,
                     lock_time: chosen.lock_time,
@@ -333,13 +340,25 @@ impl Engine {
             return Ok(outcome);
         }
 
-        let (messages, retry_messages, missing_retries) = match self.read_batch(spec, &chosen, max_pull).await {
+        let (read, retry_messages, missing_retries) = match self.read_batch(spec, &chosen, max_pull).await {
             Ok(v) => v,
             Err(e) => {
                 self.release(&key, &chosen, &[]).await?;
                 return Err(e);
             }
         };
+        if let (Some(skip_to), true) = (read.skip_to, read.messages.is_empty()) {
+            // The backend has nothing at this offset (moved or removed): the Java proxy's forced
+            // reset, as when the committed offset is out of the queue's range.
+            tracing::warn!(consumer = %spec.name, queue = chosen.queue, from = chosen.start, to = skip_to, "offset illegal at the backend, resetting");
+            if !missing_retries.is_empty() {
+                self.inner.state.drop_retries(&key, &missing_retries).await?;
+            }
+            outcome.status = FetchStatus::OffsetIllegal;
+            outcome.request_id = Some(token(chosen.start, skip_to, true));
+            return Ok(outcome);
+        }
+        let messages = read.messages;
         if messages.is_empty() && retry_messages.is_empty() {
             self.release(&key, &chosen, &missing_retries).await?;
             if let Some(q) = outcome.queue.as_mut() {
@@ -371,6 +390,7 @@ impl Engine {
         let now = now_ms();
         let timeout = spec.consume_timeout_ms;
         let snapshot = self.inner.state.snapshot(key, queues).await?;
+        let refs = self.inner.messages.queues(&spec.topic);
         let ranges: Vec<_> = (0..queues)
             .map(|q| self.inner.messages.queue_range(&spec.topic, q))
             .collect();
@@ -413,9 +433,11 @@ impl Engine {
                 (committed.unwrap_or(range.min), reset_to)
             };
             let (start, reset_to) = offsets(qs.committed);
+            let queue_ref = &refs[queue as usize];
             let queue_snapshot = |state: &QueueState| QueueSnapshot {
                 topic: spec.topic.clone(),
-                queue_id: queue,
+                broker_name: queue_ref.broker_name.clone(),
+                queue_id: queue_ref.queue_id,
                 min_offset: range.min,
                 max_offset: range.max,
                 committed: state.committed,
@@ -475,8 +497,8 @@ impl Engine {
         spec: &ConsumerSpec,
         chosen: &Chosen,
         max_pull: u32,
-    ) -> Result<(Vec<StoredMessage>, Vec<Delivered>, Vec<u64>), EngineError> {
-        let messages = self
+    ) -> Result<(ReadOutcome, Vec<Delivered>, Vec<u64>), EngineError> {
+        let read = self
             .inner
             .messages
             .read(
@@ -496,6 +518,7 @@ impl Engine {
                 .messages
                 .read(&location.topic, location.queue, location.offset, 1, MAX_BATCH_BYTES)
                 .await?
+                .messages
                 .pop();
             match found {
                 Some(m) if m.offset == location.offset && m.msg_id == entry.msg_id => {
@@ -504,7 +527,7 @@ impl Engine {
                 _ => missing.push(entry.seq),
             }
         }
-        Ok((messages, retry_messages, missing))
+        Ok((read, retry_messages, missing))
     }
 
     /// Unlocks a queue chosen for a pull that delivers nothing.
@@ -537,10 +560,10 @@ impl Engine {
         request_id: &str,
     ) -> Result<AckOutcome, EngineError> {
         let queues = self.queue_count(&spec.topic);
-        let token = self.decode_token(request_id, key, queues)?;
+        let (token, queue) = self.decode_token(request_id, key)?;
         let info = token.info();
         let snapshot = self.inner.state.snapshot(key, queues).await?;
-        let qs = &snapshot.queues[token.queue_id as usize];
+        let qs = &snapshot.queues[queue as usize];
         let outcome = match qs.lock_time {
             None => AckOutcome {
                 committed: false,
@@ -566,7 +589,7 @@ impl Engine {
                 if self
                     .inner
                     .state
-                    .finish(key, token.queue_id, t, commit_to, RetryFate::Done)
+                    .finish(key, queue, t, commit_to, RetryFate::Done)
                     .await?
                 {
                     AckOutcome {
@@ -590,12 +613,12 @@ impl Engine {
     /// # Errors
     /// Unknown consumer, bad target, a malformed or forged requestId, or a store failure.
     pub async fn unlock(&self, target: &ConsumeTarget, request_id: &str) -> Result<UnlockOutcome, EngineError> {
-        let (spec, key) = self.resolve(target)?;
-        let token = self.decode_token(request_id.trim(), &key, self.queue_count(&spec.topic))?;
+        let (_, key) = self.resolve(target)?;
+        let (token, queue) = self.decode_token(request_id.trim(), &key)?;
         let unlocked = self
             .inner
             .state
-            .finish(&key, token.queue_id, token.lock_time, None, RetryFate::Free)
+            .finish(&key, queue, token.lock_time, None, RetryFate::Free)
             .await?;
         if unlocked {
             self.notify_consumers();

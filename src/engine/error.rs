@@ -13,6 +13,9 @@ pub enum ErrorKind {
     Internal,
     /// The server is shutting down or its store is closed (500 / Unavailable).
     Unavailable,
+    /// A send timed out after it may have been stored: retry if every message must arrive
+    /// (300 / DeadlineExceeded).
+    OutcomeUnknown,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +36,8 @@ impl EngineError {
             Self::InvalidArgument(_) => ErrorKind::InvalidArgument,
             Self::UnknownProducer(_) | Self::UnknownConsumer(_) => ErrorKind::NotFound,
             Self::Store(StoreError::Closed) => ErrorKind::Unavailable,
+            Self::Store(StoreError::Rejected(_)) => ErrorKind::InvalidArgument,
+            Self::Store(StoreError::OutcomeUnknown(_)) => ErrorKind::OutcomeUnknown,
             Self::Store(_) => ErrorKind::Internal,
         }
     }

@@ -3,11 +3,7 @@
 use crate::store::StoreIdentity;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// Delay of each `delayLevel` 1..=18 in milliseconds (RocketMQ's table).
-pub const DELAY_LEVELS_MS: [u64; 18] = [
-    1_000, 5_000, 10_000, 30_000, 60_000, 120_000, 180_000, 240_000, 300_000, 360_000, 420_000, 480_000, 540_000,
-    600_000, 1_200_000, 1_800_000, 3_600_000, 7_200_000,
-];
+pub use crate::store::DELAY_LEVELS_MS;
 
 /// Java `String.hashCode`: over UTF-16 code units, `h = 31*h + c`, wrapping in 32 bits.
 pub fn java_string_hash(s: &str) -> i32 {

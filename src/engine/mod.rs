@@ -20,7 +20,7 @@ pub use error::{EngineError, ErrorKind};
 pub use stream::{ConsumeCommand, ConsumeEvent, Subscription};
 
 use crate::store::consumer_state::ConsumerStateStore;
-use crate::store::{AppendOutcome, MessageStore, NewRecord};
+use crate::store::{AppendOutcome, AppendStatus, Delivery, MessageStore, NewRecord, QueueRef};
 use consume::RateLimiters;
 use ids::MsgIdGenerator;
 use std::collections::HashMap;
@@ -99,6 +99,10 @@ pub enum SendStatus {
     SendOk,
     /// Stored, but the flush took longer than the flush timeout.
     FlushDiskTimeout,
+    /// Stored on the master; the slave did not confirm in time (RocketMQ backend).
+    FlushSlaveTimeout,
+    /// Stored on the master; no slave to replicate to (RocketMQ backend).
+    SlaveNotAvailable,
 }
 
 impl SendStatus {
@@ -106,6 +110,19 @@ impl SendStatus {
         match self {
             Self::SendOk => "SEND_OK",
             Self::FlushDiskTimeout => "FLUSH_DISK_TIMEOUT",
+            Self::FlushSlaveTimeout => "FLUSH_SLAVE_TIMEOUT",
+            Self::SlaveNotAvailable => "SLAVE_NOT_AVAILABLE",
+        }
+    }
+}
+
+impl From<AppendStatus> for SendStatus {
+    fn from(s: AppendStatus) -> Self {
+        match s {
+            AppendStatus::Ok => Self::SendOk,
+            AppendStatus::FlushDiskTimeout => Self::FlushDiskTimeout,
+            AppendStatus::FlushSlaveTimeout => Self::FlushSlaveTimeout,
+            AppendStatus::SlaveNotAvailable => Self::SlaveNotAvailable,
         }
     }
 }
@@ -138,6 +155,8 @@ struct Inner {
     messages: Arc<dyn MessageStore>,
     /// Consumer offsets, locks, retry entries and settings.
     state: Arc<dyn ConsumerStateStore>,
+    /// Key of the requestId MAC (shared by every proxy on one consumer state store).
+    secret: [u8; 32],
     ids: MsgIdGenerator,
     round_robin: HashMap<String, AtomicU32>,
     rate_limiters: RateLimiters,
@@ -154,8 +173,14 @@ pub(crate) fn now_ms() -> u64 {
 }
 
 impl Engine {
-    /// Builds the engine over its message store and consumer state store.
-    pub fn new(config: EngineConfig, messages: Arc<dyn MessageStore>, state: Arc<dyn ConsumerStateStore>) -> Self {
+    /// Builds the engine over its message store and consumer state store; `secret` keys the
+    /// requestId MAC.
+    pub fn new(
+        config: EngineConfig,
+        messages: Arc<dyn MessageStore>,
+        state: Arc<dyn ConsumerStateStore>,
+        secret: [u8; 32],
+    ) -> Self {
         let topics: HashMap<_, _> = config.topics.iter().map(|t| (t.name.clone(), t.clone())).collect();
         let producers = config
             .producers
@@ -168,6 +193,7 @@ impl Engine {
         Self {
             inner: Arc::new(Inner {
                 state,
+                secret,
                 rate_limiters: RateLimiters::default(),
                 config,
                 topics,
@@ -223,25 +249,17 @@ impl Engine {
         Ok(())
     }
 
-    /// When a delayed or timer message becomes visible (None: at once).
-    fn deliver_at(
-        &self,
-        delay_level: Option<i32>,
-        delivery_ts: Option<i64>,
-        now: u64,
-    ) -> Result<Option<u64>, EngineError> {
+    /// When a delayed or timer message becomes visible.
+    fn delivery(&self, delay_level: Option<i32>, delivery_ts: Option<i64>, now: u64) -> Result<Delivery, EngineError> {
         match (delay_level, delivery_ts) {
             (Some(_), Some(_)) => Err(EngineError::invalid(
                 "delayLevel and deliveryTimestamp cannot be used together",
             )),
-            (Some(level), None) => {
-                let delay = usize::try_from(level)
-                    .ok()
-                    .and_then(|l| l.checked_sub(1))
-                    .and_then(|i| ids::DELAY_LEVELS_MS.get(i))
-                    .ok_or_else(|| EngineError::invalid(format!("delayLevel must be between 1 and 18, got {level}")))?;
-                Ok(Some(now + delay))
-            }
+            (Some(level), None) => u8::try_from(level)
+                .ok()
+                .filter(|l| (1..=ids::DELAY_LEVELS_MS.len()).contains(&usize::from(*l)))
+                .map(Delivery::DelayLevel)
+                .ok_or_else(|| EngineError::invalid(format!("delayLevel must be between 1 and 18, got {level}"))),
             (None, Some(ts)) => {
                 let ts = u64::try_from(ts)
                     .map_err(|_| EngineError::invalid(format!("deliveryTimestamp must not be negative, got {ts}")))?;
@@ -252,25 +270,41 @@ impl Engine {
                         self.inner.config.max_delivery_delay_ms
                     )));
                 }
-                Ok((ts > now).then_some(ts))
+                Ok(if ts > now { Delivery::At(ts) } else { Delivery::Now })
             }
-            (None, None) => Ok(None),
+            (None, None) => Ok(Delivery::Now),
         }
     }
 
-    fn round_robin_queue(&self, topic: &TopicSpec) -> u32 {
-        let n = self
-            .inner
-            .round_robin
-            .get(&topic.name)
-            .map_or(0, |c| c.fetch_add(1, Ordering::Relaxed));
-        n % topic.queues.max(1)
+    /// The queues of a topic (route order) and the one to send to.
+    fn pick_queue(&self, topic: &TopicSpec, order_id: Option<&str>) -> Result<(u32, QueueRef), EngineError> {
+        let queues = self.inner.messages.queues(&topic.name);
+        let n = u32::try_from(queues.len()).unwrap_or(u32::MAX);
+        if n == 0 {
+            return Err(EngineError::Store(crate::store::StoreError::Backend(format!(
+                "topic {} has no writable queue",
+                topic.name
+            ))));
+        }
+        let index = match order_id {
+            Some(order_id) => ids::order_queue(order_id, n),
+            None => {
+                let next = self
+                    .inner
+                    .round_robin
+                    .get(&topic.name)
+                    .map_or(0, |c| c.fetch_add(1, Ordering::Relaxed));
+                next % n
+            }
+        };
+        let queue = queues[index as usize].clone();
+        Ok((index, queue))
     }
 
     fn receipt(
         &self,
         topic: &TopicSpec,
-        queue: u32,
+        queue: &QueueRef,
         msg_id: &[u8; 16],
         outcome: &AppendOutcome,
         i: usize,
@@ -282,19 +316,18 @@ impl Engine {
         })?;
         let config = &self.inner.config;
         Ok(SendReceipt {
-            status: if outcome.flush_timed_out {
-                SendStatus::FlushDiskTimeout
-            } else {
-                SendStatus::SendOk
-            },
+            status: outcome.status.into(),
             msg_id: ids::hex_id(msg_id),
             topic: topic.name.clone(),
-            broker_name: config.broker_name.clone(),
-            queue_id: queue,
+            broker_name: queue.broker_name.clone(),
+            queue_id: queue.queue_id,
             queue_offset: appended.queue_offset,
-            offset_msg_id: ids::offset_msg_id(config.store_host, appended.store_seq),
-            region_id: config.region_id.clone(),
-            trace_on: true,
+            offset_msg_id: appended
+                .offset_msg_id
+                .clone()
+                .unwrap_or_else(|| ids::offset_msg_id(config.store_host, appended.store_seq)),
+            region_id: outcome.region_id.clone().unwrap_or_else(|| config.region_id.clone()),
+            trace_on: outcome.trace_on.unwrap_or(true),
         })
     }
 
@@ -306,12 +339,9 @@ impl Engine {
         let topic = self.producer_topic(&req.producer)?;
         Self::check_body(&req.body)?;
         let now = now_ms();
-        let deliver_at = self.deliver_at(req.delay_level, req.delivery_timestamp_ms, now)?;
+        let delivery = self.delivery(req.delay_level, req.delivery_timestamp_ms, now)?;
         let order_id = req.order_id.as_deref().map(str::trim).filter(|o| !o.is_empty());
-        let queue = match order_id {
-            Some(order_id) => ids::order_queue(order_id, topic.queues),
-            None => self.round_robin_queue(topic),
-        };
+        let (index, queue) = self.pick_queue(topic, order_id)?;
         let msg_id = self.inner.ids.next();
         let keys = req.keys.filter(|k| !k.is_empty());
         let record = NewRecord {
@@ -323,9 +353,9 @@ impl Engine {
         let outcome = self
             .inner
             .messages
-            .append(&topic.name, queue, deliver_at, vec![record])
+            .append(&topic.name, index, delivery, vec![record])
             .await?;
-        self.receipt(topic, queue, &msg_id, &outcome, 0)
+        self.receipt(topic, &queue, &msg_id, &outcome, 0)
     }
 
     /// Produces a batch in one durable write to one queue. The outer error is request-level
@@ -343,7 +373,7 @@ impl Engine {
             return Err(EngineError::invalid("messages is an empty array"));
         }
         let now = now_ms();
-        let queue = self.round_robin_queue(topic);
+        let (index, queue) = self.pick_queue(topic, None)?;
         let mut results: Vec<Option<Result<SendReceipt, EngineError>>> = Vec::with_capacity(bodies.len());
         let mut records = Vec::new();
         let mut record_of = Vec::new();
@@ -364,18 +394,20 @@ impl Engine {
         }
         if !records.is_empty() {
             let ids: Vec<[u8; 16]> = records.iter().map(|r| r.msg_id).collect();
-            match self.inner.messages.append(&topic.name, queue, None, records).await {
+            match self
+                .inner
+                .messages
+                .append(&topic.name, index, Delivery::Now, records)
+                .await
+            {
                 Ok(outcome) => {
                     for (j, &i) in record_of.iter().enumerate() {
-                        results[i] = Some(self.receipt(topic, queue, &ids[j], &outcome, j));
+                        results[i] = Some(self.receipt(topic, &queue, &ids[j], &outcome, j));
                     }
                 }
                 Err(e) => {
-                    let message = e.to_string();
                     for &i in &record_of {
-                        results[i] = Some(Err(EngineError::Store(crate::store::StoreError::Database(
-                            message.clone(),
-                        ))));
+                        results[i] = Some(Err(EngineError::Store(e.duplicate())));
                     }
                 }
             }

@@ -20,6 +20,10 @@ fn status(e: EngineError) -> Status {
         ErrorKind::InvalidArgument => Status::invalid_argument(message),
         ErrorKind::NotFound => Status::not_found(message),
         ErrorKind::Unavailable => Status::unavailable(message),
+        ErrorKind::OutcomeUnknown => {
+            tracing::error!(error = %message, "gRPC call outcome unknown");
+            Status::deadline_exceeded(message)
+        }
         ErrorKind::Internal => {
             tracing::error!(error = %message, "gRPC call failed");
             Status::internal(message)

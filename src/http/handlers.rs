@@ -25,11 +25,15 @@ fn error_status(e: &EngineError) -> i32 {
     match e.kind() {
         ErrorKind::InvalidArgument | ErrorKind::NotFound => 400,
         ErrorKind::Internal | ErrorKind::Unavailable => 500,
+        ErrorKind::OutcomeUnknown => 300,
     }
 }
 
 fn fail<T: Envelope>(e: &EngineError) -> Reply<T> {
-    if matches!(e.kind(), ErrorKind::Internal | ErrorKind::Unavailable) {
+    if matches!(
+        e.kind(),
+        ErrorKind::Internal | ErrorKind::Unavailable | ErrorKind::OutcomeUnknown
+    ) {
         tracing::error!(error = %e, "request failed");
     }
     Reply::new(T::error(error_status(e), e.to_string()))
@@ -230,7 +234,7 @@ impl MqApi for HttpAdapter {
                         queue_info: o.queue.map(|q| QueueInfo {
                             message_queue: MessageQueue {
                                 topic: q.topic,
-                                broker_name: self.engine.config().broker_name.clone(),
+                                broker_name: q.broker_name.clone(),
                                 queue_id: q.queue_id as i32,
                             },
                             min_offset: q.min_offset as i64,

@@ -189,6 +189,10 @@ pub async fn read_request(req: Request, limit: usize) -> Result<(Vec<(String, St
 }
 
 fn http_status(status: i32) -> StatusCode {
+    // 300 "outcome unknown" is not HTTP's Multiple Choices: a gateway timed out.
+    if status == 300 {
+        return StatusCode::GATEWAY_TIMEOUT;
+    }
     u16::try_from(status)
         .ok()
         .filter(|s| (200..600).contains(s))

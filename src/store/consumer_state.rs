@@ -59,6 +59,12 @@ pub enum RetryFate {
 /// Consumer state in atomic steps.
 #[async_trait]
 pub trait ConsumerStateStore: Send + Sync + 'static {
+    /// The requestId MAC key every proxy on this state store shares, when it is shared (a
+    /// requestId issued by one proxy is acknowledged at another). None: one proxy's own key.
+    async fn shared_secret(&self) -> Result<Option<[u8; 32]>, StoreError> {
+        Ok(None)
+    }
+
     /// The state of a context's first `queues` queues and its retry entries.
     async fn snapshot(&self, ctx: &ContextKey, queues: u32) -> Result<ContextSnapshot, StoreError>;
 
@@ -501,6 +507,7 @@ pub(crate) mod contract {
             retention: Duration::from_secs(3600),
             retention_check_interval: Duration::from_secs(60),
             topics: vec![("t".into(), 2)],
+            broker_name: "broker-a".into(),
         };
         let store = EmbeddedStore::open(config.clone()).expect("open");
         let state = LocalConsumerState::load(Arc::new(store.clone())).expect("load");

@@ -4,11 +4,12 @@
 //!
 //! The engine keeps the consumer state it works on in memory and writes every change through
 //! [`ConsumerStore::save`], which is ordered: changes enqueued in order are applied in order.
-//! Only `embedded/` imports the database crate.
+//! Only `embedded/` imports the database crate; only `rocketmq.rs` imports the RocketMQ client.
 
 pub mod consumer_state;
 pub mod embedded;
 pub mod redis;
+pub mod rocketmq;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -26,6 +27,55 @@ pub enum StoreError {
     Corrupt(String),
     #[error("the store is closed")]
     Closed,
+    /// The message backend surely did not do it (refused, unreachable before sending).
+    #[error("message backend error: {0}")]
+    Backend(String),
+    /// The backend refused the request as invalid (e.g. a delay it does not support).
+    #[error("{0}")]
+    Rejected(String),
+    /// A send timed out after it may have reached the backend: it may or may not be stored.
+    #[error("send outcome unknown: {0}")]
+    OutcomeUnknown(String),
+}
+
+impl StoreError {
+    /// The same failure again, for each element of a batch that failed as a whole.
+    pub fn duplicate(&self) -> Self {
+        match self {
+            Self::Closed => Self::Closed,
+            Self::Backend(m) => Self::Backend(m.clone()),
+            Self::Rejected(m) => Self::Rejected(m.clone()),
+            Self::OutcomeUnknown(m) => Self::OutcomeUnknown(m.clone()),
+            Self::Corrupt(m) => Self::Corrupt(m.clone()),
+            other => Self::Database(other.to_string()),
+        }
+    }
+}
+
+/// Delay of each `delayLevel` 1..=18 in milliseconds (RocketMQ's default `messageDelayLevel`,
+/// which MQCloud's brokers use too).
+pub const DELAY_LEVELS_MS: [u64; 18] = [
+    1_000, 5_000, 10_000, 30_000, 60_000, 120_000, 180_000, 240_000, 300_000, 360_000, 420_000, 480_000, 540_000,
+    600_000, 1_200_000, 1_800_000, 3_600_000, 7_200_000,
+];
+
+/// When appended messages become visible to consumers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    Now,
+    /// A RocketMQ delay level, 1..=18 (1 s .. 2 h).
+    DelayLevel(u8),
+    /// At this time (epoch ms), later than now.
+    At(u64),
+}
+
+/// A queue of a topic: the broker holding it and its id there. A topic's queues are listed in
+/// RocketMQ's route order (broker name, then queue id); the engine's queue index is the
+/// position in that list.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct QueueRef {
+    pub broker_name: String,
+    pub queue_id: u32,
 }
 
 /// A message as the engine hands it to the store.
@@ -48,20 +98,44 @@ pub struct StoredMessage {
 }
 
 /// Where one appended message went.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Appended {
     /// Offset in the topic queue, or in the delay schedule for a delayed message.
     pub queue_offset: u64,
     /// Store-wide sequence number (the store's "commit log position"), unique for ever.
     pub store_seq: u64,
+    /// The offsetMsgId when the backend assigns it (RocketMQ); else made from `store_seq`.
+    pub offset_msg_id: Option<String>,
+}
+
+/// How a stored append went (RocketMQ's send statuses).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AppendStatus {
+    Ok,
+    /// Stored, but the flush took longer than the flush timeout.
+    FlushDiskTimeout,
+    FlushSlaveTimeout,
+    SlaveNotAvailable,
 }
 
 /// The result of one durable append.
 #[derive(Debug, Clone)]
 pub struct AppendOutcome {
     pub appended: Vec<Appended>,
-    /// The flush took longer than the configured flush timeout (the messages are stored).
-    pub flush_timed_out: bool,
+    pub status: AppendStatus,
+    /// The broker's region, when the backend reports one.
+    pub region_id: Option<String>,
+    /// The broker's trace switch, when the backend reports one.
+    pub trace_on: Option<bool>,
+}
+
+/// What one read found.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ReadOutcome {
+    pub messages: Vec<StoredMessage>,
+    /// Nothing can be read at the requested offset (out of range, or removed): consumption
+    /// should go on from here (the Java proxy's forced reset).
+    pub skip_to: Option<u64>,
 }
 
 /// The offsets present in a queue: `min..max` (max is the offset the next message gets).
@@ -165,17 +239,21 @@ pub type PendingWrite = Pin<Box<dyn Future<Output = Result<(), StoreError>> + Se
 /// Queues of messages.
 #[async_trait]
 pub trait MessageStore: Send + Sync + 'static {
-    /// Appends `records` to one queue in one durable write, in order. With `deliver_at_ms`
-    /// in the future they go to the delay schedule instead and reach the queue when due.
+    /// Appends `records` to one queue (by index) in one durable write, in order. Delayed ones
+    /// go to the delay schedule instead and reach the queue when due.
     async fn append(
         &self,
         topic: &str,
         queue: u32,
-        deliver_at_ms: Option<u64>,
+        delivery: Delivery,
         records: Vec<NewRecord>,
     ) -> Result<AppendOutcome, StoreError>;
 
-    /// The offsets present in a queue (cheap: kept in memory).
+    /// The queues of a topic in route order (empty for a topic the store does not know).
+    fn queues(&self, topic: &str) -> std::sync::Arc<[QueueRef]>;
+
+    /// The offsets present in a queue (cheap: kept in memory; for a remote backend, as last
+    /// seen by a send, a pull or the periodic refresh).
     fn queue_range(&self, topic: &str, queue: u32) -> QueueRange;
 
     /// Up to `max` messages of a queue from offset `from` on, stopping before the bodies would
@@ -187,7 +265,7 @@ pub trait MessageStore: Send + Sync + 'static {
         from: u64,
         max: usize,
         max_bytes: usize,
-    ) -> Result<Vec<StoredMessage>, StoreError>;
+    ) -> Result<ReadOutcome, StoreError>;
 
     /// Where the message with this msgId sits, if it is in a queue.
     async fn locate(&self, msg_id: [u8; 16]) -> Result<Option<MessageLocation>, StoreError>;

@@ -11,8 +11,8 @@ mod codec;
 mod writer;
 
 use super::{
-    AppendOutcome, ConsumerOp, ConsumerSnapshot, ConsumerStore, MessageLocation, MessageStore, NewRecord, PendingWrite,
-    QueueRange, StoreError, StoreIdentity, StoredMessage,
+    AppendOutcome, ConsumerOp, ConsumerSnapshot, ConsumerStore, DELAY_LEVELS_MS, Delivery, MessageLocation,
+    MessageStore, NewRecord, PendingWrite, QueueRange, QueueRef, ReadOutcome, StoreError, StoreIdentity, StoredMessage,
 };
 use async_trait::async_trait;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
@@ -65,6 +65,8 @@ pub struct EmbeddedConfig {
     pub retention_check_interval: Duration,
     /// The topics and their queue counts (the queues whose ranges are tracked).
     pub topics: Vec<(String, u32)>,
+    /// The broker name of every queue (one store, one "broker").
+    pub broker_name: String,
 }
 
 /// The embedded store handle (cheap to clone).
@@ -80,6 +82,7 @@ struct Inner {
     identity: StoreIdentity,
     thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
     visible: Arc<tokio::sync::watch::Sender<u64>>,
+    queues: HashMap<String, Arc<[QueueRef]>>,
 }
 
 fn db_err(e: impl std::fmt::Display) -> StoreError {
@@ -102,6 +105,19 @@ impl EmbeddedStore {
         let writer = writer::Writer::new(db.clone(), ranges.clone(), visible.clone(), &config, counters)?;
         let thread = writer::spawn(writer, rx)?;
         tracing::info!(path = %path.display(), flush = ?config.flush, "embedded store open");
+        let queues = config
+            .topics
+            .iter()
+            .map(|(topic, n)| {
+                let refs: Arc<[QueueRef]> = (0..*n)
+                    .map(|queue_id| QueueRef {
+                        broker_name: config.broker_name.clone(),
+                        queue_id,
+                    })
+                    .collect();
+                (topic.clone(), refs)
+            })
+            .collect();
         Ok(Self {
             inner: Arc::new(Inner {
                 db,
@@ -110,6 +126,7 @@ impl EmbeddedStore {
                 identity,
                 thread: std::sync::Mutex::new(Some(thread)),
                 visible,
+                queues,
             }),
         })
     }
@@ -179,9 +196,20 @@ impl MessageStore for EmbeddedStore {
         &self,
         topic: &str,
         queue: u32,
-        deliver_at_ms: Option<u64>,
+        delivery: Delivery,
         records: Vec<NewRecord>,
     ) -> Result<AppendOutcome, StoreError> {
+        let deliver_at_ms = match delivery {
+            Delivery::Now => None,
+            Delivery::DelayLevel(level) => {
+                let delay = usize::from(level)
+                    .checked_sub(1)
+                    .and_then(|i| DELAY_LEVELS_MS.get(i))
+                    .ok_or_else(|| StoreError::Rejected(format!("delayLevel must be between 1 and 18, got {level}")))?;
+                Some(crate::engine::now_ms() + delay)
+            }
+            Delivery::At(at) => Some(at),
+        };
         let (reply, rx) = oneshot::channel();
         self.send(WriteOp::Append {
             topic: topic.to_owned(),
@@ -191,6 +219,14 @@ impl MessageStore for EmbeddedStore {
             reply,
         })?;
         await_reply(rx).await
+    }
+
+    fn queues(&self, topic: &str) -> Arc<[QueueRef]> {
+        self.inner
+            .queues
+            .get(topic)
+            .cloned()
+            .unwrap_or_else(|| Arc::from(Vec::new()))
     }
 
     fn queue_range(&self, topic: &str, queue: u32) -> QueueRange {
@@ -208,14 +244,14 @@ impl MessageStore for EmbeddedStore {
         from: u64,
         max: usize,
         max_bytes: usize,
-    ) -> Result<Vec<StoredMessage>, StoreError> {
+    ) -> Result<ReadOutcome, StoreError> {
         let db = self.inner.db.clone();
         let topic = topic.to_owned();
         tokio::task::spawn_blocking(move || {
             let txn = db.begin_read().map_err(db_err)?;
             let table = match txn.open_table(MESSAGES) {
                 Ok(t) => t,
-                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(ReadOutcome::default()),
                 Err(e) => return Err(db_err(e)),
             };
             let mut out: Vec<StoredMessage> = Vec::new();
@@ -235,7 +271,10 @@ impl MessageStore for EmbeddedStore {
                 }
                 out.push(message);
             }
-            Ok(out)
+            Ok(ReadOutcome {
+                messages: out,
+                skip_to: None,
+            })
         })
         .await
         .map_err(|e| StoreError::Database(format!("read task failed: {e}")))?

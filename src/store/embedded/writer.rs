@@ -5,8 +5,8 @@ use super::{
     CONSUMER_QUEUES, EmbeddedConfig, FlushPolicy, MESSAGES, META, MSG_INDEX, RETRIES, SCHEDULE, SETTINGS, db_err,
 };
 use crate::store::{
-    AppendOutcome, Appended, ConsumerOp, ConsumerSnapshot, ContextKey, MessageLocation, NewRecord, QueueRange,
-    StoreError, StoreIdentity,
+    AppendOutcome, AppendStatus, Appended, ConsumerOp, ConsumerSnapshot, ContextKey, MessageLocation, NewRecord,
+    QueueRange, StoreError, StoreIdentity,
 };
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, WriteTransaction};
 use std::collections::HashMap;
@@ -276,7 +276,13 @@ impl Writer {
                         Reply::Append(tx, appended) => {
                             let _ = tx.send(Ok(AppendOutcome {
                                 appended,
-                                flush_timed_out,
+                                status: if flush_timed_out {
+                                    AppendStatus::FlushDiskTimeout
+                                } else {
+                                    AppendStatus::Ok
+                                },
+                                region_id: None,
+                                trace_on: None,
                             }));
                         }
                         Reply::Done(tx) => {
@@ -395,6 +401,7 @@ impl Writer {
                 appended.push(Appended {
                     queue_offset: seq,
                     store_seq: self.next_store_seq(),
+                    offset_msg_id: None,
                 });
             }
             self.next_due = Some(self.next_due.map_or(due, |d| d.min(due)));
@@ -454,6 +461,7 @@ impl Writer {
         Ok(Appended {
             queue_offset: offset,
             store_seq,
+            offset_msg_id: None,
         })
     }
 

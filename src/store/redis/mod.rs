@@ -183,6 +183,19 @@ fn parse_retry(seq: &str, value: &str) -> Result<RetryEntry, StoreError> {
 
 #[async_trait]
 impl ConsumerStateStore for RedisConsumerState {
+    async fn shared_secret(&self) -> Result<Option<[u8; 32]>, StoreError> {
+        // The first proxy sets it; everyone reads the winner ('@' is not in RocketMQ group names).
+        let key = format!("{}@secret", self.prefix);
+        let mut con = self.connection.clone();
+        let mine: [u8; 32] = rand::random();
+        let _: bool = con.set_nx(&key, hex::encode(mine)).await.map_err(redis_err)?;
+        let stored: String = con.get(&key).await.map_err(redis_err)?;
+        let mut secret = [0u8; 32];
+        hex::decode_to_slice(stored.trim(), &mut secret)
+            .map_err(|e| StoreError::Corrupt(format!("{key} is not a 64-hex-digit key: {e}")))?;
+        Ok(Some(secret))
+    }
+
     async fn snapshot(&self, ctx: &ContextKey, queues: u32) -> Result<ContextSnapshot, StoreError> {
         let mut con = self.connection.clone();
         let fields: HashMap<String, String> = con.hgetall(self.key(ctx)).await.map_err(redis_err)?;

@@ -1,0 +1,602 @@
+//! The RocketMQ cluster backend: a [`MessageStore`] over `rocketmq-client-rust`, the only
+//! module that imports the RocketMQ crates.
+//!
+//! - Sends go to the queue the engine picked (route order: broker name, then queue id, as the
+//!   Java client lists them, so `orderId` lands where the Java proxy would put it), with the
+//!   engine's msgId as the message's `UNIQ_KEY` (what Java consumers see as its msgId).
+//! - Reads are plain pulls at an explicit offset with a group of our own that never commits an
+//!   offset to the broker: consumer offsets live in the proxy's consumer state store, as in
+//!   the Java proxy (its `EmptyOffsetStore`), so the broker's offsets of a group stay untouched.
+//! - The brokers push no "new message" signal, so each queue's min/max offsets are cached:
+//!   updated by our own sends and pulls and re-read every `offset_refresh`; a change of a max
+//!   wakes streaming consumers (messages from other clients, due delayed messages).
+//! - The route of every registered topic is read once at start-up (missing topics are named,
+//!   or created with `auto_create_topics`). The queue list is the engine's queue index space,
+//!   so a route change needs a restart.
+
+// The classic pull consumer is deprecated upstream in favour of the lite pull consumer, which
+// prefetches in the background and cannot "pull this queue at this offset now".
+#![allow(deprecated)]
+
+use super::{
+    AppendOutcome, AppendStatus, Appended, Delivery, MessageLocation, MessageStore, NewRecord, QueueRange, QueueRef,
+    ReadOutcome, StoreError, StoreIdentity, StoredMessage,
+};
+use async_trait::async_trait;
+use rocketmq_client_rust::{
+    AclClientRPCHook, ClientError, ClientRuntime, ClientRuntimeConfig, DefaultMQProducer, DefaultMQPullConsumer,
+    MessageSelector, PullOptions, PullStatus, SendStatus, SessionCredentials, TelemetryHandle,
+};
+use rocketmq_model::common::message::MessageTrait;
+use rocketmq_model::common::message::message_single::Message;
+use rocketmq_model::message::MessageQueue;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// The message property that carries the client-made msgId (Java's `MessageConst.PROPERTY_UNIQ_CLIENT_MESSAGE_ID_KEYIDX`).
+const UNIQ_KEY: &str = "UNIQ_KEY";
+/// The topic whose route tells which brokers may create topics (RocketMQ's `TBW102`).
+const CREATE_TOPIC_KEY: &str = "TBW102";
+/// Broker response code of an invalid message (MESSAGE_ILLEGAL); also 16 (NO_PERMISSION)
+/// and 40 (TOPIC_NOT_EXIST) are the caller's fault rather than the server's.
+const CALLER_FAULT_CODES: [i32; 3] = [13, 16, 17];
+
+/// Settings of the RocketMQ backend.
+#[derive(Debug, Clone)]
+pub struct RocketMqSettings {
+    pub namesrv_addr: String,
+    pub send_timeout: Duration,
+    pub pull_timeout: Duration,
+    pub offset_refresh: Duration,
+    pub auto_create_topics: bool,
+    pub topic_prefix: String,
+    pub client_group: String,
+    pub credentials: Option<(String, String)>,
+    /// The registered topics and the queue count to create them with.
+    pub topics: Vec<(String, u32)>,
+}
+
+/// Why the backend could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum RocketMqStartError {
+    #[error("the RocketMQ client could not start: {0}")]
+    Client(String),
+    #[error(
+        "topic {topic:?} does not exist on the RocketMQ cluster at {namesrv} ({reason}); create it, or set [rocketmq] auto_create_topics = true"
+    )]
+    MissingTopic {
+        topic: String,
+        namesrv: String,
+        reason: String,
+    },
+}
+
+/// One topic: its queues in route order and their cached offsets.
+struct Topic {
+    /// The name on the cluster (with the prefix).
+    remote: String,
+    refs: Arc<[QueueRef]>,
+    queues: Vec<MessageQueue>,
+    ranges: Vec<Mutex<QueueRange>>,
+}
+
+struct Inner {
+    settings: RocketMqSettings,
+    producer: DefaultMQProducer,
+    consumer: DefaultMQPullConsumer,
+    topics: HashMap<String, Topic>,
+    /// Cluster topic name -> registry name.
+    local_names: HashMap<String, String>,
+    identity: StoreIdentity,
+    visible: tokio::sync::watch::Sender<u64>,
+}
+
+/// The RocketMQ backend (cheap to clone).
+#[derive(Clone)]
+pub struct RocketMqStore {
+    inner: Arc<Inner>,
+    _refresher: Arc<AbortOnDrop>,
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// A client error in words: the library redacts its Display, so name the kind, the broker
+/// response code and the broker.
+fn describe(e: &ClientError) -> String {
+    let mut s = e.descriptor().public_message().to_owned();
+    if let Some(code) = e.broker_response_code() {
+        s.push_str(&format!(" (broker response code {code})"));
+    }
+    if let Some(addr) = e.broker_addr() {
+        s.push_str(&format!(" from broker {addr}"));
+    }
+    s
+}
+
+fn is_timeout(e: &ClientError) -> bool {
+    e.descriptor().class() == rocketmq_error::ErrorClass::TIMEOUT
+}
+
+/// A failed send: 300 when it timed out (it may be stored), 400 when the broker refused the
+/// message as invalid, else 500.
+fn send_error(e: &ClientError) -> StoreError {
+    let what = describe(e);
+    if is_timeout(e) {
+        StoreError::OutcomeUnknown(format!("the broker did not answer in time: {what}"))
+    } else if e
+        .broker_response_code()
+        .is_some_and(|c| CALLER_FAULT_CODES.contains(&c))
+    {
+        StoreError::Rejected(format!("the broker refused the message: {what}"))
+    } else {
+        StoreError::Backend(format!("send failed: {what}"))
+    }
+}
+
+fn backend_error(op: &str, e: &ClientError) -> StoreError {
+    StoreError::Backend(format!("{op} failed: {}", describe(e)))
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn to_u64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+impl RocketMqStore {
+    /// Starts the producer and the pull consumer on the current Tokio runtime, checks (or
+    /// creates) every registered topic and reads its route and offsets.
+    ///
+    /// # Errors
+    /// The client cannot start, or a topic is missing (and may not be created).
+    pub async fn start(settings: RocketMqSettings, identity: StoreIdentity) -> Result<Self, RocketMqStartError> {
+        let client_err = |what: &str, e: &dyn std::fmt::Display| RocketMqStartError::Client(format!("{what}: {e}"));
+        let context = rocketmq_runtime::RuntimeContext::try_from_current("mqproxy-rocketmq")
+            .map_err(|e| client_err("no Tokio runtime", &e))?;
+        let runtime = ClientRuntime::try_new(
+            context.service_context("client"),
+            ClientRuntimeConfig::default(),
+            TelemetryHandle::noop(),
+        )
+        .map_err(|e| client_err("client runtime", &describe(&e)))?;
+        let hook = || {
+            settings.credentials.as_ref().map(|(ak, sk)| {
+                Arc::new(AclClientRPCHook::new(SessionCredentials::with_keys(
+                    ak.as_str(),
+                    sk.as_str(),
+                )))
+            })
+        };
+        let send_timeout_ms = u32::try_from(settings.send_timeout.as_millis()).unwrap_or(u32::MAX);
+        let mut producer = DefaultMQProducer::builder(runtime.clone())
+            .producer_group(settings.client_group.as_str())
+            .name_server_addr(settings.namesrv_addr.as_str())
+            .send_msg_timeout(send_timeout_ms)
+            .retry_times_when_send_failed(0)
+            .max_message_size(super::super::engine::MAX_MESSAGE_BYTES as u32 + 64 * 1024);
+        if let Some(hook) = hook() {
+            producer = producer.rpc_hook(hook);
+        }
+        let mut producer = producer.build();
+        producer
+            .start()
+            .await
+            .map_err(|e| client_err("producer start", &describe(&e)))?;
+        let mut consumer = DefaultMQPullConsumer::builder(runtime.clone())
+            .consumer_group(settings.client_group.as_str())
+            .name_server_addr(settings.namesrv_addr.as_str())
+            .consumer_pull_timeout(settings.pull_timeout);
+        if let Some(hook) = hook() {
+            consumer = consumer.rpc_hook(hook);
+        }
+        let consumer = consumer
+            .build()
+            .map_err(|e| client_err("pull consumer", &describe(&e)))?;
+        consumer
+            .start()
+            .await
+            .map_err(|e| client_err("pull consumer start", &describe(&e)))?;
+
+        let mut topics = HashMap::new();
+        let mut local_names = HashMap::new();
+        for (name, queue_count) in &settings.topics {
+            let remote = format!("{}{name}", settings.topic_prefix);
+            let mut queues = Self::route(&consumer, &remote, &settings, &mut producer, *queue_count).await?;
+            queues.sort_by(|a, b| {
+                (a.broker_name().as_str(), a.queue_id()).cmp(&(b.broker_name().as_str(), b.queue_id()))
+            });
+            let refs: Arc<[QueueRef]> = queues
+                .iter()
+                .map(|q| QueueRef {
+                    broker_name: q.broker_name().to_string(),
+                    queue_id: u32::try_from(q.queue_id()).unwrap_or(0),
+                })
+                .collect();
+            tracing::info!(topic = %remote, queues = refs.len(), "RocketMQ topic route");
+            let ranges = queues.iter().map(|_| Mutex::new(QueueRange::default())).collect();
+            local_names.insert(remote.clone(), name.clone());
+            topics.insert(
+                name.clone(),
+                Topic {
+                    remote,
+                    refs,
+                    queues,
+                    ranges,
+                },
+            );
+        }
+        let inner = Arc::new(Inner {
+            settings,
+            producer,
+            consumer,
+            topics,
+            local_names,
+            identity,
+            visible: tokio::sync::watch::Sender::new(0),
+        });
+        inner.refresh_offsets().await;
+        // Holds only a weak reference, so dropping the last store handle stops it.
+        let weak = Arc::downgrade(&inner);
+        let refresher = tokio::spawn(async move {
+            loop {
+                let Some(every) = weak.upgrade().map(|i| i.settings.offset_refresh) else {
+                    return;
+                };
+                tokio::time::sleep(every).await;
+                let Some(inner) = weak.upgrade() else { return };
+                inner.refresh_offsets().await;
+            }
+        });
+        Ok(Self {
+            inner,
+            _refresher: Arc::new(AbortOnDrop(refresher)),
+        })
+    }
+
+    /// The topic's queues, creating the topic first when it is missing and allowed.
+    async fn route(
+        consumer: &DefaultMQPullConsumer,
+        remote: &str,
+        settings: &RocketMqSettings,
+        producer: &mut DefaultMQProducer,
+        queue_count: u32,
+    ) -> Result<Vec<MessageQueue>, RocketMqStartError> {
+        let missing = |reason: String| RocketMqStartError::MissingTopic {
+            topic: remote.to_owned(),
+            namesrv: settings.namesrv_addr.clone(),
+            reason,
+        };
+        match consumer.fetch_subscribe_message_queues(remote).await {
+            Ok(queues) if !queues.is_empty() => return Ok(queues),
+            Ok(_) if !settings.auto_create_topics => return Err(missing("no queues".into())),
+            Err(e) if !settings.auto_create_topics => return Err(missing(describe(&e))),
+            _ => {}
+        }
+        tracing::info!(topic = remote, queues = queue_count, "creating RocketMQ topic");
+        producer
+            .create_topic(
+                CREATE_TOPIC_KEY,
+                remote,
+                i32::try_from(queue_count).unwrap_or(i32::MAX),
+                HashMap::new(),
+            )
+            .await
+            .map_err(|e| missing(format!("creating it failed: {}", describe(&e))))?;
+        // The broker registers the new topic with the name server; wait for the route.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            match consumer.fetch_subscribe_message_queues(remote).await {
+                Ok(queues) if !queues.is_empty() => return Ok(queues),
+                Ok(_) => {}
+                Err(e) if tokio::time::Instant::now() >= deadline => {
+                    return Err(missing(format!("created, but no route within 30 s: {}", describe(&e))));
+                }
+                Err(_) => {}
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn topic(&self, topic: &str) -> Result<&Topic, StoreError> {
+        self.inner
+            .topics
+            .get(topic)
+            .ok_or_else(|| StoreError::Backend(format!("topic {topic} is not registered")))
+    }
+
+    fn queue<'a>(&self, topic: &'a Topic, queue: u32) -> Result<(&'a MessageQueue, &'a Mutex<QueueRange>), StoreError> {
+        let i = queue as usize;
+        match (topic.queues.get(i), topic.ranges.get(i)) {
+            (Some(q), Some(r)) => Ok((q, r)),
+            _ => Err(StoreError::Backend(format!(
+                "topic {} has no queue index {queue}",
+                topic.remote
+            ))),
+        }
+    }
+
+    fn message(topic: &Topic, delivery: Delivery, record: &NewRecord) -> Result<Message, StoreError> {
+        let mut builder = Message::builder()
+            .topic(topic.remote.as_str())
+            .body_slice(&record.body)
+            .property(
+                rocketmq_model::common::message::message_property::MessagePropertyKey::UniqueClientMsgId,
+                hex::encode_upper(record.msg_id),
+            );
+        if let Some(keys) = &record.keys {
+            builder = builder.key(keys.as_str());
+        }
+        builder = match delivery {
+            Delivery::Now => builder,
+            Delivery::DelayLevel(level) => builder.delay_level(i32::from(level)),
+            Delivery::At(at) => builder.deliver_time_ms(at),
+        };
+        builder
+            .build()
+            .map_err(|e| StoreError::Rejected(format!("message not accepted by the RocketMQ client: {e}")))
+    }
+}
+
+impl Inner {
+    /// Re-reads every queue's min and max offset; wakes streams when a max grew.
+    async fn refresh_offsets(&self) {
+        let mut grew = false;
+        for topic in self.topics.values() {
+            for (mq, range) in topic.queues.iter().zip(&topic.ranges) {
+                let (min, max) = match (self.consumer.min_offset(mq).await, self.consumer.max_offset(mq).await) {
+                    (Ok(min), Ok(max)) => (to_u64(min), to_u64(max)),
+                    (Err(e), _) | (_, Err(e)) => {
+                        tracing::debug!(topic = %topic.remote, queue = mq.queue_id(), error = %describe(&e), "offset refresh failed");
+                        continue;
+                    }
+                };
+                grew |= update_range(range, Some(min), max);
+            }
+        }
+        if grew {
+            self.visible.send_modify(|n| *n = n.wrapping_add(1));
+        }
+    }
+}
+
+/// Records offsets seen at the broker; true when the max grew.
+fn update_range(range: &Mutex<QueueRange>, min: Option<u64>, max: u64) -> bool {
+    let mut r = range.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let grew = max > r.max;
+    if let Some(min) = min {
+        r.min = min;
+    }
+    r.max = r.max.max(max);
+    if let Some(min) = min
+        && max < r.max
+        && min <= max
+    {
+        // The broker's max went down (queue truncated/recreated): believe the broker.
+        r.max = max;
+    }
+    grew
+}
+
+fn append_status(status: SendStatus) -> AppendStatus {
+    match status {
+        SendStatus::SendOk => AppendStatus::Ok,
+        SendStatus::FlushDiskTimeout => AppendStatus::FlushDiskTimeout,
+        SendStatus::FlushSlaveTimeout => AppendStatus::FlushSlaveTimeout,
+        SendStatus::SlaveNotAvailable => AppendStatus::SlaveNotAvailable,
+    }
+}
+
+fn parse_id(hex_id: &str) -> Option<[u8; 16]> {
+    let mut id = [0u8; 16];
+    hex::decode_to_slice(hex_id.trim(), &mut id).ok().map(|()| id)
+}
+
+#[async_trait]
+impl MessageStore for RocketMqStore {
+    async fn append(
+        &self,
+        topic: &str,
+        queue: u32,
+        delivery: Delivery,
+        records: Vec<NewRecord>,
+    ) -> Result<AppendOutcome, StoreError> {
+        let topic = self.topic(topic)?;
+        let (mq, range) = self.queue(topic, queue)?;
+        let count = records.len() as u64;
+        let timeout = u64::try_from(self.inner.settings.send_timeout.as_millis()).unwrap_or(u64::MAX);
+        let messages = records
+            .iter()
+            .map(|r| Self::message(topic, delivery, r))
+            .collect::<Result<Vec<_>, _>>()?;
+        let result = if messages.len() == 1 {
+            let message = messages.into_iter().next().ok_or(StoreError::Closed)?;
+            self.inner
+                .producer
+                .send_to_queue_with_timeout(message, mq.clone(), timeout)
+                .await
+                .map_err(|e| send_error(&e))?
+                .ok_or_else(|| StoreError::Backend("the broker answered no send result".into()))?
+        } else {
+            self.inner
+                .producer
+                .send_batch_to_queue_with_timeout(messages, mq.clone(), timeout)
+                .await
+                .map_err(|e| send_error(&e))?
+        };
+        let offset_ids: Vec<&str> = result.offset_msg_id.as_deref().unwrap_or_default().split(',').collect();
+        let appended = (0..count)
+            .map(|j| Appended {
+                queue_offset: result.queue_offset + j,
+                store_seq: 0,
+                offset_msg_id: offset_ids
+                    .get(j as usize)
+                    .map(|s| (*s).to_owned())
+                    .filter(|s| !s.is_empty()),
+            })
+            .collect();
+        if delivery == Delivery::Now && update_range(range, None, result.queue_offset + count) {
+            self.inner.visible.send_modify(|n| *n = n.wrapping_add(1));
+        }
+        Ok(AppendOutcome {
+            appended,
+            status: append_status(result.send_status),
+            region_id: result.region_id.clone(),
+            trace_on: Some(result.trace_on),
+        })
+    }
+
+    fn queues(&self, topic: &str) -> Arc<[QueueRef]> {
+        self.inner
+            .topics
+            .get(topic)
+            .map_or_else(|| Arc::from(Vec::new()), |t| t.refs.clone())
+    }
+
+    fn queue_range(&self, topic: &str, queue: u32) -> QueueRange {
+        self.inner
+            .topics
+            .get(topic)
+            .and_then(|t| t.ranges.get(queue as usize))
+            .map(|r| *r.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+            .unwrap_or_default()
+    }
+
+    async fn read(
+        &self,
+        topic: &str,
+        queue: u32,
+        from: u64,
+        max: usize,
+        max_bytes: usize,
+    ) -> Result<ReadOutcome, StoreError> {
+        let topic = self.topic(topic)?;
+        let (mq, range) = self.queue(topic, queue)?;
+        let options = PullOptions::new(
+            mq.clone(),
+            MessageSelector::by_tag("*"),
+            to_i64(from),
+            i32::try_from(max.max(1)).unwrap_or(i32::MAX),
+        )
+        .map_err(|e| backend_error("pull", &e))?
+        // Without it the client asks for i32::MAX bytes and the broker warns at every pull.
+        .max_size_in_bytes(i32::try_from(max_bytes.max(1)).unwrap_or(i32::MAX))
+        .timeout(self.inner.settings.pull_timeout);
+        let result = self
+            .inner
+            .consumer
+            .pull_with_options(options)
+            .await
+            .map_err(|e| backend_error("pull", &e))?;
+        if update_range(range, Some(result.min_offset()), result.max_offset()) {
+            self.inner.visible.send_modify(|n| *n = n.wrapping_add(1));
+        }
+        match result.pull_status() {
+            PullStatus::Found => {}
+            PullStatus::NoNewMsg => return Ok(ReadOutcome::default()),
+            PullStatus::NoMatchedMsg | PullStatus::OffsetIllegal => {
+                let next = result.next_begin_offset();
+                return Ok(ReadOutcome {
+                    messages: Vec::new(),
+                    skip_to: (next != from).then_some(next),
+                });
+            }
+        }
+        let mut messages = Vec::new();
+        let mut bytes = 0;
+        for m in result.msg_found_list().unwrap_or_default() {
+            let body = m.body().map(|b| b.to_vec()).unwrap_or_default();
+            bytes += body.len();
+            if bytes > max_bytes && !messages.is_empty() {
+                break;
+            }
+            let inner = m.message_inner();
+            let msg_id = inner
+                .property(UNIQ_KEY)
+                .and_then(parse_id)
+                .or_else(|| parse_id(m.msg_id().as_str()))
+                .unwrap_or_else(|| {
+                    tracing::warn!(topic = %topic.remote, offset = m.queue_offset(), "message without a 16-byte msgId");
+                    [0; 16]
+                });
+            messages.push(StoredMessage {
+                msg_id,
+                offset: to_u64(m.queue_offset()),
+                store_ms: to_u64(m.store_timestamp()),
+                keys: inner.get_keys().map(|k| k.to_string()).filter(|k| !k.is_empty()),
+                body,
+            });
+            if messages.len() >= max {
+                break;
+            }
+        }
+        Ok(ReadOutcome {
+            messages,
+            skip_to: None,
+        })
+    }
+
+    async fn locate(&self, msg_id: [u8; 16]) -> Result<Option<MessageLocation>, StoreError> {
+        let Some(producer) = self.inner.producer.default_mq_producer_impl() else {
+            return Err(StoreError::Backend("the producer is not started".into()));
+        };
+        let key = hex::encode_upper(msg_id);
+        for topic in self.inner.topics.values() {
+            let Ok(found) = producer.query_message_by_uniq_key(&topic.remote, &key).await else {
+                continue;
+            };
+            let broker = found.broker_name();
+            let queue_id = u32::try_from(found.queue_id()).unwrap_or(u32::MAX);
+            let index = topic
+                .refs
+                .iter()
+                .position(|q| (broker.is_empty() || q.broker_name == broker) && q.queue_id == queue_id);
+            if let (Some(index), Some(name)) = (index, self.inner.local_names.get(&topic.remote)) {
+                return Ok(Some(MessageLocation {
+                    topic: name.clone(),
+                    queue: u32::try_from(index).unwrap_or(u32::MAX),
+                    offset: to_u64(found.queue_offset()),
+                }));
+            }
+        }
+        Ok(None)
+    }
+
+    async fn probe(&self) -> Result<(), StoreError> {
+        // Ready when every topic's first queue answers an offset query.
+        for topic in self.inner.topics.values() {
+            if let Some(mq) = topic.queues.first() {
+                self.inner
+                    .consumer
+                    .max_offset(mq)
+                    .await
+                    .map_err(|e| backend_error("broker offset query", &e))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn identity(&self) -> &StoreIdentity {
+        &self.inner.identity
+    }
+
+    fn visible_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.visible.subscribe()
+    }
+}
+
+impl std::fmt::Debug for RocketMqStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RocketMqStore")
+            .field("namesrv_addr", &self.inner.settings.namesrv_addr)
+            .finish_non_exhaustive()
+    }
+}
