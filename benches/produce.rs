@@ -2,7 +2,14 @@
 //! against one flush per message (`group_commit_max = 1`), at 1 and 64 concurrent producers,
 //! plus a consume (pull + ack) rate. Prints medians of 3 runs and the ratio to the baseline.
 //!
+//! With `MQPROXY_BENCH_NAMESRV=127.0.0.1:9876` (a cluster from `scripts/rocketmq-local.sh`) it
+//! also measures produce through mqproxy on the RocketMQ backend against the direct
+//! `rocketmq-client-rust` producer on the same broker, at the same concurrency.
+//!
 //! Run: `cargo bench --bench produce` (env BENCH_SECONDS, default 3, sets each run's length).
+
+// The RocketMQ client's futures nest deeply (see src/lib.rs).
+#![recursion_limit = "256"]
 
 use mqproxy::config::Config;
 use serde_json::Value;
@@ -19,11 +26,15 @@ struct Server {
 }
 
 async fn start(group_commit_max: usize) -> Server {
+    start_with(|config| config.group_commit_max = group_commit_max).await
+}
+
+async fn start_with(adjust: impl FnOnce(&mut Config)) -> Server {
     let dir = tempfile::tempdir().expect("tmp");
     let mut config = Config::demo();
     config.data_dir = dir.path().to_path_buf();
-    config.group_commit_max = group_commit_max;
     config.default_rate_limit = 1_000_000;
+    adjust(&mut config);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let base = format!("http://{}", listener.local_addr().expect("addr"));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -254,6 +265,123 @@ async fn main() {
         "consume (pull 32 + ack by next pull, 1 consumer): {:.0} msg/s",
         median(rates)
     );
+    let _ = server.stop.send(());
+    server.task.await.expect("stop");
+    if let Ok(namesrv) = std::env::var("MQPROXY_BENCH_NAMESRV") {
+        rocketmq_section(&namesrv, secs, &body).await;
+    }
+}
+
+/// Messages per second of `writers` tasks sending through one direct producer for `secs`.
+async fn direct_run(
+    producer: &rocketmq_client_rust::DefaultMQProducer,
+    topic: &str,
+    writers: usize,
+    secs: f64,
+    body: &str,
+) -> (f64, Vec<f64>) {
+    use rocketmq_model::common::message::message_single::Message;
+    let deadline = Instant::now() + Duration::from_secs_f64(secs);
+    let started = Instant::now();
+    let mut lat = Vec::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..writers {
+        let (producer, topic, body) = (producer.clone(), topic.to_owned(), body.to_owned());
+        tasks.spawn(async move {
+            let mut lat = Vec::new();
+            while Instant::now() < deadline {
+                let message = Message::builder()
+                    .topic(topic.as_str())
+                    .body_slice(body.as_bytes())
+                    .build()
+                    .expect("message");
+                let t = Instant::now();
+                producer
+                    .send_with_timeout(message, 3_000)
+                    .await
+                    .expect("direct send")
+                    .expect("send result");
+                lat.push(t.elapsed().as_secs_f64() * 1000.0);
+            }
+            lat
+        });
+    }
+    while let Some(l) = tasks.join_next().await {
+        lat.extend(l.expect("writer"));
+    }
+    (lat.len() as f64 / started.elapsed().as_secs_f64(), lat)
+}
+
+/// mqproxy (RocketMQ backend) against the direct client on the same broker.
+async fn rocketmq_section(namesrv: &str, secs: f64, body: &str) {
+    use rocketmq_client_rust::{ClientRuntime, ClientRuntimeConfig, DefaultMQProducer, TelemetryHandle};
+    let prefix = format!("bench-{}-", std::process::id());
+    let server = start_with(|config| {
+        config.backend = mqproxy::config::Backend::Rocketmq;
+        config.rocketmq.namesrv_addr = namesrv.to_owned();
+        config.rocketmq.auto_create_topics = true;
+        config.rocketmq.topic_prefix = prefix.clone();
+    })
+    .await;
+    // The server creates the topic; wait until it answers.
+    let client = reqwest::Client::new();
+    for _ in 0..100 {
+        if client
+            .get(format!("{}/readyz", server.base))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let context = rocketmq_runtime::RuntimeContext::try_from_current("bench-direct").expect("runtime");
+    let runtime = ClientRuntime::try_new(
+        context.service_context("client"),
+        ClientRuntimeConfig::default(),
+        TelemetryHandle::noop(),
+    )
+    .expect("client runtime");
+    let mut producer = DefaultMQProducer::builder(runtime)
+        .producer_group(format!("{prefix}direct").as_str())
+        .name_server_addr(namesrv)
+        .build();
+    producer.start().await.expect("direct producer");
+    let topic = format!("{prefix}{TOPIC}");
+    println!(
+        "\nRocketMQ backend ({namesrv}): produce 1 KiB, {secs} s per run, median of 3 runs (direct client runs first)"
+    );
+    println!(
+        "{:<34} {:>10} {:>9} {:>9} {:>8}",
+        "configuration", "msg/s", "p50 ms", "p99 ms", "ratio"
+    );
+    for writers in [1, 16, 64] {
+        let (mut direct, mut proxied) = (Vec::new(), Vec::new());
+        let (mut direct_lat, mut proxied_lat) = (Vec::new(), Vec::new());
+        for _ in 0..3 {
+            let (rate, lat) = direct_run(&producer, &topic, writers, secs, body).await;
+            direct.push(rate);
+            direct_lat.extend(lat);
+            let (rate, lat) = produce_run(&server.base, writers, secs, body).await;
+            proxied.push(rate);
+            proxied_lat.extend(lat);
+        }
+        let base = median(direct);
+        for (label, rate, lat) in [
+            ("direct client", base, &mut direct_lat),
+            ("mqproxy REST", median(proxied), &mut proxied_lat),
+        ] {
+            println!(
+                "{:<34} {rate:>10.0} {:>9.2} {:>9.2} {:>7.2}x",
+                format!("{label}, {writers} writers"),
+                percentile(lat, 0.5),
+                percentile(lat, 0.99),
+                rate / base
+            );
+        }
+    }
+    producer.shutdown().await;
     let _ = server.stop.send(());
     server.task.await.expect("stop");
 }

@@ -80,11 +80,24 @@ start() {
     echo $! >"$RMQ_RUN/namesrv.pid"
   fi
   wait_for "name server" 20 port_open "$NAMESRV_PORT"
-  if ! running broker; then
-    HOME="$RMQ_RUN/home" ROCKETMQ_HOME="$RMQ_RUN/home" \
-      "$BROKER_BIN" -c "$RMQ_RUN/home/conf/broker.toml" >"$RMQ_RUN/logs/broker.log" 2>&1 &
-    echo $! >"$RMQ_RUN/broker.pid"
-  fi
+  # A broker killed with live client connections may find its port still held for a moment
+  # after a restart (it exits at once on "address in use"): try again a few times.
+  for attempt in 1 2 3 4 5 6; do
+    if ! running broker; then
+      HOME="$RMQ_RUN/home" ROCKETMQ_HOME="$RMQ_RUN/home" \
+        "$BROKER_BIN" -c "$RMQ_RUN/home/conf/broker.toml" >"$RMQ_RUN/logs/broker.log" 2>&1 &
+      echo $! >"$RMQ_RUN/broker.pid"
+    fi
+    for _ in $(seq 100); do
+      if port_open "$BROKER_PORT" || ! running broker; then break; fi
+      sleep 0.1
+    done
+    if running broker && port_open "$BROKER_PORT"; then break; fi
+    echo "rocketmq-local: broker did not start (attempt $attempt): $(grep -m1 -i -E "error|in use" "$RMQ_RUN/logs/broker.log" | cut -c1-200)" >&2
+    cp "$RMQ_RUN/logs/broker.log" "$RMQ_RUN/logs/broker-failed-$attempt.log" 2>/dev/null || true
+    kill -9 "$(cat "$RMQ_RUN/broker.pid")" 2>/dev/null || true
+    sleep 2
+  done
   wait_for "broker" 30 port_open "$BROKER_PORT"
   wait_for "broker registration" 30 registered
   echo "rocketmq-local: name server 127.0.0.1:$NAMESRV_PORT, broker-a 127.0.0.1:$BROKER_PORT"

@@ -117,6 +117,9 @@ async fn restart_keeps_messages_schedule_and_offsets() {
 /// continues from the smallest offset.
 #[tokio::test]
 async fn retention_and_offset_illegal_reset() {
+    if common::embedded_only("retention is the broker's on RocketMQ") {
+        return;
+    }
     let s = TestServer::with_toml(&format!(
         "retention_ms=1500\nretention_check_interval_ms=100\n{}",
         one_queue("max_pull_size=1\n")

@@ -3,39 +3,16 @@
 mod common;
 use common::*;
 use serde_json::Value;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 
 const BIN: &str = env!("CARGO_BIN_EXE_mqproxy");
 
-struct Proc {
-    child: Child,
-    base: String,
-}
-
-/// Starts `mqproxy serve` on a free port and waits for its "listening" line.
+/// Starts `mqproxy serve` on a free port with `data_dir` and waits for its "listening" line.
 fn spawn(data_dir: &std::path::Path, extra: &[&str]) -> Proc {
-    let mut child = Command::new(BIN)
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(data_dir)
-        .args(extra)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn mqproxy");
-    let stdout = child.stdout.take().expect("stdout");
-    let mut line = String::new();
-    BufReader::new(stdout)
-        .read_line(&mut line)
-        .expect("read the listening line");
-    let base = line
-        .split_whitespace()
-        .find(|w| w.starts_with("http://"))
-        .unwrap_or_else(|| panic!("no address in {line:?}"))
-        .to_owned();
-    Proc { child, base }
+    let mut args = vec!["--data-dir".to_owned(), data_dir.display().to_string()];
+    args.extend(extra.iter().map(|s| (*s).to_owned()));
+    Proc::spawn(BIN, &args)
 }
 
 fn signal(child: &Child, sig: i32) {

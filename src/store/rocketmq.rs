@@ -108,9 +108,23 @@ impl Drop for AbortOnDrop {
 }
 
 /// A client error in words: the library redacts its Display, so name the kind, the broker
-/// response code and the broker.
+/// response code, the broker and the innermost cause (which carries the detail).
 fn describe(e: &ClientError) -> String {
     let mut s = e.descriptor().public_message().to_owned();
+    let mut cause = std::error::Error::source(e);
+    let mut innermost = None;
+    while let Some(c) = cause {
+        innermost = Some(c);
+        cause = c.source();
+    }
+    if let Some(c) = innermost {
+        let detail = c.to_string();
+        let detail = detail.split("\nFor more information").next().unwrap_or_default();
+        if !detail.is_empty() && !s.contains(detail) {
+            s.push_str(": ");
+            s.push_str(detail);
+        }
+    }
     if let Some(code) = e.broker_response_code() {
         s.push_str(&format!(" (broker response code {code})"));
     }
@@ -368,20 +382,15 @@ impl Inner {
     }
 }
 
-/// Records offsets seen at the broker; true when the max grew.
+/// Records offsets seen at the broker; true when the max grew. The max only grows (queue
+/// offsets never go back in RocketMQ), so a refresh that read the broker before one of our
+/// sends cannot hide that send.
 fn update_range(range: &Mutex<QueueRange>, min: Option<u64>, max: u64) -> bool {
     let mut r = range.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let grew = max > r.max;
-    if let Some(min) = min {
-        r.min = min;
-    }
     r.max = r.max.max(max);
-    if let Some(min) = min
-        && max < r.max
-        && min <= max
-    {
-        // The broker's max went down (queue truncated/recreated): believe the broker.
-        r.max = max;
+    if let Some(min) = min {
+        r.min = min.min(r.max);
     }
     grew
 }
@@ -598,5 +607,30 @@ impl std::fmt::Debug for RocketMqStore {
         f.debug_struct("RocketMqStore")
             .field("namesrv_addr", &self.inner.settings.namesrv_addr)
             .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stale_refresh_never_hides_a_send() {
+        let range = Mutex::new(QueueRange::default());
+        // Our send stored offset 4: max 5 at once.
+        assert!(update_range(&range, None, 5));
+        // A refresh that read the broker before that send answers max 4: ignored.
+        assert!(!update_range(&range, Some(0), 4));
+        assert_eq!(*range.lock().unwrap(), QueueRange { min: 0, max: 5 });
+        // Retention moved the min; a later read sees more messages.
+        assert!(update_range(&range, Some(3), 7));
+        assert_eq!(*range.lock().unwrap(), QueueRange { min: 3, max: 7 });
+    }
+
+    #[test]
+    fn unique_keys_parse_as_msg_ids() {
+        assert_eq!(parse_id("7F00000100002A9F00000000000000E1").map(|b| b[0]), Some(0x7f));
+        assert_eq!(parse_id("not hex"), None);
+        assert_eq!(parse_id("7F00"), None);
     }
 }

@@ -51,6 +51,10 @@ impl TestServer {
             );
             config.consumer_state.prefix = format!("mqproxy-test-{}:", unique_suffix());
         }
+        // ... and with the messages on a RocketMQ cluster (scripts/test starts a local one).
+        if rocketmq_backend() && config.backend == mqproxy::config::Backend::Embedded {
+            use_rocketmq(&mut config, &format!("t{}-", unique_suffix()));
+        }
         let mut server = Self::launch(config).await;
         server._tmp = Some(tmp);
         server
@@ -214,8 +218,37 @@ where
     }
 }
 
+/// True when the suite runs against a RocketMQ cluster (`MQPROXY_TEST_BACKEND=rocketmq`).
+pub fn rocketmq_backend() -> bool {
+    std::env::var("MQPROXY_TEST_BACKEND").as_deref() == Ok("rocketmq")
+}
+
+/// The test cluster's name server (`MQPROXY_TEST_NAMESRV`, default 127.0.0.1:9876).
+pub fn namesrv_addr() -> String {
+    std::env::var("MQPROXY_TEST_NAMESRV").unwrap_or_else(|_| "127.0.0.1:9876".into())
+}
+
+/// Points `config` at the test cluster; `topic_prefix` keeps this server's topics apart from
+/// every other test's on the shared broker.
+pub fn use_rocketmq(config: &mut Config, topic_prefix: &str) {
+    config.backend = mqproxy::config::Backend::Rocketmq;
+    config.rocketmq.namesrv_addr = namesrv_addr();
+    config.rocketmq.auto_create_topics = true;
+    config.rocketmq.topic_prefix = topic_prefix.to_owned();
+    config.rocketmq.offset_refresh_ms = 100;
+}
+
+/// Skips a test that is about the embedded store itself when the suite runs on RocketMQ.
+pub fn embedded_only(what: &str) -> bool {
+    if rocketmq_backend() {
+        eprintln!("skipped on the RocketMQ backend: {what}");
+        return true;
+    }
+    false
+}
+
 /// A suffix that keeps each test server's Redis keys apart.
-fn unique_suffix() -> String {
+pub fn unique_suffix() -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
     format!(
@@ -267,5 +300,44 @@ impl TestServer {
             .unwrap_or_default()
             .to_owned();
         (cookie, resp.json().await.expect("json"))
+    }
+}
+
+/// The `mqproxy` binary running as a child process.
+pub struct Proc {
+    pub child: std::process::Child,
+    pub base: String,
+}
+
+impl Proc {
+    /// Starts `BIN serve --listen 127.0.0.1:0 ARGS...` and waits for its "listening" line.
+    pub fn spawn(bin: &str, args: &[String]) -> Self {
+        use std::io::{BufRead, BufReader};
+        let mut child = std::process::Command::new(bin)
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn mqproxy");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("read the listening line");
+        let base = line
+            .split_whitespace()
+            .find(|w| w.starts_with("http://"))
+            .unwrap_or_else(|| panic!("no address in {line:?}"))
+            .to_owned();
+        Self { child, base }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
