@@ -187,6 +187,20 @@ async fn batch_partial_failure_reports_each_element() {
     assert_eq!(s.drain(CLUSTERING, None).await, vec!["fine"]);
 }
 
+/// Batch: more than 4 MiB in all (RocketMQ carries a batch as one message of at most 4 MiB:
+/// the engine splits it) is sent whole, in order, each element answered.
+#[tokio::test]
+async fn a_batch_over_4_mib_is_sent_whole_and_in_order() {
+    let s = TestServer::with_toml(&one_queue("")).await;
+    let bodies: Vec<String> = (0..6).map(|i| format!("{i}{}", "b".repeat(1024 * 1024))).collect();
+    let messages = serde_json::to_string(&bodies).expect("json");
+    let v = s
+        .post("/mq/produce/batch", &[("producer", PRODUCER), ("messages", &messages)])
+        .await;
+    assert_eq!(v, serde_json::json!({"status": 200}));
+    assert_eq!(s.drain("c", None).await, bodies);
+}
+
 /// Batch: request-level errors carry no `result`.
 #[tokio::test]
 async fn batch_request_errors_have_no_result() {

@@ -306,3 +306,25 @@ async fn native_clients_and_mqproxy_interoperate() {
         "{ordered}"
     );
 }
+
+/// A registered topic missing on the cluster stops start-up with its name (unless
+/// `auto_create_topics`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_topic_is_named_at_start_up() {
+    if skip_without_cluster(false) {
+        return;
+    }
+    let mut config = config(Some(&one_queue("")));
+    let prefix = format!("missing-{}-", unique_suffix());
+    use_rocketmq(&mut config, &prefix);
+    config.rocketmq.auto_create_topics = false;
+    let dir = tempfile::tempdir().expect("tmp");
+    config.data_dir = dir.path().to_path_buf();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let error = mqproxy::server::run(config, listener, std::future::pending())
+        .await
+        .expect_err("start-up fails");
+    let text = error.to_string();
+    assert!(text.contains(&format!("{prefix}{TOPIC}")), "{text}");
+    assert!(text.contains("auto_create_topics"), "{text}");
+}

@@ -30,6 +30,10 @@ use std::sync::atomic::{AtomicU32, Ordering};
 /// The 4 MiB limit of one message body.
 pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 
+/// What one message adds to a batch besides its body (RocketMQ's batch encoding: sizes, flag,
+/// properties with the msgId), counted against the backend's batch size.
+const BATCH_OVERHEAD_BYTES: usize = 256;
+
 /// Clustering (a group shares the stream) or broadcast (each clientId gets all of it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConsumeMode {
@@ -358,8 +362,9 @@ impl Engine {
         self.receipt(topic, &queue, &msg_id, &outcome, 0)
     }
 
-    /// Produces a batch in one durable write to one queue. The outer error is request-level
-    /// (unknown producer, empty batch); each element has its own result.
+    /// Produces a batch to one queue, in order: in one durable write on the embedded store, in
+    /// as few sends as the backend's batch size allows on RocketMQ. The outer error is
+    /// request-level (unknown producer, empty batch); each element has its own result.
     ///
     /// # Errors
     /// Unknown producer or an empty batch.
@@ -375,24 +380,38 @@ impl Engine {
         let now = now_ms();
         let (index, queue) = self.pick_queue(topic, None)?;
         let mut results: Vec<Option<Result<SendReceipt, EngineError>>> = Vec::with_capacity(bodies.len());
-        let mut records = Vec::new();
-        let mut record_of = Vec::new();
+        // Groups of (element index, record), each within the backend's batch size.
+        let max_bytes = self.inner.messages.max_batch_bytes();
+        let mut groups: Vec<Vec<(usize, NewRecord)>> = Vec::new();
+        let mut group_bytes = 0usize;
         for (i, body) in bodies.into_iter().enumerate() {
             match Self::check_body(&body) {
                 Ok(()) => {
-                    record_of.push(i);
-                    records.push(NewRecord {
+                    let size = body.len() + BATCH_OVERHEAD_BYTES;
+                    if groups
+                        .last()
+                        .is_none_or(|g| !g.is_empty() && group_bytes + size > max_bytes)
+                    {
+                        groups.push(Vec::new());
+                        group_bytes = 0;
+                    }
+                    group_bytes += size;
+                    let record = NewRecord {
                         msg_id: self.inner.ids.next(),
                         keys: None,
                         born_ms: now,
                         body,
-                    });
+                    };
+                    if let Some(group) = groups.last_mut() {
+                        group.push((i, record));
+                    }
                     results.push(None);
                 }
                 Err(e) => results.push(Some(Err(e))),
             }
         }
-        if !records.is_empty() {
+        for group in groups {
+            let (positions, records): (Vec<usize>, Vec<NewRecord>) = group.into_iter().unzip();
             let ids: Vec<[u8; 16]> = records.iter().map(|r| r.msg_id).collect();
             match self
                 .inner
@@ -401,12 +420,12 @@ impl Engine {
                 .await
             {
                 Ok(outcome) => {
-                    for (j, &i) in record_of.iter().enumerate() {
+                    for (j, &i) in positions.iter().enumerate() {
                         results[i] = Some(self.receipt(topic, &queue, &ids[j], &outcome, j));
                     }
                 }
                 Err(e) => {
-                    for &i in &record_of {
+                    for &i in &positions {
                         results[i] = Some(Err(EngineError::Store(e.duplicate())));
                     }
                 }

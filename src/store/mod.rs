@@ -249,6 +249,12 @@ pub trait MessageStore: Send + Sync + 'static {
         records: Vec<NewRecord>,
     ) -> Result<AppendOutcome, StoreError>;
 
+    /// Most bytes one append of several records may carry (bodies plus per-message overhead);
+    /// bigger batches are split by the engine.
+    fn max_batch_bytes(&self) -> usize {
+        usize::MAX
+    }
+
     /// The queues of a topic in route order (empty for a topic the store does not know).
     fn queues(&self, topic: &str) -> std::sync::Arc<[QueueRef]>;
 

@@ -38,9 +38,11 @@ use std::time::Duration;
 const UNIQ_KEY: &str = "UNIQ_KEY";
 /// The topic whose route tells which brokers may create topics (RocketMQ's `TBW102`).
 const CREATE_TOPIC_KEY: &str = "TBW102";
-/// Broker response code of an invalid message (MESSAGE_ILLEGAL); also 16 (NO_PERMISSION)
-/// and 40 (TOPIC_NOT_EXIST) are the caller's fault rather than the server's.
-const CALLER_FAULT_CODES: [i32; 3] = [13, 16, 17];
+/// Broker response code of a message the broker refuses as invalid (MESSAGE_ILLEGAL: too big,
+/// a timer too far ahead): the caller's fault, 400. Every other code is the server's, 500.
+const CALLER_FAULT_CODES: [i32; 1] = [13];
+/// A batch travels as one message: the broker's `maxMessageSize` (4 MiB by default) bounds it.
+const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
 
 /// Settings of the RocketMQ backend.
 #[derive(Debug, Clone)]
@@ -461,6 +463,10 @@ impl MessageStore for RocketMqStore {
             region_id: result.region_id.clone(),
             trace_on: Some(result.trace_on),
         })
+    }
+
+    fn max_batch_bytes(&self) -> usize {
+        MAX_BATCH_BYTES
     }
 
     fn queues(&self, topic: &str) -> Arc<[QueueRef]> {
