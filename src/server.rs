@@ -43,16 +43,29 @@ fn store_host(addr: SocketAddr) -> [u8; 8] {
 }
 
 /// The consumer state store the config asks for.
-async fn consumer_state(config: &Config, store: &EmbeddedStore) -> Result<Arc<dyn ConsumerStateStore>, ServeError> {
+async fn consumer_state(
+    config: &Config,
+    store: &EmbeddedStore,
+    messages: &Arc<dyn MessageStore>,
+) -> Result<Arc<dyn ConsumerStateStore>, ServeError> {
     let state = &config.consumer_state;
     Ok(match (state.kind, state.url.as_deref()) {
         (ConsumerStateKind::Redis, Some(url)) => {
+            // Hash fields name queues `<broker>:<queueId>` as the route does (Java layout).
+            let (messages, broker_name) = (messages.clone(), config.broker_name.clone());
+            let queue_names = Arc::new(move |topic: &str, queue: u32| {
+                messages.queues(topic).get(queue as usize).map_or_else(
+                    || format!("{broker_name}:{queue}"),
+                    |q| format!("{}:{}", q.broker_name, q.queue_id),
+                )
+            });
             let redis = RedisConsumerState::connect(url, &state.prefix, &config.broker_name)
                 .await
                 .map_err(|source| ServeError::ConsumerState {
                     url: url.to_owned(),
                     source,
-                })?;
+                })?
+                .with_queue_names(queue_names);
             tracing::info!(url, prefix = %state.prefix, "consumer state in Redis");
             Arc::new(redis)
         }
@@ -131,7 +144,7 @@ pub async fn run(
     // The embedded store always opens: it keeps the identity (msgId node, requestId key) and,
     // without Redis, the consumer state; with the RocketMQ backend it holds no messages.
     let messages = message_store(&config, &store).await?;
-    let state = consumer_state(&config, &store).await?;
+    let state = consumer_state(&config, &store, &messages).await?;
     let secret = state
         .shared_secret()
         .await

@@ -97,6 +97,25 @@ async fn two_proxy_processes_share_consumers_through_redis() {
     .await;
     assert_eq!(ack["status"], 200, "{ack}");
     assert!(ack["message"].as_str().unwrap_or_default().starts_with("ok"), "{ack}");
+    // The shared state uses the Java proxy's hash layout with the route's broker and queue id.
+    let queue = &pulled["result"]["queueInfo"]["messageQueue"];
+    let field = format!(
+        "{}:{}:cmt",
+        queue["brokerName"].as_str().expect("brokerName"),
+        queue["queueId"]
+    );
+    let redis = redis::Client::open(std::env::var("MQPROXY_TEST_REDIS_URL").expect("redis url")).expect("redis");
+    let mut con = redis
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis connection");
+    let committed: Option<String> = redis::cmd("HGET")
+        .arg(format!("two-{suffix}:c"))
+        .arg(&field)
+        .query_async(&mut con)
+        .await
+        .expect("HGET");
+    assert_eq!(committed.as_deref(), Some("1"), "{field} after the ack");
 
     // 400 messages through both proxies (batches of 50), consumed by 4 consumers that pick a
     // proxy at random for every pull.

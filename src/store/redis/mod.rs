@@ -15,6 +15,7 @@ use async_trait::async_trait;
 use redis::AsyncCommands;
 use redis::aio::ConnectionManager;
 use std::collections::HashMap;
+use std::sync::Arc;
 
 /// Takes a lock if it is still as seen and later than the last pull; claims retry entries
 /// whose mark is still as seen. Returns nil, or {committed, ip, seq1, value1, seq2, ...}: the
@@ -77,11 +78,14 @@ fn redis_err(e: redis::RedisError) -> StoreError {
 }
 
 /// Consumer state shared through Redis.
+/// The `<broker>:<queueId>` of a topic's queue index (the route's broker name and queue id).
+pub type QueueNames = Arc<dyn Fn(&str, u32) -> String + Send + Sync>;
+
 #[derive(Clone)]
 pub struct RedisConsumerState {
     connection: ConnectionManager,
     prefix: String,
-    broker_name: String,
+    queue_names: QueueNames,
     try_lock: redis::Script,
     finish: redis::Script,
     touch: redis::Script,
@@ -99,7 +103,10 @@ impl RedisConsumerState {
         Ok(Self {
             connection,
             prefix: prefix.to_owned(),
-            broker_name: broker_name.to_owned(),
+            queue_names: {
+                let broker_name = broker_name.to_owned();
+                Arc::new(move |_, queue| format!("{broker_name}:{queue}"))
+            },
             try_lock: redis::Script::new(TRY_LOCK),
             finish: redis::Script::new(FINISH),
             touch: redis::Script::new(TOUCH),
@@ -121,8 +128,15 @@ impl RedisConsumerState {
         format!("{}{group}:clients", self.prefix)
     }
 
-    fn field(&self, queue: u32, flag: &str) -> String {
-        format!("{}:{queue}:{flag}", self.broker_name)
+    /// Names queues as the message store's route does (a RocketMQ topic spans brokers).
+    #[must_use]
+    pub fn with_queue_names(mut self, names: QueueNames) -> Self {
+        self.queue_names = names;
+        self
+    }
+
+    fn field(&self, ctx: &ContextKey, queue: u32, flag: &str) -> String {
+        format!("{}:{flag}", (self.queue_names)(&ctx.topic, queue))
     }
 
     async fn remember_client(&self, ctx: &ContextKey) -> Result<(), StoreError> {
@@ -199,13 +213,17 @@ impl ConsumerStateStore for RedisConsumerState {
     async fn snapshot(&self, ctx: &ContextKey, queues: u32) -> Result<ContextSnapshot, StoreError> {
         let mut con = self.connection.clone();
         let fields: HashMap<String, String> = con.hgetall(self.key(ctx)).await.map_err(redis_err)?;
-        let number = |queue: u32, flag: &str| fields.get(&self.field(queue, flag)).and_then(|v| v.parse::<u64>().ok());
+        let number = |queue: u32, flag: &str| {
+            fields
+                .get(&self.field(ctx, queue, flag))
+                .and_then(|v| v.parse::<u64>().ok())
+        };
         let queues = (0..queues)
             .map(|q| QueueState {
                 committed: number(q, "cmt"),
                 lock_time: number(q, "l"),
                 last_pull_ms: number(q, "t").unwrap_or(0),
-                client_ip: fields.get(&self.field(q, "ip")).cloned(),
+                client_ip: fields.get(&self.field(ctx, q, "ip")).cloned(),
             })
             .collect();
         let retry_fields: HashMap<String, String> = con.hgetall(self.retry_key(ctx)).await.map_err(redis_err)?;
@@ -224,14 +242,14 @@ impl ConsumerStateStore for RedisConsumerState {
         let mut invocation = self.try_lock.key(self.key(ctx));
         invocation
             .key(self.retry_key(ctx))
-            .arg(self.field(request.queue, "l"))
-            .arg(self.field(request.queue, "t"))
-            .arg(self.field(request.queue, "ip"))
+            .arg(self.field(ctx, request.queue, "l"))
+            .arg(self.field(ctx, request.queue, "t"))
+            .arg(self.field(ctx, request.queue, "ip"))
             .arg(request.seen.map(|s| s.to_string()).unwrap_or_default())
             .arg(request.lock_time)
             .arg(request.client_ip.clone().unwrap_or_default())
             .arg(&new_mark)
-            .arg(self.field(request.queue, "cmt"));
+            .arg(self.field(ctx, request.queue, "cmt"));
         for (seq, seen) in &request.claim_retries {
             invocation.arg(seq).arg(mark(*seen));
         }
@@ -265,9 +283,9 @@ impl ConsumerStateStore for RedisConsumerState {
         let _: i64 = self
             .touch
             .key(self.key(ctx))
-            .arg(self.field(queue, "t"))
+            .arg(self.field(ctx, queue, "t"))
             .arg(now_ms)
-            .arg(self.field(queue, "ip"))
+            .arg(self.field(ctx, queue, "ip"))
             .arg(client_ip.unwrap_or_default())
             .invoke_async(&mut con)
             .await
@@ -288,8 +306,8 @@ impl ConsumerStateStore for RedisConsumerState {
             .finish
             .key(self.key(ctx))
             .key(self.retry_key(ctx))
-            .arg(self.field(queue, "l"))
-            .arg(self.field(queue, "cmt"))
+            .arg(self.field(ctx, queue, "l"))
+            .arg(self.field(ctx, queue, "cmt"))
             .arg(lock_time)
             .arg(commit.map(|c| c.to_string()).unwrap_or_default())
             .arg(if retries == RetryFate::Done { "done" } else { "free" })
