@@ -153,6 +153,7 @@ pub async fn run(
             source,
         })?
         .unwrap_or(store.identity().secret);
+    let backend = messages.clone();
     let engine = Engine::new(
         EngineConfig {
             broker_name: config.broker_name.clone(),
@@ -205,6 +206,7 @@ pub async fn run(
             tokio::time::sleep(grace).await;
         } => tracing::warn!(grace_ms = config.shutdown_grace_ms, "in-flight requests did not finish within the grace period"),
     }
+    backend.shutdown().await;
     tokio::task::spawn_blocking(move || store.close())
         .await
         .map_err(std::io::Error::other)?;

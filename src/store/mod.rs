@@ -282,6 +282,10 @@ pub trait MessageStore: Send + Sync + 'static {
     /// Identity values kept across restarts.
     fn identity(&self) -> &StoreIdentity;
 
+    /// Lets go of remote resources (a backend's clients unregister from the cluster). The
+    /// embedded store is closed by its owner instead (it flushes on close).
+    async fn shutdown(&self) {}
+
     /// Changes (to a new count) whenever messages become visible in some queue: appended, or a
     /// delayed message fell due. Streaming consumers wait on it instead of polling.
     fn visible_changes(&self) -> tokio::sync::watch::Receiver<u64>;

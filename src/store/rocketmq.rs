@@ -603,6 +603,21 @@ impl MessageStore for RocketMqStore {
         &self.inner.identity
     }
 
+    async fn shutdown(&self) {
+        // Unregister from the brokers (bounded: a dead broker must not hold up the exit).
+        let mut producer = self.inner.producer.clone();
+        let consumer = &self.inner.consumer;
+        let stop = async move {
+            producer.shutdown().await;
+            if let Err(e) = consumer.shutdown().await {
+                tracing::warn!(error = %describe(&e), "RocketMQ pull consumer shutdown");
+            }
+        };
+        if tokio::time::timeout(Duration::from_secs(5), stop).await.is_err() {
+            tracing::warn!("RocketMQ clients did not shut down within 5 s");
+        }
+    }
+
     fn visible_changes(&self) -> tokio::sync::watch::Receiver<u64> {
         self.inner.visible.subscribe()
     }
