@@ -260,6 +260,10 @@ pub struct Config {
     pub shutdown_grace_ms: u64,
     #[serde(default)]
     pub cors: CorsConfig,
+    /// Token of the admin API (`Authorization: Bearer TOKEN` or `token=TOKEN`); without one
+    /// the admin API answers loopback clients only.
+    #[serde(default)]
+    pub admin_token: Option<String>,
     #[serde(default)]
     pub consumer_state: ConsumerStateConfig,
     #[serde(default, rename = "topic")]

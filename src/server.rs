@@ -153,6 +153,9 @@ pub async fn run(
             source,
         })?
         .unwrap_or(store.identity().secret);
+    if config.admin_token.as_deref().is_none_or(str::is_empty) {
+        tracing::info!("admin API (/admin/...): loopback clients only; set admin_token to open it to others");
+    }
     let backend = messages.clone();
     let engine = Engine::new(
         EngineConfig {
@@ -176,6 +179,7 @@ pub async fn run(
             mirror_http_status: config.http_status == HttpStatusPolicy::Mirror,
             max_request_bytes: config.max_request_bytes,
             cors_allowed_origins: config.cors.allowed_origins.clone(),
+            admin_token: config.admin_token.clone(),
         },
     )
     .merge(grpc);

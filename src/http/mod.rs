@@ -2,6 +2,7 @@
 //! the OpenAPI document at `/openapi.json`, Swagger UI at `/swagger-ui/`, CORS.
 //! Holds an [`Engine`]; never touches a store.
 
+pub mod admin_auth;
 pub mod api;
 mod handlers;
 pub mod support;
@@ -34,6 +35,8 @@ pub struct HttpSettings {
     pub max_request_bytes: usize,
     /// Allowed CORS origins; `["*"]` allows any, empty turns CORS off.
     pub cors_allowed_origins: Vec<String>,
+    /// The admin API's token; None: loopback clients only.
+    pub admin_token: Option<String>,
 }
 
 fn cors(origins: &[String]) -> Option<CorsLayer> {
@@ -60,8 +63,10 @@ pub fn router(engine: Engine, settings: &HttpSettings) -> Router {
     };
     let swagger =
         utoipa_swagger_ui::SwaggerUi::new("/swagger-ui").external_url_unchecked("/openapi.json", openapi_json());
+    let access = Arc::new(admin_auth::AdminAccess::new(settings.admin_token.clone()));
     let app = api::router(state)
         .merge(swagger)
+        .layer(axum::middleware::from_fn_with_state(access, admin_auth::guard))
         .layer(tower_http::trace::TraceLayer::new_for_http());
     match cors(&settings.cors_allowed_origins) {
         Some(layer) => app.layer(layer),
