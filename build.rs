@@ -287,6 +287,10 @@ impl Generator<'_> {
             (Some("integer"), Some("int32")) => "i32".into(),
             (Some("integer"), _) => "i64".into(),
             (Some("array"), _) => format!("Vec<{}>", self.rust_type(&prop["items"], at)),
+            (Some("object"), _) if prop["additionalProperties"].is_object() => format!(
+                "std::collections::BTreeMap<String, {}>",
+                self.rust_type(&prop["additionalProperties"], at)
+            ),
             other => panic!("{at}: unsupported schema type {other:?}"),
         }
     }

@@ -53,3 +53,139 @@ async fn loopback_administers_without_a_token() {
     let v = s.get("/admin/consumer/config", &[("consumer", "c")]).await;
     assert_eq!(v["status"], 200, "{v}");
 }
+
+fn lag_of(v: &serde_json::Value) -> i64 {
+    v["result"]["lag"].as_i64().unwrap_or_else(|| panic!("no lag in {v}"))
+}
+
+/// The offsets view follows produce and consume: max, committed offset and lag per queue.
+#[tokio::test]
+async fn offsets_view_tracks_produce_and_consume() {
+    let s = TestServer::with_toml(&one_queue("max_pull_size = 2\n")).await;
+    for i in 0..5 {
+        s.produce(&format!("m{i}")).await;
+    }
+    let v = s.get("/admin/consumer/offsets", &[("consumer", "c")]).await;
+    assert_eq!(v["status"], 200, "{v}");
+    assert_eq!(lag_of(&v), 5, "{v}");
+    let queue = &v["result"]["clients"][0]["queues"][0];
+    assert_eq!(
+        (queue["minOffset"].as_i64(), queue["maxOffset"].as_i64()),
+        (Some(0), Some(5))
+    );
+    assert!(queue["committedOffset"].is_null(), "{queue}");
+    // One batch out, not acknowledged: still lag 5, and the lock shows.
+    let first = s.fetch("c", None).await;
+    let v = s.get("/admin/consumer/offsets", &[("consumer", "c")]).await;
+    assert_eq!(lag_of(&v), 5);
+    assert!(v["result"]["clients"][0]["queues"][0]["lockTimestamp"].is_i64(), "{v}");
+    // Acknowledged by the next pull: lag 3; drained: lag 0 and committed = max.
+    let second = s.fetch("c", Some(&rid(&first))).await;
+    assert_eq!(bodies_of(&first), ["m0", "m1"]);
+    let v = s.get("/admin/consumer/offsets", &[("consumer", "c")]).await;
+    assert_eq!(lag_of(&v), 3, "{v}");
+    let ack = s
+        .post(
+            "/mq/ack",
+            &[("topic", TOPIC), ("consumer", "c"), ("requestId", &rid(&second))],
+        )
+        .await;
+    assert_eq!(ack["status"], 200, "{ack}");
+    let v = s.get("/admin/consumer/offsets", &[("consumer", "c")]).await;
+    assert_eq!(lag_of(&v), 1, "{v}");
+    s.drain("c", None).await;
+    let v = s.get("/admin/consumer/offsets", &[("consumer", "c")]).await;
+    assert_eq!(lag_of(&v), 0, "{v}");
+    assert_eq!(v["result"]["clients"][0]["queues"][0]["committedOffset"], 5);
+    // The Java proxy's view of the same queues.
+    let java = s.get("/mq/clustering/queue/offset", &[("consumer", "c")]).await;
+    assert_eq!(java["result"][0]["committedOffset"], 5, "{java}");
+    assert_eq!(java["result"][0]["messageQueue"]["topic"], TOPIC);
+    let wrong = s.get("/mq/broadcast/queue/offset", &[("consumer", "c")]).await;
+    assert_eq!(wrong["status"], 400, "{wrong}");
+}
+
+/// Skip the backlog: the next pull has only messages produced afterwards.
+#[tokio::test]
+async fn skip_backlog_then_only_newer_messages() {
+    let s = TestServer::with_toml(&one_queue("")).await;
+    for i in 0..3 {
+        s.produce(&format!("old{i}")).await;
+    }
+    let v = s
+        .post(
+            "/admin/consumer/offsets/reset",
+            &[("consumer", "c"), ("toNewest", "true")],
+        )
+        .await;
+    assert_eq!(v["status"], 200, "{v}");
+    assert_eq!(lag_of(&v), 0, "{v}");
+    s.produce("new").await;
+    assert_eq!(s.drain("c", None).await, ["new"]);
+}
+
+/// Reset to a timestamp: the messages stored from then on come again (acknowledged or not),
+/// the older ones do not.
+#[tokio::test]
+async fn reset_to_a_timestamp_consumes_from_then_again() {
+    let s = TestServer::with_toml(&one_queue("")).await;
+    s.produce("old").await;
+    let stored = s.drain("c", None).await;
+    assert_eq!(stored, ["old"]);
+    // A time after the old message was stored (the clock passed its pull, ms resolution).
+    let after_old = {
+        let v = s.get("/admin/consumer/offsets", &[("consumer", "c")]).await;
+        let last_pull = v["result"]["clients"][0]["queues"][0]["lastConsumeTimestamp"]
+            .as_i64()
+            .expect("last pull");
+        eventually(std::time::Duration::from_secs(2), "the clock to move on", || async {
+            (now_ms() > last_pull).then_some(())
+        })
+        .await;
+        now_ms()
+    };
+    s.produce("x").await;
+    s.produce("y").await;
+    assert_eq!(s.drain("c", None).await, ["x", "y"]);
+    let at = after_old.to_string();
+    let v = s
+        .post(
+            "/admin/consumer/offsets/reset",
+            &[("consumer", "c"), ("timestamp", at.as_str())],
+        )
+        .await;
+    assert_eq!(v["status"], 200, "{v}");
+    assert_eq!(lag_of(&v), 2, "{v}");
+    assert_eq!(s.drain("c", None).await, ["x", "y"]);
+    // Both or neither is a 400 naming them.
+    let bad = s.post("/admin/consumer/offsets/reset", &[("consumer", "c")]).await;
+    assert_eq!(bad["status"], 400);
+    assert!(
+        bad["message"].as_str().unwrap_or_default().contains("toNewest"),
+        "{bad}"
+    );
+}
+
+/// Broadcast: one entry per clientId; a reset of one clientId leaves the others alone.
+#[tokio::test]
+async fn broadcast_offsets_per_client() {
+    let s = TestServer::start().await;
+    s.produce("b1").await;
+    let a = s.drain(BROADCAST, Some("client-a")).await;
+    let b = s.drain(BROADCAST, Some("client-b")).await;
+    assert_eq!((a.len(), b.len()), (1, 1));
+    let java = s.get("/mq/broadcast/queue/offset", &[("consumer", BROADCAST)]).await;
+    let map = java["result"].as_object().unwrap_or_else(|| panic!("{java}"));
+    let mut clients: Vec<&String> = map.keys().collect();
+    clients.sort();
+    assert_eq!(clients, ["client-a", "client-b"]);
+    let v = s
+        .post(
+            "/admin/consumer/offsets/reset",
+            &[("consumer", BROADCAST), ("clientId", "client-a"), ("timestamp", "0")],
+        )
+        .await;
+    assert_eq!(v["status"], 200, "{v}");
+    assert_eq!(s.drain(BROADCAST, Some("client-a")).await, ["b1"]);
+    assert!(s.drain(BROADCAST, Some("client-b")).await.is_empty());
+}

@@ -189,7 +189,7 @@ fn to_delivered(m: StoredMessage) -> Delivered {
 }
 
 impl Engine {
-    fn consumer_spec(&self, name: &str) -> Result<&ConsumerSpec, EngineError> {
+    pub(super) fn consumer_spec(&self, name: &str) -> Result<&ConsumerSpec, EngineError> {
         self.inner
             .consumers
             .get(name)
@@ -238,7 +238,7 @@ impl Engine {
             .min())
     }
 
-    fn queue_count(&self, topic: &str) -> u32 {
+    pub(super) fn queue_count(&self, topic: &str) -> u32 {
         u32::try_from(self.inner.messages.queues(topic).len()).unwrap_or(u32::MAX)
     }
 

@@ -8,6 +8,7 @@
 mod consume;
 mod error;
 pub mod ids;
+mod offsets;
 mod rate_limit;
 pub mod request_id;
 mod stream;
@@ -17,6 +18,7 @@ pub use consume::{
     UnlockOutcome,
 };
 pub use error::{EngineError, ErrorKind};
+pub use offsets::{ConsumerOffsets, ContextView, OffsetReset, QueueView};
 pub use stream::{ConsumeCommand, ConsumeEvent, Subscription};
 
 use crate::store::consumer_state::ConsumerStateStore;

@@ -2,13 +2,16 @@
 //! parameters to engine requests and engine results to the seed's reply shapes.
 
 use super::api::{
-    AckParams, BatchReply, ConfigureConsumerParams, ConsumerConfigParams, ConsumerConfigReply, ConsumerSettings,
-    FetchParams, FetchReply, FetchResult, HealthzParams, Message, MessageQueue, MqApi, ProduceBatchParams,
-    ProduceParams, ProduceReply, QueueInfo, ReadyzParams, SendResult, StatusReply, UnlockParams,
+    AckParams, BatchReply, BroadcastQueueOffsetsParams, BroadcastQueueOffsetsReply, ClientOffsets,
+    ClusteringQueueOffsetsParams, ConfigureConsumerParams, ConsumerConfigParams, ConsumerConfigReply,
+    ConsumerOffsetsParams, ConsumerOffsetsReply, ConsumerSettings, FetchParams, FetchReply, FetchResult, HealthzParams,
+    Message, MessageQueue, MqApi, ProduceBatchParams, ProduceParams, ProduceReply, QueueInfo, QueueOffset,
+    QueueOffsetsReply, ReadyzParams, ResetOffsetsParams, SendResult, StatusReply, UnlockParams,
 };
 use super::support::{Envelope, Reply, RequestContext};
 use crate::engine::{
-    ConsumeTarget, Delivered, Engine, EngineError, ErrorKind, FetchRequest, ProduceRequest, SendReceipt, SettingsChange,
+    ConsumeMode, ConsumeTarget, Delivered, Engine, EngineError, ErrorKind, FetchRequest, OffsetReset, ProduceRequest,
+    QueueView, SendReceipt, SettingsChange,
 };
 use axum::http::header;
 
@@ -127,6 +130,79 @@ impl HttpAdapter {
             }),
             Err(e) => fail(&e),
         }
+    }
+
+    fn offsets_reply(
+        &self,
+        result: Result<crate::engine::ConsumerOffsets, EngineError>,
+    ) -> Reply<ConsumerOffsetsReply> {
+        match result {
+            Ok(o) => Reply::new(ConsumerOffsetsReply {
+                status: 200,
+                message: None,
+                result: Some(super::api::ConsumerOffsets {
+                    mode: o.mode.as_str().to_owned(),
+                    lag: to_i64(o.lag),
+                    clients: o
+                        .contexts
+                        .into_iter()
+                        .map(|c| ClientOffsets {
+                            lag: Some(to_i64(c.lag)),
+                            queues: c.queues.iter().map(|q| queue_offset(&o.topic, q)).collect(),
+                            client_id: c.client_id,
+                        })
+                        .collect(),
+                    consumer: o.consumer,
+                    topic: o.topic,
+                }),
+            }),
+            Err(e) => fail(&e),
+        }
+    }
+
+    /// The Java proxy's queue views: the consumer's queue records, for one mode.
+    async fn queue_records(
+        &self,
+        consumer: &str,
+        mode: ConsumeMode,
+    ) -> Result<Vec<(Option<String>, Vec<QueueOffset>)>, EngineError> {
+        let o = self.engine.consumer_offsets(consumer, None).await?;
+        if o.mode != mode {
+            return Err(EngineError::InvalidArgument(format!(
+                "consumer:{consumer} is a {} consumer",
+                o.mode.as_str()
+            )));
+        }
+        Ok(o.contexts
+            .into_iter()
+            .map(|c| {
+                (
+                    c.client_id,
+                    c.queues.iter().map(|q| queue_offset(&o.topic, q)).collect(),
+                )
+            })
+            .collect())
+    }
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn queue_offset(topic: &str, q: &QueueView) -> QueueOffset {
+    QueueOffset {
+        message_queue: MessageQueue {
+            topic: topic.to_owned(),
+            broker_name: q.broker_name.clone(),
+            queue_id: i32::try_from(q.queue_id).unwrap_or(i32::MAX),
+        },
+        min_offset: to_i64(q.min_offset),
+        max_offset: to_i64(q.max_offset),
+        committed_offset: q.committed.map(to_i64),
+        lag: to_i64(q.lag),
+        lock_timestamp: q.lock_time.map(to_i64),
+        last_consume_timestamp: to_i64(q.last_pull_ms),
+        last_consume_client_ip: q.client_ip.clone(),
     }
 }
 
@@ -301,6 +377,63 @@ impl MqApi for HttpAdapter {
             retry_msg_id: p.retry_msg_id,
         };
         self.configure(&p.consumer, change).await
+    }
+
+    async fn consumer_offsets(&self, p: ConsumerOffsetsParams, _ctx: RequestContext) -> Reply<ConsumerOffsetsReply> {
+        self.offsets_reply(self.engine.consumer_offsets(&p.consumer, p.client_id.as_deref()).await)
+    }
+
+    async fn reset_offsets(&self, p: ResetOffsetsParams, _ctx: RequestContext) -> Reply<ConsumerOffsetsReply> {
+        let to = match (p.timestamp, p.to_newest) {
+            (Some(ts), None | Some(false)) => OffsetReset::Timestamp(u64::try_from(ts).unwrap_or(0)),
+            (None, Some(true)) => OffsetReset::Newest,
+            (Some(_), Some(true)) => {
+                return fail(&EngineError::InvalidArgument(
+                    "give timestamp or toNewest=true, not both".into(),
+                ));
+            }
+            (None, _) => {
+                return fail(&EngineError::InvalidArgument(
+                    "give timestamp (epoch ms) or toNewest=true".into(),
+                ));
+            }
+        };
+        self.offsets_reply(self.engine.reset_offsets(&p.consumer, p.client_id.as_deref(), to).await)
+    }
+
+    async fn clustering_queue_offsets(
+        &self,
+        p: ClusteringQueueOffsetsParams,
+        _ctx: RequestContext,
+    ) -> Reply<QueueOffsetsReply> {
+        match self.queue_records(&p.consumer, ConsumeMode::Clustering).await {
+            Ok(mut records) => Reply::new(QueueOffsetsReply {
+                status: 200,
+                message: None,
+                result: Some(records.pop().map(|(_, q)| q).unwrap_or_default()),
+            }),
+            Err(e) => fail(&e),
+        }
+    }
+
+    async fn broadcast_queue_offsets(
+        &self,
+        p: BroadcastQueueOffsetsParams,
+        _ctx: RequestContext,
+    ) -> Reply<BroadcastQueueOffsetsReply> {
+        match self.queue_records(&p.consumer, ConsumeMode::Broadcast).await {
+            Ok(records) => Reply::new(BroadcastQueueOffsetsReply {
+                status: 200,
+                message: None,
+                result: Some(
+                    records
+                        .into_iter()
+                        .map(|(client, q)| (client.unwrap_or_default(), q))
+                        .collect(),
+                ),
+            }),
+            Err(e) => fail(&e),
+        }
     }
 
     async fn healthz(&self, _p: HealthzParams, _ctx: RequestContext) -> Reply<StatusReply> {

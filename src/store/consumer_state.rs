@@ -93,6 +93,10 @@ pub trait ConsumerStateStore: Send + Sync + 'static {
         retries: RetryFate,
     ) -> Result<bool, StoreError>;
 
+    /// An operator's reset: sets the committed offset whatever it was (durably). A lock stays:
+    /// the batch it holds can no longer commit, since its offset no longer matches.
+    async fn set_committed(&self, ctx: &ContextKey, queue: u32, offset: u64) -> Result<(), StoreError>;
+
     /// Deletes retry entries (their message is gone).
     async fn drop_retries(&self, ctx: &ContextKey, seqs: &[u64]) -> Result<(), StoreError>;
 
@@ -309,6 +313,17 @@ impl ConsumerStateStore for LocalConsumerState {
         Ok(true)
     }
 
+    async fn set_committed(&self, ctx: &ContextKey, queue: u32, offset: u64) -> Result<(), StoreError> {
+        let context = self.context(ctx);
+        let pending = {
+            let mut st = lock(&context);
+            let qs = st.queue_mut(queue);
+            qs.committed = Some(offset);
+            self.durable.save(vec![Self::put_queue(ctx, queue, qs)])
+        };
+        pending.await
+    }
+
     async fn drop_retries(&self, ctx: &ContextKey, seqs: &[u64]) -> Result<(), StoreError> {
         let context = self.context(ctx);
         let mut st = lock(&context);
@@ -477,6 +492,16 @@ pub(crate) mod contract {
         );
         assert!(state.finish(&c, 1, 22, Some(1), RetryFate::Done).await.expect("ack"));
         assert!(state.snapshot(&c, 2).await.expect("snapshot").retries.is_empty());
+        // An operator's reset sets the offset and leaves a lock in place; that lock's batch then
+        // finishes as the engine decides (it sees the new offset).
+        assert!(state.try_lock(&c, request(1, None, 30)).await.expect("lock").is_some());
+        state.set_committed(&c, 1, 40).await.expect("reset");
+        let snap = state.snapshot(&c, 2).await.expect("snapshot");
+        assert_eq!(
+            (snap.queues[1].committed, snap.queues[1].lock_time),
+            (Some(40), Some(30))
+        );
+        assert!(state.finish(&c, 1, 30, None, RetryFate::Free).await.expect("unlock"));
         // Settings and broadcast clients.
         let s = ConsumerSettings {
             paused: true,
@@ -520,7 +545,7 @@ pub(crate) mod contract {
         let snap = state.snapshot(&ctx(), 2).await.expect("snapshot");
         assert_eq!(
             (snap.queues[0].committed, snap.queues[1].committed),
-            (Some(5), Some(1)),
+            (Some(5), Some(40)),
             "commits are durable"
         );
         assert_eq!(

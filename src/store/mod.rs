@@ -273,6 +273,10 @@ pub trait MessageStore: Send + Sync + 'static {
         max_bytes: usize,
     ) -> Result<ReadOutcome, StoreError>;
 
+    /// The first offset of a queue whose message was stored at or after `timestamp_ms` (the
+    /// queue's max when none was).
+    async fn search_offset(&self, topic: &str, queue: u32, timestamp_ms: u64) -> Result<u64, StoreError>;
+
     /// Where the message with this msgId sits, if it is in a queue.
     async fn locate(&self, msg_id: [u8; 16]) -> Result<Option<MessageLocation>, StoreError>;
 

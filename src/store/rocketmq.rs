@@ -559,6 +559,17 @@ impl MessageStore for RocketMqStore {
         })
     }
 
+    async fn search_offset(&self, topic: &str, queue: u32, timestamp_ms: u64) -> Result<u64, StoreError> {
+        let topic = self.topic(topic)?;
+        let (mq, _) = self.queue(topic, queue)?;
+        self.inner
+            .consumer
+            .search_offset(mq, timestamp_ms)
+            .await
+            .map(to_u64)
+            .map_err(|e| backend_error("offset search", &e))
+    }
+
     async fn locate(&self, msg_id: [u8; 16]) -> Result<Option<MessageLocation>, StoreError> {
         let Some(producer) = self.inner.producer.default_mq_producer_impl() else {
             return Err(StoreError::Backend("the producer is not started".into()));

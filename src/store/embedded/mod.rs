@@ -280,6 +280,22 @@ impl MessageStore for EmbeddedStore {
         .map_err(|e| StoreError::Database(format!("read task failed: {e}")))?
     }
 
+    async fn search_offset(&self, topic: &str, queue: u32, timestamp_ms: u64) -> Result<u64, StoreError> {
+        // Store times grow with offsets: binary search, one point read per step.
+        let range = self.queue_range(topic, queue);
+        let (mut low, mut high) = (range.min, range.max);
+        while low < high {
+            let mid = low + (high - low) / 2;
+            let stored = self.read(topic, queue, mid, 1, 0).await?.messages.pop();
+            match stored {
+                Some(m) if m.store_ms >= timestamp_ms => high = m.offset.min(mid),
+                Some(m) => low = m.offset + 1,
+                None => high = mid,
+            }
+        }
+        Ok(low)
+    }
+
     async fn locate(&self, msg_id: [u8; 16]) -> Result<Option<MessageLocation>, StoreError> {
         let db = self.inner.db.clone();
         tokio::task::spawn_blocking(move || {

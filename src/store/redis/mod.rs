@@ -77,10 +77,10 @@ fn redis_err(e: redis::RedisError) -> StoreError {
     StoreError::Database(format!("redis: {e}"))
 }
 
-/// Consumer state shared through Redis.
 /// The `<broker>:<queueId>` of a topic's queue index (the route's broker name and queue id).
 pub type QueueNames = Arc<dyn Fn(&str, u32) -> String + Send + Sync>;
 
+/// Consumer state shared through Redis.
 #[derive(Clone)]
 pub struct RedisConsumerState {
     connection: ConnectionManager,
@@ -288,6 +288,16 @@ impl ConsumerStateStore for RedisConsumerState {
             .arg(self.field(ctx, queue, "ip"))
             .arg(client_ip.unwrap_or_default())
             .invoke_async(&mut con)
+            .await
+            .map_err(redis_err)?;
+        Ok(())
+    }
+
+    async fn set_committed(&self, ctx: &ContextKey, queue: u32, offset: u64) -> Result<(), StoreError> {
+        self.remember_client(ctx).await?;
+        let mut con = self.connection.clone();
+        let _: i64 = con
+            .hset(self.key(ctx), self.field(ctx, queue, "cmt"), offset)
             .await
             .map_err(redis_err)?;
         Ok(())

@@ -1,0 +1,168 @@
+//! Operators' view of consumer offsets (per queue: range, committed offset, lag, lock, last
+//! pull) and their resets (to a time, or to the newest offset: skip the backlog).
+
+use super::{ConsumeMode, ConsumerSpec, Engine, EngineError};
+use crate::store::ContextKey;
+
+/// One queue of one consumer context.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueueView {
+    pub broker_name: String,
+    pub queue_id: u32,
+    pub min_offset: u64,
+    pub max_offset: u64,
+    pub committed: Option<u64>,
+    /// Messages not yet consumed: max minus where the next pull starts.
+    pub lag: u64,
+    pub lock_time: Option<u64>,
+    pub last_pull_ms: u64,
+    pub client_ip: Option<String>,
+}
+
+/// The queues of one context: the consumer group (clustering) or one clientId (broadcast).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ContextView {
+    pub client_id: Option<String>,
+    pub lag: u64,
+    pub queues: Vec<QueueView>,
+}
+
+/// A consumer's offsets.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConsumerOffsets {
+    pub consumer: String,
+    pub topic: String,
+    pub mode: ConsumeMode,
+    /// Total lag (clustering), or the largest lag of one clientId (broadcast).
+    pub lag: u64,
+    pub contexts: Vec<ContextView>,
+}
+
+/// Where a reset moves the committed offsets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OffsetReset {
+    /// To the first message stored at or after this time (epoch ms).
+    Timestamp(u64),
+    /// To the newest offset: skip the backlog.
+    Newest,
+}
+
+impl Engine {
+    /// The contexts of a consumer an operator names: the group, one clientId, or every
+    /// clientId seen so far.
+    async fn operator_contexts(
+        &self,
+        spec: &ConsumerSpec,
+        client_id: Option<&str>,
+    ) -> Result<Vec<ContextKey>, EngineError> {
+        let context = |client_id: Option<String>| ContextKey {
+            topic: spec.topic.clone(),
+            group: spec.name.clone(),
+            client_id,
+        };
+        let client_id = client_id.map(str::trim).filter(|c| !c.is_empty());
+        Ok(match (spec.mode, client_id) {
+            (ConsumeMode::Clustering, None) => vec![context(None)],
+            (ConsumeMode::Clustering, Some(_)) => {
+                return Err(EngineError::invalid(format!("consumer:{} no need clientId", spec.name)));
+            }
+            (ConsumeMode::Broadcast, Some(c)) => vec![context(Some(c.to_owned()))],
+            (ConsumeMode::Broadcast, None) => self
+                .inner
+                .state
+                .client_ids(&spec.topic, &spec.name)
+                .await?
+                .into_iter()
+                .map(|c| context(Some(c)))
+                .collect(),
+        })
+    }
+
+    async fn context_view(&self, key: &ContextKey) -> Result<ContextView, EngineError> {
+        let refs = self.inner.messages.queues(&key.topic);
+        let n = u32::try_from(refs.len()).unwrap_or(u32::MAX);
+        let snapshot = self.inner.state.snapshot(key, n).await?;
+        let queues: Vec<QueueView> = refs
+            .iter()
+            .zip(&snapshot.queues)
+            .enumerate()
+            .map(|(i, (r, q))| {
+                let range = self.inner.messages.queue_range(&key.topic, i as u32);
+                let next = q.committed.unwrap_or(range.min).max(range.min);
+                QueueView {
+                    broker_name: r.broker_name.clone(),
+                    queue_id: r.queue_id,
+                    min_offset: range.min,
+                    max_offset: range.max,
+                    committed: q.committed,
+                    lag: range.max.saturating_sub(next),
+                    lock_time: q.lock_time,
+                    last_pull_ms: q.last_pull_ms,
+                    client_ip: q.client_ip.clone(),
+                }
+            })
+            .collect();
+        Ok(ContextView {
+            client_id: key.client_id.clone(),
+            lag: queues.iter().map(|q| q.lag).sum(),
+            queues,
+        })
+    }
+
+    /// Every queue's offsets, lag, lock and last pull, per context.
+    ///
+    /// # Errors
+    /// Unknown consumer, a clientId for a clustering consumer, or a store failure.
+    pub async fn consumer_offsets(
+        &self,
+        consumer: &str,
+        client_id: Option<&str>,
+    ) -> Result<ConsumerOffsets, EngineError> {
+        let spec = self.consumer_spec(consumer)?;
+        let mut contexts = Vec::new();
+        for key in self.operator_contexts(spec, client_id).await? {
+            contexts.push(self.context_view(&key).await?);
+        }
+        Ok(ConsumerOffsets {
+            consumer: spec.name.clone(),
+            topic: spec.topic.clone(),
+            mode: spec.mode,
+            lag: contexts.iter().map(|c| c.lag).max().unwrap_or(0),
+            contexts,
+        })
+    }
+
+    /// Moves committed offsets to a time or to the newest offset; locks stay (a batch handed
+    /// out before can no longer commit).
+    ///
+    /// # Errors
+    /// Unknown consumer, a clientId for a clustering consumer, or a store failure.
+    pub async fn reset_offsets(
+        &self,
+        consumer: &str,
+        client_id: Option<&str>,
+        to: OffsetReset,
+    ) -> Result<ConsumerOffsets, EngineError> {
+        let spec = self.consumer_spec(consumer)?;
+        let keys = self.operator_contexts(spec, client_id).await?;
+        let n = self.queue_count(&spec.topic);
+        for queue in 0..n {
+            let offset = match to {
+                OffsetReset::Newest => self.inner.messages.queue_range(&spec.topic, queue).max,
+                OffsetReset::Timestamp(ts) => self.inner.messages.search_offset(&spec.topic, queue, ts).await?,
+            };
+            for key in &keys {
+                self.inner.state.set_committed(key, queue, offset).await?;
+            }
+        }
+        tracing::info!(
+            consumer,
+            client_id,
+            ?to,
+            contexts = keys.len(),
+            "consumer offsets reset"
+        );
+        self.notify_consumers();
+        self.consumer_offsets(consumer, client_id).await
+    }
+}
