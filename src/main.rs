@@ -42,33 +42,41 @@ struct ServeArgs {
     /// Directory of the message store, overriding the config's `data_dir` (default ./data).
     #[arg(long, env = "MQPROXY_DATA_DIR")]
     data_dir: Option<PathBuf>,
+    /// Log format on stderr: `text` (default) or `json` (one JSON object per line, for log
+    /// collectors).
+    #[arg(long, env = "MQPROXY_LOG_FORMAT", value_enum, default_value = "text")]
+    log_format: LogFormat,
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if let Err(e) = tokio::signal::ctrl_c().await {
-            tracing::error!(error = %e, "cannot listen for SIGINT");
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// SIGTERM or SIGINT. The handlers are installed by `install`, before the "listening" line, so
+/// a signal sent as soon as that line appears already means "shut down gracefully".
+#[cfg(unix)]
+fn install_shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => tracing::info!("SIGINT received"),
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+        }
+    })
+}
+
+#[cfg(not(unix))]
+fn install_shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    Ok(async {
+        if tokio::signal::ctrl_c().await.is_err() {
             std::future::pending::<()>().await;
         }
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => tracing::info!("SIGINT received"),
-        () = term => tracing::info!("SIGTERM received"),
-    }
+        tracing::info!("Ctrl-C received");
+    })
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
@@ -99,10 +107,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         consumers = config.consumers.len(),
         "mqproxy starting"
     );
+    let shutdown = install_shutdown_signal()?;
     // The one line scripts and tests wait for.
     println!("mqproxy listening on http://{addr} (Swagger UI: http://{addr}/swagger-ui/)");
     std::io::stdout().flush()?;
-    mqproxy::server::run(config, listener, shutdown_signal()).await?;
+    mqproxy::server::run(config, listener, shutdown).await?;
     Ok(())
 }
 
@@ -118,19 +127,21 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-                "info,tower_http=warn,rocketmq_client_rust=warn,rocketmq_runtime=warn,rocketmq_transport=warn".into()
-            }),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
     let args = match cli.command {
         Some(Command::Serve(args)) => args,
         None => cli.serve,
     };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        "info,tower_http=warn,rocketmq_client_rust=warn,rocketmq_runtime=warn,rocketmq_transport=warn".into()
+    });
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match args.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().init(),
+    }
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(serve(args))
 }

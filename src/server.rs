@@ -174,7 +174,7 @@ pub async fn run(
     );
     let grpc = crate::grpc::router(engine.clone()).map_err(|e| ServeError::Grpc(e.to_string()))?;
     let app = http::router(
-        engine,
+        engine.clone(),
         &HttpSettings {
             mirror_http_status: config.http_status == HttpStatusPolicy::Mirror,
             max_request_bytes: config.max_request_bytes,
@@ -182,7 +182,8 @@ pub async fn run(
             admin_token: config.admin_token.clone(),
         },
     )
-    .merge(grpc);
+    .merge(grpc)
+    .layer(axum::middleware::from_fn_with_state(engine, http::metrics::observe));
 
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {

@@ -189,3 +189,96 @@ async fn broadcast_offsets_per_client() {
     assert_eq!(s.drain(BROADCAST, Some("client-a")).await, ["b1"]);
     assert!(s.drain(BROADCAST, Some("client-b")).await.is_empty());
 }
+
+/// The value of the first sample of `metric` whose labels include every `labels` pair.
+fn sample(text: &str, metric: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{metric}{{")) || l.starts_with(&format!("{metric} ")))
+        .find(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+async fn metrics_text(s: &TestServer) -> String {
+    let resp = s
+        .client
+        .get(format!("{}/metrics", s.base))
+        .send()
+        .await
+        .expect("metrics");
+    assert_eq!(resp.status(), 200);
+    resp.text().await.expect("text")
+}
+
+/// `/metrics`: the lag matches the offsets view after produce and after consume; produce,
+/// pull and ack counters and request latencies are there.
+#[tokio::test]
+async fn metrics_lag_matches_the_queue_views() {
+    let s = TestServer::with_toml(&one_queue("")).await;
+    for i in 0..5 {
+        s.produce(&format!("m{i}")).await;
+    }
+    let view = s.get("/admin/consumer/offsets", &[("consumer", "c")]).await;
+    let queue = &view["result"]["clients"][0]["queues"][0];
+    let labels = |queue: &serde_json::Value| {
+        (
+            queue["messageQueue"]["brokerName"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+            queue["messageQueue"]["queueId"].to_string(),
+        )
+    };
+    let (broker, queue_id) = labels(queue);
+    let lag_labels = [
+        ("consumer", "c"),
+        ("broker", broker.as_str()),
+        ("queue", queue_id.as_str()),
+    ];
+    let text = metrics_text(&s).await;
+    assert_eq!(
+        sample(&text, "mqproxy_consumer_lag_messages", &lag_labels),
+        queue["lag"].as_f64(),
+        "{text}"
+    );
+    assert_eq!(queue["lag"], 5);
+    assert_eq!(
+        sample(
+            &text,
+            "mqproxy_produced_messages_total",
+            &[("producer", PRODUCER), ("status", "200")]
+        ),
+        Some(5.0)
+    );
+    assert!(
+        sample(
+            &text,
+            "mqproxy_request_duration_seconds_count",
+            &[("operation", "/mq/produce")]
+        )
+        .is_some_and(|n| n >= 5.0),
+        "{text}"
+    );
+    assert_eq!(s.drain("c", None).await.len(), 5);
+    let text = metrics_text(&s).await;
+    let view = s.get("/admin/consumer/offsets", &[("consumer", "c")]).await;
+    assert_eq!(view["result"]["clients"][0]["queues"][0]["lag"], 0);
+    assert_eq!(sample(&text, "mqproxy_consumer_lag_messages", &lag_labels), Some(0.0));
+    assert_eq!(
+        sample(&text, "mqproxy_delivered_messages_total", &[("consumer", "c")]),
+        Some(5.0)
+    );
+    assert!(
+        sample(
+            &text,
+            "mqproxy_acks_total",
+            &[("consumer", "c"), ("outcome", "committed")]
+        )
+        .is_some_and(|n| n >= 1.0),
+        "{text}"
+    );
+    assert!(
+        sample(&text, "mqproxy_pulls_total", &[("consumer", "c"), ("status", "FOUND")]).is_some_and(|n| n >= 1.0),
+        "{text}"
+    );
+}

@@ -279,6 +279,56 @@ impl Engine {
     /// # Errors
     /// Unknown consumer, topic mismatch, clientId rules, or a store failure.
     pub async fn fetch(&self, req: FetchRequest) -> Result<FetchOutcome, EngineError> {
+        let target = req.target.clone();
+        let result = self.fetch_batch(req).await;
+        let metrics = &self.inner.metrics;
+        let labels = |status: &str| super::metrics::PullLabels {
+            topic: target.topic.clone(),
+            consumer: target.consumer.clone(),
+            status: status.to_owned(),
+        };
+        match &result {
+            Ok(outcome) => {
+                metrics.pulls.get_or_create(&labels(outcome.status.as_str())).inc();
+                let n = outcome.messages.len() + outcome.retry_messages.len();
+                if n > 0 {
+                    metrics
+                        .delivered
+                        .get_or_create(&super::metrics::ConsumerLabels {
+                            topic: target.topic.clone(),
+                            consumer: target.consumer.clone(),
+                        })
+                        .inc_by(n as u64);
+                }
+                if let Some(ack) = &outcome.ack {
+                    self.count_ack(&target, ack.as_ref().map(|a| a.committed).map_err(|_| ()));
+                }
+            }
+            Err(e) => {
+                metrics.pulls.get_or_create(&labels(e.kind().status_label())).inc();
+            }
+        }
+        result
+    }
+
+    fn count_ack(&self, target: &ConsumeTarget, committed: Result<bool, ()>) {
+        let outcome = match committed {
+            Ok(true) => "committed",
+            Ok(false) => "ignored",
+            Err(()) => "refused",
+        };
+        self.inner
+            .metrics
+            .acks
+            .get_or_create(&super::metrics::AckLabels {
+                topic: target.topic.clone(),
+                consumer: target.consumer.clone(),
+                outcome: outcome.to_owned(),
+            })
+            .inc();
+    }
+
+    async fn fetch_batch(&self, req: FetchRequest) -> Result<FetchOutcome, EngineError> {
         let (spec, key) = self.resolve(&req.target)?;
         let ack = match req.request_id.as_deref().map(str::trim).filter(|r| !r.is_empty()) {
             Some(rid) => Some(self.ack_in_context(spec, &key, rid).await.map_err(|e| e.to_string())),
@@ -549,7 +599,9 @@ impl Engine {
     /// Unknown consumer, bad target, a malformed or forged requestId, or a store failure.
     pub async fn ack(&self, target: &ConsumeTarget, request_id: &str) -> Result<AckOutcome, EngineError> {
         let (spec, key) = self.resolve(target)?;
-        self.ack_in_context(spec, &key, request_id.trim()).await
+        let result = self.ack_in_context(spec, &key, request_id.trim()).await;
+        self.count_ack(target, result.as_ref().map(|a| a.committed).map_err(|_| ()));
+        result
     }
 
     /// The Java proxy's ack algorithm, with "the lock that issued the batch" checked exactly.

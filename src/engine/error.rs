@@ -18,6 +18,17 @@ pub enum ErrorKind {
     OutcomeUnknown,
 }
 
+impl ErrorKind {
+    /// The REST status this kind answers, as a metrics label.
+    pub fn status_label(self) -> &'static str {
+        match self {
+            Self::InvalidArgument | Self::NotFound => "400",
+            Self::Internal | Self::Unavailable => "500",
+            Self::OutcomeUnknown => "300",
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
     #[error("{0}")]

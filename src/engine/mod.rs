@@ -8,6 +8,7 @@
 mod consume;
 mod error;
 pub mod ids;
+mod metrics;
 mod offsets;
 mod rate_limit;
 pub mod request_id;
@@ -163,6 +164,7 @@ struct Inner {
     state: Arc<dyn ConsumerStateStore>,
     /// Key of the requestId MAC (shared by every proxy on one consumer state store).
     secret: [u8; 32],
+    metrics: metrics::Metrics,
     ids: MsgIdGenerator,
     round_robin: HashMap<String, AtomicU32>,
     rate_limiters: RateLimiters,
@@ -200,6 +202,7 @@ impl Engine {
             inner: Arc::new(Inner {
                 state,
                 secret,
+                metrics: metrics::Metrics::new(),
                 rate_limiters: RateLimiters::default(),
                 config,
                 topics,
@@ -342,6 +345,78 @@ impl Engine {
     /// # Errors
     /// Unknown producer, bad parameters (body size, delay), or a store failure.
     pub async fn produce(&self, req: ProduceRequest) -> Result<SendReceipt, EngineError> {
+        let producer = req.producer.clone();
+        let result = self.produce_one(req).await;
+        self.count_produced(&producer, result.as_ref().err(), 1);
+        result
+    }
+
+    /// Counts produced messages by topic, producer and status (200, or the error's status).
+    fn count_produced(&self, producer: &str, error: Option<&EngineError>, n: u64) {
+        let topic = self.inner.producers.get(producer).cloned().unwrap_or_default();
+        let status = error.map_or("200", |e| e.kind().status_label());
+        self.inner
+            .metrics
+            .produced
+            .get_or_create(&metrics::ProduceLabels {
+                topic,
+                producer: producer.to_owned(),
+                status: status.to_owned(),
+            })
+            .inc_by(n);
+    }
+
+    /// Records how long a request took (adapters call it: protocol "http" or "grpc").
+    pub fn observe_request(&self, protocol: &str, operation: &str, seconds: f64) {
+        self.inner.metrics.observe_request(protocol, operation, seconds);
+    }
+
+    /// The Prometheus text exposition: counters, latency histograms, and (computed now) every
+    /// consumer's lag per queue, queue offsets, store size and waiting delayed messages.
+    ///
+    /// # Errors
+    /// A store failure while reading consumer state.
+    pub async fn render_metrics(&self) -> Result<String, EngineError> {
+        let m = &self.inner.metrics;
+        m.lag.clear();
+        for spec in &self.inner.config.consumers {
+            let offsets = self.consumer_offsets(&spec.name, None).await?;
+            for context in &offsets.contexts {
+                for q in &context.queues {
+                    m.lag
+                        .get_or_create(&metrics::LagLabels {
+                            topic: offsets.topic.clone(),
+                            consumer: offsets.consumer.clone(),
+                            client_id: context.client_id.clone().unwrap_or_default(),
+                            broker: q.broker_name.clone(),
+                            queue: q.queue_id.to_string(),
+                        })
+                        .set(metrics::gauge_value(q.lag));
+                }
+            }
+        }
+        for topic in self.inner.topics.keys() {
+            for (i, q) in self.inner.messages.queues(topic).iter().enumerate() {
+                let range = self
+                    .inner
+                    .messages
+                    .queue_range(topic, u32::try_from(i).unwrap_or(u32::MAX));
+                m.max_offset
+                    .get_or_create(&metrics::QueueLabels {
+                        topic: topic.clone(),
+                        broker: q.broker_name.clone(),
+                        queue: q.queue_id.to_string(),
+                    })
+                    .set(metrics::gauge_value(range.max));
+            }
+        }
+        let stats = self.inner.messages.stats().await;
+        m.store_bytes.set(metrics::gauge_value(stats.size_bytes.unwrap_or(0)));
+        m.delayed.set(metrics::gauge_value(stats.delayed.unwrap_or(0)));
+        Ok(m.encode())
+    }
+
+    async fn produce_one(&self, req: ProduceRequest) -> Result<SendReceipt, EngineError> {
         let topic = self.producer_topic(&req.producer)?;
         Self::check_body(&req.body)?;
         let now = now_ms();
@@ -371,6 +446,24 @@ impl Engine {
     /// # Errors
     /// Unknown producer or an empty batch.
     pub async fn produce_batch(
+        &self,
+        producer: &str,
+        bodies: Vec<Vec<u8>>,
+    ) -> Result<Vec<Result<SendReceipt, EngineError>>, EngineError> {
+        let count = bodies.len() as u64;
+        let results = self.produce_batch_elements(producer, bodies).await;
+        match &results {
+            Ok(elements) => {
+                for element in elements {
+                    self.count_produced(producer, element.as_ref().err(), 1);
+                }
+            }
+            Err(e) => self.count_produced(producer, Some(e), count.max(1)),
+        }
+        results
+    }
+
+    async fn produce_batch_elements(
         &self,
         producer: &str,
         bodies: Vec<Vec<u8>>,

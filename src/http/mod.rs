@@ -5,6 +5,7 @@
 pub mod admin_auth;
 pub mod api;
 mod handlers;
+pub mod metrics;
 pub mod support;
 
 pub use handlers::HttpAdapter;
@@ -54,6 +55,9 @@ fn cors(origins: &[String]) -> Option<CorsLayer> {
 
 /// The whole HTTP application.
 pub fn router(engine: Engine, settings: &HttpSettings) -> Router {
+    let metrics = Router::new()
+        .route("/metrics", axum::routing::get(metrics::serve))
+        .with_state(engine.clone());
     let state = RouterState {
         api: Arc::new(HttpAdapter { engine }),
         settings: Arc::new(RouterSettings {
@@ -65,6 +69,7 @@ pub fn router(engine: Engine, settings: &HttpSettings) -> Router {
         utoipa_swagger_ui::SwaggerUi::new("/swagger-ui").external_url_unchecked("/openapi.json", openapi_json());
     let access = Arc::new(admin_auth::AdminAccess::new(settings.admin_token.clone()));
     let app = api::router(state)
+        .merge(metrics)
         .merge(swagger)
         .layer(axum::middleware::from_fn_with_state(access, admin_auth::guard))
         .layer(tower_http::trace::TraceLayer::new_for_http());

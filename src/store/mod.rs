@@ -236,6 +236,13 @@ pub struct ConsumerSnapshot {
 /// Resolves when a write is durable (or failed).
 pub type PendingWrite = Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send>>;
 
+/// Figures of a store for metrics (None: the backend does not know).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    pub size_bytes: Option<u64>,
+    pub delayed: Option<u64>,
+}
+
 /// Queues of messages.
 #[async_trait]
 pub trait MessageStore: Send + Sync + 'static {
@@ -285,6 +292,11 @@ pub trait MessageStore: Send + Sync + 'static {
 
     /// Identity values kept across restarts.
     fn identity(&self) -> &StoreIdentity;
+
+    /// Size and waiting delayed messages, for metrics.
+    async fn stats(&self) -> StoreStats {
+        StoreStats::default()
+    }
 
     /// Lets go of remote resources (a backend's clients unregister from the cluster). The
     /// embedded store is closed by its owner instead (it flushes on close).

@@ -12,10 +12,11 @@ mod writer;
 
 use super::{
     AppendOutcome, ConsumerOp, ConsumerSnapshot, ConsumerStore, DELAY_LEVELS_MS, Delivery, MessageLocation,
-    MessageStore, NewRecord, PendingWrite, QueueRange, QueueRef, ReadOutcome, StoreError, StoreIdentity, StoredMessage,
+    MessageStore, NewRecord, PendingWrite, QueueRange, QueueRef, ReadOutcome, StoreError, StoreIdentity, StoreStats,
+    StoredMessage,
 };
 use async_trait::async_trait;
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock, mpsc};
@@ -83,6 +84,7 @@ struct Inner {
     thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
     visible: Arc<tokio::sync::watch::Sender<u64>>,
     queues: HashMap<String, Arc<[QueueRef]>>,
+    path: PathBuf,
 }
 
 fn db_err(e: impl std::fmt::Display) -> StoreError {
@@ -127,6 +129,7 @@ impl EmbeddedStore {
                 thread: std::sync::Mutex::new(Some(thread)),
                 visible,
                 queues,
+                path,
             }),
         })
     }
@@ -278,6 +281,23 @@ impl MessageStore for EmbeddedStore {
         })
         .await
         .map_err(|e| StoreError::Database(format!("read task failed: {e}")))?
+    }
+
+    async fn stats(&self) -> StoreStats {
+        let db = self.inner.db.clone();
+        let path = self.inner.path.clone();
+        tokio::task::spawn_blocking(move || {
+            let delayed = db
+                .begin_read()
+                .ok()
+                .and_then(|txn| txn.open_table(SCHEDULE).ok().and_then(|t| t.len().ok()));
+            StoreStats {
+                size_bytes: std::fs::metadata(&path).ok().map(|m| m.len()),
+                delayed: Some(delayed.unwrap_or(0)),
+            }
+        })
+        .await
+        .unwrap_or_default()
     }
 
     async fn search_offset(&self, topic: &str, queue: u32, timestamp_ms: u64) -> Result<u64, StoreError> {

@@ -1,0 +1,48 @@
+//! `GET /metrics` (Prometheus text format) and the request-latency middleware that feeds the
+//! engine's `request_duration_seconds` histogram for both protocols on the port.
+
+use crate::engine::Engine;
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use std::time::Instant;
+
+/// `GET /metrics`.
+pub async fn serve(State(engine): State<Engine>) -> Response {
+    match engine.render_metrics().await {
+        Ok(text) => (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "metrics failed");
+            (StatusCode::INTERNAL_SERVER_ERROR, format!("metrics failed: {e}\n")).into_response()
+        }
+    }
+}
+
+/// Times every request to a known route (the route pattern is the label, so cardinality
+/// stays bounded); gRPC calls are told apart by their content type.
+pub async fn observe(State(engine): State<Engine>, req: Request, next: Next) -> Response {
+    let operation = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| req.uri().path().to_owned(), |p| p.as_str().to_owned());
+    let grpc = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"));
+    let started = Instant::now();
+    let response = next.run(req).await;
+    if grpc || response.status() != StatusCode::NOT_FOUND {
+        let protocol = if grpc { "grpc" } else { "http" };
+        engine.observe_request(protocol, &operation, started.elapsed().as_secs_f64());
+    }
+    response
+}
