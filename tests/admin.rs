@@ -282,3 +282,46 @@ async fn metrics_lag_matches_the_queue_views() {
         "{text}"
     );
 }
+
+/// The console and the demos are served from the binary; the registry view lists the demo
+/// registry with its queues.
+#[tokio::test]
+async fn console_demos_and_registry_are_served() {
+    let s = TestServer::start().await;
+    for (path, content_type, needle) in [
+        ("/console/", "text/html", "mqproxy console"),
+        ("/console/console.js", "text/javascript", "/admin/consumer/offsets"),
+        ("/demo/", "text/html", "produce.html"),
+        ("/demo/produce.html", "text/html", "send ok"),
+        ("/demo/jquery-3.7.1.min.js", "text/javascript", "jQuery v3.7.1"),
+    ] {
+        let resp = s.client.get(format!("{}{path}", s.base)).send().await.expect("get");
+        assert_eq!(resp.status(), 200, "{path}");
+        let ct = resp.headers()[reqwest::header::CONTENT_TYPE]
+            .to_str()
+            .expect("ct")
+            .to_owned();
+        assert!(ct.starts_with(content_type), "{path}: {ct}");
+        assert!(resp.text().await.expect("body").contains(needle), "{path}");
+    }
+    let missing = s
+        .client
+        .get(format!("{}/demo/nope.js", s.base))
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(missing.status(), 404);
+    let registry = s.get("/admin/registry", &[]).await;
+    assert_eq!(registry["result"]["topics"][0]["name"], TOPIC, "{registry}");
+    assert_eq!(
+        registry["result"]["topics"][0]["queues"].as_array().map(Vec::len),
+        Some(4)
+    );
+    let consumers: Vec<&str> = registry["result"]["consumers"]
+        .as_array()
+        .expect("consumers")
+        .iter()
+        .filter_map(|c| c["name"].as_str())
+        .collect();
+    assert_eq!(consumers, [CLUSTERING, BROADCAST]);
+}

@@ -366,6 +366,11 @@ impl Engine {
             .inc_by(n);
     }
 
+    /// The queues of a registered topic, in route order.
+    pub fn topic_queues(&self, topic: &str) -> Vec<QueueRef> {
+        self.inner.messages.queues(topic).to_vec()
+    }
+
     /// Records how long a request took (adapters call it: protocol "http" or "grpc").
     pub fn observe_request(&self, protocol: &str, operation: &str, seconds: f64) {
         self.inner.metrics.observe_request(protocol, operation, seconds);

@@ -3,10 +3,11 @@
 
 use super::api::{
     AckParams, BatchReply, BroadcastQueueOffsetsParams, BroadcastQueueOffsetsReply, ClientOffsets,
-    ClusteringQueueOffsetsParams, ConfigureConsumerParams, ConsumerConfigParams, ConsumerConfigReply,
+    ClusteringQueueOffsetsParams, ConfigureConsumerParams, ConsumerConfigParams, ConsumerConfigReply, ConsumerEntry,
     ConsumerOffsetsParams, ConsumerOffsetsReply, ConsumerSettings, FetchParams, FetchReply, FetchResult, HealthzParams,
-    Message, MessageQueue, MqApi, ProduceBatchParams, ProduceParams, ProduceReply, QueueInfo, QueueOffset,
-    QueueOffsetsReply, ReadyzParams, ResetOffsetsParams, SendResult, StatusReply, UnlockParams,
+    Message, MessageQueue, MqApi, ProduceBatchParams, ProduceParams, ProduceReply, ProducerEntry, QueueInfo,
+    QueueOffset, QueueOffsetsReply, ReadyzParams, Registry, RegistryParams, RegistryReply, ResetOffsetsParams,
+    SendResult, StatusReply, TopicEntry, UnlockParams,
 };
 use super::support::{Envelope, Reply, RequestContext};
 use crate::engine::{
@@ -377,6 +378,50 @@ impl MqApi for HttpAdapter {
             retry_msg_id: p.retry_msg_id,
         };
         self.configure(&p.consumer, change).await
+    }
+
+    async fn registry(&self, _p: RegistryParams, _ctx: RequestContext) -> Reply<RegistryReply> {
+        let config = self.engine.config();
+        Reply::new(RegistryReply {
+            status: 200,
+            message: None,
+            result: Some(Registry {
+                topics: config
+                    .topics
+                    .iter()
+                    .map(|t| TopicEntry {
+                        name: t.name.clone(),
+                        queues: self
+                            .engine
+                            .topic_queues(&t.name)
+                            .into_iter()
+                            .map(|q| MessageQueue {
+                                topic: t.name.clone(),
+                                broker_name: q.broker_name,
+                                queue_id: i32::try_from(q.queue_id).unwrap_or(i32::MAX),
+                            })
+                            .collect(),
+                    })
+                    .collect(),
+                producers: config
+                    .producers
+                    .iter()
+                    .map(|p| ProducerEntry {
+                        name: p.name.clone(),
+                        topic: p.topic.clone(),
+                    })
+                    .collect(),
+                consumers: config
+                    .consumers
+                    .iter()
+                    .map(|c| ConsumerEntry {
+                        name: c.name.clone(),
+                        topic: c.topic.clone(),
+                        mode: c.mode.as_str().to_owned(),
+                    })
+                    .collect(),
+            }),
+        })
     }
 
     async fn consumer_offsets(&self, p: ConsumerOffsetsParams, _ctx: RequestContext) -> Reply<ConsumerOffsetsReply> {

@@ -4,6 +4,7 @@
 
 pub mod admin_auth;
 pub mod api;
+mod assets;
 mod handlers;
 pub mod metrics;
 pub mod support;
@@ -70,6 +71,7 @@ pub fn router(engine: Engine, settings: &HttpSettings) -> Router {
     let access = Arc::new(admin_auth::AdminAccess::new(settings.admin_token.clone()));
     let app = api::router(state)
         .merge(metrics)
+        .merge(assets::router())
         .merge(swagger)
         .layer(axum::middleware::from_fn_with_state(access, admin_auth::guard))
         .layer(tower_http::trace::TraceLayer::new_for_http());

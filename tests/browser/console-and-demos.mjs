@@ -1,0 +1,97 @@
+// The console and the seed's jQuery demos in a real browser (headless Chromium driven by
+// playwright-core) against a running mqproxy with the demo registry:
+// - demo/produce.html logs "send ok"; demo/clustering.html receives what was produced;
+// - the console shows the clustering consumer's lag go to 0, and its Pause button makes a pull
+//   answer PAUSED (Resume undoes it).
+// Usage: node console-and-demos.mjs http://127.0.0.1:PORT   (screenshots into $ARTIFACTS)
+import { chromium } from 'playwright-core';
+import { mkdirSync } from 'node:fs';
+
+const base = process.argv[2];
+const artifacts = process.env.ARTIFACTS || '/tmp/mqproxy-browser-artifacts';
+mkdirSync(artifacts, { recursive: true });
+let passed = 0;
+let failed = 0;
+function check(name, ok, detail) {
+  if (ok) passed++; else failed++;
+  console.log(`${ok ? 'ok  ' : 'FAIL'} ${name}${ok ? '' : ': ' + detail}`);
+}
+
+// Resolves with the first console message matching `re` (or rejects after `ms`).
+function consoleMessage(page, re, ms) {
+  return new Promise((resolve, reject) => {
+    const seen = [];
+    const timer = setTimeout(() => reject(new Error(`no console message ${re} within ${ms} ms; saw: ${seen.join(' | ')}`)), ms);
+    page.on('console', (m) => {
+      seen.push(m.text());
+      if (re.test(m.text())) { clearTimeout(timer); resolve(m.text()); }
+    });
+  });
+}
+
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
+  args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking',
+         '--disable-component-update', '--disable-sync'],
+});
+try {
+  const context = await browser.newContext({ viewport: { width: 1400, height: 1000 } });
+
+  // The produce demo, as written in the document (host prefix aside).
+  const produce = await context.newPage();
+  const sent = consoleMessage(produce, /^send ok$/, 15000);
+  await produce.goto(`${base}/demo/produce.html`);
+  check('demo/produce.html logs "send ok"', (await sent.catch((e) => e.message)) === 'send ok', 'no send ok');
+  await produce.screenshot({ path: `${artifacts}/demo-produce.png`, fullPage: true });
+
+  // The console: the clustering consumer has lag (what the demo produced), shown in its row.
+  const consolePage = await context.newPage();
+  await consolePage.goto(`${base}/console/`);
+  const row = consolePage.locator('tr[data-consumer="http-clustering-consumer"]');
+  await row.waitFor({ timeout: 15000 });
+  await consolePage.waitForFunction(
+    () => Number(document.querySelector('tr[data-consumer="http-clustering-consumer"] .lag')?.textContent) > 0,
+    null, { timeout: 15000 });
+  check('console shows the clustering consumer behind', true, '');
+  await consolePage.screenshot({ path: `${artifacts}/console-lag.png`, fullPage: true });
+
+  // The clustering demo consumes it: "FOUND,<n>" in its log.
+  const clustering = await context.newPage();
+  const found = consoleMessage(clustering, /^FOUND,\d+$/, 15000);
+  await clustering.goto(`${base}/demo/clustering.html`);
+  const got = await found.catch((e) => e.message);
+  check('demo/clustering.html receives what was produced', /^FOUND,\d+$/.test(got), got);
+  await clustering.screenshot({ path: `${artifacts}/demo-clustering.png`, fullPage: true });
+
+  // It acknowledges with its next poll (1 s later): the console's lag goes to 0.
+  const zero = await consolePage.waitForFunction(
+    () => document.querySelector('tr[data-consumer="http-clustering-consumer"] .lag')?.textContent === '0',
+    null, { timeout: 20000 }).then(() => true, (e) => e.message);
+  check('console shows the lag go to 0 once consumed', zero === true, zero);
+  await clustering.close();
+
+  // Pause from the console: a pull answers PAUSED; Resume undoes it.
+  await row.locator('button.pause').click();
+  await consolePage.waitForFunction(
+    () => document.querySelector('tr[data-consumer="http-clustering-consumer"] button.pause')?.textContent === 'Resume',
+    null, { timeout: 10000 });
+  const pull = () => consolePage.evaluate(async () => {
+    const r = await fetch('/mq/message?topic=mqcloud-http-test-topic&consumer=http-clustering-consumer');
+    return (await r.json()).result?.status;
+  });
+  const paused = await pull();
+  check('Pause in the console makes a pull answer PAUSED', paused === 'PAUSED', paused);
+  await consolePage.screenshot({ path: `${artifacts}/console-paused.png`, fullPage: true });
+  await consolePage.locator('tr[data-consumer="http-clustering-consumer"] button.pause').click();
+  await consolePage.waitForFunction(
+    () => document.querySelector('tr[data-consumer="http-clustering-consumer"] button.pause')?.textContent === 'Pause',
+    null, { timeout: 10000 });
+  const resumed = await pull();
+  check('Resume in the console lets pulls through again', resumed !== 'PAUSED', resumed);
+} catch (e) {
+  check('browser run', false, e.message);
+} finally {
+  await browser.close();
+}
+console.log(`${passed} passed, ${failed} failed (screenshots in ${artifacts})`);
+process.exit(failed === 0 ? 0 : 1);
