@@ -325,3 +325,47 @@ async fn console_demos_and_registry_are_served() {
         .collect();
     assert_eq!(consumers, [CLUSTERING, BROADCAST]);
 }
+
+/// An operator's max pull size and consume timeout override the config: smaller batches at
+/// once, and an unacknowledged batch comes back after the new lock time (10 s, not 300 s).
+#[tokio::test]
+async fn pull_size_and_consume_timeout_overrides() {
+    let s = TestServer::with_toml(&one_queue("")).await;
+    for i in 0..3 {
+        s.produce(&format!("m{i}")).await;
+    }
+    let v = s
+        .post(
+            "/admin/consumer/config",
+            &[("consumer", "c"), ("maxPullSize", "1"), ("consumeTimeoutMs", "10000")],
+        )
+        .await;
+    assert_eq!(v["status"], 200, "{v}");
+    assert_eq!(
+        (
+            v["result"]["maxPullSize"].as_i64(),
+            v["result"]["consumeTimeoutMs"].as_i64()
+        ),
+        (Some(1), Some(10_000))
+    );
+    let bad = s
+        .post(
+            "/admin/consumer/config",
+            &[("consumer", "c"), ("consumeTimeoutMs", "5")],
+        )
+        .await;
+    assert_eq!(bad["status"], 400, "{bad}");
+    assert!(
+        bad["message"].as_str().unwrap_or_default().contains("consumeTimeoutMs"),
+        "{bad}"
+    );
+    let first = s.fetch("c", None).await;
+    assert_eq!(bodies_of(&first), ["m0"], "one message per pull");
+    // Not acknowledged: after the overridden 10 s lock the same message comes again.
+    let again = eventually(std::time::Duration::from_secs(20), "redelivery after 10 s", || async {
+        let v = s.fetch("c", None).await;
+        (bodies_of(&v) == ["m0"]).then_some(v)
+    })
+    .await;
+    assert_ne!(rid(&again), rid(&first), "a new lock");
+}

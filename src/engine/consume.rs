@@ -109,8 +109,16 @@ pub struct SettingsChange {
     pub paused: Option<bool>,
     pub rate_limit_enabled: Option<bool>,
     pub limit_rate: Option<u64>,
+    /// Lock time of an unacknowledged batch (10 s .. 36 h).
+    pub consume_timeout_ms: Option<u64>,
+    /// Messages per pull (1 .. 128).
+    pub max_pull_size: Option<u32>,
     pub retry_msg_id: Option<String>,
 }
+
+/// The range an operator may set a consumer's lock time in (the Java proxy's limits).
+const MIN_CONSUME_TIMEOUT_MS: u64 = 10_000;
+const MAX_CONSUME_TIMEOUT_MS: u64 = 36 * 3_600_000;
 
 /// A consumer's effective settings.
 #[derive(Debug, Clone, PartialEq)]
@@ -247,7 +255,24 @@ impl Engine {
             paused: false,
             rate_limit_enabled: true,
             limit_rate: self.inner.config.default_rate_limit,
+            consume_timeout_ms: None,
+            max_pull_size: None,
         }
+    }
+
+    /// The consumer's registry entry with an operator's overrides applied.
+    fn effective(spec: &ConsumerSpec, settings: &ConsumerSettings) -> ConsumerSpec {
+        ConsumerSpec {
+            consume_timeout_ms: settings.consume_timeout_ms.unwrap_or(spec.consume_timeout_ms),
+            max_pull_size: settings.max_pull_size.unwrap_or(spec.max_pull_size),
+            ..spec.clone()
+        }
+    }
+
+    /// The lock time of an unacknowledged batch, as an operator may have changed it.
+    pub(super) async fn consume_timeout(&self, consumer: &str) -> Result<u64, EngineError> {
+        let spec = self.consumer_spec(consumer)?;
+        Ok(Self::effective(spec, &self.settings_of(consumer).await?).consume_timeout_ms)
     }
 
     async fn settings_of(&self, consumer: &str) -> Result<ConsumerSettings, EngineError> {
@@ -357,6 +382,7 @@ impl Engine {
             return Ok(outcome);
         }
 
+        let spec = &Self::effective(spec, &settings);
         let max_pull = req.max_pull_size.map_or(spec.max_pull_size, |m| m.clamp(1, 128));
         let chosen = match self.choose_and_lock(spec, &key, req.client_ip, max_pull).await? {
             Choice::Locked(chosen) => chosen,
@@ -626,7 +652,7 @@ impl Engine {
                 message: format!("ack ignored: the queue was locked again since (lockTime {t}) {info}"),
             },
             Some(t) => {
-                let expired = now_ms().saturating_sub(t) > spec.consume_timeout_ms;
+                let expired = now_ms().saturating_sub(t) > self.consume_timeout(&spec.name).await?;
                 let prefix = if expired { "lock expired, " } else { "" };
                 let (commit, what) = match qs.committed {
                     None => (true, "ok"),
@@ -696,7 +722,32 @@ impl Engine {
             retry_queued = self.queue_retry(&spec, retry, change.client_id.as_deref()).await?;
         }
         let mut settings = self.settings_of(consumer).await?;
-        if change.paused.is_some() || change.rate_limit_enabled.is_some() || change.limit_rate.is_some() {
+        if let Some(t) = change.consume_timeout_ms
+            && !(MIN_CONSUME_TIMEOUT_MS..=MAX_CONSUME_TIMEOUT_MS).contains(&t)
+        {
+            return Err(EngineError::invalid(format!(
+                "consumeTimeoutMs must be between {MIN_CONSUME_TIMEOUT_MS} and {MAX_CONSUME_TIMEOUT_MS}, got {t}"
+            )));
+        }
+        if let Some(m) = change.max_pull_size
+            && !(1..=128).contains(&m)
+        {
+            return Err(EngineError::invalid(format!(
+                "maxPullSize must be between 1 and 128, got {m}"
+            )));
+        }
+        if change.paused.is_some()
+            || change.rate_limit_enabled.is_some()
+            || change.limit_rate.is_some()
+            || change.consume_timeout_ms.is_some()
+            || change.max_pull_size.is_some()
+        {
+            if let Some(t) = change.consume_timeout_ms {
+                settings.consume_timeout_ms = Some(t);
+            }
+            if let Some(m) = change.max_pull_size {
+                settings.max_pull_size = Some(m);
+            }
             if let Some(p) = change.paused {
                 settings.paused = p;
             }
@@ -710,13 +761,14 @@ impl Engine {
             self.inner.state.put_settings(consumer, settings.clone()).await?;
         }
         self.notify_consumers();
+        let effective = Self::effective(&spec, &settings);
         Ok(ConsumerView {
             consumer: spec.name.clone(),
             topic: spec.topic.clone(),
             mode: spec.mode,
             settings,
-            max_pull_size: spec.max_pull_size,
-            consume_timeout_ms: spec.consume_timeout_ms,
+            max_pull_size: effective.max_pull_size,
+            consume_timeout_ms: effective.consume_timeout_ms,
             retry_queued,
         })
     }

@@ -66,17 +66,16 @@ impl Engine {
     where
         C: Stream<Item = ConsumeCommand> + Send + Unpin + 'static,
     {
-        let (spec, key) = self.resolve(&sub.target)?;
-        let timeout_ms = spec.consume_timeout_ms;
+        let (_, key) = self.resolve(&sub.target)?;
         // One batch buffered at most: a slow client holds the task back (HTTP/2 flow control
         // reaches the engine), so the server's memory does not grow with it.
         let (tx, rx) = mpsc::channel(1);
         let engine = self.clone();
-        tokio::spawn(async move { engine.run_stream(sub, key, timeout_ms, commands, tx).await });
+        tokio::spawn(async move { engine.run_stream(sub, key, commands, tx).await });
         Ok(ReceiverStream::new(rx))
     }
 
-    async fn run_stream<C>(self, sub: Subscription, key: ContextKey, timeout_ms: u64, mut commands: C, tx: EventSender)
+    async fn run_stream<C>(self, sub: Subscription, key: ContextKey, mut commands: C, tx: EventSender)
     where
         C: Stream<Item = ConsumeCommand> + Send + Unpin + 'static,
     {
@@ -91,6 +90,14 @@ impl Engine {
         let mut commands_open = true;
         tracing::debug!(consumer = %sub.target.consumer, client = ?sub.target.client_id, "consume stream opened");
         'stream: loop {
+            // Read each round: an operator may change it while the stream runs.
+            let timeout_ms = match self.consume_timeout(&sub.target.consumer).await {
+                Ok(t) => t,
+                Err(e) => {
+                    let _ = tx.send(Err(e)).await;
+                    break 'stream;
+                }
+            };
             let now = now_ms();
             in_flight.retain(|_, expires| *expires > now);
             let mut wake_at = in_flight.values().min().copied();

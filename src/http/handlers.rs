@@ -375,6 +375,8 @@ impl MqApi for HttpAdapter {
             paused: p.pause,
             rate_limit_enabled: p.rate_limit_enabled,
             limit_rate: p.limit_rate.map(|r| r as u64),
+            consume_timeout_ms: p.consume_timeout_ms.and_then(|t| u64::try_from(t).ok()),
+            max_pull_size: p.max_pull_size.and_then(|m| u32::try_from(m).ok()),
             retry_msg_id: p.retry_msg_id,
         };
         self.configure(&p.consumer, change).await

@@ -507,6 +507,8 @@ pub(crate) mod contract {
             paused: true,
             rate_limit_enabled: false,
             limit_rate: 7,
+            consume_timeout_ms: Some(20_000),
+            max_pull_size: None,
         };
         state.put_settings("g", s.clone()).await.expect("settings");
         assert_eq!(state.settings("g").await.expect("settings"), Some(s));

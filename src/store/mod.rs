@@ -201,6 +201,10 @@ pub struct ConsumerSettings {
     pub paused: bool,
     pub rate_limit_enabled: bool,
     pub limit_rate: u64,
+    /// Overrides the registry's lock time of an unacknowledged batch (10 s .. 36 h).
+    pub consume_timeout_ms: Option<u64>,
+    /// Overrides the registry's messages per pull (1 .. 128).
+    pub max_pull_size: Option<u32>,
 }
 
 /// One change of consumer state.

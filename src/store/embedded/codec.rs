@@ -1,7 +1,7 @@
 //! Byte layouts of stored values. Message records are laid out by hand (the body is copied
 //! once, not element by element); small structured records use postcard.
 
-use crate::store::{NewRecord, StoreError, StoredMessage};
+use crate::store::{ConsumerSettings, NewRecord, StoreError, StoredMessage};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -119,6 +119,29 @@ pub fn from_postcard<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError>
     postcard::from_bytes(bytes).map_err(|e| StoreError::Corrupt(format!("decode: {e}")))
 }
 
+/// Consumer settings as written before the timeout / pull size overrides existed.
+#[derive(serde::Deserialize)]
+struct SettingsV1 {
+    paused: bool,
+    rate_limit_enabled: bool,
+    limit_rate: u64,
+}
+
+/// Consumer settings, current layout or the first one (postcard has no field names, so a
+/// record without the newer trailing fields fails the current layout and is read as V1).
+pub fn decode_settings(bytes: &[u8]) -> Result<ConsumerSettings, StoreError> {
+    from_postcard(bytes).or_else(|e| {
+        let v1: SettingsV1 = from_postcard(bytes).map_err(|_| e)?;
+        Ok(ConsumerSettings {
+            paused: v1.paused,
+            rate_limit_enabled: v1.rate_limit_enabled,
+            limit_rate: v1.limit_rate,
+            consume_timeout_ms: None,
+            max_pull_size: None,
+        })
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -142,5 +165,37 @@ mod tests {
         let (topic, queue, back) = decode_scheduled(&sched).expect("decode scheduled");
         assert_eq!((topic.as_str(), queue, back.body), ("t", 2, b"hello".to_vec()));
         assert!(decode_message(0, &bytes[..10]).is_err());
+    }
+}
+
+#[cfg(test)]
+mod settings_tests {
+    use super::*;
+
+    #[test]
+    fn settings_written_before_the_overrides_still_read() {
+        #[derive(serde::Serialize)]
+        struct Old {
+            paused: bool,
+            rate_limit_enabled: bool,
+            limit_rate: u64,
+        }
+        let old = to_postcard(&Old {
+            paused: true,
+            rate_limit_enabled: false,
+            limit_rate: 9,
+        })
+        .expect("encode");
+        let read = decode_settings(&old).expect("decode");
+        assert_eq!((read.paused, read.limit_rate, read.consume_timeout_ms), (true, 9, None));
+        let new = ConsumerSettings {
+            consume_timeout_ms: Some(10_000),
+            max_pull_size: Some(3),
+            ..read
+        };
+        assert_eq!(
+            decode_settings(&to_postcard(&new).expect("encode")).expect("decode"),
+            new
+        );
     }
 }

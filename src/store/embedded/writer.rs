@@ -125,7 +125,7 @@ pub fn load_consumer_state(db: &Database) -> Result<ConsumerSnapshot, StoreError
         let (k, v) = entry.map_err(db_err)?;
         snapshot
             .settings
-            .push((k.value().to_owned(), codec::from_postcard(v.value())?));
+            .push((k.value().to_owned(), codec::decode_settings(v.value())?));
     }
     Ok(snapshot)
 }

@@ -364,10 +364,12 @@ impl ConsumerStateStore for RedisConsumerState {
             .arg(format!("{consumer}:p"))
             .arg(format!("{consumer}:rl"))
             .arg(format!("{consumer}:rt"))
+            .arg(format!("{consumer}:ct"))
+            .arg(format!("{consumer}:mps"))
             .query_async(&mut con)
             .await
             .map_err(redis_err)?;
-        let [paused, limited, rate] = values.as_slice() else {
+        let [paused, limited, rate, timeout, pull] = values.as_slice() else {
             return Err(StoreError::Corrupt("HMGET answered the wrong number of fields".into()));
         };
         let Some(rate) = rate.as_deref().and_then(|r| r.parse::<f64>().ok()) else {
@@ -377,6 +379,8 @@ impl ConsumerStateStore for RedisConsumerState {
             paused: paused.as_deref() == Some("1"),
             rate_limit_enabled: limited.as_deref() == Some("1"),
             limit_rate: rate.max(1.0) as u64,
+            consume_timeout_ms: timeout.as_deref().and_then(|v| v.parse().ok()),
+            max_pull_size: pull.as_deref().and_then(|v| v.parse().ok()),
         }))
     }
 
@@ -389,7 +393,20 @@ impl ConsumerStateStore for RedisConsumerState {
             (format!("{consumer}:rl"), flag(settings.rate_limit_enabled)),
             (format!("{consumer}:rt"), settings.limit_rate.to_string()),
         ];
-        let _: () = con.hset_multiple(key, &items).await.map_err(redis_err)?;
+        let _: () = con.hset_multiple(&key, &items).await.map_err(redis_err)?;
+        // Overrides: set, or removed when back to the registry's value.
+        for (field, value) in [
+            (
+                format!("{consumer}:ct"),
+                settings.consume_timeout_ms.map(|v| v.to_string()),
+            ),
+            (format!("{consumer}:mps"), settings.max_pull_size.map(|v| v.to_string())),
+        ] {
+            let _: () = match value {
+                Some(v) => con.hset(&key, field, v).await.map_err(redis_err)?,
+                None => con.hdel(&key, field).await.map_err(redis_err)?,
+            };
+        }
         Ok(())
     }
 }
