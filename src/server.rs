@@ -1,12 +1,15 @@
 //! Wiring: opens the store, builds the engine and the HTTP app, serves one listener until the
 //! shutdown future resolves, lets in-flight requests finish, then closes the store (flush).
 
-use crate::config::{Backend, Config, ConsumerStateKind, Flush, HttpStatusPolicy};
+use crate::config::{
+    Backend, Config, ConsumerConfig, ConsumerStateKind, Flush, HttpStatusPolicy, Mode, ProducerConfig, TopicConfig,
+};
 use crate::engine::{Engine, EngineConfig, EngineError};
 use crate::http::{self, HttpSettings};
 use crate::store::consumer_state::{ConsumerStateStore, LocalConsumerState};
 use crate::store::embedded::{EmbeddedConfig, EmbeddedStore, FlushPolicy};
 use crate::store::redis::RedisConsumerState;
+use crate::store::registry_file::RegistryFile;
 use crate::store::rocketmq::{RocketMqSettings, RocketMqStartError, RocketMqStore};
 use crate::store::{MessageStore, StoreError};
 use axum::serve::ListenerExt;
@@ -113,6 +116,45 @@ async fn message_store_unboxed(config: &Config, embedded: &EmbeddedStore) -> Res
     })
 }
 
+/// The config plus what the admin API registered in earlier runs: the config wins for the
+/// names it defines (a topic keeps the larger queue count: queues are never taken away).
+fn with_saved_registry(mut config: Config, file: &RegistryFile) -> Result<Config, ServeError> {
+    let saved = file.load().map_err(|source| ServeError::Store {
+        dir: config.data_dir.display().to_string(),
+        source,
+    })?;
+    let Some(saved) = saved else { return Ok(config) };
+    for t in saved.topics {
+        match config.topics.iter_mut().find(|c| c.name == t.name) {
+            Some(c) => c.queues = c.queues.max(t.queues),
+            None => config.topics.push(TopicConfig {
+                name: t.name,
+                queues: t.queues,
+            }),
+        }
+    }
+    for p in saved.producers {
+        if !config.producers.iter().any(|c| c.name == p.name) {
+            config.producers.push(ProducerConfig {
+                name: p.name,
+                topic: p.topic,
+            });
+        }
+    }
+    for c in saved.consumers {
+        if !config.consumers.iter().any(|k| k.name == c.name) {
+            config.consumers.push(ConsumerConfig {
+                name: c.name,
+                topic: c.topic,
+                mode: if c.broadcast { Mode::Broadcast } else { Mode::Clustering },
+                consume_timeout_ms: c.consume_timeout_ms,
+                max_pull_size: c.max_pull_size,
+            });
+        }
+    }
+    Ok(config)
+}
+
 /// Serves `config` on `listener` until `shutdown` resolves.
 ///
 /// # Errors
@@ -123,6 +165,8 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let addr = listener.local_addr()?;
+    let registry_file = RegistryFile::new(&config.data_dir);
+    let config = with_saved_registry(config, &registry_file)?;
     let store = EmbeddedStore::open(EmbeddedConfig {
         data_dir: config.data_dir.clone(),
         flush: match config.flush {
@@ -171,7 +215,10 @@ pub async fn run(
         messages,
         state,
         secret,
+        Arc::new(registry_file),
     );
+    // The config's entries are created at start-up: saved along with the admin API's.
+    engine.save_registry().await?;
     let grpc = crate::grpc::router(engine.clone()).map_err(|e| ServeError::Grpc(e.to_string()))?;
     let app = http::router(
         engine.clone(),

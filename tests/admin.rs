@@ -323,7 +323,7 @@ async fn console_demos_and_registry_are_served() {
         .iter()
         .filter_map(|c| c["name"].as_str())
         .collect();
-    assert_eq!(consumers, [CLUSTERING, BROADCAST]);
+    assert_eq!(consumers, [BROADCAST, CLUSTERING], "sorted by name");
 }
 
 /// An operator's max pull size and consume timeout override the config: smaller batches at
@@ -368,4 +368,127 @@ async fn pull_size_and_consume_timeout_overrides() {
     })
     .await;
     assert_ne!(rid(&again), rid(&first), "a new lock");
+}
+
+/// Topics, producers and consumers created through the admin API work at once and survive a
+/// restart; deletions are checked and take effect at once.
+#[tokio::test]
+async fn registry_changes_apply_at_once_and_survive_restarts() {
+    let s = TestServer::with_toml(&one_queue("")).await;
+    let ok = |v: &serde_json::Value| assert_eq!(v["status"], 200, "{v}");
+    ok(&s.post("/admin/topic", &[("name", "orders"), ("queues", "2")]).await);
+    ok(&s
+        .post("/admin/producer", &[("name", "orders-p"), ("topic", "orders")])
+        .await);
+    let v = s
+        .post(
+            "/admin/consumer",
+            &[("name", "orders-c"), ("topic", "orders"), ("maxPullSize", "8")],
+        )
+        .await;
+    ok(&v);
+    let topics: Vec<&str> = v["result"]["topics"]
+        .as_array()
+        .expect("topics")
+        .iter()
+        .filter_map(|t| t["name"].as_str())
+        .collect();
+    assert_eq!(topics, [TOPIC, "orders"]);
+    for i in 0..4 {
+        let p = s
+            .post(
+                "/mq/produce",
+                &[("producer", "orders-p"), ("message", &format!("o{i}"))],
+            )
+            .await;
+        ok(&p);
+    }
+    let first = s
+        .get("/mq/message", &[("topic", "orders"), ("consumer", "orders-c")])
+        .await;
+    assert_eq!(first["result"]["status"], "FOUND", "{first}");
+    let ack = s
+        .post(
+            "/mq/ack",
+            &[
+                ("topic", "orders"),
+                ("consumer", "orders-c"),
+                ("requestId", &rid(&first)),
+            ],
+        )
+        .await;
+    ok(&ack);
+
+    // Checked changes.
+    let in_use = s.post("/admin/topic/delete", &[("name", "orders")]).await;
+    assert_eq!(in_use["status"], 400, "{in_use}");
+    let message = in_use["message"].as_str().unwrap_or_default();
+    assert!(message.contains("orders-c") && message.contains("orders-p"), "{in_use}");
+    let shrink = s.post("/admin/topic", &[("name", "orders"), ("queues", "1")]).await;
+    assert_eq!(shrink["status"], 400, "{shrink}");
+    let bad = s.post("/admin/topic", &[("name", "no spaces"), ("queues", "1")]).await;
+    assert_eq!(bad["status"], 400, "{bad}");
+    let dangling = s.post("/admin/producer", &[("name", "x"), ("topic", "nope")]).await;
+    assert_eq!(dangling["status"], 400, "{dangling}");
+    ok(&s.post("/admin/topic", &[("name", "orders"), ("queues", "3")]).await);
+    let registry = s.get("/admin/registry", &[]).await;
+    let orders = registry["result"]["topics"]
+        .as_array()
+        .expect("topics")
+        .iter()
+        .find(|t| t["name"] == "orders")
+        .cloned()
+        .expect("orders");
+    assert_eq!(orders["queues"].as_array().map(Vec::len), Some(3));
+    // The new queue takes messages at once (three produces in a row cover every queue).
+    let mut queues = std::collections::BTreeSet::new();
+    for i in 4..7 {
+        let p = s
+            .post(
+                "/mq/produce",
+                &[("producer", "orders-p"), ("message", &format!("o{i}"))],
+            )
+            .await;
+        ok(&p);
+        queues.insert(p["result"]["messageQueue"]["queueId"].as_i64().unwrap_or(-1));
+    }
+    assert_eq!(queues.into_iter().collect::<Vec<_>>(), [0, 1, 2]);
+
+    // Across a restart: registered, and the consumer continues after what it acknowledged.
+    let s = s.restart().await;
+    let rest = {
+        let mut got = Vec::new();
+        let mut request_id: Option<String> = None;
+        for _ in 0..12 {
+            let mut q = vec![("topic", "orders"), ("consumer", "orders-c")];
+            if let Some(r) = request_id.as_deref() {
+                q.push(("requestId", r));
+            }
+            let v = s.get("/mq/message", &q).await;
+            ok(&v);
+            got.extend(bodies_of(&v));
+            request_id = v["result"]["requestId"].as_str().map(str::to_owned);
+        }
+        got
+    };
+    let mut all: Vec<String> = bodies_of(&first).into_iter().chain(rest).collect();
+    all.sort();
+    assert_eq!(
+        all,
+        ["o0", "o1", "o2", "o3", "o4", "o5", "o6"],
+        "each message once across the restart"
+    );
+
+    // Deletions take effect at once.
+    ok(&s.post("/admin/consumer/delete", &[("name", "orders-c")]).await);
+    ok(&s.post("/admin/producer/delete", &[("name", "orders-p")]).await);
+    let gone = s
+        .get("/mq/message", &[("topic", "orders"), ("consumer", "orders-c")])
+        .await;
+    assert_eq!(gone["status"], 400, "{gone}");
+    let gone = s
+        .post("/mq/produce", &[("producer", "orders-p"), ("message", "x")])
+        .await;
+    assert_eq!(gone["status"], 400, "{gone}");
+    ok(&s.post("/admin/topic/delete", &[("name", "orders")]).await);
 }

@@ -11,7 +11,7 @@ use super::{ConsumeMode, ConsumerSpec, Engine, EngineError, now_ms};
 use crate::store::consumer_state::{ContextSnapshot, LockRequest, RetryFate};
 use crate::store::{ConsumerSettings, ContextKey, QueueState, ReadOutcome, RetryEntry, StoredMessage};
 use std::collections::HashMap;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 /// Who consumes what, as a request names it.
 #[derive(Debug, Clone)]
@@ -197,15 +197,16 @@ fn to_delivered(m: StoredMessage) -> Delivered {
 }
 
 impl Engine {
-    pub(super) fn consumer_spec(&self, name: &str) -> Result<&ConsumerSpec, EngineError> {
-        self.inner
+    pub(super) fn consumer_spec(&self, name: &str) -> Result<Arc<ConsumerSpec>, EngineError> {
+        self.snapshot()
             .consumers
             .get(name)
+            .cloned()
             .ok_or_else(|| EngineError::UnknownConsumer(name.to_owned()))
     }
 
     /// Checks the request against the registry and names its consumption context.
-    pub(super) fn resolve(&self, target: &ConsumeTarget) -> Result<(&ConsumerSpec, ContextKey), EngineError> {
+    pub(super) fn resolve(&self, target: &ConsumeTarget) -> Result<(Arc<ConsumerSpec>, ContextKey), EngineError> {
         let spec = self.consumer_spec(&target.consumer)?;
         if target.topic != spec.topic {
             return Err(EngineError::invalid(format!(
@@ -223,14 +224,12 @@ impl Engine {
             }
             (_, c) => c.map(str::to_owned),
         };
-        Ok((
-            spec,
-            ContextKey {
-                topic: spec.topic.clone(),
-                group: spec.name.clone(),
-                client_id,
-            },
-        ))
+        let key = ContextKey {
+            topic: spec.topic.clone(),
+            group: spec.name.clone(),
+            client_id,
+        };
+        Ok((spec, key))
     }
 
     /// When the earliest live lock of this context expires (epoch ms), if any.
@@ -272,7 +271,7 @@ impl Engine {
     /// The lock time of an unacknowledged batch, as an operator may have changed it.
     pub(super) async fn consume_timeout(&self, consumer: &str) -> Result<u64, EngineError> {
         let spec = self.consumer_spec(consumer)?;
-        Ok(Self::effective(spec, &self.settings_of(consumer).await?).consume_timeout_ms)
+        Ok(Self::effective(&spec, &self.settings_of(consumer).await?).consume_timeout_ms)
     }
 
     async fn settings_of(&self, consumer: &str) -> Result<ConsumerSettings, EngineError> {
@@ -356,7 +355,7 @@ impl Engine {
     async fn fetch_batch(&self, req: FetchRequest) -> Result<FetchOutcome, EngineError> {
         let (spec, key) = self.resolve(&req.target)?;
         let ack = match req.request_id.as_deref().map(str::trim).filter(|r| !r.is_empty()) {
-            Some(rid) => Some(self.ack_in_context(spec, &key, rid).await.map_err(|e| e.to_string())),
+            Some(rid) => Some(self.ack_in_context(&spec, &key, rid).await.map_err(|e| e.to_string())),
             None => None,
         };
         let mut outcome = FetchOutcome {
@@ -382,7 +381,7 @@ impl Engine {
             return Ok(outcome);
         }
 
-        let spec = &Self::effective(spec, &settings);
+        let spec = &Self::effective(&spec, &settings);
         let max_pull = req.max_pull_size.map_or(spec.max_pull_size, |m| m.clamp(1, 128));
         let chosen = match self.choose_and_lock(spec, &key, req.client_ip, max_pull).await? {
             Choice::Locked(chosen) => chosen,
@@ -625,7 +624,7 @@ impl Engine {
     /// Unknown consumer, bad target, a malformed or forged requestId, or a store failure.
     pub async fn ack(&self, target: &ConsumeTarget, request_id: &str) -> Result<AckOutcome, EngineError> {
         let (spec, key) = self.resolve(target)?;
-        let result = self.ack_in_context(spec, &key, request_id.trim()).await;
+        let result = self.ack_in_context(&spec, &key, request_id.trim()).await;
         self.count_ack(target, result.as_ref().map(|a| a.committed).map_err(|_| ()));
         result
     }

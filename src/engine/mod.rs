@@ -11,6 +11,7 @@ pub mod ids;
 mod metrics;
 mod offsets;
 mod rate_limit;
+mod registry;
 pub mod request_id;
 mod stream;
 
@@ -20,13 +21,14 @@ pub use consume::{
 };
 pub use error::{EngineError, ErrorKind};
 pub use offsets::{ConsumerOffsets, ContextView, OffsetReset, QueueView};
+pub use registry::RegistryView;
 pub use stream::{ConsumeCommand, ConsumeEvent, Subscription};
 
+use crate::store::RegistryStore;
 use crate::store::consumer_state::ConsumerStateStore;
 use crate::store::{AppendOutcome, AppendStatus, Delivery, MessageStore, NewRecord, QueueRef};
 use consume::RateLimiters;
 use ids::MsgIdGenerator;
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -53,19 +55,19 @@ impl ConsumeMode {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TopicSpec {
     pub name: String,
     pub queues: u32,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProducerSpec {
     pub name: String,
     pub topic: String,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConsumerSpec {
     pub name: String,
     pub topic: String,
@@ -156,9 +158,11 @@ pub struct Engine {
 
 struct Inner {
     config: EngineConfig,
-    topics: HashMap<String, TopicSpec>,
-    producers: HashMap<String, String>,
-    consumers: HashMap<String, ConsumerSpec>,
+    /// Topics, producers, consumers: a snapshot swapped whole by the admin API.
+    registry: std::sync::RwLock<Arc<registry::Registry>>,
+    /// Serializes registry changes (each awaits the store).
+    registry_writes: tokio::sync::Mutex<()>,
+    registry_store: Arc<dyn RegistryStore>,
     messages: Arc<dyn MessageStore>,
     /// Consumer offsets, locks, retry entries and settings.
     state: Arc<dyn ConsumerStateStore>,
@@ -166,7 +170,7 @@ struct Inner {
     secret: [u8; 32],
     metrics: metrics::Metrics,
     ids: MsgIdGenerator,
-    round_robin: HashMap<String, AtomicU32>,
+    round_robin: AtomicU32,
     rate_limiters: RateLimiters,
     /// Bumped when a queue lock is released or consumer settings change: streaming consumers
     /// waiting for a free queue wake up on it.
@@ -183,20 +187,16 @@ pub(crate) fn now_ms() -> u64 {
 impl Engine {
     /// Builds the engine over its message store and consumer state store; `secret` keys the
     /// requestId MAC.
+    /// `config` holds the registry to start with; `registry_store` keeps the admin API's
+    /// changes.
     pub fn new(
         config: EngineConfig,
         messages: Arc<dyn MessageStore>,
         state: Arc<dyn ConsumerStateStore>,
         secret: [u8; 32],
+        registry_store: Arc<dyn RegistryStore>,
     ) -> Self {
-        let topics: HashMap<_, _> = config.topics.iter().map(|t| (t.name.clone(), t.clone())).collect();
-        let producers = config
-            .producers
-            .iter()
-            .map(|p| (p.name.clone(), p.topic.clone()))
-            .collect();
-        let consumers = config.consumers.iter().map(|c| (c.name.clone(), c.clone())).collect();
-        let round_robin = topics.keys().map(|t| (t.clone(), AtomicU32::new(0))).collect();
+        let registry = registry::Registry::new(&config.topics, &config.producers, &config.consumers);
         let ids = MsgIdGenerator::new(messages.identity());
         Self {
             inner: Arc::new(Inner {
@@ -205,12 +205,12 @@ impl Engine {
                 metrics: metrics::Metrics::new(),
                 rate_limiters: RateLimiters::default(),
                 config,
-                topics,
-                producers,
-                consumers,
+                registry: std::sync::RwLock::new(Arc::new(registry)),
+                registry_writes: tokio::sync::Mutex::new(()),
+                registry_store,
                 messages,
                 ids,
-                round_robin,
+                round_robin: AtomicU32::new(0),
                 consumer_changes: tokio::sync::watch::Sender::new(0),
             }),
         }
@@ -234,16 +234,17 @@ impl Engine {
         Ok(self.inner.messages.probe().await?)
     }
 
-    fn producer_topic(&self, producer: &str) -> Result<&TopicSpec, EngineError> {
-        let topic = self
-            .inner
+    fn producer_topic(&self, producer: &str) -> Result<Arc<TopicSpec>, EngineError> {
+        let registry = self.snapshot();
+        let spec = registry
             .producers
             .get(producer)
             .ok_or_else(|| EngineError::UnknownProducer(producer.to_owned()))?;
-        self.inner
+        registry
             .topics
-            .get(topic)
-            .ok_or_else(|| EngineError::invalid(format!("producer:{producer} has unknown topic {topic}")))
+            .get(&spec.topic)
+            .cloned()
+            .ok_or_else(|| EngineError::invalid(format!("producer:{producer} has unknown topic {}", spec.topic)))
     }
 
     fn check_body(body: &[u8]) -> Result<(), EngineError> {
@@ -297,14 +298,7 @@ impl Engine {
         }
         let index = match order_id {
             Some(order_id) => ids::order_queue(order_id, n),
-            None => {
-                let next = self
-                    .inner
-                    .round_robin
-                    .get(&topic.name)
-                    .map_or(0, |c| c.fetch_add(1, Ordering::Relaxed));
-                next % n
-            }
+            None => self.inner.round_robin.fetch_add(1, Ordering::Relaxed) % n,
         };
         let queue = queues[index as usize].clone();
         Ok((index, queue))
@@ -353,7 +347,12 @@ impl Engine {
 
     /// Counts produced messages by topic, producer and status (200, or the error's status).
     fn count_produced(&self, producer: &str, error: Option<&EngineError>, n: u64) {
-        let topic = self.inner.producers.get(producer).cloned().unwrap_or_default();
+        let topic = self
+            .snapshot()
+            .producers
+            .get(producer)
+            .map(|p| p.topic.clone())
+            .unwrap_or_default();
         let status = error.map_or("200", |e| e.kind().status_label());
         self.inner
             .metrics
@@ -384,7 +383,8 @@ impl Engine {
     pub async fn render_metrics(&self) -> Result<String, EngineError> {
         let m = &self.inner.metrics;
         m.lag.clear();
-        for spec in &self.inner.config.consumers {
+        let registry = self.snapshot();
+        for spec in registry.consumers.values() {
             let offsets = self.consumer_offsets(&spec.name, None).await?;
             for context in &offsets.contexts {
                 for q in &context.queues {
@@ -400,7 +400,7 @@ impl Engine {
                 }
             }
         }
-        for topic in self.inner.topics.keys() {
+        for topic in registry.topics.keys() {
             for (i, q) in self.inner.messages.queues(topic).iter().enumerate() {
                 let range = self
                     .inner
@@ -422,7 +422,7 @@ impl Engine {
     }
 
     async fn produce_one(&self, req: ProduceRequest) -> Result<SendReceipt, EngineError> {
-        let topic = self.producer_topic(&req.producer)?;
+        let topic = &*self.producer_topic(&req.producer)?;
         Self::check_body(&req.body)?;
         let now = now_ms();
         let delivery = self.delivery(req.delay_level, req.delivery_timestamp_ms, now)?;
@@ -473,7 +473,7 @@ impl Engine {
         producer: &str,
         bodies: Vec<Vec<u8>>,
     ) -> Result<Vec<Result<SendReceipt, EngineError>>, EngineError> {
-        let topic = self.producer_topic(producer)?;
+        let topic = &*self.producer_topic(producer)?;
         if bodies.is_empty() {
             return Err(EngineError::invalid("messages is an empty array"));
         }

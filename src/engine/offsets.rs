@@ -120,7 +120,7 @@ impl Engine {
     ) -> Result<ConsumerOffsets, EngineError> {
         let spec = self.consumer_spec(consumer)?;
         let mut contexts = Vec::new();
-        for key in self.operator_contexts(spec, client_id).await? {
+        for key in self.operator_contexts(&spec, client_id).await? {
             contexts.push(self.context_view(&key).await?);
         }
         Ok(ConsumerOffsets {
@@ -144,7 +144,7 @@ impl Engine {
         to: OffsetReset,
     ) -> Result<ConsumerOffsets, EngineError> {
         let spec = self.consumer_spec(consumer)?;
-        let keys = self.operator_contexts(spec, client_id).await?;
+        let keys = self.operator_contexts(&spec, client_id).await?;
         let n = self.queue_count(&spec.topic);
         for queue in 0..n {
             let offset = match to {

@@ -4,15 +4,16 @@
 use super::api::{
     AckParams, BatchReply, BroadcastQueueOffsetsParams, BroadcastQueueOffsetsReply, ClientOffsets,
     ClusteringQueueOffsetsParams, ConfigureConsumerParams, ConsumerConfigParams, ConsumerConfigReply, ConsumerEntry,
-    ConsumerOffsetsParams, ConsumerOffsetsReply, ConsumerSettings, FetchParams, FetchReply, FetchResult, HealthzParams,
-    Message, MessageQueue, MqApi, ProduceBatchParams, ProduceParams, ProduceReply, ProducerEntry, QueueInfo,
-    QueueOffset, QueueOffsetsReply, ReadyzParams, Registry, RegistryParams, RegistryReply, ResetOffsetsParams,
-    SendResult, StatusReply, TopicEntry, UnlockParams,
+    ConsumerOffsetsParams, ConsumerOffsetsReply, ConsumerSettings, DeleteConsumerParams, DeleteProducerParams,
+    DeleteTopicParams, FetchParams, FetchReply, FetchResult, HealthzParams, Message, MessageQueue, MqApi,
+    ProduceBatchParams, ProduceParams, ProduceReply, ProducerEntry, PutConsumerParams, PutProducerParams,
+    PutTopicParams, QueueInfo, QueueOffset, QueueOffsetsReply, ReadyzParams, Registry, RegistryParams, RegistryReply,
+    ResetOffsetsParams, SendResult, StatusReply, TopicEntry, UnlockParams,
 };
 use super::support::{Envelope, Reply, RequestContext};
 use crate::engine::{
-    ConsumeMode, ConsumeTarget, Delivered, Engine, EngineError, ErrorKind, FetchRequest, OffsetReset, ProduceRequest,
-    QueueView, SendReceipt, SettingsChange,
+    ConsumeMode, ConsumeTarget, ConsumerSpec, Delivered, Engine, EngineError, ErrorKind, FetchRequest, OffsetReset,
+    ProduceRequest, QueueView, RegistryView, SendReceipt, SettingsChange,
 };
 use axum::http::header;
 
@@ -159,6 +160,53 @@ impl HttpAdapter {
             }),
             Err(e) => fail(&e),
         }
+    }
+
+    fn registry_reply(&self, result: Result<RegistryView, EngineError>) -> Reply<RegistryReply> {
+        let view = match result {
+            Ok(v) => v,
+            Err(e) => return fail(&e),
+        };
+        Reply::new(RegistryReply {
+            status: 200,
+            message: None,
+            result: Some(Registry {
+                topics: view
+                    .topics
+                    .iter()
+                    .map(|t| TopicEntry {
+                        name: t.name.clone(),
+                        queues: self
+                            .engine
+                            .topic_queues(&t.name)
+                            .into_iter()
+                            .map(|q| MessageQueue {
+                                topic: t.name.clone(),
+                                broker_name: q.broker_name,
+                                queue_id: i32::try_from(q.queue_id).unwrap_or(i32::MAX),
+                            })
+                            .collect(),
+                    })
+                    .collect(),
+                producers: view
+                    .producers
+                    .into_iter()
+                    .map(|p| ProducerEntry {
+                        name: p.name,
+                        topic: p.topic,
+                    })
+                    .collect(),
+                consumers: view
+                    .consumers
+                    .into_iter()
+                    .map(|c| ConsumerEntry {
+                        mode: c.mode.as_str().to_owned(),
+                        name: c.name,
+                        topic: c.topic,
+                    })
+                    .collect(),
+            }),
+        })
     }
 
     /// The Java proxy's queue views: the consumer's queue records, for one mode.
@@ -383,47 +431,51 @@ impl MqApi for HttpAdapter {
     }
 
     async fn registry(&self, _p: RegistryParams, _ctx: RequestContext) -> Reply<RegistryReply> {
-        let config = self.engine.config();
-        Reply::new(RegistryReply {
-            status: 200,
-            message: None,
-            result: Some(Registry {
-                topics: config
-                    .topics
-                    .iter()
-                    .map(|t| TopicEntry {
-                        name: t.name.clone(),
-                        queues: self
-                            .engine
-                            .topic_queues(&t.name)
-                            .into_iter()
-                            .map(|q| MessageQueue {
-                                topic: t.name.clone(),
-                                broker_name: q.broker_name,
-                                queue_id: i32::try_from(q.queue_id).unwrap_or(i32::MAX),
-                            })
-                            .collect(),
-                    })
-                    .collect(),
-                producers: config
-                    .producers
-                    .iter()
-                    .map(|p| ProducerEntry {
-                        name: p.name.clone(),
-                        topic: p.topic.clone(),
-                    })
-                    .collect(),
-                consumers: config
-                    .consumers
-                    .iter()
-                    .map(|c| ConsumerEntry {
-                        name: c.name.clone(),
-                        topic: c.topic.clone(),
-                        mode: c.mode.as_str().to_owned(),
-                    })
-                    .collect(),
-            }),
-        })
+        self.registry_reply(Ok(self.engine.registry()))
+    }
+
+    async fn put_topic(&self, p: PutTopicParams, _ctx: RequestContext) -> Reply<RegistryReply> {
+        let queues = u32::try_from(p.queues).unwrap_or(0);
+        self.registry_reply(self.engine.put_topic(p.name.trim(), queues).await)
+    }
+
+    async fn delete_topic(&self, p: DeleteTopicParams, _ctx: RequestContext) -> Reply<RegistryReply> {
+        self.registry_reply(self.engine.delete_topic(p.name.trim()).await)
+    }
+
+    async fn put_producer(&self, p: PutProducerParams, _ctx: RequestContext) -> Reply<RegistryReply> {
+        self.registry_reply(self.engine.put_producer(p.name.trim(), p.topic.trim()).await)
+    }
+
+    async fn delete_producer(&self, p: DeleteProducerParams, _ctx: RequestContext) -> Reply<RegistryReply> {
+        self.registry_reply(self.engine.delete_producer(p.name.trim()).await)
+    }
+
+    async fn put_consumer(&self, p: PutConsumerParams, _ctx: RequestContext) -> Reply<RegistryReply> {
+        let mode = match p.mode.as_deref().map(str::trim) {
+            None | Some("" | "clustering") => ConsumeMode::Clustering,
+            Some("broadcast") => ConsumeMode::Broadcast,
+            Some(other) => {
+                return fail(&EngineError::InvalidArgument(format!(
+                    "mode must be clustering or broadcast, got {other:?}"
+                )));
+            }
+        };
+        let spec = ConsumerSpec {
+            name: p.name.trim().to_owned(),
+            topic: p.topic.trim().to_owned(),
+            mode,
+            consume_timeout_ms: p
+                .consume_timeout_ms
+                .and_then(|t| u64::try_from(t).ok())
+                .unwrap_or(300_000),
+            max_pull_size: p.max_pull_size.and_then(|m| u32::try_from(m).ok()).unwrap_or(32),
+        };
+        self.registry_reply(self.engine.put_consumer(spec).await)
+    }
+
+    async fn delete_consumer(&self, p: DeleteConsumerParams, _ctx: RequestContext) -> Reply<RegistryReply> {
+        self.registry_reply(self.engine.delete_consumer(p.name.trim()).await)
     }
 
     async fn consumer_offsets(&self, p: ConsumerOffsetsParams, _ctx: RequestContext) -> Reply<ConsumerOffsetsReply> {

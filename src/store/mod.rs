@@ -9,6 +9,7 @@
 pub mod consumer_state;
 pub mod embedded;
 pub mod redis;
+pub mod registry_file;
 pub mod rocketmq;
 
 use async_trait::async_trait;
@@ -240,6 +241,42 @@ pub struct ConsumerSnapshot {
 /// Resolves when a write is durable (or failed).
 pub type PendingWrite = Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send>>;
 
+/// The registry as persisted: topics, producers and consumers created by the config or the
+/// admin API.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegistryEntries {
+    pub topics: Vec<StoredTopic>,
+    pub producers: Vec<StoredProducer>,
+    pub consumers: Vec<StoredConsumer>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredTopic {
+    pub name: String,
+    pub queues: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredProducer {
+    pub name: String,
+    pub topic: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredConsumer {
+    pub name: String,
+    pub topic: String,
+    pub broadcast: bool,
+    pub consume_timeout_ms: u64,
+    pub max_pull_size: u32,
+}
+
+/// Where the registry is kept between runs.
+pub trait RegistryStore: Send + Sync + 'static {
+    /// Replaces the saved registry (durably) with `entries`.
+    fn save(&self, entries: &RegistryEntries) -> Result<(), StoreError>;
+}
+
 /// Figures of a store for metrics (None: the backend does not know).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct StoreStats {
@@ -265,6 +302,10 @@ pub trait MessageStore: Send + Sync + 'static {
     fn max_batch_bytes(&self) -> usize {
         usize::MAX
     }
+
+    /// Makes a topic (added or grown at run time) known with `queues` queues: the embedded
+    /// store tracks their offsets; a cluster creates the topic if needed and reads its route.
+    async fn add_topic(&self, topic: &str, queues: u32) -> Result<(), StoreError>;
 
     /// The queues of a topic in route order (empty for a topic the store does not know).
     fn queues(&self, topic: &str) -> std::sync::Arc<[QueueRef]>;

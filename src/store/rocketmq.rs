@@ -23,6 +23,7 @@ use super::{
     ReadOutcome, StoreError, StoreIdentity, StoredMessage,
 };
 use async_trait::async_trait;
+use cheetah_string::CheetahString;
 use rocketmq_client_rust::{
     AclClientRPCHook, ClientError, ClientRuntime, ClientRuntimeConfig, DefaultMQProducer, DefaultMQPullConsumer,
     MessageSelector, PullOptions, PullStatus, SendStatus, SessionCredentials, TelemetryHandle,
@@ -76,6 +77,8 @@ pub enum RocketMqStartError {
 
 /// One topic: its queues in route order and their cached offsets.
 struct Topic {
+    /// The registry's name.
+    local: String,
     /// The name on the cluster (with the prefix).
     remote: String,
     refs: Arc<[QueueRef]>,
@@ -87,9 +90,8 @@ struct Inner {
     settings: RocketMqSettings,
     producer: DefaultMQProducer,
     consumer: DefaultMQPullConsumer,
-    topics: HashMap<String, Topic>,
-    /// Cluster topic name -> registry name.
-    local_names: HashMap<String, String>,
+    /// Registry name -> topic (topics are added at run time by the admin API).
+    topics: std::sync::RwLock<HashMap<String, Arc<Topic>>>,
     identity: StoreIdentity,
     visible: tokio::sync::watch::Sender<u64>,
 }
@@ -223,39 +225,15 @@ impl RocketMqStore {
             .map_err(|e| client_err("pull consumer start", &describe(&e)))?;
 
         let mut topics = HashMap::new();
-        let mut local_names = HashMap::new();
         for (name, queue_count) in &settings.topics {
-            let remote = format!("{}{name}", settings.topic_prefix);
-            let mut queues = Self::route(&consumer, &remote, &settings, &mut producer, *queue_count).await?;
-            queues.sort_by(|a, b| {
-                (a.broker_name().as_str(), a.queue_id()).cmp(&(b.broker_name().as_str(), b.queue_id()))
-            });
-            let refs: Arc<[QueueRef]> = queues
-                .iter()
-                .map(|q| QueueRef {
-                    broker_name: q.broker_name().to_string(),
-                    queue_id: u32::try_from(q.queue_id()).unwrap_or(0),
-                })
-                .collect();
-            tracing::info!(topic = %remote, queues = refs.len(), "RocketMQ topic route");
-            let ranges = queues.iter().map(|_| Mutex::new(QueueRange::default())).collect();
-            local_names.insert(remote.clone(), name.clone());
-            topics.insert(
-                name.clone(),
-                Topic {
-                    remote,
-                    refs,
-                    queues,
-                    ranges,
-                },
-            );
+            let topic = Self::load_topic(&consumer, &mut producer, &settings, name, *queue_count, false).await?;
+            topics.insert(name.clone(), Arc::new(topic));
         }
         let inner = Arc::new(Inner {
             settings,
             producer,
             consumer,
-            topics,
-            local_names,
+            topics: std::sync::RwLock::new(topics),
             identity,
             visible: tokio::sync::watch::Sender::new(0),
         });
@@ -278,26 +256,78 @@ impl RocketMqStore {
         })
     }
 
+    /// A topic's route (created first when missing and allowed), in route order.
+    async fn load_topic(
+        consumer: &DefaultMQPullConsumer,
+        producer: &mut DefaultMQProducer,
+        settings: &RocketMqSettings,
+        name: &str,
+        queue_count: u32,
+        operator: bool,
+    ) -> Result<Topic, RocketMqStartError> {
+        let remote = format!("{}{name}", settings.topic_prefix);
+        let mut queues = Self::route(consumer, &remote, settings, producer, queue_count, operator).await?;
+        queues.sort_by(|a, b| (a.broker_name().as_str(), a.queue_id()).cmp(&(b.broker_name().as_str(), b.queue_id())));
+        let refs: Arc<[QueueRef]> = queues
+            .iter()
+            .map(|q| QueueRef {
+                broker_name: q.broker_name().to_string(),
+                queue_id: u32::try_from(q.queue_id()).unwrap_or(0),
+            })
+            .collect();
+        tracing::info!(topic = %remote, queues = refs.len(), "RocketMQ topic route");
+        let ranges = queues.iter().map(|_| Mutex::new(QueueRange::default())).collect();
+        Ok(Topic {
+            local: name.to_owned(),
+            remote,
+            refs,
+            queues,
+            ranges,
+        })
+    }
+
     /// The topic's queues, creating the topic first when it is missing and allowed.
+    /// At start-up (`operator = false`) an existing topic is used as the cluster has it and a
+    /// missing one is created only with `auto_create_topics`; an operator's request (the admin
+    /// API) creates the topic or raises its queue count on the cluster.
     async fn route(
         consumer: &DefaultMQPullConsumer,
         remote: &str,
         settings: &RocketMqSettings,
         producer: &mut DefaultMQProducer,
         queue_count: u32,
+        operator: bool,
     ) -> Result<Vec<MessageQueue>, RocketMqStartError> {
         let missing = |reason: String| RocketMqStartError::MissingTopic {
             topic: remote.to_owned(),
             namesrv: settings.namesrv_addr.clone(),
             reason,
         };
-        match consumer.fetch_subscribe_message_queues(remote).await {
-            Ok(queues) if !queues.is_empty() => return Ok(queues),
-            Ok(_) if !settings.auto_create_topics => return Err(missing("no queues".into())),
-            Err(e) if !settings.auto_create_topics => return Err(missing(describe(&e))),
+        let wanted = queue_count as usize;
+        let existing = consumer.fetch_subscribe_message_queues(remote).await;
+        // Brokers already holding the topic: a grown topic gets the new queues on each of them.
+        let brokers: Vec<CheetahString> = match &existing {
+            Ok(queues) => {
+                let mut b: Vec<CheetahString> = queues.iter().map(|q| q.broker_name().clone()).collect();
+                b.sort();
+                b.dedup();
+                b
+            }
+            Err(_) => Vec::new(),
+        };
+        match existing {
+            Ok(queues) if !queues.is_empty() && (!operator || queues.len() >= wanted) => return Ok(queues),
+            Ok(queues) if queues.is_empty() && !operator && !settings.auto_create_topics => {
+                return Err(missing("no queues".into()));
+            }
+            Err(e) if !operator && !settings.auto_create_topics => return Err(missing(describe(&e))),
             _ => {}
         }
-        tracing::info!(topic = remote, queues = queue_count, "creating RocketMQ topic");
+        tracing::info!(
+            topic = remote,
+            queues = queue_count,
+            "creating or growing RocketMQ topic"
+        );
         producer
             .create_topic(
                 CREATE_TOPIC_KEY,
@@ -307,11 +337,28 @@ impl RocketMqStore {
             )
             .await
             .map_err(|e| missing(format!("creating it failed: {}", describe(&e))))?;
-        // The broker registers the new topic with the name server; wait for the route.
+        if !brokers.is_empty() {
+            // Grown: the Rust broker tells the name server only at its next periodic
+            // registration (up to 30 s), so name the queues it now has rather than wait.
+            return Ok(brokers
+                .iter()
+                .flat_map(|b| {
+                    (0..queue_count)
+                        .map(move |q| MessageQueue::from_parts(remote, b.clone(), i32::try_from(q).unwrap_or(i32::MAX)))
+                })
+                .collect());
+        }
+        // The broker registers a new topic with the name server at once; wait for the route.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
             match consumer.fetch_subscribe_message_queues(remote).await {
-                Ok(queues) if !queues.is_empty() => return Ok(queues),
+                Ok(queues) if !queues.is_empty() && queues.len() >= wanted => return Ok(queues),
+                Ok(queues) if tokio::time::Instant::now() >= deadline => {
+                    return Err(missing(format!(
+                        "created with {wanted} queues, but the route shows {} after 30 s",
+                        queues.len()
+                    )));
+                }
                 Ok(_) => {}
                 Err(e) if tokio::time::Instant::now() >= deadline => {
                     return Err(missing(format!("created, but no route within 30 s: {}", describe(&e))));
@@ -322,10 +369,9 @@ impl RocketMqStore {
         }
     }
 
-    fn topic(&self, topic: &str) -> Result<&Topic, StoreError> {
+    fn topic(&self, topic: &str) -> Result<Arc<Topic>, StoreError> {
         self.inner
-            .topics
-            .get(topic)
+            .topic(topic)
             .ok_or_else(|| StoreError::Backend(format!("topic {topic} is not registered")))
     }
 
@@ -363,10 +409,22 @@ impl RocketMqStore {
 }
 
 impl Inner {
+    fn topic(&self, name: &str) -> Option<Arc<Topic>> {
+        self.topics.read().ok().and_then(|t| t.get(name).cloned())
+    }
+
+    /// The topics now (a snapshot: never hold the lock across an await).
+    fn all_topics(&self) -> Vec<Arc<Topic>> {
+        self.topics
+            .read()
+            .map(|t| t.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
     /// Re-reads every queue's min and max offset; wakes streams when a max grew.
     async fn refresh_offsets(&self) {
         let mut grew = false;
-        for topic in self.topics.values() {
+        for topic in self.all_topics() {
             for (mq, range) in topic.queues.iter().zip(&topic.ranges) {
                 let (min, max) = match (self.consumer.min_offset(mq).await, self.consumer.max_offset(mq).await) {
                     (Ok(min), Ok(max)) => (to_u64(min), to_u64(max)),
@@ -420,7 +478,7 @@ impl MessageStore for RocketMqStore {
         delivery: Delivery,
         records: Vec<NewRecord>,
     ) -> Result<AppendOutcome, StoreError> {
-        let topic = self.topic(topic)?;
+        let topic = &*self.topic(topic)?;
         let (mq, range) = self.queue(topic, queue)?;
         let count = records.len() as u64;
         let timeout = u64::try_from(self.inner.settings.send_timeout.as_millis()).unwrap_or(u64::MAX);
@@ -469,19 +527,43 @@ impl MessageStore for RocketMqStore {
         MAX_BATCH_BYTES
     }
 
+    async fn add_topic(&self, topic: &str, queues: u32) -> Result<(), StoreError> {
+        let mut producer = self.inner.producer.clone();
+        let loaded = Self::load_topic(
+            &self.inner.consumer,
+            &mut producer,
+            &self.inner.settings,
+            topic,
+            queues,
+            true,
+        )
+        .await
+        .map_err(|e| StoreError::Backend(e.to_string()))?;
+        if let Ok(mut topics) = self.inner.topics.write() {
+            // A known topic keeps its cached offsets when its route did not change.
+            let same_route = topics.get(topic).is_some_and(|t| t.refs == loaded.refs);
+            if !same_route {
+                topics.insert(topic.to_owned(), Arc::new(loaded));
+            }
+        }
+        self.inner.refresh_offsets().await;
+        Ok(())
+    }
+
     fn queues(&self, topic: &str) -> Arc<[QueueRef]> {
         self.inner
-            .topics
-            .get(topic)
+            .topic(topic)
             .map_or_else(|| Arc::from(Vec::new()), |t| t.refs.clone())
     }
 
     fn queue_range(&self, topic: &str, queue: u32) -> QueueRange {
         self.inner
-            .topics
-            .get(topic)
-            .and_then(|t| t.ranges.get(queue as usize))
-            .map(|r| *r.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+            .topic(topic)
+            .and_then(|t| {
+                t.ranges
+                    .get(queue as usize)
+                    .map(|r| *r.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+            })
             .unwrap_or_default()
     }
 
@@ -493,7 +575,7 @@ impl MessageStore for RocketMqStore {
         max: usize,
         max_bytes: usize,
     ) -> Result<ReadOutcome, StoreError> {
-        let topic = self.topic(topic)?;
+        let topic = &*self.topic(topic)?;
         let (mq, range) = self.queue(topic, queue)?;
         let options = PullOptions::new(
             mq.clone(),
@@ -560,7 +642,7 @@ impl MessageStore for RocketMqStore {
     }
 
     async fn search_offset(&self, topic: &str, queue: u32, timestamp_ms: u64) -> Result<u64, StoreError> {
-        let topic = self.topic(topic)?;
+        let topic = &*self.topic(topic)?;
         let (mq, _) = self.queue(topic, queue)?;
         self.inner
             .consumer
@@ -575,7 +657,7 @@ impl MessageStore for RocketMqStore {
             return Err(StoreError::Backend("the producer is not started".into()));
         };
         let key = hex::encode_upper(msg_id);
-        for topic in self.inner.topics.values() {
+        for topic in self.inner.all_topics() {
             let Ok(found) = producer.query_message_by_uniq_key(&topic.remote, &key).await else {
                 continue;
             };
@@ -585,9 +667,9 @@ impl MessageStore for RocketMqStore {
                 .refs
                 .iter()
                 .position(|q| (broker.is_empty() || q.broker_name == broker) && q.queue_id == queue_id);
-            if let (Some(index), Some(name)) = (index, self.inner.local_names.get(&topic.remote)) {
+            if let Some(index) = index {
                 return Ok(Some(MessageLocation {
-                    topic: name.clone(),
+                    topic: topic.local.clone(),
                     queue: u32::try_from(index).unwrap_or(u32::MAX),
                     offset: to_u64(found.queue_offset()),
                 }));
@@ -598,7 +680,7 @@ impl MessageStore for RocketMqStore {
 
     async fn probe(&self) -> Result<(), StoreError> {
         // Ready when every topic's first queue answers an offset query.
-        for topic in self.inner.topics.values() {
+        for topic in self.inner.all_topics() {
             if let Some(mq) = topic.queues.first() {
                 self.inner
                     .consumer

@@ -83,8 +83,9 @@ struct Inner {
     identity: StoreIdentity,
     thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
     visible: Arc<tokio::sync::watch::Sender<u64>>,
-    queues: HashMap<String, Arc<[QueueRef]>>,
+    queues: RwLock<HashMap<String, Arc<[QueueRef]>>>,
     path: PathBuf,
+    broker_name: String,
 }
 
 fn db_err(e: impl std::fmt::Display) -> StoreError {
@@ -128,8 +129,9 @@ impl EmbeddedStore {
                 identity,
                 thread: std::sync::Mutex::new(Some(thread)),
                 visible,
-                queues,
+                queues: RwLock::new(queues),
                 path,
+                broker_name: config.broker_name.clone(),
             }),
         })
     }
@@ -224,11 +226,32 @@ impl MessageStore for EmbeddedStore {
         await_reply(rx).await
     }
 
+    async fn add_topic(&self, topic: &str, queues: u32) -> Result<(), StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(WriteOp::Track {
+            topic: topic.to_owned(),
+            queues,
+            reply,
+        })?;
+        await_reply(rx).await?;
+        let refs: Arc<[QueueRef]> = (0..queues)
+            .map(|queue_id| QueueRef {
+                broker_name: self.inner.broker_name.clone(),
+                queue_id,
+            })
+            .collect();
+        if let Ok(mut map) = self.inner.queues.write() {
+            map.insert(topic.to_owned(), refs);
+        }
+        Ok(())
+    }
+
     fn queues(&self, topic: &str) -> Arc<[QueueRef]> {
         self.inner
             .queues
-            .get(topic)
-            .cloned()
+            .read()
+            .ok()
+            .and_then(|m| m.get(topic).cloned())
             .unwrap_or_else(|| Arc::from(Vec::new()))
     }
 

@@ -32,6 +32,13 @@ pub enum WriteOp {
     Probe {
         reply: oneshot::Sender<Result<(), StoreError>>,
     },
+    /// Start tracking a topic's queues (added at run time): their ranges as the table holds
+    /// them, so a topic added again continues after its old messages.
+    Track {
+        topic: String,
+        queues: u32,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -359,6 +366,16 @@ impl Writer {
                 WriteOp::Probe { reply } => {
                     let mut meta = txn.open_table(META).map_err(db_err)?;
                     meta.insert("probe", now.to_be_bytes().as_slice()).map_err(db_err)?;
+                    replies.push(Reply::Done(reply));
+                }
+                WriteOp::Track { topic, queues, reply } => {
+                    for queue in 0..queues {
+                        if let std::collections::hash_map::Entry::Vacant(slot) =
+                            self.ranges.entry((topic.clone(), queue))
+                        {
+                            slot.insert(super::range_in_table(&tables.messages, &topic, queue)?);
+                        }
+                    }
                     replies.push(Reply::Done(reply));
                 }
             }
