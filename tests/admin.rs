@@ -492,3 +492,22 @@ async fn registry_changes_apply_at_once_and_survive_restarts() {
     assert_eq!(gone["status"], 400, "{gone}");
     ok(&s.post("/admin/topic/delete", &[("name", "orders")]).await);
 }
+
+/// A rate of 1 pull per second: the second pull within the second answers RATE_LIMITED.
+#[tokio::test]
+async fn rate_one_per_second_limits_the_second_pull() {
+    let s = TestServer::with_toml(&one_queue("")).await;
+    let v = s
+        .post("/admin/consumer/config", &[("consumer", "c"), ("limitRate", "1")])
+        .await;
+    assert_eq!(v["status"], 200, "{v}");
+    let started = std::time::Instant::now();
+    let first = s.fetch("c", None).await;
+    let second = s.fetch("c", None).await;
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(1),
+        "both within a second"
+    );
+    assert_ne!(first["result"]["status"], "RATE_LIMITED", "{first}");
+    assert_eq!(second["result"]["status"], "RATE_LIMITED", "{second}");
+}

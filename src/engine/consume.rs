@@ -5,13 +5,11 @@
 //! only with the lock that handed it out), so the same rules hold for one proxy's memory and
 //! for a state store shared by several proxies.
 
-use super::rate_limit::TokenBucket;
 use super::request_id::{self, BatchToken};
 use super::{ConsumeMode, ConsumerSpec, Engine, EngineError, now_ms};
 use crate::store::consumer_state::{ContextSnapshot, LockRequest, RetryFate};
 use crate::store::{ConsumerSettings, ContextKey, QueueState, ReadOutcome, RetryEntry, StoredMessage};
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 
 /// Who consumes what, as a request names it.
 #[derive(Debug, Clone)]
@@ -130,17 +128,6 @@ pub struct ConsumerView {
     pub max_pull_size: u32,
     pub consume_timeout_ms: u64,
     pub retry_queued: u32,
-}
-
-/// Rate limiters per consumer (per proxy, as in the Java proxy).
-#[derive(Default)]
-pub(super) struct RateLimiters {
-    buckets: Mutex<HashMap<String, TokenBucket>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A bucket is plain numbers: a poisoned mutex still holds usable data.
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// The lock of a queue if it is held and not expired.
@@ -371,12 +358,7 @@ impl Engine {
             outcome.status = FetchStatus::Paused;
             return Ok(outcome);
         }
-        if settings.rate_limit_enabled
-            && !lock(&self.inner.rate_limiters.buckets)
-                .entry(spec.name.clone())
-                .or_insert_with(|| TokenBucket::new(settings.limit_rate))
-                .try_acquire(settings.limit_rate)
-        {
+        if settings.rate_limit_enabled && !self.inner.rate_limiters.try_acquire(&spec.name, settings.limit_rate) {
             outcome.status = FetchStatus::RateLimited;
             return Ok(outcome);
         }
@@ -755,7 +737,7 @@ impl Engine {
             }
             if let Some(r) = change.limit_rate {
                 settings.limit_rate = r;
-                lock(&self.inner.rate_limiters.buckets).remove(consumer);
+                self.inner.rate_limiters.reset(consumer);
             }
             self.inner.state.put_settings(consumer, settings.clone()).await?;
         }

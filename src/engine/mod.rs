@@ -27,8 +27,8 @@ pub use stream::{ConsumeCommand, ConsumeEvent, Subscription};
 use crate::store::RegistryStore;
 use crate::store::consumer_state::ConsumerStateStore;
 use crate::store::{AppendOutcome, AppendStatus, Delivery, MessageStore, NewRecord, QueueRef};
-use consume::RateLimiters;
 use ids::MsgIdGenerator;
+use rate_limit::RateLimiters;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 

@@ -1,39 +1,43 @@
-//! A per-consumer token bucket: `rate` pulls per second with a one-second burst; a pull takes
-//! one token. (The Java proxy also charged each delivered batch its message count, which made
-//! its default of 1024 a limit of ~1024 *messages* per second; here the limit is on pulls.)
+//! Per-consumer pull rate limits (`governor`'s GCRA limiter: `rate` pulls per second with a
+//! one-second burst; a pull takes one cell). The Java proxy also charged each delivered batch
+//! its message count, which made its default of 1024 a limit of ~1024 *messages* per second;
+//! here the limit is on pulls.
 
-use std::time::Instant;
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::sync::Mutex;
 
-#[derive(Debug)]
-pub struct TokenBucket {
-    tokens: f64,
-    last: Instant,
+/// One limiter per consumer, rebuilt when its rate changes.
+#[derive(Default)]
+pub(super) struct RateLimiters {
+    limiters: Mutex<HashMap<String, (u64, DefaultDirectRateLimiter)>>,
 }
 
-impl TokenBucket {
-    pub fn new(rate: u64) -> Self {
-        Self {
-            tokens: rate as f64,
-            last: Instant::now(),
+impl RateLimiters {
+    /// Takes one pull from the consumer's allowance at `rate` per second; false when spent.
+    pub fn try_acquire(&self, consumer: &str, rate: u64) -> bool {
+        // A limiter is plain numbers: a poisoned mutex still holds usable data.
+        let mut limiters = self.limiters.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let stale = limiters.get(consumer).is_none_or(|(r, _)| *r != rate);
+        if stale {
+            let per_second = NonZeroU32::new(u32::try_from(rate).unwrap_or(u32::MAX)).unwrap_or(NonZeroU32::MIN);
+            limiters.insert(
+                consumer.to_owned(),
+                (rate, RateLimiter::direct(Quota::per_second(per_second))),
+            );
         }
+        limiters
+            .get(consumer)
+            .is_some_and(|(_, limiter)| limiter.check().is_ok())
     }
 
-    fn refill(&mut self, rate: u64) {
-        let now = Instant::now();
-        let rate = rate as f64;
-        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * rate).min(rate);
-        self.last = now;
-    }
-
-    /// Takes one token if there is one.
-    pub fn try_acquire(&mut self, rate: u64) -> bool {
-        self.refill(rate);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
+    /// Forgets a consumer's allowance (its rate changed: start with a full burst).
+    pub fn reset(&self, consumer: &str) {
+        self.limiters
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(consumer);
     }
 }
 
@@ -43,8 +47,11 @@ mod tests {
 
     #[test]
     fn refuses_beyond_the_burst() {
-        let mut bucket = TokenBucket::new(3);
-        assert!((0..3).all(|_| bucket.try_acquire(3)));
-        assert!(!bucket.try_acquire(3));
+        let limiters = RateLimiters::default();
+        assert!((0..3).all(|_| limiters.try_acquire("c", 3)));
+        assert!(!limiters.try_acquire("c", 3));
+        assert!(limiters.try_acquire("other", 3), "per consumer");
+        limiters.reset("c");
+        assert!(limiters.try_acquire("c", 3));
     }
 }
