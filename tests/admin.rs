@@ -174,6 +174,19 @@ async fn broadcast_offsets_per_client() {
     let a = s.drain(BROADCAST, Some("client-a")).await;
     let b = s.drain(BROADCAST, Some("client-b")).await;
     assert_eq!((a.len(), b.len()), (1, 1));
+    let v = s.get("/admin/consumer/offsets", &[("consumer", BROADCAST)]).await;
+    let mut connected: Vec<&str> = v["result"]["connected"]
+        .as_array()
+        .expect("connected")
+        .iter()
+        .map(|c| {
+            assert_eq!(c["clientIp"], "127.0.0.1", "{c}");
+            assert!(c["lastSeen"].as_i64().is_some_and(|t| t > 0), "{c}");
+            c["clientId"].as_str().unwrap_or_default()
+        })
+        .collect();
+    connected.sort_unstable();
+    assert_eq!(connected, ["client-a", "client-b"], "{v}");
     let java = s.get("/mq/broadcast/queue/offset", &[("consumer", BROADCAST)]).await;
     let map = java["result"].as_object().unwrap_or_else(|| panic!("{java}"));
     let mut clients: Vec<&String> = map.keys().collect();

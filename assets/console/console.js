@@ -166,6 +166,9 @@ async function act(what, form) {
 function showQueues(name, offsets) {
   $('#queues-section').hidden = false;
   $('#queues-of').textContent = name;
+  const clients = (offsets.connected || []).map((c) =>
+    `${c.clientId ? c.clientId + ' @ ' : ''}${c.clientIp} (last pull ${time(c.lastSeen)})`);
+  $('#connected').textContent = 'Connected clients: ' + (clients.length ? clients.join(', ') : 'none seen yet');
   const body = $('#queues tbody');
   body.replaceChildren();
   for (const client of offsets.clients) {

@@ -27,6 +27,14 @@ pub struct ContextView {
     pub queues: Vec<QueueView>,
 }
 
+/// A client seen pulling: its clientId (broadcast), address and last pull.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectedClient {
+    pub client_id: Option<String>,
+    pub client_ip: String,
+    pub last_seen_ms: u64,
+}
+
 /// A consumer's offsets.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ConsumerOffsets {
@@ -36,6 +44,8 @@ pub struct ConsumerOffsets {
     /// Total lag (clustering), or the largest lag of one clientId (broadcast).
     pub lag: u64,
     pub contexts: Vec<ContextView>,
+    /// Clients seen pulling (the last client of each queue), most recent first.
+    pub connected: Vec<ConnectedClient>,
 }
 
 /// Where a reset moves the committed offsets.
@@ -123,12 +133,35 @@ impl Engine {
         for key in self.operator_contexts(&spec, client_id).await? {
             contexts.push(self.context_view(&key).await?);
         }
+        let mut seen: std::collections::HashMap<(Option<String>, String), u64> = std::collections::HashMap::new();
+        for c in &contexts {
+            for q in &c.queues {
+                if let Some(ip) = &q.client_ip {
+                    let last = seen.entry((c.client_id.clone(), ip.clone())).or_default();
+                    *last = (*last).max(q.last_pull_ms);
+                }
+            }
+        }
+        let mut connected: Vec<ConnectedClient> = seen
+            .into_iter()
+            .map(|((client_id, client_ip), last_seen_ms)| ConnectedClient {
+                client_id,
+                client_ip,
+                last_seen_ms,
+            })
+            .collect();
+        connected.sort_by(|a, b| {
+            b.last_seen_ms
+                .cmp(&a.last_seen_ms)
+                .then_with(|| a.client_ip.cmp(&b.client_ip))
+        });
         Ok(ConsumerOffsets {
             consumer: spec.name.clone(),
             topic: spec.topic.clone(),
             mode: spec.mode,
             lag: contexts.iter().map(|c| c.lag).max().unwrap_or(0),
             contexts,
+            connected,
         })
     }
 

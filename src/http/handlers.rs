@@ -154,6 +154,16 @@ impl HttpAdapter {
                             client_id: c.client_id,
                         })
                         .collect(),
+                    connected: Some(
+                        o.connected
+                            .into_iter()
+                            .map(|c| super::api::ConnectedClient {
+                                client_id: c.client_id,
+                                client_ip: c.client_ip,
+                                last_seen: to_i64(c.last_seen_ms),
+                            })
+                            .collect(),
+                    ),
                     consumer: o.consumer,
                     topic: o.topic,
                 }),
