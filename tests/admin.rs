@@ -124,6 +124,40 @@ async fn skip_backlog_then_only_newer_messages() {
     assert_eq!(s.drain("c", None).await, ["new"]);
 }
 
+/// A reset of one queue leaves the others alone.
+#[tokio::test]
+async fn reset_of_one_queue() {
+    let s = TestServer::with_toml(&format!(
+        "[[topic]]\nname=\"{TOPIC}\"\nqueues=2\n[[producer]]\nname=\"{PRODUCER}\"\ntopic=\"{TOPIC}\"\n\
+         [[consumer]]\nname=\"c\"\ntopic=\"{TOPIC}\"\n"
+    ))
+    .await;
+    for i in 0..4 {
+        s.produce(&format!("m{i}")).await;
+    }
+    assert_eq!(s.drain("c", None).await.len(), 4);
+    let v = s
+        .post(
+            "/admin/consumer/offsets/reset",
+            &[("consumer", "c"), ("timestamp", "0"), ("queueId", "1")],
+        )
+        .await;
+    assert_eq!(v["status"], 200, "{v}");
+    let queues = v["result"]["clients"][0]["queues"].as_array().expect("queues").clone();
+    let lag: Vec<i64> = queues.iter().map(|q| q["lag"].as_i64().unwrap_or(-1)).collect();
+    assert_eq!(lag, [0, 2], "only queue 1 goes back");
+    let mut again = s.drain("c", None).await;
+    again.sort();
+    assert_eq!(again.len(), 2);
+    let missing = s
+        .post(
+            "/admin/consumer/offsets/reset",
+            &[("consumer", "c"), ("toNewest", "true"), ("queueId", "7")],
+        )
+        .await;
+    assert_eq!(missing["status"], 400, "{missing}");
+}
+
 /// Reset to a timestamp: the messages stored from then on come again (acknowledged or not),
 /// the older ones do not.
 #[tokio::test]

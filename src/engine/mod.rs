@@ -20,7 +20,7 @@ pub use consume::{
     UnlockOutcome,
 };
 pub use error::{EngineError, ErrorKind};
-pub use offsets::{ConnectedClient, ConsumerOffsets, ContextView, OffsetReset, QueueView};
+pub use offsets::{ConnectedClient, ConsumerOffsets, ContextView, OffsetReset, QueueSelector, QueueView};
 pub use registry::RegistryView;
 pub use stream::{ConsumeCommand, ConsumeEvent, Subscription};
 

@@ -48,6 +48,13 @@ pub struct ConsumerOffsets {
     pub connected: Vec<ConnectedClient>,
 }
 
+/// One queue of a topic, as an operator names it (broker optional with a single broker).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueSelector {
+    pub broker_name: Option<String>,
+    pub queue_id: u32,
+}
+
 /// Where a reset moves the committed offsets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OffsetReset {
@@ -175,11 +182,28 @@ impl Engine {
         consumer: &str,
         client_id: Option<&str>,
         to: OffsetReset,
+        only: Option<QueueSelector>,
     ) -> Result<ConsumerOffsets, EngineError> {
         let spec = self.consumer_spec(consumer)?;
         let keys = self.operator_contexts(&spec, client_id).await?;
-        let n = self.queue_count(&spec.topic);
-        for queue in 0..n {
+        let refs = self.inner.messages.queues(&spec.topic);
+        let chosen: Vec<u32> = (0..u32::try_from(refs.len()).unwrap_or(u32::MAX))
+            .filter(|&i| {
+                only.as_ref().is_none_or(|sel| {
+                    let r = &refs[i as usize];
+                    r.queue_id == sel.queue_id && sel.broker_name.as_ref().is_none_or(|b| *b == r.broker_name)
+                })
+            })
+            .collect();
+        if let (Some(sel), true) = (&only, chosen.is_empty()) {
+            return Err(EngineError::invalid(format!(
+                "topic {} has no queue {}{}",
+                spec.topic,
+                sel.broker_name.as_deref().map(|b| format!("{b}:")).unwrap_or_default(),
+                sel.queue_id
+            )));
+        }
+        for queue in chosen {
             let offset = match to {
                 OffsetReset::Newest => self.inner.messages.queue_range(&spec.topic, queue).max,
                 OffsetReset::Timestamp(ts) => self.inner.messages.search_offset(&spec.topic, queue, ts).await?,

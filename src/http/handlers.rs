@@ -13,7 +13,7 @@ use super::api::{
 use super::support::{Envelope, Reply, RequestContext};
 use crate::engine::{
     ConsumeMode, ConsumeTarget, ConsumerSpec, Delivered, Engine, EngineError, ErrorKind, FetchRequest, OffsetReset,
-    ProduceRequest, QueueView, RegistryView, SendReceipt, SettingsChange,
+    ProduceRequest, QueueSelector, QueueView, RegistryView, SendReceipt, SettingsChange,
 };
 use axum::http::header;
 
@@ -507,7 +507,21 @@ impl MqApi for HttpAdapter {
                 ));
             }
         };
-        self.offsets_reply(self.engine.reset_offsets(&p.consumer, p.client_id.as_deref(), to).await)
+        let only = match (p.queue_id, p.broker_name) {
+            (Some(q), broker) => Some(QueueSelector {
+                queue_id: u32::try_from(q).unwrap_or(u32::MAX),
+                broker_name: broker.filter(|b| !b.trim().is_empty()),
+            }),
+            (None, Some(b)) if !b.trim().is_empty() => {
+                return fail(&EngineError::InvalidArgument("brokerName needs queueId".into()));
+            }
+            (None, _) => None,
+        };
+        self.offsets_reply(
+            self.engine
+                .reset_offsets(&p.consumer, p.client_id.as_deref(), to, only)
+                .await,
+        )
     }
 
     async fn clustering_queue_offsets(
