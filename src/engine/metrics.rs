@@ -74,8 +74,9 @@ pub(super) struct Metrics {
     requests: Family<RequestLabels, Histogram, fn() -> Histogram>,
     pub lag: Family<LagLabels, Gauge>,
     pub max_offset: Family<QueueLabels, Gauge>,
-    pub store_bytes: Gauge,
-    pub delayed: Gauge,
+    /// Only when the store knows (the embedded one): no label, no sample otherwise.
+    pub store_bytes: Family<Vec<(String, String)>, Gauge>,
+    pub delayed: Family<Vec<(String, String)>, Gauge>,
 }
 
 impl Metrics {
@@ -119,13 +120,13 @@ impl Metrics {
         );
         let max_offset = Family::default();
         registry.register("queue_max_offset", "The next offset of each queue", max_offset.clone());
-        let store_bytes = Gauge::default();
+        let store_bytes = Family::default();
         registry.register(
             "store_bytes",
             "Size of the embedded store's database file",
             store_bytes.clone(),
         );
-        let delayed = Gauge::default();
+        let delayed = Family::default();
         registry.register(
             "delayed_messages",
             "Delayed and timer messages waiting in the embedded store's schedule",

@@ -416,8 +416,12 @@ impl Engine {
             }
         }
         let stats = self.inner.messages.stats().await;
-        m.store_bytes.set(metrics::gauge_value(stats.size_bytes.unwrap_or(0)));
-        m.delayed.set(metrics::gauge_value(stats.delayed.unwrap_or(0)));
+        for (family, value) in [(&m.store_bytes, stats.size_bytes), (&m.delayed, stats.delayed)] {
+            family.clear();
+            if let Some(v) = value {
+                family.get_or_create(&Vec::new()).set(metrics::gauge_value(v));
+            }
+        }
         Ok(m.encode())
     }
 
