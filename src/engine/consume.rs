@@ -773,23 +773,9 @@ impl Engine {
                 spec.topic
             )));
         }
-        let context = |client_id: Option<String>| ContextKey {
-            topic: spec.topic.clone(),
-            group: spec.name.clone(),
-            client_id,
-        };
-        let keys: Vec<ContextKey> = match (spec.mode, client_id.map(str::trim).filter(|c| !c.is_empty())) {
-            (ConsumeMode::Clustering, _) => vec![context(None)],
-            (ConsumeMode::Broadcast, Some(c)) => vec![context(Some(c.to_owned()))],
-            (ConsumeMode::Broadcast, None) => self
-                .inner
-                .state
-                .client_ids(&spec.topic, &spec.name)
-                .await?
-                .into_iter()
-                .map(|c| context(Some(c)))
-                .collect(),
-        };
+        // A clientId given for a clustering consumer is ignored here (the group gets it).
+        let client_id = client_id.filter(|_| spec.mode == ConsumeMode::Broadcast);
+        let keys = self.operator_contexts(spec, client_id).await?;
         for key in &keys {
             self.inner.state.add_retry(key, id, location.clone()).await?;
         }

@@ -67,7 +67,7 @@ pub enum OffsetReset {
 impl Engine {
     /// The contexts of a consumer an operator names: the group, one clientId, or every
     /// clientId seen so far.
-    async fn operator_contexts(
+    pub(super) async fn operator_contexts(
         &self,
         spec: &ConsumerSpec,
         client_id: Option<&str>,
