@@ -203,7 +203,6 @@ pub async fn run(
     let backend = messages.clone();
     let engine = Engine::new(
         EngineConfig {
-            broker_name: config.broker_name.clone(),
             region_id: config.region_id.clone(),
             store_host: store_host(addr),
             max_delivery_delay_ms: config.max_delivery_delay_ms,

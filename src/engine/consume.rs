@@ -341,8 +341,11 @@ impl Engine {
 
     async fn fetch_batch(&self, req: FetchRequest) -> Result<FetchOutcome, EngineError> {
         let (spec, key) = self.resolve(&req.target)?;
+        // Settings once per pull: they gate the pull and set the lock time the ack checks.
+        let settings = self.settings_of(&spec.name).await?;
+        let spec = &Self::effective(&spec, &settings);
         let ack = match req.request_id.as_deref().map(str::trim).filter(|r| !r.is_empty()) {
-            Some(rid) => Some(self.ack_in_context(&spec, &key, rid).await.map_err(|e| e.to_string())),
+            Some(rid) => Some(self.ack_in_context(spec, &key, rid).await.map_err(|e| e.to_string())),
             None => None,
         };
         let mut outcome = FetchOutcome {
@@ -353,7 +356,6 @@ impl Engine {
             ack,
             queue: None,
         };
-        let settings = self.settings_of(&spec.name).await?;
         if settings.paused {
             outcome.status = FetchStatus::Paused;
             return Ok(outcome);
@@ -363,7 +365,6 @@ impl Engine {
             return Ok(outcome);
         }
 
-        let spec = &Self::effective(&spec, &settings);
         let max_pull = req.max_pull_size.map_or(spec.max_pull_size, |m| m.clamp(1, 128));
         let chosen = match self.choose_and_lock(spec, &key, req.client_ip, max_pull).await? {
             Choice::Locked(chosen) => chosen,
@@ -606,6 +607,7 @@ impl Engine {
     /// Unknown consumer, bad target, a malformed or forged requestId, or a store failure.
     pub async fn ack(&self, target: &ConsumeTarget, request_id: &str) -> Result<AckOutcome, EngineError> {
         let (spec, key) = self.resolve(target)?;
+        let spec = Self::effective(&spec, &self.settings_of(&spec.name).await?);
         let result = self.ack_in_context(&spec, &key, request_id.trim()).await;
         self.count_ack(target, result.as_ref().map(|a| a.committed).map_err(|_| ()));
         result
@@ -633,7 +635,7 @@ impl Engine {
                 message: format!("ack ignored: the queue was locked again since (lockTime {t}) {info}"),
             },
             Some(t) => {
-                let expired = now_ms().saturating_sub(t) > self.consume_timeout(&spec.name).await?;
+                let expired = now_ms().saturating_sub(t) > spec.consume_timeout_ms;
                 let prefix = if expired { "lock expired, " } else { "" };
                 let (commit, what) = match qs.committed {
                     None => (true, "ok"),

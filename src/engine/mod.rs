@@ -79,7 +79,6 @@ pub struct ConsumerSpec {
 /// What the engine needs to know; built by the caller (config file, tests).
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
-    pub broker_name: String,
     pub region_id: String,
     /// IPv4 address and port of this server, the first half of every offsetMsgId.
     pub store_host: [u8; 8],
@@ -340,19 +339,16 @@ impl Engine {
     /// Unknown producer, bad parameters (body size, delay), or a store failure.
     pub async fn produce(&self, req: ProduceRequest) -> Result<SendReceipt, EngineError> {
         let producer = req.producer.clone();
-        let result = self.produce_one(req).await;
-        self.count_produced(&producer, result.as_ref().err(), 1);
+        let (topic, result) = match self.producer_topic(&req.producer) {
+            Ok(topic) => (topic.name.clone(), self.produce_one(&topic, req).await),
+            Err(e) => (String::new(), Err(e)),
+        };
+        self.count_produced(topic, &producer, result.as_ref().err(), 1);
         result
     }
 
     /// Counts produced messages by topic, producer and status (200, or the error's status).
-    fn count_produced(&self, producer: &str, error: Option<&EngineError>, n: u64) {
-        let topic = self
-            .snapshot()
-            .producers
-            .get(producer)
-            .map(|p| p.topic.clone())
-            .unwrap_or_default();
+    fn count_produced(&self, topic: String, producer: &str, error: Option<&EngineError>, n: u64) {
         let status = error.map_or("200", |e| e.kind().status_label());
         self.inner
             .metrics
@@ -425,8 +421,7 @@ impl Engine {
         Ok(m.encode())
     }
 
-    async fn produce_one(&self, req: ProduceRequest) -> Result<SendReceipt, EngineError> {
-        let topic = &*self.producer_topic(&req.producer)?;
+    async fn produce_one(&self, topic: &TopicSpec, req: ProduceRequest) -> Result<SendReceipt, EngineError> {
         Self::check_body(&req.body)?;
         let now = now_ms();
         let delivery = self.delivery(req.delay_level, req.delivery_timestamp_ms, now)?;
@@ -460,24 +455,31 @@ impl Engine {
         bodies: Vec<Vec<u8>>,
     ) -> Result<Vec<Result<SendReceipt, EngineError>>, EngineError> {
         let count = bodies.len() as u64;
-        let results = self.produce_batch_elements(producer, bodies).await;
+        let (topic, results) = match self.producer_topic(producer) {
+            Ok(topic) => (topic.name.clone(), self.produce_batch_elements(&topic, bodies).await),
+            Err(e) => (String::new(), Err(e)),
+        };
         match &results {
             Ok(elements) => {
-                for element in elements {
-                    self.count_produced(producer, element.as_ref().err(), 1);
+                // One counter update per status, not per element.
+                let ok = elements.iter().filter(|e| e.is_ok()).count() as u64;
+                if ok > 0 {
+                    self.count_produced(topic.clone(), producer, None, ok);
+                }
+                for failed in elements.iter().filter_map(|e| e.as_ref().err()) {
+                    self.count_produced(topic.clone(), producer, Some(failed), 1);
                 }
             }
-            Err(e) => self.count_produced(producer, Some(e), count.max(1)),
+            Err(e) => self.count_produced(topic, producer, Some(e), count.max(1)),
         }
         results
     }
 
     async fn produce_batch_elements(
         &self,
-        producer: &str,
+        topic: &TopicSpec,
         bodies: Vec<Vec<u8>>,
     ) -> Result<Vec<Result<SendReceipt, EngineError>>, EngineError> {
-        let topic = &*self.producer_topic(producer)?;
         if bodies.is_empty() {
             return Err(EngineError::invalid("messages is an empty array"));
         }
