@@ -48,11 +48,7 @@ fn send_result(r: SendReceipt) -> SendResult {
     SendResult {
         send_status: r.status.as_str().to_owned(),
         msg_id: r.msg_id,
-        message_queue: MessageQueue {
-            topic: r.topic,
-            broker_name: r.broker_name,
-            queue_id: r.queue_id as i32,
-        },
+        message_queue: message_queue(r.topic, r.broker_name, r.queue_id),
         queue_offset: r.queue_offset as i64,
         offset_msg_id: r.offset_msg_id,
         region_id: r.region_id,
@@ -190,11 +186,7 @@ impl HttpAdapter {
                             .engine
                             .topic_queues(&t.name)
                             .into_iter()
-                            .map(|q| MessageQueue {
-                                topic: t.name.clone(),
-                                broker_name: q.broker_name,
-                                queue_id: i32::try_from(q.queue_id).unwrap_or(i32::MAX),
-                            })
+                            .map(|q| message_queue(t.name.clone(), q.broker_name, q.queue_id))
                             .collect(),
                     })
                     .collect(),
@@ -244,17 +236,21 @@ impl HttpAdapter {
     }
 }
 
+fn message_queue(topic: String, broker_name: String, queue_id: u32) -> MessageQueue {
+    MessageQueue {
+        topic,
+        broker_name,
+        queue_id: i32::try_from(queue_id).unwrap_or(i32::MAX),
+    }
+}
+
 fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
 fn queue_offset(topic: &str, q: &QueueView) -> QueueOffset {
     QueueOffset {
-        message_queue: MessageQueue {
-            topic: topic.to_owned(),
-            broker_name: q.broker_name.clone(),
-            queue_id: i32::try_from(q.queue_id).unwrap_or(i32::MAX),
-        },
+        message_queue: message_queue(topic.to_owned(), q.broker_name.clone(), q.queue_id),
         min_offset: to_i64(q.min_offset),
         max_offset: to_i64(q.max_offset),
         committed_offset: q.committed.map(to_i64),
@@ -367,11 +363,7 @@ impl MqApi for HttpAdapter {
                         retry_msg_list: (!retry_list.is_empty()).then_some(retry_list),
                         ack_info,
                         queue_info: o.queue.map(|q| QueueInfo {
-                            message_queue: MessageQueue {
-                                topic: q.topic,
-                                broker_name: q.broker_name.clone(),
-                                queue_id: q.queue_id as i32,
-                            },
+                            message_queue: message_queue(q.topic, q.broker_name.clone(), q.queue_id),
                             min_offset: q.min_offset as i64,
                             max_offset: q.max_offset as i64,
                             committed_offset: q.committed.map(|c| c as i64),
