@@ -19,6 +19,24 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 
+/// The embedded store's settings from the configuration.
+pub fn embedded_config(config: &Config) -> EmbeddedConfig {
+    EmbeddedConfig {
+        data_dir: config.data_dir.clone(),
+        flush: match config.flush {
+            Flush::Sync => FlushPolicy::Sync,
+            Flush::Async => FlushPolicy::Async,
+        },
+        flush_timeout: Duration::from_millis(config.flush_timeout_ms),
+        group_commit_max: config.group_commit_max,
+        async_flush_interval: Duration::from_millis(config.async_flush_interval_ms),
+        retention: Duration::from_millis(config.retention_ms),
+        retention_check_interval: Duration::from_millis(config.retention_check_interval_ms),
+        topics: config.topics.iter().map(|t| (t.name.clone(), t.queues)).collect(),
+        broker_name: config.broker_name.clone(),
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error("cannot open the store in {dir}: {source}")]
@@ -167,20 +185,7 @@ pub async fn run(
     let addr = listener.local_addr()?;
     let registry_file = RegistryFile::new(&config.data_dir);
     let config = with_saved_registry(config, &registry_file)?;
-    let store = EmbeddedStore::open(EmbeddedConfig {
-        data_dir: config.data_dir.clone(),
-        flush: match config.flush {
-            Flush::Sync => FlushPolicy::Sync,
-            Flush::Async => FlushPolicy::Async,
-        },
-        flush_timeout: Duration::from_millis(config.flush_timeout_ms),
-        group_commit_max: config.group_commit_max,
-        async_flush_interval: Duration::from_millis(config.async_flush_interval_ms),
-        retention: Duration::from_millis(config.retention_ms),
-        retention_check_interval: Duration::from_millis(config.retention_check_interval_ms),
-        topics: config.topics.iter().map(|t| (t.name.clone(), t.queues)).collect(),
-        broker_name: config.broker_name.clone(),
-    })
+    let store = EmbeddedStore::open(embedded_config(&config))
     .map_err(|source| ServeError::Store {
         dir: config.data_dir.display().to_string(),
         source,

@@ -1,0 +1,159 @@
+//! What no server could beat on this machine, measured in the same run as the server: the
+//! disk's flush rate and the embedded store's own write and read rates without HTTP (same
+//! durability, same batch sizes, same group commit). The HTTP ceiling (a bare axum handler)
+//! is `server::serve_http_ceiling`, driven by the same client as mqproxy.
+
+use crate::server::{QUEUES, TOPIC};
+use mqproxy::config::{Config, Flush, TopicConfig};
+use mqproxy::store::embedded::EmbeddedStore;
+use mqproxy::store::{Delivery, MessageStore, NewRecord};
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// Appends of 1 KiB to a file in `dir`, each followed by fdatasync, for `duration`: flushes/s.
+pub fn flush_rate(dir: &Path, duration: Duration) -> anyhow::Result<f64> {
+    let path = dir.join("fsync-probe");
+    let mut file = std::fs::File::create(&path)?;
+    let block = [7u8; 1024];
+    let started = Instant::now();
+    let mut n = 0u32;
+    while started.elapsed() < duration {
+        file.write_all(&block)?;
+        file.sync_data()?;
+        n += 1;
+    }
+    let rate = f64::from(n) / started.elapsed().as_secs_f64();
+    std::fs::remove_file(path)?;
+    Ok(rate)
+}
+
+/// The embedded store as the server opens it (same settings), on `dir`, with the bench topic.
+pub fn open_store(dir: &Path, flush: Flush) -> anyhow::Result<EmbeddedStore> {
+    let mut config = Config::demo();
+    config.data_dir = dir.to_path_buf();
+    config.flush = flush;
+    config.topics = vec![TopicConfig {
+        name: TOPIC.into(),
+        queues: QUEUES,
+    }];
+    Ok(EmbeddedStore::open(mqproxy::server::embedded_config(&config))?)
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+pub fn records(n: usize, size: usize) -> Vec<NewRecord> {
+    (0..n)
+        .map(|_| {
+            let mut msg_id = [0u8; 16];
+            msg_id[8..].copy_from_slice(&NEXT_ID.fetch_add(1, Ordering::Relaxed).to_be_bytes());
+            NewRecord {
+                msg_id,
+                keys: None,
+                born_ms: now_ms(),
+                body: vec![b'x'; size],
+            }
+        })
+        .collect()
+}
+
+/// `writers` tasks appending `per_append` messages of `size` bytes back to back, each to the
+/// next queue, for `duration`: messages/s.
+pub async fn store_write_rate(
+    store: &EmbeddedStore,
+    writers: usize,
+    per_append: usize,
+    size: usize,
+    duration: Duration,
+) -> anyhow::Result<f64> {
+    let store = Arc::new(store.clone());
+    let end = Instant::now() + duration;
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for w in 0..writers {
+        let store = store.clone();
+        tasks.spawn(async move {
+            let mut n = 0u64;
+            let mut queue = w as u32 % QUEUES;
+            while Instant::now() < end {
+                store
+                    .append(TOPIC, queue, Delivery::Now, records(per_append, size))
+                    .await?;
+                n += per_append as u64;
+                queue = (queue + 1) % QUEUES;
+            }
+            anyhow::Ok(n)
+        });
+    }
+    let mut total = 0;
+    while let Some(n) = tasks.join_next().await {
+        total += n??;
+    }
+    Ok(total as f64 / started.elapsed().as_secs_f64())
+}
+
+/// `readers` tasks reading every queue from its start in reads of `per_read` messages until
+/// all `stored` messages were read: messages/s.
+pub async fn store_read_rate(store: &EmbeddedStore, readers: usize, per_read: usize) -> anyhow::Result<f64> {
+    let store = Arc::new(store.clone());
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for r in 0..readers {
+        let store = store.clone();
+        tasks.spawn(async move {
+            let mut n = 0u64;
+            // Reader r reads queues r, r + readers, ...: each queue read once.
+            for queue in (r as u32..QUEUES).step_by(readers) {
+                let range = store.queue_range(TOPIC, queue);
+                let mut from = range.min;
+                while from < range.max {
+                    let read = store.read(TOPIC, queue, from, per_read, 4 << 20).await?;
+                    let Some(last) = read.messages.last() else { break };
+                    from = last.offset + 1;
+                    n += read.messages.len() as u64;
+                }
+            }
+            anyhow::Ok(n)
+        });
+    }
+    let mut total = 0;
+    while let Some(n) = tasks.join_next().await {
+        total += n??;
+    }
+    Ok(total as f64 / started.elapsed().as_secs_f64())
+}
+
+/// Fills the store with `total` messages of `size` bytes in appends of `per_append`, spread
+/// over the queues (used to preload consume scenarios and the backlog).
+pub async fn fill(store: &EmbeddedStore, total: u64, per_append: usize, size: usize) -> anyhow::Result<()> {
+    let store = Arc::new(store.clone());
+    let writers = 4u64;
+    let mut tasks = tokio::task::JoinSet::new();
+    for w in 0..writers {
+        let store = store.clone();
+        tasks.spawn(async move {
+            let mine = total / writers + u64::from(w < total % writers);
+            let mut done = 0u64;
+            let mut queue = w as u32 % QUEUES;
+            while done < mine {
+                let n = (mine - done).min(per_append as u64) as usize;
+                store.append(TOPIC, queue, Delivery::Now, records(n, size)).await?;
+                done += n as u64;
+                queue = (queue + 1) % QUEUES;
+            }
+            anyhow::Ok(())
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r??;
+    }
+    Ok(())
+}

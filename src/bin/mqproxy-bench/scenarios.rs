@@ -1,0 +1,505 @@
+//! The scenarios. Each starts the server under test on a fresh data directory, measures it,
+//! then measures its ceilings with the same load shape, and returns rows for the report.
+
+use crate::ceilings;
+use crate::client::{self, HttpConn, closed_loop, form, histogram, record};
+use crate::report::{Ceiling, Row};
+use crate::server::{self, CONSUMER, PRODUCER, ServerSetup, TOPIC};
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use mqproxy::config::Flush;
+use mqproxy::grpc::pb;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// What every scenario needs to know about the run.
+#[derive(Clone, Debug)]
+pub struct Env {
+    pub server_bin: PathBuf,
+    pub data_root: PathBuf,
+    pub warmup: Duration,
+    pub duration: Duration,
+    /// fdatasync'd 1 KiB appends per second on the data directory's disk.
+    pub flush_rate: f64,
+}
+
+fn flush_of(name: &str) -> Flush {
+    if name == "async" { Flush::Async } else { Flush::Sync }
+}
+
+/// One message body of `size` bytes (form-encoded as is: plain ASCII).
+fn message_body(size: usize) -> String {
+    "x".repeat(size)
+}
+
+/// The bare-axum ceiling for requests answered by `reply`, with the same load.
+async fn http_ceiling(
+    env: &Env,
+    reply: &Bytes,
+    connections: usize,
+    path: &'static str,
+    body: Bytes,
+) -> anyhow::Result<client::LoadResult> {
+    let dir = server::fresh_dir(&env.data_root, "http-ceiling")?;
+    let reply_file = dir.join("reply.json");
+    std::fs::write(&reply_file, reply)?;
+    let ceiling = server::start_http_ceiling(&reply_file)?;
+    let result = closed_loop(ceiling.addr, connections, env.warmup, env.duration, path, body).await;
+    drop(ceiling);
+    let _ = std::fs::remove_dir_all(dir);
+    result
+}
+
+/// REST produce, one message per request, `connections` clients.
+pub async fn produce(env: &Env, connections: usize, size: usize, flush: &'static str) -> anyhow::Result<Vec<Row>> {
+    let setup = ServerSetup {
+        flush,
+        ..ServerSetup::default()
+    };
+    let message = message_body(size);
+    let body = form(&[("producer", PRODUCER), ("message", &message)]);
+    let proc = server::start_mqproxy(&env.server_bin, server::fresh_dir(&env.data_root, "produce")?, &setup)?;
+    let idle_rss = proc.rss_mib().0;
+    let reply = HttpConn::connect(proc.addr)
+        .await?
+        .post_form("/mq/produce", body.clone())
+        .await?;
+    let measured = closed_loop(proc.addr, connections, env.warmup, env.duration, "/mq/produce", body.clone()).await?;
+    let peak_rss = proc.rss_mib().1;
+    drop(proc);
+
+    let http = http_ceiling(env, &reply, connections, "/mq/produce", body).await?;
+    let store_dir = server::fresh_dir(&env.data_root, "store-ceiling")?;
+    let store = ceilings::open_store(&store_dir, flush_of(flush))?;
+    let store_rate = ceilings::store_write_rate(&store, connections, 1, size, env.duration).await?;
+    store.close();
+    let _ = std::fs::remove_dir_all(store_dir);
+
+    let label = format!("produce {flush} {} x{connections}", size_label(size));
+    let mut ceilings = vec![
+        Ceiling::new("bare axum", http.requests_per_s),
+        Ceiling::new("store, no HTTP", store_rate),
+    ];
+    if flush == "sync" {
+        ceilings.push(Ceiling::new(
+            "connections x flush rate",
+            connections as f64 * env.flush_rate,
+        ));
+    }
+    Ok(vec![
+        Row::measured(&label, measured.requests_per_s, Some(measured.latency), ceilings)
+            .with_rss(idle_rss, peak_rss),
+        Row::ceiling(&format!("  bare axum, same load"), http.requests_per_s, Some(http.latency)),
+        Row::ceiling("  store alone, same writers", store_rate, None),
+    ])
+}
+
+/// REST batch produce, `per_batch` messages per request.
+pub async fn produce_batch(env: &Env, connections: usize, per_batch: usize, size: usize) -> anyhow::Result<Vec<Row>> {
+    let setup = ServerSetup::default();
+    let messages = serde_json::to_string(&vec![message_body(size); per_batch])?;
+    let body = form(&[("producer", PRODUCER), ("messages", &messages)]);
+    let proc = server::start_mqproxy(&env.server_bin, server::fresh_dir(&env.data_root, "batch")?, &setup)?;
+    let idle_rss = proc.rss_mib().0;
+    let reply = HttpConn::connect(proc.addr)
+        .await?
+        .post_form("/mq/produce/batch", body.clone())
+        .await?;
+    let measured = closed_loop(
+        proc.addr,
+        connections,
+        env.warmup,
+        env.duration,
+        "/mq/produce/batch",
+        body.clone(),
+    )
+    .await?;
+    let peak_rss = proc.rss_mib().1;
+    drop(proc);
+
+    let http = http_ceiling(env, &reply, connections, "/mq/produce/batch", body).await?;
+    let store_dir = server::fresh_dir(&env.data_root, "store-ceiling")?;
+    let store = ceilings::open_store(&store_dir, Flush::Sync)?;
+    let store_rate = ceilings::store_write_rate(&store, connections, per_batch, size, env.duration).await?;
+    store.close();
+    let _ = std::fs::remove_dir_all(store_dir);
+
+    let n = per_batch as f64;
+    let label = format!("produce-batch {per_batch} {} x{connections}", size_label(size));
+    Ok(vec![
+        Row::measured(
+            &label,
+            measured.requests_per_s * n,
+            Some(measured.latency),
+            vec![
+                Ceiling::new("bare axum", http.requests_per_s * n),
+                Ceiling::new("store, no HTTP", store_rate),
+            ],
+        )
+        .with_rss(idle_rss, peak_rss),
+        Row::ceiling("  bare axum, same load", http.requests_per_s * n, Some(http.latency)),
+        Row::ceiling("  store alone, same batches", store_rate, None),
+    ])
+}
+
+/// A data directory holding `total` messages of `size` bytes, and the store's own read rate
+/// of them with `readers` readers of `per_read` messages.
+async fn preloaded(env: &Env, label: &str, total: u64, size: usize, readers: usize) -> anyhow::Result<(PathBuf, f64)> {
+    let dir = server::fresh_dir(&env.data_root, label)?;
+    let store = ceilings::open_store(&dir, Flush::Async)?;
+    ceilings::fill(&store, total, 1000, size).await?;
+    let read_rate = ceilings::store_read_rate(&store, readers, 128).await?;
+    store.close();
+    drop(store); // releases the database file for the server
+    Ok((dir, read_rate))
+}
+
+#[derive(serde::Deserialize)]
+struct FetchReply {
+    status: i64,
+    result: Option<FetchResult>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct FetchResult {
+    request_id: Option<String>,
+    msg_list_size: u64,
+}
+
+fn fetch_path(request_id: Option<&str>) -> String {
+    let mut path = format!("/mq/message?topic={TOPIC}&consumer={CONSUMER}");
+    if let Some(id) = request_id {
+        path.push_str("&requestId=");
+        path.push_str(&form_urlencoded::byte_serialize(id.as_bytes()).collect::<String>());
+    }
+    path
+}
+
+/// Pulls (acknowledging the previous batch with the next pull) until `consumed` reaches
+/// `total`; the pull latencies.
+async fn pull_loop(
+    addr: SocketAddr,
+    consumed: Arc<AtomicU64>,
+    total: u64,
+    deadline: Instant,
+) -> anyhow::Result<Histogram<u64>> {
+    let mut conn = HttpConn::connect(addr).await?;
+    let mut hist = histogram();
+    let mut request_id: Option<String> = None;
+    while consumed.load(Ordering::Relaxed) < total {
+        if Instant::now() > deadline {
+            bail!(
+                "consumed {} of {total} before the deadline",
+                consumed.load(Ordering::Relaxed)
+            );
+        }
+        let sent = Instant::now();
+        let reply = conn.get(&fetch_path(request_id.as_deref())).await?;
+        record(&mut hist, sent.elapsed());
+        let reply: FetchReply = serde_json::from_slice(&reply).context("pull reply")?;
+        if reply.status != 200 {
+            bail!("pull status {}", reply.status);
+        }
+        let result = reply.result.context("pull reply without result")?;
+        consumed.fetch_add(result.msg_list_size, Ordering::Relaxed);
+        request_id = result.request_id;
+    }
+    Ok(hist)
+}
+
+/// REST consume: `consumers` clients pulling (max_pull_size 128) and acking `total` stored
+/// messages of `size` bytes.
+pub async fn consume(env: &Env, consumers: usize, total: u64, size: usize) -> anyhow::Result<Vec<Row>> {
+    let (dir, read_rate) = preloaded(env, "consume", total, size, consumers).await?;
+    let proc = server::start_mqproxy(&env.server_bin, dir, &ServerSetup::default())?;
+    let idle_rss = proc.rss_mib().0;
+    let consumed = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(600);
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..consumers {
+        tasks.spawn(pull_loop(proc.addr, consumed.clone(), total, deadline));
+    }
+    let mut latency = histogram();
+    while let Some(h) = tasks.join_next().await {
+        latency.add(&h??)?;
+    }
+    let rate = consumed.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64();
+    // A full pull's reply, for the HTTP ceiling: reset the consumer by pulling from a fresh
+    // server would cost a second fill; the ceiling answers a reply of the same size instead.
+    let peak_rss = proc.rss_mib().1;
+    drop(proc);
+
+    let reply = full_pull_reply(size);
+    let per_reply = 128.0;
+    let http = http_ceiling(env, &reply, consumers, "/mq/message", Bytes::new()).await?;
+    let label = format!("consume {} x{consumers} (pull 128 + ack)", size_label(size));
+    Ok(vec![
+        Row::measured(
+            &label,
+            rate,
+            Some(latency),
+            vec![
+                Ceiling::new("bare axum", http.requests_per_s * per_reply),
+                Ceiling::new("store reads, no HTTP", read_rate),
+            ],
+        )
+        .with_rss(idle_rss, peak_rss),
+        Row::ceiling("  bare axum, same reply size", http.requests_per_s * per_reply, Some(http.latency)),
+        Row::ceiling("  store reads alone", read_rate, None),
+    ])
+}
+
+/// A pull reply of 128 messages of `size` bytes, shaped as mqproxy's (for the HTTP ceiling).
+fn full_pull_reply(size: usize) -> Bytes {
+    let body = message_body(size);
+    let messages: Vec<serde_json::Value> = (0..128)
+        .map(|i| {
+            serde_json::json!({
+                "msgId": format!("7F00000100002A9F00000000{:08X}", i),
+                "message": body,
+                "timestamp": 1_764_000_000_000u64 + i,
+            })
+        })
+        .collect();
+    let reply = serde_json::json!({
+        "status": 200,
+        "result": {
+            "status": "FOUND",
+            "requestId": "Ym9ndXMtcmVxdWVzdC1pZC1vZi10aGUtc2FtZS1sZW5ndGgtYXMtYS1yZWFsLW9uZS0xMjM0NTY3ODkw",
+            "msgListSize": 128,
+            "msgList": messages,
+            "retryMsgListSize": 0,
+            "retryMsgList": [],
+        }
+    });
+    Bytes::from(reply.to_string())
+}
+
+/// A gRPC Consume stream: subscribes, acks every batch; counts messages into `consumed` until
+/// it reaches `total`. Per-batch gaps are its latencies.
+async fn stream_loop(
+    addr: SocketAddr,
+    consumed: Arc<AtomicU64>,
+    total: u64,
+    deadline: Instant,
+    done: tokio::sync::watch::Sender<bool>,
+) -> anyhow::Result<Histogram<u64>> {
+    use pb::consume_request::Command;
+    use pb::consume_response::Event;
+    let mut grpc = pb::messaging_service_client::MessagingServiceClient::connect(format!("http://{addr}")).await?;
+    grpc = grpc.max_decoding_message_size(64 << 20);
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tx.send(subscribe(8)).await?;
+    let mut events = grpc
+        .consume(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    let mut hist = histogram();
+    let mut last = Instant::now();
+    let mut finished = done.subscribe();
+    while !*finished.borrow() {
+        let event = tokio::select! {
+            event = tokio::time::timeout_at(deadline.into(), events.message()) => event,
+            _ = finished.changed() => break,
+        };
+        let event = event.context("stream consume deadline")??.context("stream ended")?;
+        if let Some(Event::Batch(batch)) = event.event {
+            record(&mut hist, last.elapsed());
+            last = Instant::now();
+            let n = batch.messages.len() as u64;
+            if consumed.fetch_add(n, Ordering::Relaxed) + n >= total {
+                done.send_replace(true);
+            }
+            tx.send(pb::ConsumeRequest {
+                command: Some(Command::Ack(batch.request_id)),
+            })
+            .await?;
+        }
+    }
+    Ok(hist)
+}
+
+fn subscribe(max_in_flight: u32) -> pb::ConsumeRequest {
+    pb::ConsumeRequest {
+        command: Some(pb::consume_request::Command::Subscribe(pb::Subscribe {
+            target: Some(pb::ConsumeTarget {
+                topic: TOPIC.into(),
+                consumer: CONSUMER.into(),
+                client_id: None,
+            }),
+            max_in_flight: Some(max_in_flight),
+            max_pull_size: None,
+            auto_ack: false,
+        })),
+    }
+}
+
+/// gRPC streaming consume: `streams` Consume streams acking `total` stored messages.
+pub async fn stream(env: &Env, streams: usize, total: u64, size: usize) -> anyhow::Result<Vec<Row>> {
+    let (dir, read_rate) = preloaded(env, "stream", total, size, streams).await?;
+    let proc = server::start_mqproxy(&env.server_bin, dir, &ServerSetup::default())?;
+    let idle_rss = proc.rss_mib().0;
+    let consumed = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(600);
+    let done = tokio::sync::watch::Sender::new(false);
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..streams {
+        tasks.spawn(stream_loop(proc.addr, consumed.clone(), total, deadline, done.clone()));
+    }
+    let mut latency = histogram();
+    while let Some(h) = tasks.join_next().await {
+        latency.add(&h??)?;
+    }
+    let rate = consumed.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64();
+    let peak_rss = proc.rss_mib().1;
+    drop(proc);
+    Ok(vec![
+        Row::measured(
+            &format!("stream {} x{streams} (gRPC, batches of 128)", size_label(size)),
+            rate,
+            Some(latency),
+            vec![Ceiling::new("store reads, no HTTP", read_rate)],
+        )
+        .with_rss(idle_rss, peak_rss),
+        Row::ceiling("  store reads alone", read_rate, None),
+    ])
+}
+
+/// Produce one message at a time over REST; the time until a waiting gRPC Consume stream
+/// delivers it.
+pub async fn e2e_latency(env: &Env, count: usize, size: usize) -> anyhow::Result<Vec<Row>> {
+    use pb::consume_request::Command;
+    use pb::consume_response::Event;
+    let proc = server::start_mqproxy(&env.server_bin, server::fresh_dir(&env.data_root, "e2e")?, &ServerSetup::default())?;
+    let idle_rss = proc.rss_mib().0;
+    let mut grpc = pb::messaging_service_client::MessagingServiceClient::connect(format!("http://{}", proc.addr)).await?;
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tx.send(subscribe(4)).await?;
+    let mut events = grpc
+        .consume(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    let mut producer = HttpConn::connect(proc.addr).await?;
+    let body = form(&[("producer", PRODUCER), ("message", &message_body(size))]);
+    let mut latency = histogram();
+    let started = Instant::now();
+    for _ in 0..count {
+        let sent = Instant::now();
+        let reply = producer.post_form("/mq/produce", body.clone()).await?;
+        if client::body_status(&reply)? != 200 {
+            bail!("produce: {}", String::from_utf8_lossy(&reply));
+        }
+        loop {
+            let event = tokio::time::timeout(Duration::from_secs(10), events.message())
+                .await
+                .context("no delivery within 10 s")??
+                .context("stream ended")?;
+            if let Some(Event::Batch(batch)) = event.event {
+                record(&mut latency, sent.elapsed());
+                tx.send(pb::ConsumeRequest {
+                    command: Some(Command::Ack(batch.request_id)),
+                })
+                .await?;
+                break;
+            }
+        }
+    }
+    let rate = count as f64 / started.elapsed().as_secs_f64();
+    let peak_rss = proc.rss_mib().1;
+    drop(proc);
+    Ok(vec![
+        Row::measured(
+            &format!("e2e-latency {} produce -> stream", size_label(size)),
+            rate,
+            Some(latency),
+            vec![],
+        )
+        .with_rss(idle_rss, peak_rss)
+        .with_note(format!(
+            "floor: one fdatasync = {:.2} ms",
+            1000.0 / env.flush_rate
+        )),
+    ])
+}
+
+/// Pull latency of one consumer (pull 128 + ack) over a backlog of `stored` 128-byte
+/// messages, for the run's duration.
+pub async fn backlog(env: &Env, stored: u64) -> anyhow::Result<Row> {
+    let dir = server::fresh_dir(&env.data_root, "backlog")?;
+    let fill_started = Instant::now();
+    let store = ceilings::open_store(&dir, Flush::Async)?;
+    ceilings::fill(&store, stored, 4096, 128).await?;
+    store.close();
+    drop(store); // releases the database file for the server
+    let fill_s = fill_started.elapsed().as_secs_f64();
+    let disk = dir_size(&dir);
+    let proc = server::start_mqproxy(&env.server_bin, dir, &ServerSetup::default())?;
+    let idle_rss = proc.rss_mib().0;
+    let consumed = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let end = started + env.warmup + env.duration;
+    // Pull until the time is up or half the backlog is read (the backlog stays deep).
+    let mut conn = HttpConn::connect(proc.addr).await?;
+    let mut latency = histogram();
+    let mut request_id: Option<String> = None;
+    let mut read = 0u64;
+    while Instant::now() < end && read < stored / 2 {
+        let sent = Instant::now();
+        let reply = conn.get(&fetch_path(request_id.as_deref())).await?;
+        let reply: FetchReply = serde_json::from_slice(&reply)?;
+        let result = reply.result.context("pull reply without result")?;
+        if result.msg_list_size == 0 {
+            bail!("the backlog ran dry after {} messages", consumed.load(Ordering::Relaxed));
+        }
+        read += result.msg_list_size;
+        if sent >= started + env.warmup {
+            record(&mut latency, sent.elapsed());
+            consumed.fetch_add(result.msg_list_size, Ordering::Relaxed);
+        }
+        request_id = result.request_id;
+    }
+    let measured_s = Instant::now().min(end).duration_since(started + env.warmup).as_secs_f64();
+    let rate = consumed.load(Ordering::Relaxed) as f64 / measured_s.max(1e-3);
+    let peak_rss = proc.rss_mib().1;
+    drop(proc);
+    Ok(Row::measured(&format!("backlog {} stored, pull 128", count_label(stored)), rate, Some(latency), vec![])
+        .with_rss(idle_rss, peak_rss)
+        .with_note(format!("filled in {fill_s:.0} s, {:.1} GiB on disk", disk as f64 / f64::from(1u32 << 30))))
+}
+
+fn dir_size(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+pub fn size_label(size: usize) -> String {
+    if size >= 1024 && size % 1024 == 0 {
+        format!("{} KiB", size / 1024)
+    } else {
+        format!("{size} B")
+    }
+}
+
+pub fn count_label(n: u64) -> String {
+    if n >= 1_000_000 && n % 1_000_000 == 0 {
+        format!("{}M", n / 1_000_000)
+    } else if n >= 1_000 && n % 1_000 == 0 {
+        format!("{}k", n / 1_000)
+    } else {
+        n.to_string()
+    }
+}
