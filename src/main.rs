@@ -6,6 +6,9 @@ use mqproxy::config::Config;
 use std::io::Write;
 use std::path::PathBuf;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "mqproxy",

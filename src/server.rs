@@ -29,6 +29,7 @@ pub fn embedded_config(config: &Config) -> EmbeddedConfig {
         },
         flush_timeout: Duration::from_millis(config.flush_timeout_ms),
         group_commit_max: config.group_commit_max,
+        cache_bytes: usize::try_from(config.store_cache_mib.saturating_mul(1 << 20)).unwrap_or(usize::MAX),
         async_flush_interval: Duration::from_millis(config.async_flush_interval_ms),
         retention: Duration::from_millis(config.retention_ms),
         retention_check_interval: Duration::from_millis(config.retention_check_interval_ms),
@@ -185,8 +186,7 @@ pub async fn run(
     let addr = listener.local_addr()?;
     let registry_file = RegistryFile::new(&config.data_dir);
     let config = with_saved_registry(config, &registry_file)?;
-    let store = EmbeddedStore::open(embedded_config(&config))
-    .map_err(|source| ServeError::Store {
+    let store = EmbeddedStore::open(embedded_config(&config)).map_err(|source| ServeError::Store {
         dir: config.data_dir.display().to_string(),
         source,
     })?;

@@ -530,6 +530,7 @@ pub(crate) mod contract {
             flush: FlushPolicy::Sync,
             flush_timeout: Duration::from_secs(5),
             group_commit_max: 64,
+            cache_bytes: 8 << 20,
             async_flush_interval: Duration::from_secs(1),
             retention: Duration::from_secs(3600),
             retention_check_interval: Duration::from_secs(60),

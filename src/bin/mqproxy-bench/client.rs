@@ -86,8 +86,12 @@ pub fn body_status(body: &[u8]) -> anyhow::Result<i64> {
     struct Envelope {
         status: i64,
     }
-    let envelope: Envelope = serde_json::from_slice(body)
-        .with_context(|| format!("not an API reply: {}", String::from_utf8_lossy(&body[..body.len().min(200)])))?;
+    let envelope: Envelope = serde_json::from_slice(body).with_context(|| {
+        format!(
+            "not an API reply: {}",
+            String::from_utf8_lossy(&body[..body.len().min(200)])
+        )
+    })?;
     Ok(envelope.status)
 }
 

@@ -22,6 +22,10 @@ use scenarios::Env;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+// The same allocator as the server's: the HTTP ceiling is the best a bare server does.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser, Debug)]
 #[command(name = "mqproxy-bench", about = "Load generator for mqproxy, with same-run ceilings")]
 struct Cli {
@@ -46,6 +50,9 @@ struct Common {
     /// Runs of each scenario; the report shows the median run.
     #[arg(long, global = true)]
     rounds: Option<usize>,
+    /// Top-level TOML keys added to the server's config, e.g. `async_flush_interval_ms = 200`.
+    #[arg(long, global = true, default_value = "")]
+    server_toml: String,
 }
 
 #[derive(Subcommand, Debug)]
@@ -189,6 +196,7 @@ fn env_from(common: &Common, default_warmup: f64, default_duration: f64) -> anyh
         warmup: Duration::from_secs_f64(common.warmup.unwrap_or(default_warmup)),
         duration: Duration::from_secs_f64(common.duration.unwrap_or(default_duration)),
         flush_rate,
+        server_toml: common.server_toml.clone(),
     })
 }
 
@@ -277,12 +285,11 @@ async fn all(quick: bool, namesrv: Option<String>, common: Common) -> anyhow::Re
     Ok(())
 }
 
-async fn single(common: Common, scenario: impl AsyncFnOnce(&Env) -> anyhow::Result<Vec<Row>>) -> anyhow::Result<()> {
+async fn single(common: Common, scenario: impl AsyncFn(&Env) -> anyhow::Result<Vec<Row>>) -> anyhow::Result<()> {
     let env = env_from(&common, 1.0, 5.0)?;
-    print_preamble(&env, 1);
-    for row in scenario(&env).await? {
-        println!("{}", report::render(&row));
-    }
+    let rounds = common.rounds.unwrap_or(1);
+    print_preamble(&env, rounds);
+    run_rounds(rounds, || scenario(&env)).await?;
     Ok(())
 }
 
@@ -305,33 +312,51 @@ fn main() -> anyhow::Result<()> {
                 common,
             } => {
                 let flush: &'static str = if flush == "async" { "async" } else { "sync" };
-                single(common, async |env| scenarios::produce(env, connections, size, flush).await).await
+                single(common, async |env| {
+                    scenarios::produce(env, connections, size, flush).await
+                })
+                .await
             }
             Command::ProduceBatch {
                 connections,
                 batch,
                 size,
                 common,
-            } => single(common, async |env| scenarios::produce_batch(env, connections, batch, size).await).await,
+            } => {
+                single(common, async |env| {
+                    scenarios::produce_batch(env, connections, batch, size).await
+                })
+                .await
+            }
             Command::Consume {
                 consumers,
                 messages,
                 size,
                 common,
-            } => single(common, async |env| scenarios::consume(env, consumers, messages, size).await).await,
+            } => {
+                single(common, async |env| {
+                    scenarios::consume(env, consumers, messages, size).await
+                })
+                .await
+            }
             Command::Stream {
                 streams,
                 messages,
                 size,
                 common,
-            } => single(common, async |env| scenarios::stream(env, streams, messages, size).await).await,
+            } => {
+                single(common, async |env| {
+                    scenarios::stream(env, streams, messages, size).await
+                })
+                .await
+            }
             Command::E2eLatency { count, size, common } => {
                 single(common, async |env| scenarios::e2e_latency(env, count, size).await).await
             }
             Command::Backlog { stored, common } => {
                 single(common, async |env| {
                     let mut rows = Vec::new();
-                    for n in stored {
+                    for &n in &stored {
                         rows.push(scenarios::backlog(env, n).await?);
                     }
                     Ok(rows)

@@ -1,5 +1,5 @@
 //! Rows of the report: a measured figure, its latency percentiles, the server's RSS, and its
-//! ceilings (the lowest one binds; the ratio is against it).
+//! ratio to each ceiling measured in the same run (each ceiling also has its own row).
 
 use hdrhistogram::Histogram;
 
@@ -54,17 +54,12 @@ impl Row {
         self.note = Some(note);
         self
     }
-
-    /// The lowest ceiling.
-    pub fn binding(&self) -> Option<&Ceiling> {
-        self.ceilings.iter().min_by(|a, b| a.rate.total_cmp(&b.rate))
-    }
 }
 
 pub fn header() -> String {
     format!(
         "{:<44} {:>10} {:>7} {:>7} {:>7} {:>7} {:>7}  {:>11}  {}",
-        "scenario", "msg/s", "p50", "p90", "p99", "p99.9", "max", "RSS MiB", "ratio to ceiling (ms columns: latency)"
+        "scenario", "msg/s", "p50", "p90", "p99", "p99.9", "max", "RSS MiB", "ratio to each ceiling"
     )
 }
 
@@ -87,10 +82,12 @@ pub fn render(row: &Row) -> String {
         .rss
         .map(|(idle, peak)| format!("{idle:.0}/{peak:.0}"))
         .unwrap_or_default();
-    let ratio = match row.binding() {
-        Some(c) => format!("{:.2}x of {} {:.0}/s", row.rate / c.rate, c.name, c.rate),
-        None => String::new(),
-    };
+    let ratio = row
+        .ceilings
+        .iter()
+        .map(|c| format!("{:.2}x {}", row.rate / c.rate, c.name))
+        .collect::<Vec<_>>()
+        .join(" · ");
     let note = row.note.as_deref().map(|n| format!("  ({n})")).unwrap_or_default();
     format!(
         "{:<44} {:>10.0} {p50:>7} {p90:>7} {p99:>7} {p999:>7} {max:>7}  {rss:>11}  {ratio}{note}",

@@ -63,17 +63,22 @@ async fn direct_run(
 pub async fn compare(env: &Env, namesrv: &str, rounds: usize, concurrencies: &[usize]) -> anyhow::Result<()> {
     let prefix = format!("bench-{}-", std::process::id());
     let setup = ServerSetup {
+        // Top-level keys first: the [rocketmq] table ends the top level.
         extra_toml: format!(
-            "backend = \"rocketmq\"\n[rocketmq]\nnamesrv_addr = \"{namesrv}\"\nauto_create_topics = true\ntopic_prefix = \"{prefix}\"\n"
+            "backend = \"rocketmq\"\n{}\n[rocketmq]\nnamesrv_addr = \"{namesrv}\"\nauto_create_topics = true\ntopic_prefix = \"{prefix}\"\n",
+            env.server_toml
         ),
-        ..ServerSetup::default()
+        ..env.setup()
     };
     let proc = server::start_mqproxy(&env.server_bin, server::fresh_dir(&env.data_root, "rocketmq")?, &setup)?;
     // The server reads (or creates) the topic's route before it is ready.
     let mut probe = HttpConn::connect(proc.addr).await?;
     let ready_by = Instant::now() + Duration::from_secs(30);
     while probe.get("/readyz").await.is_err() {
-        anyhow::ensure!(Instant::now() < ready_by, "mqproxy (RocketMQ backend) not ready in 30 s");
+        anyhow::ensure!(
+            Instant::now() < ready_by,
+            "mqproxy (RocketMQ backend) not ready in 30 s"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let context = rocketmq_runtime::RuntimeContext::try_from_current("bench-direct")

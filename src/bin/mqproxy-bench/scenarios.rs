@@ -25,6 +25,18 @@ pub struct Env {
     pub duration: Duration,
     /// fdatasync'd 1 KiB appends per second on the data directory's disk.
     pub flush_rate: f64,
+    /// TOML appended to every generated server config (`--server-toml`).
+    pub server_toml: String,
+}
+
+impl Env {
+    /// The server set-up of a scenario: defaults plus the user's extra TOML.
+    pub fn setup(&self) -> ServerSetup {
+        ServerSetup {
+            extra_toml: self.server_toml.clone(),
+            ..ServerSetup::default()
+        }
+    }
 }
 
 fn flush_of(name: &str) -> Flush {
@@ -56,10 +68,7 @@ async fn http_ceiling(
 
 /// REST produce, one message per request, `connections` clients.
 pub async fn produce(env: &Env, connections: usize, size: usize, flush: &'static str) -> anyhow::Result<Vec<Row>> {
-    let setup = ServerSetup {
-        flush,
-        ..ServerSetup::default()
-    };
+    let setup = ServerSetup { flush, ..env.setup() };
     let message = message_body(size);
     let body = form(&[("producer", PRODUCER), ("message", &message)]);
     let proc = server::start_mqproxy(&env.server_bin, server::fresh_dir(&env.data_root, "produce")?, &setup)?;
@@ -68,7 +77,15 @@ pub async fn produce(env: &Env, connections: usize, size: usize, flush: &'static
         .await?
         .post_form("/mq/produce", body.clone())
         .await?;
-    let measured = closed_loop(proc.addr, connections, env.warmup, env.duration, "/mq/produce", body.clone()).await?;
+    let measured = closed_loop(
+        proc.addr,
+        connections,
+        env.warmup,
+        env.duration,
+        "/mq/produce",
+        body.clone(),
+    )
+    .await?;
     let peak_rss = proc.rss_mib().1;
     drop(proc);
 
@@ -81,26 +98,22 @@ pub async fn produce(env: &Env, connections: usize, size: usize, flush: &'static
 
     let label = format!("produce {flush} {} x{connections}", size_label(size));
     let mut ceilings = vec![
-        Ceiling::new("bare axum", http.requests_per_s),
-        Ceiling::new("store, no HTTP", store_rate),
+        Ceiling::new("axum", http.requests_per_s),
+        Ceiling::new("store", store_rate),
     ];
     if flush == "sync" {
-        ceilings.push(Ceiling::new(
-            "connections x flush rate",
-            connections as f64 * env.flush_rate,
-        ));
+        ceilings.push(Ceiling::new("conns x flush", connections as f64 * env.flush_rate));
     }
     Ok(vec![
-        Row::measured(&label, measured.requests_per_s, Some(measured.latency), ceilings)
-            .with_rss(idle_rss, peak_rss),
-        Row::ceiling(&format!("  bare axum, same load"), http.requests_per_s, Some(http.latency)),
+        Row::measured(&label, measured.requests_per_s, Some(measured.latency), ceilings).with_rss(idle_rss, peak_rss),
+        Row::ceiling("  bare axum, same load", http.requests_per_s, Some(http.latency)),
         Row::ceiling("  store alone, same writers", store_rate, None),
     ])
 }
 
 /// REST batch produce, `per_batch` messages per request.
 pub async fn produce_batch(env: &Env, connections: usize, per_batch: usize, size: usize) -> anyhow::Result<Vec<Row>> {
-    let setup = ServerSetup::default();
+    let setup = env.setup();
     let messages = serde_json::to_string(&vec![message_body(size); per_batch])?;
     let body = form(&[("producer", PRODUCER), ("messages", &messages)]);
     let proc = server::start_mqproxy(&env.server_bin, server::fresh_dir(&env.data_root, "batch")?, &setup)?;
@@ -136,8 +149,8 @@ pub async fn produce_batch(env: &Env, connections: usize, per_batch: usize, size
             measured.requests_per_s * n,
             Some(measured.latency),
             vec![
-                Ceiling::new("bare axum", http.requests_per_s * n),
-                Ceiling::new("store, no HTTP", store_rate),
+                Ceiling::new("axum", http.requests_per_s * n),
+                Ceiling::new("store", store_rate),
             ],
         )
         .with_rss(idle_rss, peak_rss),
@@ -216,7 +229,7 @@ async fn pull_loop(
 /// messages of `size` bytes.
 pub async fn consume(env: &Env, consumers: usize, total: u64, size: usize) -> anyhow::Result<Vec<Row>> {
     let (dir, read_rate) = preloaded(env, "consume", total, size, consumers).await?;
-    let proc = server::start_mqproxy(&env.server_bin, dir, &ServerSetup::default())?;
+    let proc = server::start_mqproxy(&env.server_bin, dir, &env.setup())?;
     let idle_rss = proc.rss_mib().0;
     let consumed = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
@@ -245,12 +258,16 @@ pub async fn consume(env: &Env, consumers: usize, total: u64, size: usize) -> an
             rate,
             Some(latency),
             vec![
-                Ceiling::new("bare axum", http.requests_per_s * per_reply),
-                Ceiling::new("store reads, no HTTP", read_rate),
+                Ceiling::new("axum", http.requests_per_s * per_reply),
+                Ceiling::new("store reads", read_rate),
             ],
         )
         .with_rss(idle_rss, peak_rss),
-        Row::ceiling("  bare axum, same reply size", http.requests_per_s * per_reply, Some(http.latency)),
+        Row::ceiling(
+            "  bare axum, same reply size",
+            http.requests_per_s * per_reply,
+            Some(http.latency),
+        ),
         Row::ceiling("  store reads alone", read_rate, None),
     ])
 }
@@ -343,7 +360,7 @@ fn subscribe(max_in_flight: u32) -> pb::ConsumeRequest {
 /// gRPC streaming consume: `streams` Consume streams acking `total` stored messages.
 pub async fn stream(env: &Env, streams: usize, total: u64, size: usize) -> anyhow::Result<Vec<Row>> {
     let (dir, read_rate) = preloaded(env, "stream", total, size, streams).await?;
-    let proc = server::start_mqproxy(&env.server_bin, dir, &ServerSetup::default())?;
+    let proc = server::start_mqproxy(&env.server_bin, dir, &env.setup())?;
     let idle_rss = proc.rss_mib().0;
     let consumed = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
@@ -365,7 +382,7 @@ pub async fn stream(env: &Env, streams: usize, total: u64, size: usize) -> anyho
             &format!("stream {} x{streams} (gRPC, batches of 128)", size_label(size)),
             rate,
             Some(latency),
-            vec![Ceiling::new("store reads, no HTTP", read_rate)],
+            vec![Ceiling::new("store reads", read_rate)],
         )
         .with_rss(idle_rss, peak_rss),
         Row::ceiling("  store reads alone", read_rate, None),
@@ -377,9 +394,10 @@ pub async fn stream(env: &Env, streams: usize, total: u64, size: usize) -> anyho
 pub async fn e2e_latency(env: &Env, count: usize, size: usize) -> anyhow::Result<Vec<Row>> {
     use pb::consume_request::Command;
     use pb::consume_response::Event;
-    let proc = server::start_mqproxy(&env.server_bin, server::fresh_dir(&env.data_root, "e2e")?, &ServerSetup::default())?;
+    let proc = server::start_mqproxy(&env.server_bin, server::fresh_dir(&env.data_root, "e2e")?, &env.setup())?;
     let idle_rss = proc.rss_mib().0;
-    let mut grpc = pb::messaging_service_client::MessagingServiceClient::connect(format!("http://{}", proc.addr)).await?;
+    let mut grpc =
+        pb::messaging_service_client::MessagingServiceClient::connect(format!("http://{}", proc.addr)).await?;
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     tx.send(subscribe(4)).await?;
     let mut events = grpc
@@ -422,16 +440,30 @@ pub async fn e2e_latency(env: &Env, count: usize, size: usize) -> anyhow::Result
             vec![],
         )
         .with_rss(idle_rss, peak_rss)
-        .with_note(format!(
-            "floor: one fdatasync = {:.2} ms",
-            1000.0 / env.flush_rate
-        )),
+        .with_note(format!("floor: one fdatasync = {:.2} ms", 1000.0 / env.flush_rate)),
     ])
 }
 
 /// Pull latency of one consumer (pull 128 + ack) over a backlog of `stored` 128-byte
 /// messages, for the run's duration.
 pub async fn backlog(env: &Env, stored: u64) -> anyhow::Result<Row> {
+    // ~570 bytes per stored 128-byte message (measured), plus room to spare.
+    let needed = stored.saturating_mul(600) + (4 << 30);
+    let free = free_bytes(&env.data_root);
+    if free < needed {
+        return Ok(Row::measured(
+            &format!("backlog {} stored, pull 128", count_label(stored)),
+            0.0,
+            None,
+            vec![],
+        )
+        .with_note(format!(
+            "skipped: needs ~{} GiB free under {}, has {}",
+            needed >> 30,
+            env.data_root.display(),
+            free >> 30
+        )));
+    }
     let dir = server::fresh_dir(&env.data_root, "backlog")?;
     let fill_started = Instant::now();
     let store = ceilings::open_store(&dir, Flush::Async)?;
@@ -440,38 +472,65 @@ pub async fn backlog(env: &Env, stored: u64) -> anyhow::Result<Row> {
     drop(store); // releases the database file for the server
     let fill_s = fill_started.elapsed().as_secs_f64();
     let disk = dir_size(&dir);
-    let proc = server::start_mqproxy(&env.server_bin, dir, &ServerSetup::default())?;
+    let proc = server::start_mqproxy(&env.server_bin, dir, &env.setup())?;
     let idle_rss = proc.rss_mib().0;
-    let consumed = Arc::new(AtomicU64::new(0));
-    let started = Instant::now();
-    let end = started + env.warmup + env.duration;
-    // Pull until the time is up or half the backlog is read (the backlog stays deep).
+    // The first WARMUP_PULLS pulls warm up; then pull until the time is up or half the
+    // backlog is read (the backlog stays deep).
+    const WARMUP_PULLS: u32 = 20;
     let mut conn = HttpConn::connect(proc.addr).await?;
     let mut latency = histogram();
     let mut request_id: Option<String> = None;
-    let mut read = 0u64;
+    let (mut read, mut measured, mut pulls) = (0u64, 0u64, 0u32);
+    let mut measure_from = Instant::now();
+    let mut end = measure_from + env.duration;
     while Instant::now() < end && read < stored / 2 {
+        if pulls == WARMUP_PULLS {
+            measure_from = Instant::now();
+            end = measure_from + env.duration;
+        }
+        pulls += 1;
         let sent = Instant::now();
         let reply = conn.get(&fetch_path(request_id.as_deref())).await?;
         let reply: FetchReply = serde_json::from_slice(&reply)?;
         let result = reply.result.context("pull reply without result")?;
         if result.msg_list_size == 0 {
-            bail!("the backlog ran dry after {} messages", consumed.load(Ordering::Relaxed));
+            bail!("the backlog ran dry after {read} messages");
         }
         read += result.msg_list_size;
-        if sent >= started + env.warmup {
+        if pulls > WARMUP_PULLS {
             record(&mut latency, sent.elapsed());
-            consumed.fetch_add(result.msg_list_size, Ordering::Relaxed);
+            measured += result.msg_list_size;
         }
         request_id = result.request_id;
     }
-    let measured_s = Instant::now().min(end).duration_since(started + env.warmup).as_secs_f64();
-    let rate = consumed.load(Ordering::Relaxed) as f64 / measured_s.max(1e-3);
+    let rate = measured as f64 / measure_from.elapsed().as_secs_f64().max(1e-3);
     let peak_rss = proc.rss_mib().1;
     drop(proc);
-    Ok(Row::measured(&format!("backlog {} stored, pull 128", count_label(stored)), rate, Some(latency), vec![])
-        .with_rss(idle_rss, peak_rss)
-        .with_note(format!("filled in {fill_s:.0} s, {:.1} GiB on disk", disk as f64 / f64::from(1u32 << 30))))
+    Ok(Row::measured(
+        &format!("backlog {} stored, pull 128", count_label(stored)),
+        rate,
+        Some(latency),
+        vec![],
+    )
+    .with_rss(idle_rss, peak_rss)
+    .with_note(format!(
+        "filled in {fill_s:.1} s, {:.0} MiB on disk",
+        disk as f64 / f64::from(1u32 << 20)
+    )))
+}
+
+/// Free bytes on the file system holding `dir` (0 when unknown).
+fn free_bytes(dir: &Path) -> u64 {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(path) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
+        return 0;
+    };
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a NUL-terminated path and a zeroed statvfs the call fills in.
+    if unsafe { libc::statvfs(path.as_ptr(), &mut stat) } != 0 {
+        return 0;
+    }
+    stat.f_bavail.saturating_mul(stat.f_frsize)
 }
 
 fn dir_size(dir: &Path) -> u64 {
@@ -487,7 +546,7 @@ fn dir_size(dir: &Path) -> u64 {
 }
 
 pub fn size_label(size: usize) -> String {
-    if size >= 1024 && size % 1024 == 0 {
+    if size >= 1024 && size.is_multiple_of(1024) {
         format!("{} KiB", size / 1024)
     } else {
         format!("{size} B")
@@ -495,9 +554,9 @@ pub fn size_label(size: usize) -> String {
 }
 
 pub fn count_label(n: u64) -> String {
-    if n >= 1_000_000 && n % 1_000_000 == 0 {
+    if n >= 1_000_000 && n.is_multiple_of(1_000_000) {
         format!("{}M", n / 1_000_000)
-    } else if n >= 1_000 && n % 1_000 == 0 {
+    } else if n >= 1_000 && n.is_multiple_of(1_000) {
         format!("{}k", n / 1_000)
     } else {
         n.to_string()

@@ -163,7 +163,10 @@ max_pull_size = {pull}
     let mut child = Command::new(bin)
         .arg("--config")
         .arg(&config_path)
-        .env("RUST_LOG", std::env::var("MQPROXY_BENCH_LOG").unwrap_or_else(|_| "warn".into()))
+        .env(
+            "RUST_LOG",
+            std::env::var("MQPROXY_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdout(Stdio::piped())
         .stderr(log)
         .spawn()

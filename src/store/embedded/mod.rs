@@ -59,6 +59,8 @@ pub struct EmbeddedConfig {
     pub flush_timeout: Duration,
     /// Most writes one commit takes; 1 turns group commit off (one flush per write).
     pub group_commit_max: usize,
+    /// redb's page cache (its default, 1 GiB, would be the process's RSS under load).
+    pub cache_bytes: usize,
     pub async_flush_interval: Duration,
     /// Messages older than this are deleted.
     pub retention: Duration,
@@ -100,7 +102,12 @@ impl EmbeddedStore {
     pub fn open(config: EmbeddedConfig) -> Result<Self, StoreError> {
         std::fs::create_dir_all(&config.data_dir)?;
         let path = config.data_dir.join("mqproxy.redb");
-        let db = Arc::new(Database::create(&path).map_err(db_err)?);
+        let db = Arc::new(
+            redb::Builder::new()
+                .set_cache_size(config.cache_bytes)
+                .create(&path)
+                .map_err(db_err)?,
+        );
         let (identity, counters) = writer::init(&db)?;
         let ranges = Arc::new(RwLock::new(load_ranges(&db, &config.topics)?));
         let (tx, rx) = mpsc::channel();

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Benchmarks with their ceilings, measured in the same run (see BENCHMARKS.md):
+#   scripts/bench.sh            quick mode (under 2 minutes after the build)
+#   scripts/bench.sh --full     full mode (3 rounds of 10 s, 3 message sizes, backlogs up to
+#                               50M messages: ~25 GiB free disk under MQPROXY_BENCH_DIR)
+# Extra arguments go to `mqproxy-bench all` (e.g. --server-toml 'group_commit_max = 256').
+# With MQPROXY_BENCH_NAMESRV=host:port (a cluster from scripts/rocketmq-local.sh) it also
+# compares mqproxy on the RocketMQ backend with the direct client on the same broker.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/mqproxy-target}"
+mode=--quick
+if [ "${1:-}" = --full ] || [ "${1:-}" = --quick ]; then
+  mode=$1
+  shift
+fi
+cargo build --release --locked --bins
+# The data directories go on the disk being measured (not a tmpfs).
+data_root="${MQPROXY_BENCH_DIR:-${TMPDIR:-/var/tmp}/mqproxy-bench}"
+mkdir -p "$data_root"
+exec "$CARGO_TARGET_DIR/release/mqproxy-bench" all "$mode" --data-root "$data_root" "$@"
