@@ -71,6 +71,7 @@ pub async fn compare(env: &Env, namesrv: &str, rounds: usize, concurrencies: &[u
         ..env.setup()
     };
     let proc = server::start_mqproxy(&env.server_bin, server::fresh_dir(&env.data_root, "rocketmq")?, &setup)?;
+    let idle_rss = proc.rss_mib().0;
     // The server reads (or creates) the topic's route before it is ready.
     let mut probe = HttpConn::connect(proc.addr).await?;
     let ready_by = Instant::now() + Duration::from_secs(30);
@@ -114,7 +115,7 @@ pub async fn compare(env: &Env, namesrv: &str, rounds: usize, concurrencies: &[u
                 form_body.clone(),
             )
             .await?;
-            let (idle, peak) = proc.rss_mib();
+            let peak = proc.rss_mib().1;
             all.push(vec![
                 Row::measured(
                     &format!("rocketmq produce 1 KiB x{writers}"),
@@ -122,7 +123,7 @@ pub async fn compare(env: &Env, namesrv: &str, rounds: usize, concurrencies: &[u
                     Some(proxied.latency),
                     vec![Ceiling::new("direct client", direct)],
                 )
-                .with_rss(idle, peak),
+                .with_rss(idle_rss, peak),
                 Row::ceiling("  direct rocketmq-client-rust", direct, Some(direct_latency)),
             ]);
         }
