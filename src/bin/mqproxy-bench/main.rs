@@ -11,6 +11,7 @@
 
 mod ceilings;
 mod client;
+mod grpc_ceiling;
 mod report;
 mod rocketmq;
 mod scenarios;
@@ -143,6 +144,12 @@ enum Command {
     HttpCeiling {
         #[arg(long)]
         reply_file: PathBuf,
+    },
+    /// (internal) The bare tonic Consume server.
+    #[command(hide = true)]
+    GrpcCeiling {
+        #[arg(long)]
+        size: usize,
     },
 }
 
@@ -299,6 +306,7 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async move {
         match cli.command {
             Command::HttpCeiling { reply_file } => server::serve_http_ceiling(&reply_file).await,
+            Command::GrpcCeiling { size } => grpc_ceiling::serve(size).await,
             Command::All {
                 quick,
                 full: _,

@@ -362,31 +362,44 @@ pub async fn stream(env: &Env, streams: usize, total: u64, size: usize) -> anyho
     let (dir, read_rate) = preloaded(env, "stream", total, size, streams).await?;
     let proc = server::start_mqproxy(&env.server_bin, dir, &env.setup())?;
     let idle_rss = proc.rss_mib().0;
+    let (rate, latency) = stream_run(proc.addr, streams, total).await?;
+    let peak_rss = proc.rss_mib().1;
+    drop(proc);
+    let ceiling = server::start_grpc_ceiling(size)?;
+    let (grpc_rate, grpc_latency) = stream_run(ceiling.addr, streams, total).await?;
+    drop(ceiling);
+    Ok(vec![
+        Row::measured(
+            &format!("stream {} x{streams} (gRPC, batches of 128)", size_label(size)),
+            rate,
+            Some(latency),
+            vec![Ceiling::new("tonic", grpc_rate), Ceiling::new("store reads", read_rate)],
+        )
+        .with_rss(idle_rss, peak_rss),
+        Row::ceiling("  bare tonic stream, same batches", grpc_rate, Some(grpc_latency)),
+        Row::ceiling("  store reads alone", read_rate, None),
+    ])
+}
+
+/// `streams` Consume streams against `addr` until `total` messages arrived: messages/s and
+/// the gaps between batches.
+async fn stream_run(addr: SocketAddr, streams: usize, total: u64) -> anyhow::Result<(f64, Histogram<u64>)> {
     let consumed = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let deadline = started + Duration::from_secs(600);
     let done = tokio::sync::watch::Sender::new(false);
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..streams {
-        tasks.spawn(stream_loop(proc.addr, consumed.clone(), total, deadline, done.clone()));
+        tasks.spawn(stream_loop(addr, consumed.clone(), total, deadline, done.clone()));
     }
     let mut latency = histogram();
     while let Some(h) = tasks.join_next().await {
         latency.add(&h??)?;
     }
-    let rate = consumed.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64();
-    let peak_rss = proc.rss_mib().1;
-    drop(proc);
-    Ok(vec![
-        Row::measured(
-            &format!("stream {} x{streams} (gRPC, batches of 128)", size_label(size)),
-            rate,
-            Some(latency),
-            vec![Ceiling::new("store reads", read_rate)],
-        )
-        .with_rss(idle_rss, peak_rss),
-        Row::ceiling("  store reads alone", read_rate, None),
-    ])
+    Ok((
+        consumed.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64(),
+        latency,
+    ))
 }
 
 /// Produce one message at a time over REST; the time until a waiting gRPC Consume stream

@@ -189,15 +189,29 @@ max_pull_size = {pull}
 
 /// Starts this binary's bare axum handler answering every request with `reply`.
 pub fn start_http_ceiling(reply_file: &Path) -> anyhow::Result<Proc> {
+    start_ceiling(
+        &["http-ceiling".as_ref(), "--reply-file".as_ref(), reply_file.as_os_str()],
+        "http ceiling listening on ",
+    )
+}
+
+/// Starts this binary's bare gRPC Consume server sending batches of `size`-byte messages.
+pub fn start_grpc_ceiling(size: usize) -> anyhow::Result<Proc> {
+    let size = size.to_string();
+    start_ceiling(
+        &["grpc-ceiling".as_ref(), "--size".as_ref(), size.as_ref()],
+        "grpc ceiling listening on ",
+    )
+}
+
+fn start_ceiling(args: &[&std::ffi::OsStr], listening: &str) -> anyhow::Result<Proc> {
     let mut child = Command::new(std::env::current_exe()?)
-        .arg("http-ceiling")
-        .arg("--reply-file")
-        .arg(reply_file)
+        .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
-        .context("start the HTTP ceiling server")?;
-    match await_listening(&mut child, "http ceiling listening on ") {
+        .context("start a ceiling server")?;
+    match await_listening(&mut child, listening) {
         Ok(addr) => Ok(Proc { child, addr, dir: None }),
         Err(e) => {
             let _ = child.kill();
