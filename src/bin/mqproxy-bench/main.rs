@@ -136,6 +136,10 @@ enum Command {
     Rocketmq {
         #[arg(long, env = "MQPROXY_BENCH_NAMESRV", default_value = "127.0.0.1:9876")]
         namesrv: String,
+        /// Prefix of the topic made on the cluster (`<prefix>bench-topic`; default
+        /// `bench-<pid>-`), so other clients can be pointed at it.
+        #[arg(long)]
+        topic_prefix: Option<String>,
         #[command(flatten)]
         common: Common,
     },
@@ -286,7 +290,8 @@ async fn all(quick: bool, namesrv: Option<String>, common: Common) -> anyhow::Re
         );
     }
     if let Some(namesrv) = namesrv {
-        rocketmq::compare(&env, &namesrv, rounds, if quick { &[16] } else { &[1, 16, 64] }).await?;
+        let concurrencies: &[usize] = if quick { &[16] } else { &[1, 16, 64] };
+        rocketmq::compare(&env, &namesrv, &rocketmq::default_prefix(), rounds, concurrencies).await?;
     }
     println!("total bench time {:.0} s", started.elapsed().as_secs_f64());
     Ok(())
@@ -371,10 +376,15 @@ fn main() -> anyhow::Result<()> {
                 })
                 .await
             }
-            Command::Rocketmq { namesrv, common } => {
+            Command::Rocketmq {
+                namesrv,
+                topic_prefix,
+                common,
+            } => {
                 let env = env_from(&common, 1.0, 5.0)?;
                 print_preamble(&env, common.rounds.unwrap_or(3));
-                rocketmq::compare(&env, &namesrv, common.rounds.unwrap_or(3), &[1, 16, 64]).await
+                let prefix = topic_prefix.unwrap_or_else(rocketmq::default_prefix);
+                rocketmq::compare(&env, &namesrv, &prefix, common.rounds.unwrap_or(3), &[1, 16, 64]).await
             }
         }
     })

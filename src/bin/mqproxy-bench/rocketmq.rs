@@ -59,9 +59,20 @@ async fn direct_run(
     Ok((total as f64 / env.duration.as_secs_f64(), latency))
 }
 
-/// Produce of 1 KiB: mqproxy (RocketMQ backend) and the direct client, per concurrency.
-pub async fn compare(env: &Env, namesrv: &str, rounds: usize, concurrencies: &[usize]) -> anyhow::Result<()> {
-    let prefix = format!("bench-{}-", std::process::id());
+/// Topic prefix of one bench run: topics of different runs never mix.
+pub fn default_prefix() -> String {
+    format!("bench-{}-", std::process::id())
+}
+
+/// Produce of 1 KiB: mqproxy (RocketMQ backend) and the direct client, per concurrency, on
+/// the topic `<prefix>bench-topic` (created through mqproxy when missing).
+pub async fn compare(
+    env: &Env,
+    namesrv: &str,
+    prefix: &str,
+    rounds: usize,
+    concurrencies: &[usize],
+) -> anyhow::Result<()> {
     let setup = ServerSetup {
         // Top-level keys first: the [rocketmq] table ends the top level.
         extra_toml: format!(
