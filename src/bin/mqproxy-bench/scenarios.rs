@@ -66,96 +66,116 @@ async fn http_ceiling(
     result
 }
 
-/// REST produce, one message per request, `connections` clients.
-pub async fn produce(env: &Env, connections: usize, size: usize, flush: &'static str) -> anyhow::Result<Vec<Row>> {
-    let setup = ServerSetup { flush, ..env.setup() };
-    let message = message_body(size);
-    let body = form(&[("producer", PRODUCER), ("message", &message)]);
+/// One produce shape: `per_request` messages of `size` bytes per POST to `path`.
+struct ProduceLoad {
+    path: &'static str,
+    body: Bytes,
+    per_request: usize,
+    size: usize,
+    flush: &'static str,
+}
+
+/// What a produce load measured: mqproxy, the bare axum ceiling and the store alone (all in
+/// messages per second), and the server's RSS.
+struct ProduceFigures {
+    measured: client::LoadResult,
+    http: client::LoadResult,
+    store_rate: f64,
+    rss: (f64, f64),
+}
+
+async fn measure_produce(env: &Env, connections: usize, load: &ProduceLoad) -> anyhow::Result<ProduceFigures> {
+    let setup = ServerSetup {
+        flush: load.flush,
+        ..env.setup()
+    };
     let proc = server::start_mqproxy(&env.server_bin, server::fresh_dir(&env.data_root, "produce")?, &setup)?;
     let idle_rss = proc.rss_mib().0;
     let reply = HttpConn::connect(proc.addr)
         .await?
-        .post_form("/mq/produce", body.clone())
+        .post_form(load.path, load.body.clone())
         .await?;
     let measured = closed_loop(
         proc.addr,
         connections,
         env.warmup,
         env.duration,
-        "/mq/produce",
-        body.clone(),
+        load.path,
+        load.body.clone(),
     )
     .await?;
     let peak_rss = proc.rss_mib().1;
     drop(proc);
 
-    let http = http_ceiling(env, &reply, connections, "/mq/produce", body).await?;
+    let http = http_ceiling(env, &reply, connections, load.path, load.body.clone()).await?;
     let store_dir = server::fresh_dir(&env.data_root, "store-ceiling")?;
-    let store = ceilings::open_store(&store_dir, flush_of(flush))?;
-    let store_rate = ceilings::store_write_rate(&store, connections, 1, size, env.duration).await?;
+    let store = ceilings::open_store(&store_dir, flush_of(load.flush))?;
+    let store_rate = ceilings::store_write_rate(&store, connections, load.per_request, load.size, env.duration).await?;
     store.close();
     let _ = std::fs::remove_dir_all(store_dir);
+    Ok(ProduceFigures {
+        measured,
+        http,
+        store_rate,
+        rss: (idle_rss, peak_rss),
+    })
+}
 
-    let label = format!("produce {flush} {} x{connections}", size_label(size));
+/// REST produce, one message per request, `connections` clients.
+pub async fn produce(env: &Env, connections: usize, size: usize, flush: &'static str) -> anyhow::Result<Vec<Row>> {
+    let load = ProduceLoad {
+        path: "/mq/produce",
+        body: form(&[("producer", PRODUCER), ("message", &message_body(size))]),
+        per_request: 1,
+        size,
+        flush,
+    };
+    let f = measure_produce(env, connections, &load).await?;
     let mut ceilings = vec![
-        Ceiling::new("axum", http.requests_per_s),
-        Ceiling::new("store", store_rate),
+        Ceiling::new("axum", f.http.requests_per_s),
+        Ceiling::new("store", f.store_rate),
     ];
     if flush == "sync" {
         ceilings.push(Ceiling::new("conns x flush", connections as f64 * env.flush_rate));
     }
+    let label = format!("produce {flush} {} x{connections}", size_label(size));
     Ok(vec![
-        Row::measured(&label, measured.requests_per_s, Some(measured.latency), ceilings).with_rss(idle_rss, peak_rss),
-        Row::ceiling("  bare axum, same load", http.requests_per_s, Some(http.latency)),
-        Row::ceiling("  store alone, same writers", store_rate, None),
+        Row::measured(&label, f.measured.requests_per_s, Some(f.measured.latency), ceilings).with_rss(f.rss.0, f.rss.1),
+        Row::ceiling("  bare axum, same load", f.http.requests_per_s, Some(f.http.latency)),
+        Row::ceiling("  store alone, same writers", f.store_rate, None),
     ])
 }
 
 /// REST batch produce, `per_batch` messages per request.
 pub async fn produce_batch(env: &Env, connections: usize, per_batch: usize, size: usize) -> anyhow::Result<Vec<Row>> {
-    let setup = env.setup();
     let messages = serde_json::to_string(&vec![message_body(size); per_batch])?;
-    let body = form(&[("producer", PRODUCER), ("messages", &messages)]);
-    let proc = server::start_mqproxy(&env.server_bin, server::fresh_dir(&env.data_root, "batch")?, &setup)?;
-    let idle_rss = proc.rss_mib().0;
-    let reply = HttpConn::connect(proc.addr)
-        .await?
-        .post_form("/mq/produce/batch", body.clone())
-        .await?;
-    let measured = closed_loop(
-        proc.addr,
-        connections,
-        env.warmup,
-        env.duration,
-        "/mq/produce/batch",
-        body.clone(),
-    )
-    .await?;
-    let peak_rss = proc.rss_mib().1;
-    drop(proc);
-
-    let http = http_ceiling(env, &reply, connections, "/mq/produce/batch", body).await?;
-    let store_dir = server::fresh_dir(&env.data_root, "store-ceiling")?;
-    let store = ceilings::open_store(&store_dir, Flush::Sync)?;
-    let store_rate = ceilings::store_write_rate(&store, connections, per_batch, size, env.duration).await?;
-    store.close();
-    let _ = std::fs::remove_dir_all(store_dir);
-
+    let load = ProduceLoad {
+        path: "/mq/produce/batch",
+        body: form(&[("producer", PRODUCER), ("messages", &messages)]),
+        per_request: per_batch,
+        size,
+        flush: "sync",
+    };
+    let f = measure_produce(env, connections, &load).await?;
     let n = per_batch as f64;
     let label = format!("produce-batch {per_batch} {} x{connections}", size_label(size));
     Ok(vec![
         Row::measured(
             &label,
-            measured.requests_per_s * n,
-            Some(measured.latency),
+            f.measured.requests_per_s * n,
+            Some(f.measured.latency),
             vec![
-                Ceiling::new("axum", http.requests_per_s * n),
-                Ceiling::new("store", store_rate),
+                Ceiling::new("axum", f.http.requests_per_s * n),
+                Ceiling::new("store", f.store_rate),
             ],
         )
-        .with_rss(idle_rss, peak_rss),
-        Row::ceiling("  bare axum, same load", http.requests_per_s * n, Some(http.latency)),
-        Row::ceiling("  store alone, same batches", store_rate, None),
+        .with_rss(f.rss.0, f.rss.1),
+        Row::ceiling(
+            "  bare axum, same load",
+            f.http.requests_per_s * n,
+            Some(f.http.latency),
+        ),
+        Row::ceiling("  store alone, same batches", f.store_rate, None),
     ])
 }
 
