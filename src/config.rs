@@ -268,6 +268,15 @@ pub struct Config {
     /// the admin API answers loopback clients only.
     #[serde(default)]
     pub admin_token: Option<String>,
+    /// Secret of the requestId MAC (any text, 16+ characters); without it the key is made at
+    /// first start and kept in the data directory (or shared through Redis).
+    #[serde(default)]
+    pub request_id_secret: Option<String>,
+    /// The secret before a rotation: requestIds it signed are still accepted. Defaults, when
+    /// `request_id_secret` is set, to the key kept in the data directory (or Redis), so the
+    /// first configured secret is a rotation too.
+    #[serde(default)]
+    pub request_id_previous_secret: Option<String>,
     #[serde(default)]
     pub consumer_state: ConsumerStateConfig,
     #[serde(default, rename = "topic")]
@@ -410,6 +419,20 @@ impl Config {
                 reason,
             })
         };
+        for (key, secret) in [
+            ("request_id_secret", &self.request_id_secret),
+            ("request_id_previous_secret", &self.request_id_previous_secret),
+        ] {
+            if secret.as_ref().is_some_and(|s| s.chars().count() < 16) {
+                return err(key.into(), "must be at least 16 characters".into());
+            }
+        }
+        if self.request_id_previous_secret.is_some() && self.request_id_secret.is_none() {
+            return err(
+                "request_id_previous_secret".into(),
+                "needs request_id_secret (the secret now in use)".into(),
+            );
+        }
         if self.listen.parse::<std::net::SocketAddr>().is_err() {
             return err(
                 "listen".into(),

@@ -4,6 +4,7 @@
 use crate::config::{
     Backend, Config, ConsumerConfig, ConsumerStateKind, Flush, HttpStatusPolicy, Mode, ProducerConfig, TopicConfig,
 };
+use crate::engine::request_id::RequestIdKeys;
 use crate::engine::{Engine, EngineConfig, EngineError};
 use crate::http::{self, HttpSettings};
 use crate::store::consumer_state::{ConsumerStateStore, LocalConsumerState};
@@ -35,6 +36,23 @@ pub fn embedded_config(config: &Config) -> EmbeddedConfig {
         retention_check_interval: Duration::from_millis(config.retention_check_interval_ms),
         topics: config.topics.iter().map(|t| (t.name.clone(), t.queues)).collect(),
         broker_name: config.broker_name.clone(),
+    }
+}
+
+/// The requestId MAC keys: the configured secret (the previous one, or else the kept key,
+/// still accepted), or the key kept in the data directory / Redis.
+fn request_id_keys(config: &Config, kept: [u8; 32]) -> RequestIdKeys {
+    match &config.request_id_secret {
+        Some(current) => RequestIdKeys::new(
+            RequestIdKeys::key_of(current),
+            Some(
+                config
+                    .request_id_previous_secret
+                    .as_deref()
+                    .map_or(kept, RequestIdKeys::key_of),
+            ),
+        ),
+        None => RequestIdKeys::new(kept, None),
     }
 }
 
@@ -194,7 +212,7 @@ pub async fn run(
     // without Redis, the consumer state; with the RocketMQ backend it holds no messages.
     let messages = message_store(&config, &store).await?;
     let state = consumer_state(&config, &store, &messages).await?;
-    let secret = state
+    let kept_secret = state
         .shared_secret()
         .await
         .map_err(|source| ServeError::ConsumerState {
@@ -202,6 +220,7 @@ pub async fn run(
             source,
         })?
         .unwrap_or(store.identity().secret);
+    let keys = request_id_keys(&config, kept_secret);
     if config.admin_token.as_deref().is_none_or(str::is_empty) {
         tracing::info!("admin API (/admin/...): loopback clients only; set admin_token to open it to others");
     }
@@ -218,7 +237,7 @@ pub async fn run(
         },
         messages,
         state,
-        secret,
+        keys,
         Arc::new(registry_file),
     );
     // The config's entries are created at start-up: saved along with the admin API's.

@@ -270,3 +270,60 @@ async fn async_flush_keeps_messages_across_a_graceful_restart() {
     let s = s.restart().await;
     assert_eq!(s.drain("c", None).await, ["a", "b"]);
 }
+
+/// requestId secret rotation: a batch pulled before the rotation is acknowledged after it
+/// (the previous secret is still accepted); one rotation later, a requestId of the oldest
+/// secret is refused with a 400 naming the requestId.
+#[tokio::test]
+async fn request_id_secret_rotation_keeps_pulled_batches_ackable() {
+    const FIRST: &str = "first-secret-0123456789";
+    const SECOND: &str = "second-secret-0123456789";
+    let mut config = config(Some(&one_queue("")));
+    config.request_id_secret = Some(FIRST.into());
+    let s = TestServer::with_config(config).await;
+    s.produce("before").await;
+    let before = s.fetch("c", None).await;
+    assert_eq!(bodies_of(&before), ["before"]);
+
+    let s = s
+        .restart_with(|c| {
+            c.request_id_secret = Some(SECOND.into());
+            c.request_id_previous_secret = Some(FIRST.into());
+        })
+        .await;
+    let q = [("topic", TOPIC), ("consumer", "c"), ("requestId", &rid(&before))];
+    let ack = s.post("/mq/ack", &q).await;
+    assert_eq!(ack["status"], 200, "{ack}");
+    assert!(ack["message"].as_str().is_some_and(|m| m.starts_with("ok")), "{ack}");
+    s.produce("after").await;
+    let after = s.fetch("c", None).await;
+    assert_eq!(bodies_of(&after), ["after"]);
+
+    // FIRST is two rotations old now: its requestIds are forged as far as the server knows.
+    let s = s
+        .restart_with(|c| {
+            c.request_id_secret = Some("third-secret-0123456789".into());
+            c.request_id_previous_secret = Some(SECOND.into());
+        })
+        .await;
+    let stale = s.post("/mq/ack", &q).await;
+    assert_eq!(stale["status"], 400, "{stale}");
+    assert!(
+        stale["message"].as_str().is_some_and(|m| m.contains("requestId")),
+        "{stale}"
+    );
+    let q = [("topic", TOPIC), ("consumer", "c"), ("requestId", &rid(&after))];
+    let ack = s.post("/mq/ack", &q).await;
+    assert_eq!(ack["status"], 200, "{ack}");
+    assert_eq!(s.fetch("c", None).await["result"]["status"], "NO_NEW_MSG");
+}
+
+/// The secrets are checked at start: too short, or a previous secret without a current one.
+#[test]
+fn request_id_secrets_are_validated() {
+    let short = mqproxy::config::Config::from_toml("request_id_secret = \"short\"", "(test)").unwrap_err();
+    assert_eq!(short.key, "request_id_secret", "{short}");
+    let alone =
+        mqproxy::config::Config::from_toml("request_id_previous_secret = \"0123456789abcdef\"", "(test)").unwrap_err();
+    assert_eq!(alone.key, "request_id_previous_secret", "{alone}");
+}

@@ -272,8 +272,8 @@ impl Engine {
 
     /// The batch a requestId names and the index of its queue in the topic's route.
     fn decode_token(&self, request_id: &str, key: &ContextKey) -> Result<(BatchToken, u32), EngineError> {
-        let token =
-            request_id::decode(request_id, &self.inner.secret, key).map_err(|e| EngineError::invalid(e.to_string()))?;
+        let token = request_id::decode(request_id, &self.inner.request_id_keys, key)
+            .map_err(|e| EngineError::invalid(e.to_string()))?;
         let index = self
             .inner
             .messages
@@ -375,7 +375,7 @@ impl Engine {
             Choice::AllLocked => return Ok(outcome),
         };
         outcome.queue = Some(chosen.snapshot.clone());
-        let secret = &self.inner.secret;
+        let keys = &self.inner.request_id_keys;
         let token = |start: u64, next: u64, force_ack: bool| {
             request_id::encode(
                 &BatchToken {
@@ -386,7 +386,7 @@ impl Engine {
                     lock_time: chosen.lock_time,
                     force_ack,
                 },
-                secret,
+                keys,
                 &key,
             )
         };

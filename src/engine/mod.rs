@@ -165,8 +165,8 @@ struct Inner {
     messages: Arc<dyn MessageStore>,
     /// Consumer offsets, locks, retry entries and settings.
     state: Arc<dyn ConsumerStateStore>,
-    /// Key of the requestId MAC (shared by every proxy on one consumer state store).
-    secret: [u8; 32],
+    /// Keys of the requestId MAC (shared by every proxy on one consumer state store).
+    request_id_keys: request_id::RequestIdKeys,
     metrics: metrics::Metrics,
     ids: MsgIdGenerator,
     round_robin: AtomicU32,
@@ -184,15 +184,15 @@ pub(crate) fn now_ms() -> u64 {
 }
 
 impl Engine {
-    /// Builds the engine over its message store and consumer state store; `secret` keys the
-    /// requestId MAC.
+    /// Builds the engine over its message store and consumer state store; `request_id_keys`
+    /// sign and check requestIds.
     /// `config` holds the registry to start with; `registry_store` keeps the admin API's
     /// changes.
     pub fn new(
         config: EngineConfig,
         messages: Arc<dyn MessageStore>,
         state: Arc<dyn ConsumerStateStore>,
-        secret: [u8; 32],
+        request_id_keys: request_id::RequestIdKeys,
         registry_store: Arc<dyn RegistryStore>,
     ) -> Self {
         let registry = registry::Registry::new(&config.topics, &config.producers, &config.consumers);
@@ -200,7 +200,7 @@ impl Engine {
         Self {
             inner: Arc::new(Inner {
                 state,
-                secret,
+                request_id_keys,
                 metrics: metrics::Metrics::new(),
                 rate_limiters: RateLimiters::default(),
                 config,

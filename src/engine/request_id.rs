@@ -8,7 +8,7 @@ use base64::Engine as _;
 use base64::alphabet::URL_SAFE;
 use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 use hmac::{Hmac, Mac};
-use sha2::Sha256;
+use sha2::{Digest, Sha256};
 
 const ENCODER: GeneralPurpose = GeneralPurpose::new(&URL_SAFE, GeneralPurposeConfig::new());
 const DECODER: GeneralPurpose = GeneralPurpose::new(
@@ -57,6 +57,30 @@ pub enum TokenError {
     BadSignature,
 }
 
+/// The keys of the requestId MAC: new requestIds are signed with `current`; a requestId signed
+/// with `previous` (the key before a rotation) is still accepted, so batches pulled before a
+/// rotation can be acknowledged after it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestIdKeys {
+    current: [u8; 32],
+    previous: Option<[u8; 32]>,
+}
+
+impl RequestIdKeys {
+    pub fn new(current: [u8; 32], previous: Option<[u8; 32]>) -> Self {
+        Self { current, previous }
+    }
+
+    /// The key of a configured secret (any text): its SHA-256.
+    pub fn key_of(secret: &str) -> [u8; 32] {
+        Sha256::digest(secret.as_bytes()).into()
+    }
+
+    fn accepted(&self) -> impl Iterator<Item = &[u8; 32]> {
+        std::iter::once(&self.current).chain(self.previous.as_ref())
+    }
+}
+
 fn tag(secret: &[u8; 32], fields: &str, context: &ContextKey) -> Hmac<Sha256> {
     let mut mac =
         <Hmac<Sha256> as Mac>::new_from_slice(secret).unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
@@ -74,13 +98,13 @@ fn tag(secret: &[u8; 32], fields: &str, context: &ContextKey) -> Hmac<Sha256> {
     mac
 }
 
-pub fn encode(token: &BatchToken, secret: &[u8; 32], context: &ContextKey) -> String {
+pub fn encode(token: &BatchToken, keys: &RequestIdKeys, context: &ContextKey) -> String {
     let fields = token.fields();
-    let digest = tag(secret, &fields, context).finalize().into_bytes();
+    let digest = tag(&keys.current, &fields, context).finalize().into_bytes();
     ENCODER.encode(format!("{fields},{}", hex::encode(&digest[..TAG_LEN])))
 }
 
-pub fn decode(request_id: &str, secret: &[u8; 32], context: &ContextKey) -> Result<BatchToken, TokenError> {
+pub fn decode(request_id: &str, keys: &RequestIdKeys, context: &ContextKey) -> Result<BatchToken, TokenError> {
     let bytes = DECODER.decode(request_id.trim()).map_err(|_| TokenError::Encoding)?;
     let text = String::from_utf8(bytes).map_err(|_| TokenError::Malformed("not UTF-8"))?;
     let (fields, tag_hex) = text.rsplit_once(',').ok_or(TokenError::Malformed("too few fields"))?;
@@ -89,10 +113,10 @@ pub fn decode(request_id: &str, secret: &[u8; 32], context: &ContextKey) -> Resu
         return Err(TokenError::Malformed("expected 7 fields"));
     };
     let tag_bytes = hex::decode(tag_hex).map_err(|_| TokenError::Malformed("bad tag"))?;
-    tag(secret, fields, context)
-        .verify_truncated_left(&tag_bytes)
-        .map_err(|_| TokenError::BadSignature)?;
-    if tag_bytes.len() != TAG_LEN {
+    let signed = keys
+        .accepted()
+        .any(|key| tag(key, fields, context).verify_truncated_left(&tag_bytes).is_ok());
+    if !signed || tag_bytes.len() != TAG_LEN {
         return Err(TokenError::BadSignature);
     }
     let num = |s: &str, what: &'static str| s.parse::<u64>().map_err(|_| TokenError::Malformed(what));
@@ -128,19 +152,50 @@ mod tests {
             lock_time: 1_655_882_634_054,
             force_ack: false,
         };
-        let secret = [9u8; 32];
+        let secret = RequestIdKeys::new([9u8; 32], None);
         let id = encode(&token, &secret, &ctx(None));
         assert!(!id.contains('+') && !id.contains('/'));
         assert_eq!(decode(&id, &secret, &ctx(None)), Ok(token.clone()));
         assert_eq!(decode(id.trim_end_matches('='), &secret, &ctx(None)), Ok(token.clone()));
         // Another consumer context, another secret: refused.
         assert_eq!(decode(&id, &secret, &ctx(Some("c1"))), Err(TokenError::BadSignature));
-        assert_eq!(decode(&id, &[1u8; 32], &ctx(None)), Err(TokenError::BadSignature));
+        let other = RequestIdKeys::new([1u8; 32], None);
+        assert_eq!(decode(&id, &other, &ctx(None)), Err(TokenError::BadSignature));
         // The Java proxy's unsigned form (the seed's sample) and edited fields: refused.
         assert!(decode("YnJva2VyLWMsNCwyMTU2OSwyMTYwMSwxNjU1ODgyNjM0MDU0", &secret, &ctx(None)).is_err());
         let text = String::from_utf8(DECODER.decode(&id).expect("b64")).expect("utf8");
         let forged = ENCODER.encode(text.replace(",42,", ",99,"));
         assert_eq!(decode(&forged, &secret, &ctx(None)), Err(TokenError::BadSignature));
         assert_eq!(decode("%%%", &secret, &ctx(None)), Err(TokenError::Encoding));
+    }
+
+    /// After a rotation, requestIds of the previous key still decode; new ones use the new key;
+    /// one rotation later the oldest key is refused.
+    #[test]
+    fn rotation_accepts_the_previous_key() {
+        let token = BatchToken {
+            broker_name: "b".into(),
+            queue_id: 0,
+            offset: 1,
+            next_offset: 2,
+            lock_time: 3,
+            force_ack: true,
+        };
+        let (a, b, c) = (
+            RequestIdKeys::key_of("a-secret"),
+            RequestIdKeys::key_of("b-secret"),
+            [7u8; 32],
+        );
+        let before = encode(&token, &RequestIdKeys::new(a, None), &ctx(None));
+        let rotated = RequestIdKeys::new(b, Some(a));
+        assert_eq!(decode(&before, &rotated, &ctx(None)), Ok(token.clone()));
+        let after = encode(&token, &rotated, &ctx(None));
+        assert_eq!(
+            decode(&after, &RequestIdKeys::new(b, None), &ctx(None)),
+            Ok(token.clone())
+        );
+        let twice = RequestIdKeys::new(c, Some(b));
+        assert_eq!(decode(&after, &twice, &ctx(None)), Ok(token));
+        assert_eq!(decode(&before, &twice, &ctx(None)), Err(TokenError::BadSignature));
     }
 }

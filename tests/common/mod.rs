@@ -85,7 +85,13 @@ impl TestServer {
     }
 
     /// Graceful stop (flush), then a new server on the same data directory.
-    pub async fn restart(mut self) -> Self {
+    pub async fn restart(self) -> Self {
+        self.restart_with(|_| {}).await
+    }
+
+    /// Graceful stop, then a new server on the same data directory with a changed config.
+    pub async fn restart_with(mut self, change: impl FnOnce(&mut Config)) -> Self {
+        change(&mut self.config);
         self.shutdown().await;
         let tmp = self._tmp.take();
         let mut server = Self::launch(self.config.clone()).await;
