@@ -339,6 +339,12 @@ impl Proc {
             .to_owned();
         Self { child, base }
     }
+
+    /// SIGKILL (no shutdown of any kind), and reap it.
+    pub fn kill_9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 impl Drop for Proc {
