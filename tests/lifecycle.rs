@@ -166,7 +166,10 @@ async fn retention_and_offset_illegal_reset() {
         next["result"]["status"], "FOUND",
         "continues from the smallest offset: {next}"
     );
-    assert_eq!(bodies_of(&next), ["fresh"]);
+    // b and c were stored a moment apart: a purge may fall between them, so the smallest
+    // message left is c or a fresh one, never a or b.
+    let bodies = bodies_of(&next);
+    assert!(bodies == ["c"] || bodies == ["fresh"], "{next}");
     assert_eq!(
         next["result"]["queueInfo"]["committedOffset"], next["result"]["queueInfo"]["minOffset"],
         "{next}"
