@@ -314,6 +314,13 @@ pub trait MessageStore: Send + Sync + 'static {
     /// seen by a send, a pull or the periodic refresh).
     fn queue_range(&self, topic: &str, queue: u32) -> QueueRange;
 
+    /// Whether `queue_range` is exact: true when this process makes every append (the
+    /// embedded store); false for a cluster other clients write to, whose cached max may lag
+    /// behind a committed offset another proxy moved.
+    fn ranges_are_exact(&self) -> bool {
+        true
+    }
+
     /// Up to `max` messages of a queue from offset `from` on, stopping before the bodies would
     /// pass `max_bytes` (the first message is always included, whatever its size).
     async fn read(

@@ -527,6 +527,10 @@ impl MessageStore for RocketMqStore {
         MAX_BATCH_BYTES
     }
 
+    fn ranges_are_exact(&self) -> bool {
+        false
+    }
+
     async fn add_topic(&self, topic: &str, queues: u32) -> Result<(), StoreError> {
         let mut producer = self.inner.producer.clone();
         let loaded = Self::load_topic(
