@@ -43,30 +43,20 @@ impl Ledger {
     }
 }
 
-/// One pull and its explicit ack; the bodies, and whether the ack was answered "ok".
+/// GET with a query; the JSON answer, or None once the server is gone.
+async fn get_answer(client: &reqwest::Client, url: String, query: &[(&str, &str)]) -> Option<Value> {
+    client.get(url).query(query).send().await.ok()?.json().await.ok()
+}
+
+/// One pull and its explicit ack; how many messages came (None once the server is gone).
 async fn pull_and_ack(client: &reqwest::Client, base: &str, ledger: &Mutex<Ledger>) -> Option<usize> {
-    let url = format!("{base}/mq/message");
-    let v: Value = client
-        .get(&url)
-        .query(&[("topic", TOPIC), ("consumer", CLUSTERING)])
-        .send()
-        .await
-        .ok()?
-        .json()
-        .await
-        .ok()?;
+    let query = [("topic", TOPIC), ("consumer", CLUSTERING)];
+    let v = get_answer(client, format!("{base}/mq/message"), &query).await?;
     let bodies = bodies_of(&v);
     ledger.lock().expect("ledger").deliver(&bodies);
     if let Some(request_id) = v["result"]["requestId"].as_str() {
-        let ack: Value = client
-            .get(format!("{base}/mq/ack"))
-            .query(&[("topic", TOPIC), ("consumer", CLUSTERING), ("requestId", request_id)])
-            .send()
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()?;
+        let query = [("topic", TOPIC), ("consumer", CLUSTERING), ("requestId", request_id)];
+        let ack = get_answer(client, format!("{base}/mq/ack"), &query).await?;
         if ack["message"].as_str().is_some_and(|m| m.starts_with("ok")) {
             ledger.lock().expect("ledger").acked.extend(bodies.iter().cloned());
         }
