@@ -9,7 +9,6 @@ use mqproxy::store::embedded::EmbeddedStore;
 use mqproxy::store::{Delivery, MessageStore, NewRecord};
 use std::io::Write;
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -65,6 +64,43 @@ pub fn records(n: usize, size: usize) -> Vec<NewRecord> {
         .collect()
 }
 
+/// Sums what `tasks` tasks return; task `i` runs `task(i, store)` on its own store handle.
+async fn sum_over_tasks<F, Fut>(store: &EmbeddedStore, tasks: usize, task: F) -> anyhow::Result<u64>
+where
+    F: Fn(usize, EmbeddedStore) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<u64>> + Send + 'static,
+{
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..tasks {
+        set.spawn(task(i, store.clone()));
+    }
+    let mut total = 0;
+    while let Some(n) = set.join_next().await {
+        total += n??;
+    }
+    Ok(total)
+}
+
+/// Appends up to `per_append` messages of `size` bytes at a time, each append to the next
+/// queue from `first_queue` on, until `limit` messages are in or `end` has passed.
+async fn append_loop(
+    store: EmbeddedStore,
+    first_queue: u32,
+    per_append: usize,
+    size: usize,
+    limit: u64,
+    end: Option<Instant>,
+) -> anyhow::Result<u64> {
+    let (mut done, mut queue) = (0u64, first_queue % QUEUES);
+    while done < limit && end.is_none_or(|end| Instant::now() < end) {
+        let n = (limit - done).min(per_append as u64) as usize;
+        store.append(TOPIC, queue, Delivery::Now, records(n, size)).await?;
+        done += n as u64;
+        queue = (queue + 1) % QUEUES;
+    }
+    Ok(done)
+}
+
 /// `writers` tasks appending `per_append` messages of `size` bytes back to back, each to the
 /// next queue, for `duration`: messages/s.
 pub async fn store_write_rate(
@@ -74,86 +110,46 @@ pub async fn store_write_rate(
     size: usize,
     duration: Duration,
 ) -> anyhow::Result<f64> {
-    let store = Arc::new(store.clone());
-    let end = Instant::now() + duration;
     let started = Instant::now();
-    let mut tasks = tokio::task::JoinSet::new();
-    for w in 0..writers {
-        let store = store.clone();
-        tasks.spawn(async move {
-            let mut n = 0u64;
-            let mut queue = w as u32 % QUEUES;
-            while Instant::now() < end {
-                store
-                    .append(TOPIC, queue, Delivery::Now, records(per_append, size))
-                    .await?;
-                n += per_append as u64;
-                queue = (queue + 1) % QUEUES;
-            }
-            anyhow::Ok(n)
-        });
-    }
-    let mut total = 0;
-    while let Some(n) = tasks.join_next().await {
-        total += n??;
-    }
+    let end = started + duration;
+    let total = sum_over_tasks(store, writers, |w, store| {
+        append_loop(store, w as u32, per_append, size, u64::MAX, Some(end))
+    })
+    .await?;
     Ok(total as f64 / started.elapsed().as_secs_f64())
 }
 
 /// `readers` tasks reading every queue from its start in reads of `per_read` messages until
-/// all `stored` messages were read: messages/s.
+/// each queue's end: messages/s.
 pub async fn store_read_rate(store: &EmbeddedStore, readers: usize, per_read: usize) -> anyhow::Result<f64> {
-    let store = Arc::new(store.clone());
     let started = Instant::now();
-    let mut tasks = tokio::task::JoinSet::new();
-    for r in 0..readers {
-        let store = store.clone();
-        tasks.spawn(async move {
-            let mut n = 0u64;
-            // Reader r reads queues r, r + readers, ...: each queue read once.
-            for queue in (r as u32..QUEUES).step_by(readers) {
-                let range = store.queue_range(TOPIC, queue);
-                let mut from = range.min;
-                while from < range.max {
-                    let read = store.read(TOPIC, queue, from, per_read, 4 << 20).await?;
-                    let Some(last) = read.messages.last() else { break };
-                    from = last.offset + 1;
-                    n += read.messages.len() as u64;
-                }
+    let total = sum_over_tasks(store, readers, |r, store| async move {
+        let mut n = 0u64;
+        // Reader r reads queues r, r + readers, ...: each queue read once.
+        for queue in (r as u32..QUEUES).step_by(readers) {
+            let range = store.queue_range(TOPIC, queue);
+            let mut from = range.min;
+            while from < range.max {
+                let read = store.read(TOPIC, queue, from, per_read, 4 << 20).await?;
+                let Some(last) = read.messages.last() else { break };
+                from = last.offset + 1;
+                n += read.messages.len() as u64;
             }
-            anyhow::Ok(n)
-        });
-    }
-    let mut total = 0;
-    while let Some(n) = tasks.join_next().await {
-        total += n??;
-    }
+        }
+        Ok(n)
+    })
+    .await?;
     Ok(total as f64 / started.elapsed().as_secs_f64())
 }
 
 /// Fills the store with `total` messages of `size` bytes in appends of `per_append`, spread
 /// over the queues (used to preload consume scenarios and the backlog).
 pub async fn fill(store: &EmbeddedStore, total: u64, per_append: usize, size: usize) -> anyhow::Result<()> {
-    let store = Arc::new(store.clone());
-    let writers = 4u64;
-    let mut tasks = tokio::task::JoinSet::new();
-    for w in 0..writers {
-        let store = store.clone();
-        tasks.spawn(async move {
-            let mine = total / writers + u64::from(w < total % writers);
-            let mut done = 0u64;
-            let mut queue = w as u32 % QUEUES;
-            while done < mine {
-                let n = (mine - done).min(per_append as u64) as usize;
-                store.append(TOPIC, queue, Delivery::Now, records(n, size)).await?;
-                done += n as u64;
-                queue = (queue + 1) % QUEUES;
-            }
-            anyhow::Ok(())
-        });
-    }
-    while let Some(r) = tasks.join_next().await {
-        r??;
-    }
+    const WRITERS: usize = 4;
+    let share = |w: usize| total / WRITERS as u64 + u64::from((w as u64) < total % WRITERS as u64);
+    sum_over_tasks(store, WRITERS, |w, store| {
+        append_loop(store, w as u32, per_append, size, share(w), None)
+    })
+    .await?;
     Ok(())
 }
