@@ -1,7 +1,7 @@
 //! The configuration: a TOML file (or the demo registry when there is none), then command-line
 //! flags. Every value is checked here; an error names the file, the key and the reason.
 
-use crate::engine::{ConsumeMode, ConsumerSpec, ProducerSpec, TopicSpec};
+use crate::engine::{AccessToken, ConsumeMode, ConsumerSpec, ProducerSpec, TopicSpec};
 use serde::Deserialize;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -45,6 +45,12 @@ pub struct TopicConfig {
 pub struct ProducerConfig {
     pub name: String,
     pub topic: String,
+    /// Requests must present this token (`Authorization: Bearer` or the `token` parameter).
+    #[serde(default)]
+    pub token: Option<String>,
+    /// The same, given as the hex SHA-256 of the token (keeps the secret out of the file).
+    #[serde(default)]
+    pub token_sha256: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -65,6 +71,35 @@ pub struct ConsumerConfig {
     pub consume_timeout_ms: u64,
     #[serde(default = "default_max_pull_size")]
     pub max_pull_size: u32,
+    /// Requests must present this token (`Authorization: Bearer` or the `token` parameter).
+    #[serde(default)]
+    pub token: Option<String>,
+    /// The same, given as the hex SHA-256 of the token.
+    #[serde(default)]
+    pub token_sha256: Option<String>,
+}
+
+/// The access token of a registry entry from its two config keys (checked by `validate`).
+fn access_token(token: Option<&String>, token_sha256: Option<&String>) -> Option<AccessToken> {
+    token
+        .map(|t| AccessToken::from_secret(t))
+        .or_else(|| token_sha256.and_then(|h| AccessToken::from_sha256_hex(h)))
+}
+
+/// Checks the two token keys of `entry` (e.g. `producer[0]`).
+fn check_token(entry: &str, token: Option<&String>, token_sha256: Option<&String>) -> Result<(), (String, String)> {
+    match (token, token_sha256) {
+        (Some(_), Some(_)) => Err((
+            format!("{entry}.token_sha256"),
+            "give token or token_sha256, not both".into(),
+        )),
+        (Some(t), None) if t.is_empty() => Err((format!("{entry}.token"), "must not be empty".into())),
+        (None, Some(h)) if AccessToken::from_sha256_hex(h).is_none() => Err((
+            format!("{entry}.token_sha256"),
+            "must be 64 hex digits (the SHA-256 of the token)".into(),
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// Where messages live.
@@ -364,6 +399,8 @@ impl Config {
         config.producers = vec![ProducerConfig {
             name: format!("{DEMO_TOPIC}-producer"),
             topic: DEMO_TOPIC.into(),
+            token: None,
+            token_sha256: None,
         }];
         let consumer = |name: &str, mode| ConsumerConfig {
             name: name.into(),
@@ -371,6 +408,8 @@ impl Config {
             mode,
             consume_timeout_ms: default_consume_timeout_ms(),
             max_pull_size: default_max_pull_size(),
+            token: None,
+            token_sha256: None,
         };
         config.consumers = vec![
             consumer("http-clustering-consumer", Mode::Clustering),
@@ -541,6 +580,11 @@ impl Config {
                     format!("no [[topic]] named {:?}", p.topic),
                 );
             }
+            if let Err((key, reason)) =
+                check_token(&format!("producer[{i}]"), p.token.as_ref(), p.token_sha256.as_ref())
+            {
+                return err(key, reason);
+            }
         }
         let mut names = HashSet::new();
         for (i, c) in self.consumers.iter().enumerate() {
@@ -571,6 +615,11 @@ impl Config {
                     format!("must be between 1 and 128, got {}", c.max_pull_size),
                 );
             }
+            if let Err((key, reason)) =
+                check_token(&format!("consumer[{i}]"), c.token.as_ref(), c.token_sha256.as_ref())
+            {
+                return err(key, reason);
+            }
         }
         Ok(())
     }
@@ -591,6 +640,7 @@ impl Config {
             .map(|p| ProducerSpec {
                 name: p.name.clone(),
                 topic: p.topic.clone(),
+                token: access_token(p.token.as_ref(), p.token_sha256.as_ref()),
             })
             .collect()
     }
@@ -607,6 +657,7 @@ impl Config {
                 },
                 consume_timeout_ms: c.consume_timeout_ms,
                 max_pull_size: c.max_pull_size,
+                token: access_token(c.token.as_ref(), c.token_sha256.as_ref()),
             })
             .collect()
     }
@@ -656,6 +707,30 @@ mod tests {
             )
             .is_ok()
         );
+        let tokens = |extra: &str| {
+            Config::from_toml(
+                &format!("[[topic]]\nname = \"t\"\nqueues = 1\n[[producer]]\nname = \"p\"\ntopic = \"t\"\n{extra}"),
+                "f.toml",
+            )
+        };
+        assert!(tokens("token = \"abc\"\n").is_ok());
+        assert_eq!(tokens("token = \"\"\n").unwrap_err().key, "producer[0].token");
+        assert_eq!(
+            tokens("token_sha256 = \"xyz\"\n").unwrap_err().key,
+            "producer[0].token_sha256"
+        );
+        assert_eq!(
+            tokens(&format!("token = \"a\"\ntoken_sha256 = \"{}\"\n", "0".repeat(64)))
+                .unwrap_err()
+                .key,
+            "producer[0].token_sha256"
+        );
+        let hashed = tokens(&format!(
+            "token_sha256 = \"{}\"\n",
+            AccessToken::from_secret("abc").sha256_hex()
+        ))
+        .expect("hashed token");
+        assert_eq!(hashed.producer_specs()[0].token, Some(AccessToken::from_secret("abc")));
         let unknown = Config::from_toml("listen = \"127.0.0.1:1\"\nqueuez = 3\n", "f.toml").unwrap_err();
         assert!(unknown.reason.contains("queuez"), "{unknown}");
         assert!(

@@ -175,6 +175,8 @@ fn with_saved_registry(mut config: Config, file: &RegistryFile) -> Result<Config
             config.producers.push(ProducerConfig {
                 name: p.name,
                 topic: p.topic,
+                token: None,
+                token_sha256: p.token_sha256,
             });
         }
     }
@@ -186,6 +188,8 @@ fn with_saved_registry(mut config: Config, file: &RegistryFile) -> Result<Config
                 mode: if c.broadcast { Mode::Broadcast } else { Mode::Clustering },
                 consume_timeout_ms: c.consume_timeout_ms,
                 max_pull_size: c.max_pull_size,
+                token: None,
+                token_sha256: c.token_sha256,
             });
         }
     }

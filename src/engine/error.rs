@@ -16,6 +16,10 @@ pub enum ErrorKind {
     /// A send timed out after it may have been stored: retry if every message must arrive
     /// (300 / DeadlineExceeded).
     OutcomeUnknown,
+    /// A token is required and none was presented (401 / Unauthenticated).
+    Unauthenticated,
+    /// The token presented is not the entry's (403 / PermissionDenied).
+    PermissionDenied,
 }
 
 impl ErrorKind {
@@ -25,6 +29,8 @@ impl ErrorKind {
             Self::InvalidArgument | Self::NotFound => "400",
             Self::Internal | Self::Unavailable => "500",
             Self::OutcomeUnknown => "300",
+            Self::Unauthenticated => "401",
+            Self::PermissionDenied => "403",
         }
     }
 }
@@ -37,6 +43,10 @@ pub enum EngineError {
     UnknownProducer(String),
     #[error("consumer:{0} haven't registered")]
     UnknownConsumer(String),
+    #[error("{0}")]
+    Unauthenticated(String),
+    #[error("{0}")]
+    PermissionDenied(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -46,6 +56,8 @@ impl EngineError {
         match self {
             Self::InvalidArgument(_) => ErrorKind::InvalidArgument,
             Self::UnknownProducer(_) | Self::UnknownConsumer(_) => ErrorKind::NotFound,
+            Self::Unauthenticated(_) => ErrorKind::Unauthenticated,
+            Self::PermissionDenied(_) => ErrorKind::PermissionDenied,
             Self::Store(StoreError::Closed) => ErrorKind::Unavailable,
             Self::Store(StoreError::Rejected(_)) => ErrorKind::InvalidArgument,
             Self::Store(StoreError::OutcomeUnknown(_)) => ErrorKind::OutcomeUnknown,

@@ -5,6 +5,7 @@
 //! Knows nothing of HTTP or gRPC: adapters convert their wire types to the plain types here.
 //! Holds the stores through the traits of [`crate::store`].
 
+pub mod auth;
 mod consume;
 mod error;
 pub mod ids;
@@ -15,6 +16,7 @@ mod registry;
 pub mod request_id;
 mod stream;
 
+pub use auth::{AccessToken, Client, TokenChange};
 pub use consume::{
     AckOutcome, ConsumeTarget, ConsumerView, Delivered, FetchOutcome, FetchRequest, FetchStatus, SettingsChange,
     UnlockOutcome,
@@ -65,6 +67,8 @@ pub struct TopicSpec {
 pub struct ProducerSpec {
     pub name: String,
     pub topic: String,
+    /// Requests must present this token (none: anyone may produce).
+    pub token: Option<AccessToken>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,6 +78,8 @@ pub struct ConsumerSpec {
     pub mode: ConsumeMode,
     pub consume_timeout_ms: u64,
     pub max_pull_size: u32,
+    /// Requests must present this token (none: anyone may consume).
+    pub token: Option<AccessToken>,
 }
 
 /// What the engine needs to know; built by the caller (config file, tests).

@@ -2,7 +2,7 @@
 //! change is checked, made known to the message store (a new or grown topic), saved, and only
 //! then visible to requests. Changes are serialized; readers take a snapshot.
 
-use super::{ConsumeMode, ConsumerSpec, Engine, EngineError, ProducerSpec, TopicSpec};
+use super::{AccessToken, ConsumeMode, ConsumerSpec, Engine, EngineError, ProducerSpec, TokenChange, TopicSpec};
 use crate::store::{RegistryEntries, StoredConsumer, StoredProducer, StoredTopic};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -81,6 +81,7 @@ impl Registry {
                 .map(|p| StoredProducer {
                     name: p.name,
                     topic: p.topic,
+                    token_sha256: p.token.as_ref().map(AccessToken::sha256_hex),
                 })
                 .collect(),
             consumers: view
@@ -92,6 +93,7 @@ impl Registry {
                     broadcast: c.mode == ConsumeMode::Broadcast,
                     consume_timeout_ms: c.consume_timeout_ms,
                     max_pull_size: c.max_pull_size,
+                    token_sha256: c.token.as_ref().map(AccessToken::sha256_hex),
                 })
                 .collect(),
         }
@@ -226,21 +228,22 @@ impl Engine {
         Ok(view)
     }
 
-    /// Creates or changes a producer.
+    /// Creates or changes a producer; `token` keeps, sets or clears its access token.
     ///
     /// # Errors
     /// A bad name, an unknown topic, or a store failure.
-    pub async fn put_producer(&self, name: &str, topic: &str) -> Result<RegistryView, EngineError> {
+    pub async fn put_producer(&self, name: &str, topic: &str, token: TokenChange) -> Result<RegistryView, EngineError> {
         check_name("producer", name)?;
-        let spec = ProducerSpec {
-            name: name.to_owned(),
-            topic: topic.to_owned(),
-        };
         let view = self
             .change_registry(None, |r| {
                 if !r.topics.contains_key(topic) {
                     return Err(EngineError::invalid(format!("topic {topic} is not registered")));
                 }
+                let spec = ProducerSpec {
+                    name: name.to_owned(),
+                    topic: topic.to_owned(),
+                    token: token.apply(r.producers.get(name).and_then(|p| p.token.as_ref())),
+                };
                 r.producers.insert(spec.name.clone(), Arc::new(spec));
                 Ok(())
             })
@@ -266,11 +269,12 @@ impl Engine {
         Ok(view)
     }
 
-    /// Creates or changes a consumer (its offsets and settings are kept across changes).
+    /// Creates or changes a consumer (its offsets and settings are kept across changes);
+    /// `token` keeps, sets or clears its access token (`spec.token` is ignored).
     ///
     /// # Errors
     /// A bad name or value, an unknown topic, or a store failure.
-    pub async fn put_consumer(&self, spec: ConsumerSpec) -> Result<RegistryView, EngineError> {
+    pub async fn put_consumer(&self, mut spec: ConsumerSpec, token: TokenChange) -> Result<RegistryView, EngineError> {
         check_name("consumer", &spec.name)?;
         if !(10_000..=36 * 3_600_000).contains(&spec.consume_timeout_ms) {
             return Err(EngineError::invalid(format!(
@@ -290,6 +294,7 @@ impl Engine {
                 if !r.topics.contains_key(&spec.topic) {
                     return Err(EngineError::invalid(format!("topic {} is not registered", spec.topic)));
                 }
+                spec.token = token.apply(r.consumers.get(&spec.name).and_then(|c| c.token.as_ref()));
                 r.consumers.insert(spec.name.clone(), Arc::new(spec));
                 Ok(())
             })

@@ -3,7 +3,7 @@
 
 use super::pb;
 use crate::engine::{
-    ConsumeCommand, ConsumeEvent, ConsumeTarget, Delivered, Engine, EngineError, ErrorKind, FetchRequest,
+    Client, ConsumeCommand, ConsumeEvent, ConsumeTarget, Delivered, Engine, EngineError, ErrorKind, FetchRequest,
     ProduceRequest, SendReceipt, Subscription,
 };
 use std::pin::Pin;
@@ -19,6 +19,8 @@ fn status(e: EngineError) -> Status {
     match e.kind() {
         ErrorKind::InvalidArgument => Status::invalid_argument(message),
         ErrorKind::NotFound => Status::not_found(message),
+        ErrorKind::Unauthenticated => Status::unauthenticated(message),
+        ErrorKind::PermissionDenied => Status::permission_denied(message),
         ErrorKind::Unavailable => Status::unavailable(message),
         ErrorKind::OutcomeUnknown => {
             tracing::error!(error = %message, "gRPC call outcome unknown");
@@ -64,6 +66,33 @@ fn target(t: Option<pb::ConsumeTarget>) -> Result<ConsumeTarget, Status> {
     })
 }
 
+/// The access token a call presents: metadata `authorization: Bearer TOKEN`.
+fn presented_token<T>(req: &Request<T>) -> Option<String> {
+    req.metadata()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(|t| t.trim().to_owned())
+        .filter(|t| !t.is_empty())
+}
+
+impl GrpcAdapter {
+    fn authorize_producer<T>(&self, producer: &str, req: &Request<T>) -> Result<(), Status> {
+        self.engine
+            .authorize(Client::Producer(producer), presented_token(req).as_deref())
+            .map_err(status)
+    }
+
+    /// The call's consume target, once its consumer accepted the token presented.
+    fn consumer_target(&self, t: Option<pb::ConsumeTarget>, token: Option<&str>) -> Result<ConsumeTarget, Status> {
+        let t = target(t)?;
+        self.engine
+            .authorize(Client::Consumer(&t.consumer), token)
+            .map_err(status)?;
+        Ok(t)
+    }
+}
+
 fn peer_ip<T>(req: &Request<T>) -> Option<String> {
     req.remote_addr().map(|a| a.ip().to_string())
 }
@@ -73,6 +102,7 @@ type ConsumeStream = Pin<Box<dyn Stream<Item = Result<pb::ConsumeResponse, Statu
 #[tonic::async_trait]
 impl pb::messaging_service_server::MessagingService for GrpcAdapter {
     async fn produce(&self, request: Request<pb::ProduceRequest>) -> Result<Response<pb::ProduceResponse>, Status> {
+        self.authorize_producer(&request.get_ref().producer, &request)?;
         let r = request.into_inner();
         let receipt = self
             .engine
@@ -95,6 +125,7 @@ impl pb::messaging_service_server::MessagingService for GrpcAdapter {
         &self,
         request: Request<pb::ProduceBatchRequest>,
     ) -> Result<Response<pb::ProduceBatchResponse>, Status> {
+        self.authorize_producer(&request.get_ref().producer, &request)?;
         let r = request.into_inner();
         let results = self.engine.produce_batch(&r.producer, r.bodies).await.map_err(status)?;
         let results = results
@@ -120,12 +151,12 @@ impl pb::messaging_service_server::MessagingService for GrpcAdapter {
     }
 
     async fn fetch(&self, request: Request<pb::FetchRequest>) -> Result<Response<pb::FetchResponse>, Status> {
-        let peer = peer_ip(&request);
+        let (peer, token) = (peer_ip(&request), presented_token(&request));
         let r = request.into_inner();
         let outcome = self
             .engine
             .fetch(FetchRequest {
-                target: target(r.target)?,
+                target: self.consumer_target(r.target, token.as_deref())?,
                 request_id: r.request_id,
                 client_ip: r.client_ip.or(peer),
                 max_pull_size: None,
@@ -151,10 +182,11 @@ impl pb::messaging_service_server::MessagingService for GrpcAdapter {
     }
 
     async fn ack(&self, request: Request<pb::AckRequest>) -> Result<Response<pb::AckResponse>, Status> {
+        let token = presented_token(&request);
         let r = request.into_inner();
         let o = self
             .engine
-            .ack(&target(r.target)?, &r.request_id)
+            .ack(&self.consumer_target(r.target, token.as_deref())?, &r.request_id)
             .await
             .map_err(status)?;
         Ok(Response::new(pb::AckResponse {
@@ -164,10 +196,11 @@ impl pb::messaging_service_server::MessagingService for GrpcAdapter {
     }
 
     async fn unlock(&self, request: Request<pb::UnlockRequest>) -> Result<Response<pb::UnlockResponse>, Status> {
+        let token = presented_token(&request);
         let r = request.into_inner();
         let o = self
             .engine
-            .unlock(&target(r.target)?, &r.request_id)
+            .unlock(&self.consumer_target(r.target, token.as_deref())?, &r.request_id)
             .await
             .map_err(status)?;
         Ok(Response::new(pb::UnlockResponse {
@@ -182,7 +215,7 @@ impl pb::messaging_service_server::MessagingService for GrpcAdapter {
         &self,
         request: Request<Streaming<pb::ConsumeRequest>>,
     ) -> Result<Response<Self::ConsumeStream>, Status> {
-        let peer = peer_ip(&request);
+        let (peer, token) = (peer_ip(&request), presented_token(&request));
         let mut inbound = request.into_inner();
         let first = inbound
             .message()
@@ -206,7 +239,7 @@ impl pb::messaging_service_server::MessagingService for GrpcAdapter {
             .engine
             .consume(
                 Subscription {
-                    target: target(sub.target)?,
+                    target: self.consumer_target(sub.target, token.as_deref())?,
                     max_in_flight: sub.max_in_flight.unwrap_or(0),
                     max_pull_size: sub.max_pull_size,
                     auto_ack: sub.auto_ack,

@@ -75,12 +75,7 @@ impl AdminAccess {
 
 /// The token a request presents: the bearer header first, then the `token` query parameter.
 fn presented_token(req: &Request) -> Option<String> {
-    let bearer = req
-        .headers()
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(|t| t.trim().to_owned());
+    let bearer = super::support::bearer_token(req.headers()).map(str::to_owned);
     bearer.or_else(|| {
         form_urlencoded::parse(req.uri().query().unwrap_or_default().as_bytes())
             .find(|(k, _)| k == "token")

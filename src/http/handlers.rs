@@ -10,10 +10,11 @@ use super::api::{
     PutTopicParams, QueueInfo, QueueOffset, QueueOffsetsReply, ReadyzParams, Registry, RegistryParams, RegistryReply,
     ResetOffsetsParams, SendResult, StatusReply, TopicEntry, UnlockParams,
 };
-use super::support::{Envelope, Reply, RequestContext};
+use super::support::{Envelope, Reply, RequestContext, bearer_token};
 use crate::engine::{
-    ConsumeMode, ConsumeTarget, ConsumerSpec, Delivered, Engine, EngineError, ErrorKind, FetchRequest, OffsetReset,
-    ProduceRequest, QueueSelector, QueueView, RegistryView, SendReceipt, SettingsChange,
+    AccessToken, Client, ConsumeMode, ConsumeTarget, ConsumerSpec, Delivered, Engine, EngineError, ErrorKind,
+    FetchRequest, OffsetReset, ProduceRequest, QueueSelector, QueueView, RegistryView, SendReceipt, SettingsChange,
+    TokenChange,
 };
 use axum::http::header;
 
@@ -29,6 +30,8 @@ pub struct HttpAdapter {
 fn error_status(e: &EngineError) -> i32 {
     match e.kind() {
         ErrorKind::InvalidArgument | ErrorKind::NotFound => 400,
+        ErrorKind::Unauthenticated => 401,
+        ErrorKind::PermissionDenied => 403,
         ErrorKind::Internal | ErrorKind::Unavailable => 500,
         ErrorKind::OutcomeUnknown => 300,
     }
@@ -98,6 +101,23 @@ fn client_ip(param: Option<String>, ctx: &RequestContext) -> Option<String> {
         .or_else(|| header_value("x-forwarded-for"))
         .or_else(|| header_value("x-real-ip"))
         .or_else(|| ctx.peer.map(|p| p.ip().to_string()))
+}
+
+/// The access token a request presents: the bearer header, else the `token` parameter.
+fn presented_token(param: Option<&str>, ctx: &RequestContext) -> Option<String> {
+    bearer_token(&ctx.headers).or(param).map(str::to_owned)
+}
+
+/// An admin form's `accessToken` / `clearAccessToken`: neither keeps the entry's token.
+fn token_change(access_token: Option<String>, clear: Option<bool>) -> Result<TokenChange, EngineError> {
+    match (access_token, clear.unwrap_or(false)) {
+        (None, false) => Ok(TokenChange::Keep),
+        (None, true) => Ok(TokenChange::Clear),
+        (Some(t), false) => Ok(TokenChange::Set(AccessToken::from_secret(&t))),
+        (Some(_), true) => Err(EngineError::invalid(
+            "give accessToken or clearAccessToken=true, not both",
+        )),
+    }
 }
 
 fn target(topic: String, consumer: String, client_id: Option<String>) -> ConsumeTarget {
@@ -194,6 +214,7 @@ impl HttpAdapter {
                     .producers
                     .into_iter()
                     .map(|p| ProducerEntry {
+                        token_required: Some(p.token.is_some()),
                         name: p.name,
                         topic: p.topic,
                     })
@@ -202,6 +223,7 @@ impl HttpAdapter {
                     .consumers
                     .into_iter()
                     .map(|c| ConsumerEntry {
+                        token_required: Some(c.token.is_some()),
                         mode: c.mode.as_str().to_owned(),
                         name: c.name,
                         topic: c.topic,
@@ -262,7 +284,11 @@ fn queue_offset(topic: &str, q: &QueueView) -> QueueOffset {
 }
 
 impl MqApi for HttpAdapter {
-    async fn produce(&self, p: ProduceParams, _ctx: RequestContext) -> Reply<ProduceReply> {
+    async fn produce(&self, p: ProduceParams, ctx: RequestContext) -> Reply<ProduceReply> {
+        let token = presented_token(p.token.as_deref(), &ctx);
+        if let Err(e) = self.engine.authorize(Client::Producer(&p.producer), token.as_deref()) {
+            return fail(&e);
+        }
         let req = ProduceRequest {
             producer: p.producer,
             body: p.message.into_bytes(),
@@ -281,7 +307,11 @@ impl MqApi for HttpAdapter {
         }
     }
 
-    async fn produce_batch(&self, p: ProduceBatchParams, _ctx: RequestContext) -> Reply<BatchReply> {
+    async fn produce_batch(&self, p: ProduceBatchParams, ctx: RequestContext) -> Reply<BatchReply> {
+        let token = presented_token(p.token.as_deref(), &ctx);
+        if let Err(e) = self.engine.authorize(Client::Producer(&p.producer), token.as_deref()) {
+            return fail(&e);
+        }
         let elements = match serde_json::from_str::<serde_json::Value>(&p.messages) {
             Ok(serde_json::Value::Array(items)) => items,
             _ => {
@@ -330,6 +360,10 @@ impl MqApi for HttpAdapter {
     }
 
     async fn fetch(&self, p: FetchParams, ctx: RequestContext) -> Reply<FetchReply> {
+        let token = presented_token(p.token.as_deref(), &ctx);
+        if let Err(e) = self.engine.authorize(Client::Consumer(&p.consumer), token.as_deref()) {
+            return fail(&e);
+        }
         let use_cookie = p.use_cookie.unwrap_or(false);
         let req = FetchRequest {
             request_id: request_id(p.request_id, use_cookie, &ctx),
@@ -386,6 +420,10 @@ impl MqApi for HttpAdapter {
     }
 
     async fn ack(&self, p: AckParams, ctx: RequestContext) -> Reply<StatusReply> {
+        let token = presented_token(p.token.as_deref(), &ctx);
+        if let Err(e) = self.engine.authorize(Client::Consumer(&p.consumer), token.as_deref()) {
+            return fail(&e);
+        }
         let Some(rid) = request_id(p.request_id, p.use_cookie.unwrap_or(false), &ctx) else {
             return Reply::new(StatusReply::error(400, "parameter requestId: is required".into()));
         };
@@ -399,6 +437,10 @@ impl MqApi for HttpAdapter {
     }
 
     async fn unlock(&self, p: UnlockParams, ctx: RequestContext) -> Reply<StatusReply> {
+        let token = presented_token(p.token.as_deref(), &ctx);
+        if let Err(e) = self.engine.authorize(Client::Consumer(&p.consumer), token.as_deref()) {
+            return fail(&e);
+        }
         let Some(rid) = request_id(p.request_id, p.use_cookie.unwrap_or(false), &ctx) else {
             return Reply::new(StatusReply::error(400, "parameter requestId: is required".into()));
         };
@@ -446,7 +488,11 @@ impl MqApi for HttpAdapter {
     }
 
     async fn put_producer(&self, p: PutProducerParams, _ctx: RequestContext) -> Reply<RegistryReply> {
-        self.registry_reply(self.engine.put_producer(p.name.trim(), p.topic.trim()).await)
+        let token = match token_change(p.access_token, p.clear_access_token) {
+            Ok(t) => t,
+            Err(e) => return fail(&e),
+        };
+        self.registry_reply(self.engine.put_producer(p.name.trim(), p.topic.trim(), token).await)
     }
 
     async fn delete_producer(&self, p: DeleteProducerParams, _ctx: RequestContext) -> Reply<RegistryReply> {
@@ -454,6 +500,10 @@ impl MqApi for HttpAdapter {
     }
 
     async fn put_consumer(&self, p: PutConsumerParams, _ctx: RequestContext) -> Reply<RegistryReply> {
+        let token = match token_change(p.access_token, p.clear_access_token) {
+            Ok(t) => t,
+            Err(e) => return fail(&e),
+        };
         let mode = match p.mode.as_deref().map(str::trim) {
             None | Some("" | "clustering") => ConsumeMode::Clustering,
             Some("broadcast") => ConsumeMode::Broadcast,
@@ -472,8 +522,9 @@ impl MqApi for HttpAdapter {
                 .and_then(|t| u64::try_from(t).ok())
                 .unwrap_or(300_000),
             max_pull_size: p.max_pull_size.and_then(|m| u32::try_from(m).ok()).unwrap_or(32),
+            token: None,
         };
-        self.registry_reply(self.engine.put_consumer(spec).await)
+        self.registry_reply(self.engine.put_consumer(spec, token).await)
     }
 
     async fn delete_consumer(&self, p: DeleteConsumerParams, _ctx: RequestContext) -> Reply<RegistryReply> {

@@ -16,6 +16,16 @@ pub struct RequestContext {
     pub peer: Option<SocketAddr>,
 }
 
+/// The token of an `Authorization: Bearer TOKEN` header.
+pub fn bearer_token(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
 /// A handler's answer: the envelope and, optionally, the `rid` cookie to set.
 #[derive(Debug, Clone)]
 pub struct Reply<T> {

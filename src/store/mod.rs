@@ -260,6 +260,9 @@ pub struct StoredTopic {
 pub struct StoredProducer {
     pub name: String,
     pub topic: String,
+    /// Hex SHA-256 of the producer's token, when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_sha256: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -269,6 +272,9 @@ pub struct StoredConsumer {
     pub broadcast: bool,
     pub consume_timeout_ms: u64,
     pub max_pull_size: u32,
+    /// Hex SHA-256 of the consumer's token, when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_sha256: Option<String>,
 }
 
 /// Where the registry is kept between runs.

@@ -318,13 +318,18 @@ pub struct Proc {
 impl Proc {
     /// Starts `BIN serve --listen 127.0.0.1:0 ARGS...` and waits for its "listening" line.
     pub fn spawn(bin: &str, args: &[String]) -> Self {
+        Self::spawn_logging(bin, args, std::process::Stdio::null())
+    }
+
+    /// [`Proc::spawn`] with the server's log (stderr, warnings and up) sent to `log`.
+    pub fn spawn_logging(bin: &str, args: &[String], log: impl Into<std::process::Stdio>) -> Self {
         use std::io::{BufRead, BufReader};
         let mut child = std::process::Command::new(bin)
             .args(["serve", "--listen", "127.0.0.1:0"])
             .args(args)
             .env("RUST_LOG", "warn")
             .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
+            .stderr(log)
             .spawn()
             .expect("spawn mqproxy");
         let stdout = child.stdout.take().expect("stdout");
