@@ -229,7 +229,7 @@ impl Generator<'_> {
             let _ = write!(
                 out,
                 "async fn handle_{fn_name}<A: MqApi>(axum::extract::State(state): axum::extract::State<crate::http::support::RouterState<A>>, req: axum::extract::Request) -> axum::response::Response {{
-    let (pairs, ctx) = match crate::http::support::read_request(req, state.settings.max_request_bytes).await {{
+    let (pairs, ctx) = match crate::http::support::read_request(req, &state.settings).await {{
         Ok(v) => v,
         Err(e) => return crate::http::support::respond(&state.settings, crate::http::support::Reply::new(<{reply} as crate::http::support::Envelope>::error(e.status, e.message))),
     }};

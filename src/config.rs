@@ -244,6 +244,16 @@ impl Default for CorsConfig {
     }
 }
 
+/// TLS on the listener (both files PEM).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// The private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+}
+
 /// The whole configuration, with its defaults.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -299,6 +309,20 @@ pub struct Config {
     pub shutdown_grace_ms: u64,
     #[serde(default)]
     pub cors: CorsConfig,
+    /// Serve HTTPS (and gRPC over TLS) instead of plain text.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    /// Connections open at once; more are closed on arrival.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Time a client has for the TLS handshake and for each HTTP/1.1 request head, and a REST
+    /// request for its body (slow clients cannot hold connections).
+    #[serde(default = "default_header_timeout_ms")]
+    pub header_timeout_ms: u64,
+    /// A connection with no traffic either way for this long is closed (idle gRPC streams
+    /// are pinged four times per period, so they live on).
+    #[serde(default = "default_idle_timeout_ms")]
+    pub idle_timeout_ms: u64,
     /// Token of the admin API (`Authorization: Bearer TOKEN` or `token=TOKEN`); without one
     /// the admin API answers loopback clients only.
     #[serde(default)]
@@ -365,6 +389,15 @@ fn default_max_delivery_delay_ms() -> u64 {
 }
 fn default_max_request_bytes() -> usize {
     64 * 1024 * 1024
+}
+fn default_max_connections() -> usize {
+    10_000
+}
+fn default_header_timeout_ms() -> u64 {
+    10_000
+}
+fn default_idle_timeout_ms() -> u64 {
+    120_000
 }
 fn default_rate_limit() -> u64 {
     1_024
@@ -507,6 +540,9 @@ impl Config {
             ),
             ("default_rate_limit", self.default_rate_limit, 1, 1_000_000),
             ("shutdown_grace_ms", self.shutdown_grace_ms, 0, 600_000),
+            ("max_connections", self.max_connections as u64, 1, 1_000_000),
+            ("header_timeout_ms", self.header_timeout_ms, 100, 600_000),
+            ("idle_timeout_ms", self.idle_timeout_ms, 1_000, 86_400_000),
         ] {
             if value < min || value > max {
                 return err(key.into(), format!("must be between {min} and {max}, got {value}"));

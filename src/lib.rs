@@ -8,11 +8,13 @@
 //! - [`http`]: the axum adapter, generated from `openapi/mqproxy.yaml`.
 //! - [`grpc`]: the tonic adapter, generated from `proto/mqproxy/v1/messaging.proto`.
 //! - [`config`]: the TOML configuration and the demo registry.
+//! - [`listener`]: accepting connections: TLS, the connection cap, slow-client timeouts.
 //! - [`server`]: wiring and graceful shutdown.
 
 pub mod config;
 pub mod engine;
 pub mod grpc;
 pub mod http;
+pub mod listener;
 pub mod server;
 pub mod store;

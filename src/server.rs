@@ -7,13 +7,13 @@ use crate::config::{
 use crate::engine::request_id::RequestIdKeys;
 use crate::engine::{Engine, EngineConfig, EngineError};
 use crate::http::{self, HttpSettings};
+use crate::listener::{self, ListenerSettings, TlsError};
 use crate::store::consumer_state::{ConsumerStateStore, LocalConsumerState};
 use crate::store::embedded::{EmbeddedConfig, EmbeddedStore, FlushPolicy};
 use crate::store::redis::RedisConsumerState;
 use crate::store::registry_file::RegistryFile;
 use crate::store::rocketmq::{RocketMqSettings, RocketMqStartError, RocketMqStore};
 use crate::store::{MessageStore, StoreError};
-use axum::serve::ListenerExt;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -68,6 +68,8 @@ pub enum ServeError {
     RocketMq(#[from] RocketMqStartError),
     #[error("cannot build the gRPC services: {0}")]
     Grpc(String),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
     #[error("server I/O error: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -254,6 +256,7 @@ pub async fn run(
             max_request_bytes: config.max_request_bytes,
             cors_allowed_origins: config.cors.allowed_origins.clone(),
             admin_token: config.admin_token.clone(),
+            body_timeout: Duration::from_millis(config.header_timeout_ms),
         },
     )
     .merge(grpc)
@@ -265,16 +268,25 @@ pub async fn run(
         let _ = stop_tx.send(true);
     });
     let mut graceful_rx = stop_rx.clone();
-    // No Nagle: small answers (acks, stream batches) must not wait 40 ms for a delayed ACK.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::warn!(error = %e, "cannot set TCP_NODELAY");
+    let tls = match &config.tls {
+        Some(t) => {
+            let tls = listener::tls_config(&t.cert, &t.key)?;
+            tracing::info!(cert = %t.cert.display(), "TLS on: HTTPS and gRPC over TLS on one port");
+            Some(tls)
         }
-    });
-    let server = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>()).with_graceful_shutdown(
+        None => None,
+    };
+    let server = listener::serve(
+        listener,
+        app,
+        ListenerSettings {
+            tls,
+            max_connections: config.max_connections,
+            header_timeout: Duration::from_millis(config.header_timeout_ms),
+            idle_timeout: Duration::from_millis(config.idle_timeout_ms),
+        },
         async move {
             let _ = graceful_rx.wait_for(|stop| *stop).await;
-            tracing::info!("shutting down: no new connections, finishing in-flight requests");
         },
     );
     let grace = Duration::from_millis(config.shutdown_grace_ms);

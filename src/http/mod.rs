@@ -39,6 +39,8 @@ pub struct HttpSettings {
     pub cors_allowed_origins: Vec<String>,
     /// The admin API's token; None: loopback clients only.
     pub admin_token: Option<String>,
+    /// Time a REST request body may take to arrive.
+    pub body_timeout: std::time::Duration,
 }
 
 fn cors(origins: &[String]) -> Option<CorsLayer> {
@@ -64,6 +66,7 @@ pub fn router(engine: Engine, settings: &HttpSettings) -> Router {
         settings: Arc::new(RouterSettings {
             mirror_http_status: settings.mirror_http_status,
             max_request_bytes: settings.max_request_bytes,
+            body_timeout: settings.body_timeout,
         }),
     };
     let swagger =

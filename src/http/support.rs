@@ -59,6 +59,8 @@ pub struct RouterSettings {
     pub mirror_http_status: bool,
     /// Largest request body read; above it the answer is 413.
     pub max_request_bytes: usize,
+    /// Time the whole request body may take to arrive; after it the answer is 408.
+    pub body_timeout: std::time::Duration,
 }
 
 /// The state the generated handlers get.
@@ -151,17 +153,43 @@ fn is_json(headers: &HeaderMap) -> bool {
 
 /// Parameters from the query string, then from a form body (or a JSON object body, whose
 /// string values are taken as they are and other values as JSON text).
-pub async fn read_request(req: Request, limit: usize) -> Result<(Vec<(String, String)>, RequestContext), RequestError> {
+pub async fn read_request(
+    req: Request,
+    settings: &RouterSettings,
+) -> Result<(Vec<(String, String)>, RequestContext), RequestError> {
+    let limit = settings.max_request_bytes;
     let (parts, body) = req.into_parts();
     let mut pairs: Vec<(String, String)> = parts
         .uri
         .query()
         .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
         .unwrap_or_default();
-    let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| RequestError {
-        status: 413,
-        message: format!("request body larger than {limit} bytes (max_request_bytes)"),
-    })?;
+    // One deadline for the whole body: a client trickling bytes cannot hold the request.
+    let read = tokio::time::timeout(settings.body_timeout, axum::body::to_bytes(body, limit)).await;
+    let bytes = match read.map(|r| r.map_err(axum::Error::into_inner)) {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            return Err(RequestError {
+                status: 413,
+                message: format!("request body larger than {limit} bytes (max_request_bytes)"),
+            });
+        }
+        Ok(Err(_)) => {
+            return Err(RequestError {
+                status: 400,
+                message: "the request body could not be read (the client stopped sending it)".into(),
+            });
+        }
+        Err(_) => {
+            return Err(RequestError {
+                status: 408,
+                message: format!(
+                    "the request body did not arrive within {} ms (header_timeout_ms)",
+                    settings.body_timeout.as_millis()
+                ),
+            });
+        }
+    };
     if !bytes.is_empty() {
         if is_json(&parts.headers) {
             let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| RequestError {

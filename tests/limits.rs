@@ -1,0 +1,212 @@
+//! Limits that keep one client from holding the server: slow request heads and bodies time
+//! out, connections above `max_connections` are closed on arrival, bodies above
+//! `max_request_bytes` are refused.
+
+mod common;
+use common::*;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+fn addr_of(s: &TestServer) -> String {
+    s.base.trim_start_matches("http://").to_owned()
+}
+
+/// Reads until the peer closes (or `limit` passes); returns what was read and whether it
+/// closed.
+async fn read_until_closed(conn: &mut TcpStream, limit: Duration) -> (String, bool) {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        match tokio::time::timeout_at(deadline, conn.read(&mut buf)).await {
+            Ok(Ok(0) | Err(_)) => return (String::from_utf8_lossy(&got).into_owned(), true),
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Err(_) => return (String::from_utf8_lossy(&got).into_owned(), false),
+        }
+    }
+}
+
+/// A slowloris client sends its request head a line at a time, never finishing it: the
+/// connection is closed after `header_timeout_ms`, while normal requests go on.
+#[tokio::test]
+async fn slow_request_heads_are_cut_off() {
+    let s = TestServer::with_toml(&format!("header_timeout_ms = 500\n{}", one_queue(""))).await;
+    let mut slow = TcpStream::connect(addr_of(&s)).await.expect("connect");
+    slow.write_all(b"POST /mq/produce HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .expect("write");
+    let started = Instant::now();
+    let mut closed = false;
+    for i in 0..50 {
+        // One more header line every 200 ms: each arrives well within any per-read timeout.
+        if slow.write_all(format!("X-Drip-{i}: y\r\n").as_bytes()).await.is_err() {
+            closed = true;
+            break;
+        }
+        let mut buf = [0u8; 1024];
+        if let Ok(Ok(0) | Err(_)) = tokio::time::timeout(Duration::from_millis(200), slow.read(&mut buf)).await {
+            closed = true;
+            break;
+        }
+    }
+    let held = started.elapsed();
+    assert!(closed, "the dripping connection was still open after {held:?}");
+    assert!(held < Duration::from_secs(5), "closed only after {held:?}");
+    // A connection that sends nothing at all is closed too.
+    let mut silent = TcpStream::connect(addr_of(&s)).await.expect("connect");
+    let (_, closed) = read_until_closed(&mut silent, Duration::from_secs(5)).await;
+    assert!(closed, "a silent connection was held for 5 s");
+    // Meanwhile and afterwards the server serves.
+    s.produce("after the slowloris").await;
+}
+
+/// A body that stops arriving gets 408 after the same timeout, not a held request.
+#[tokio::test]
+async fn stalled_bodies_get_408() {
+    let s = TestServer::with_toml(&format!(
+        "header_timeout_ms = 500\nhttp_status = \"mirror\"\n{}",
+        one_queue("")
+    ))
+    .await;
+    let mut conn = TcpStream::connect(addr_of(&s)).await.expect("connect");
+    conn.write_all(
+        format!(
+            "POST /mq/produce HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n\
+             Content-Length: 100\r\n\r\nproducer={PRODUCER}&message="
+        )
+        .as_bytes(),
+    )
+    .await
+    .expect("write");
+    let started = Instant::now();
+    let (answer, _) = read_until_closed(&mut conn, Duration::from_secs(10)).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("header_timeout_ms"), "{answer}");
+    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+}
+
+/// Above `max_connections`, a new connection is closed at once; when one closes, there is
+/// room again.
+#[tokio::test]
+async fn connections_above_the_cap_are_closed() {
+    let s = TestServer::with_toml(&format!("max_connections = 2\n{}", one_queue(""))).await;
+    let first = TcpStream::connect(addr_of(&s)).await.expect("connect 1");
+    let second = TcpStream::connect(addr_of(&s)).await.expect("connect 2");
+    // The server takes them in order; a request on the second proves both were accepted.
+    let mut second = second;
+    second
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let mut buf = [0u8; 1024];
+    let n = second.read(&mut buf).await.expect("read");
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+
+    let mut third = TcpStream::connect(addr_of(&s)).await.expect("connect 3");
+    let _ = third.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let (answer, closed) = read_until_closed(&mut third, Duration::from_secs(5)).await;
+    assert!(
+        closed && answer.is_empty(),
+        "the third connection was served: {answer:?}"
+    );
+
+    drop(first);
+    let v = eventually(Duration::from_secs(5), "room for a new connection", || {
+        let client = reqwest::Client::new();
+        let url = format!("{}/healthz", s.base);
+        async move {
+            let resp = client.get(url).send().await.ok()?;
+            resp.status().is_success().then_some(())
+        }
+    })
+    .await;
+    let () = v;
+}
+
+/// A body above `max_request_bytes` is refused with 413 before it is stored.
+#[tokio::test]
+async fn bodies_above_the_limit_get_413() {
+    let limit = 8 * 1024 * 1024;
+    let s = TestServer::with_toml(&format!(
+        "max_request_bytes = {limit}\nhttp_status = \"mirror\"\n{}",
+        one_queue("")
+    ))
+    .await;
+    let big = "x".repeat(limit + 1);
+    let resp = s
+        .client
+        .post(format!("{}/mq/produce/batch", s.base))
+        .form(&[("producer", PRODUCER), ("messages", big.as_str())])
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(resp.status().as_u16(), 413);
+    let v: serde_json::Value = resp.json().await.expect("json");
+    assert!(
+        v["message"].as_str().unwrap_or_default().contains("max_request_bytes"),
+        "{v}"
+    );
+    assert_eq!(s.fetch("c", None).await["result"]["status"], "NO_NEW_MSG");
+}
+
+/// An HTTP/1.1 keep-alive connection left idle is closed after `idle_timeout_ms`; a quiet gRPC
+/// Consume stream on the same settings lives on (h2 pings are traffic) and still delivers.
+#[tokio::test]
+async fn idle_connections_close_but_quiet_streams_live() {
+    use mqproxy::grpc::pb;
+    use pb::messaging_service_client::MessagingServiceClient;
+    let s = TestServer::with_toml(&format!("idle_timeout_ms = 1000\n{}", one_queue(""))).await;
+
+    let mut client = MessagingServiceClient::connect(s.base.clone()).await.expect("connect");
+    let (commands, rx) = tokio::sync::mpsc::channel(4);
+    commands
+        .send(pb::ConsumeRequest {
+            command: Some(pb::consume_request::Command::Subscribe(pb::Subscribe {
+                target: Some(pb::ConsumeTarget {
+                    topic: TOPIC.into(),
+                    consumer: "c".into(),
+                    client_id: None,
+                }),
+                auto_ack: true,
+                ..Default::default()
+            })),
+        })
+        .await
+        .expect("subscribe");
+    let mut events = client
+        .consume(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("consume")
+        .into_inner();
+
+    // Two idle keep-alive connections one after the other: each closed after ~1 s, and the
+    // stream stays quiet for both periods.
+    for _ in 0..2 {
+        let mut idle = TcpStream::connect(addr_of(&s)).await.expect("connect");
+        idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .expect("write");
+        let mut buf = [0u8; 1024];
+        let n = idle.read(&mut buf).await.expect("read");
+        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+        let started = Instant::now();
+        let (_, closed) = read_until_closed(&mut idle, Duration::from_secs(10)).await;
+        let held = started.elapsed();
+        assert!(closed, "the idle keep-alive connection was held for {held:?}");
+        assert!(held >= Duration::from_millis(900), "closed too early: {held:?}");
+    }
+
+    // The stream has been quiet for twice idle_timeout_ms by now; it still delivers.
+    s.produce("after a quiet while").await;
+    let event = tokio::time::timeout(Duration::from_secs(10), events.message())
+        .await
+        .expect("a batch within 10 s")
+        .expect("the stream is alive")
+        .expect("an event");
+    let Some(pb::consume_response::Event::Batch(batch)) = event.event else {
+        panic!("expected a batch, got {event:?}");
+    };
+    assert_eq!(batch.messages[0].body, b"after a quiet while");
+    drop(commands);
+}
