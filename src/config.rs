@@ -286,6 +286,14 @@ pub struct Config {
     /// the rest of the hot data.
     #[serde(default = "default_store_cache_mib")]
     pub store_cache_mib: u64,
+    /// Free disk space (MiB) below which produce is refused (507) and, below a quarter of it,
+    /// every write; 0 turns the check off.
+    #[serde(default = "default_min_free_disk_mib")]
+    pub min_free_disk_mib: u64,
+    /// Messages (MiB) that may wait for the store's writer; past it produce answers 503 with
+    /// Retry-After instead of queueing without end.
+    #[serde(default = "default_max_pending_write_mib")]
+    pub max_pending_write_mib: u64,
     /// Most writes one commit takes (1 turns group commit off).
     #[serde(default = "default_group_commit_max")]
     pub group_commit_max: usize,
@@ -374,6 +382,12 @@ fn default_async_flush_interval_ms() -> u64 {
 }
 fn default_store_cache_mib() -> u64 {
     64
+}
+fn default_min_free_disk_mib() -> u64 {
+    256
+}
+fn default_max_pending_write_mib() -> u64 {
+    256
 }
 fn default_group_commit_max() -> usize {
     4_096
@@ -519,6 +533,8 @@ impl Config {
             ("async_flush_interval_ms", self.async_flush_interval_ms, 1, 600_000),
             ("group_commit_max", self.group_commit_max as u64, 1, 1_000_000),
             ("store_cache_mib", self.store_cache_mib, 1, 1 << 20),
+            ("min_free_disk_mib", self.min_free_disk_mib, 0, 1 << 30),
+            ("max_pending_write_mib", self.max_pending_write_mib, 1, 1 << 20),
             ("retention_ms", self.retention_ms, 1_000, 10 * 365 * 86_400_000),
             (
                 "retention_check_interval_ms",

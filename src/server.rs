@@ -36,6 +36,9 @@ pub fn embedded_config(config: &Config) -> EmbeddedConfig {
         retention_check_interval: Duration::from_millis(config.retention_check_interval_ms),
         topics: config.topics.iter().map(|t| (t.name.clone(), t.queues)).collect(),
         broker_name: config.broker_name.clone(),
+        min_free_disk_bytes: config.min_free_disk_mib.saturating_mul(1 << 20),
+        max_pending_write_bytes: usize::try_from(config.max_pending_write_mib.saturating_mul(1 << 20))
+            .unwrap_or(usize::MAX),
     }
 }
 

@@ -210,3 +210,71 @@ async fn idle_connections_close_but_quiet_streams_live() {
     assert_eq!(batch.messages[0].body, b"after a quiet while");
     drop(commands);
 }
+
+/// More writes than the store takes: past `max_pending_write_mib` produce answers HTTP 503
+/// with `Retry-After` at once (whatever the status policy) and stores nothing; every produce
+/// answered 200 is stored.
+#[tokio::test]
+async fn an_overloaded_store_answers_503_with_retry_after() {
+    let s = TestServer::with_toml(&format!("max_pending_write_mib = 1\n{}", one_queue(""))).await;
+    let body = "o".repeat(1 << 20);
+    let mut stored = 0usize;
+    let mut overloaded = None;
+    for round in 0..20 {
+        let answers = futures_join(16, |i| {
+            let (client, url, message) = (
+                s.client.clone(),
+                format!("{}/mq/produce", s.base),
+                format!("{round}-{i}-{body}"),
+            );
+            async move {
+                let resp = client
+                    .post(url)
+                    .form(&[("producer", PRODUCER), ("message", message.as_str())])
+                    .send()
+                    .await
+                    .expect("POST");
+                let retry_after = resp
+                    .headers()
+                    .get("retry-after")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned);
+                let http = resp.status().as_u16();
+                let v: serde_json::Value = resp.json().await.expect("json");
+                (http, retry_after, v)
+            }
+        })
+        .await;
+        for (http, retry_after, v) in answers {
+            match v["status"].as_i64() {
+                Some(200) => stored += 1,
+                Some(503) => overloaded = Some((http, retry_after, v)),
+                _ => panic!("unexpected answer {http} {v}"),
+            }
+        }
+        if overloaded.is_some() {
+            break;
+        }
+    }
+    let (http, retry_after, v) = overloaded.expect("16 concurrent 1 MiB produces never met the 1 MiB bound");
+    assert_eq!(http, 503, "{v}");
+    assert_eq!(retry_after.as_deref(), Some("1"));
+    assert!(v["message"].as_str().unwrap_or_default().contains("overloaded"), "{v}");
+    // Exactly the produces answered 200 were stored.
+    assert_eq!(s.drain("c", None).await.len(), stored);
+}
+
+/// Runs `n` futures made by `make` concurrently; their outputs in order.
+async fn futures_join<F, Fut, T>(n: usize, make: F) -> Vec<T>
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = T> + Send + 'static,
+    T: Send + 'static,
+{
+    let handles: Vec<_> = (0..n).map(|i| tokio::spawn(make(i))).collect();
+    let mut out = Vec::with_capacity(n);
+    for h in handles {
+        out.push(h.await.expect("task"));
+    }
+    out
+}

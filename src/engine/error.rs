@@ -20,17 +20,38 @@ pub enum ErrorKind {
     Unauthenticated,
     /// The token presented is not the entry's (403 / PermissionDenied).
     PermissionDenied,
+    /// The store's disk is full; nothing was stored (507 / ResourceExhausted).
+    StorageFull,
+    /// Too many writes waiting; nothing was stored, retry shortly (503 + Retry-After /
+    /// Unavailable).
+    Overloaded,
 }
 
 impl ErrorKind {
-    /// The REST status this kind answers, as a metrics label.
-    pub fn status_label(self) -> &'static str {
+    /// The status this kind answers in the seed's envelope (`status` of REST answers and of
+    /// gRPC batch items).
+    pub fn status(self) -> i32 {
         match self {
-            Self::InvalidArgument | Self::NotFound => "400",
-            Self::Internal | Self::Unavailable => "500",
-            Self::OutcomeUnknown => "300",
-            Self::Unauthenticated => "401",
-            Self::PermissionDenied => "403",
+            Self::InvalidArgument | Self::NotFound => 400,
+            Self::Internal | Self::Unavailable => 500,
+            Self::OutcomeUnknown => 300,
+            Self::Unauthenticated => 401,
+            Self::PermissionDenied => 403,
+            Self::StorageFull => 507,
+            Self::Overloaded => 503,
+        }
+    }
+
+    /// [`ErrorKind::status`] as a metrics label.
+    pub fn status_label(self) -> &'static str {
+        match self.status() {
+            400 => "400",
+            300 => "300",
+            401 => "401",
+            403 => "403",
+            507 => "507",
+            503 => "503",
+            _ => "500",
         }
     }
 }
@@ -61,6 +82,8 @@ impl EngineError {
             Self::Store(StoreError::Closed) => ErrorKind::Unavailable,
             Self::Store(StoreError::Rejected(_)) => ErrorKind::InvalidArgument,
             Self::Store(StoreError::OutcomeUnknown(_)) => ErrorKind::OutcomeUnknown,
+            Self::Store(StoreError::StorageFull(_)) => ErrorKind::StorageFull,
+            Self::Store(StoreError::Overloaded(_)) => ErrorKind::Overloaded,
             Self::Store(_) => ErrorKind::Internal,
         }
     }

@@ -21,6 +21,11 @@ fn status(e: EngineError) -> Status {
         ErrorKind::NotFound => Status::not_found(message),
         ErrorKind::Unauthenticated => Status::unauthenticated(message),
         ErrorKind::PermissionDenied => Status::permission_denied(message),
+        ErrorKind::Overloaded => Status::unavailable(message),
+        ErrorKind::StorageFull => {
+            tracing::error!(error = %message, "gRPC call refused: disk full");
+            Status::resource_exhausted(message)
+        }
         ErrorKind::Unavailable => Status::unavailable(message),
         ErrorKind::OutcomeUnknown => {
             tracing::error!(error = %message, "gRPC call outcome unknown");
@@ -137,11 +142,7 @@ impl pb::messaging_service_server::MessagingService for GrpcAdapter {
                     result: Some(send_result(receipt)),
                 },
                 Err(e) => pb::BatchItemResult {
-                    status: if e.kind() == ErrorKind::InvalidArgument {
-                        400
-                    } else {
-                        500
-                    },
+                    status: e.kind().status(),
                     message: e.to_string(),
                     result: None,
                 },

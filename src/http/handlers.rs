@@ -28,13 +28,7 @@ pub struct HttpAdapter {
 }
 
 fn error_status(e: &EngineError) -> i32 {
-    match e.kind() {
-        ErrorKind::InvalidArgument | ErrorKind::NotFound => 400,
-        ErrorKind::Unauthenticated => 401,
-        ErrorKind::PermissionDenied => 403,
-        ErrorKind::Internal | ErrorKind::Unavailable => 500,
-        ErrorKind::OutcomeUnknown => 300,
-    }
+    e.kind().status()
 }
 
 fn fail<T: Envelope>(e: &EngineError) -> Reply<T> {
@@ -349,9 +343,15 @@ impl MqApi for HttpAdapter {
                         },
                     })
                     .collect();
+                // Every element refused for back-pressure (overloaded, disk full): that status
+                // for the whole batch, so the client backs off; otherwise the seed's 500.
+                let first = results.iter().find_map(|r| r.as_ref().err());
+                let whole = first
+                    .filter(|f| matches!(f.kind(), ErrorKind::Overloaded | ErrorKind::StorageFull))
+                    .filter(|f| results.iter().all(|r| r.as_ref().is_err_and(|e| e.kind() == f.kind())));
                 Reply::new(BatchReply {
-                    status: 500,
-                    message: Some("some messages failed to send".into()),
+                    status: whole.map_or(500, error_status),
+                    message: Some(whole.map_or_else(|| "some messages failed to send".into(), ToString::to_string)),
                     result: Some(items),
                 })
             }

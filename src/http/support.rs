@@ -238,9 +238,15 @@ fn http_status(status: i32) -> StatusCode {
         .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
 }
 
-/// The envelope as JSON; HTTP 200 unless mirroring is on (then the body's status).
+/// Seconds an overloaded server (503) asks clients to wait before retrying.
+const RETRY_AFTER_SECONDS: &str = "1";
+
+/// The envelope as JSON; HTTP 200 unless mirroring is on (then the body's status). A 503
+/// (overloaded: back off) is always the HTTP status too, with `Retry-After`, so HTTP clients
+/// and load balancers see the back-pressure whatever the policy.
 pub fn respond<T: Serialize + Envelope>(settings: &RouterSettings, reply: Reply<T>) -> Response {
-    let status = if settings.mirror_http_status || reply.always_mirror {
+    let overloaded = reply.body.status() == 503;
+    let status = if settings.mirror_http_status || reply.always_mirror || overloaded {
         http_status(reply.body.status())
     } else {
         StatusCode::OK
@@ -262,6 +268,11 @@ pub fn respond<T: Serialize + Envelope>(settings: &RouterSettings, reply: Reply<
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     if let Some(cookie) = reply.set_cookie.and_then(|c| HeaderValue::from_str(&c).ok()) {
         response.headers_mut().insert(header::SET_COOKIE, cookie);
+    }
+    if overloaded {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECONDS));
     }
     response
 }

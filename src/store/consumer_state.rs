@@ -536,6 +536,8 @@ pub(crate) mod contract {
             retention_check_interval: Duration::from_secs(60),
             topics: vec![("t".into(), 2)],
             broker_name: "broker-a".into(),
+            min_free_disk_bytes: 0,
+            max_pending_write_bytes: 64 << 20,
         };
         let store = EmbeddedStore::open(config.clone()).expect("open");
         let state = LocalConsumerState::load(Arc::new(store.clone())).expect("load");

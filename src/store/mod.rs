@@ -37,6 +37,12 @@ pub enum StoreError {
     /// A send timed out after it may have reached the backend: it may or may not be stored.
     #[error("send outcome unknown: {0}")]
     OutcomeUnknown(String),
+    /// The disk under the store is (nearly) full: nothing was stored.
+    #[error("{0}")]
+    StorageFull(String),
+    /// Too many writes are waiting for the store: nothing was stored; retry shortly.
+    #[error("{0}")]
+    Overloaded(String),
 }
 
 impl StoreError {
@@ -48,6 +54,8 @@ impl StoreError {
             Self::Rejected(m) => Self::Rejected(m.clone()),
             Self::OutcomeUnknown(m) => Self::OutcomeUnknown(m.clone()),
             Self::Corrupt(m) => Self::Corrupt(m.clone()),
+            Self::StorageFull(m) => Self::StorageFull(m.clone()),
+            Self::Overloaded(m) => Self::Overloaded(m.clone()),
             other => Self::Database(other.to_string()),
         }
     }

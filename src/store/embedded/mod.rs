@@ -70,6 +70,11 @@ pub struct EmbeddedConfig {
     pub topics: Vec<(String, u32)>,
     /// The broker name of every queue (one store, one "broker").
     pub broker_name: String,
+    /// Below this much free disk no message is stored (507), below a quarter of it no write
+    /// at all; 0 turns the check off.
+    pub min_free_disk_bytes: u64,
+    /// Bytes of appends that may wait for the writer; more are refused at once (503).
+    pub max_pending_write_bytes: usize,
 }
 
 /// The embedded store handle (cheap to clone).
@@ -79,6 +84,9 @@ pub struct EmbeddedStore {
 }
 
 struct Inner {
+    /// Bytes of appends sent to the writer and not yet taken by it.
+    pending_bytes: Arc<std::sync::atomic::AtomicUsize>,
+    max_pending_bytes: usize,
     db: Arc<Database>,
     ranges: Arc<RwLock<HashMap<(String, u32), QueueRange>>>,
     tx: std::sync::Mutex<Option<mpsc::Sender<WriteOp>>>,
@@ -112,7 +120,15 @@ impl EmbeddedStore {
         let ranges = Arc::new(RwLock::new(load_ranges(&db, &config.topics)?));
         let (tx, rx) = mpsc::channel();
         let visible = Arc::new(tokio::sync::watch::Sender::new(0));
-        let writer = writer::Writer::new(db.clone(), ranges.clone(), visible.clone(), &config, counters)?;
+        let pending_bytes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let writer = writer::Writer::new(
+            db.clone(),
+            ranges.clone(),
+            visible.clone(),
+            &config,
+            counters,
+            pending_bytes.clone(),
+        )?;
         let thread = writer::spawn(writer, rx)?;
         tracing::info!(path = %path.display(), flush = ?config.flush, "embedded store open");
         let queues = config
@@ -130,6 +146,8 @@ impl EmbeddedStore {
             .collect();
         Ok(Self {
             inner: Arc::new(Inner {
+                pending_bytes,
+                max_pending_bytes: config.max_pending_write_bytes,
                 db,
                 ranges,
                 tx: std::sync::Mutex::new(Some(tx)),
@@ -223,13 +241,30 @@ impl MessageStore for EmbeddedStore {
             Delivery::At(at) => Some(at),
         };
         let (reply, rx) = oneshot::channel();
-        self.send(WriteOp::Append {
+        let op = WriteOp::Append {
             topic: topic.to_owned(),
             queue,
             deliver_at_ms,
             records,
             reply,
-        })?;
+        };
+        // A bounded queue in front of the writer: past the bound, refuse at once (the client
+        // backs off) rather than queue without end and answer late.
+        let bytes = op.pending_bytes();
+        let pending = &self.inner.pending_bytes;
+        let before = pending.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+        if before > 0 && before + bytes > self.inner.max_pending_bytes {
+            pending.fetch_sub(bytes, std::sync::atomic::Ordering::Relaxed);
+            return Err(StoreError::Overloaded(format!(
+                "the store is overloaded: {} MiB of messages wait to be written (max_pending_write_mib); \
+                 nothing was stored, retry shortly",
+                before >> 20
+            )));
+        }
+        if let Err(e) = self.send(op) {
+            pending.fetch_sub(bytes, std::sync::atomic::Ordering::Relaxed);
+            return Err(e);
+        }
         await_reply(rx).await
     }
 

@@ -41,6 +41,89 @@ pub enum WriteOp {
     },
 }
 
+/// A write without its answer channel (what a commit applies).
+enum Work {
+    Append {
+        topic: String,
+        queue: u32,
+        deliver_at_ms: Option<u64>,
+        records: Vec<NewRecord>,
+    },
+    Consumer(Vec<ConsumerOp>),
+    Probe,
+    Track {
+        topic: String,
+        queues: u32,
+    },
+}
+
+impl WriteOp {
+    /// Bytes an append adds to the store's queue of pending writes (what the overload bound
+    /// counts); 0 for the small bookkeeping writes.
+    pub fn pending_bytes(&self) -> usize {
+        match self {
+            Self::Append { records, .. } => records.iter().map(record_bytes).sum(),
+            _ => 0,
+        }
+    }
+
+    fn split(self) -> (Work, Reply) {
+        match self {
+            Self::Append {
+                topic,
+                queue,
+                deliver_at_ms,
+                records,
+                reply,
+            } => (
+                Work::Append {
+                    topic,
+                    queue,
+                    deliver_at_ms,
+                    records,
+                },
+                Reply::Append(reply, Vec::new()),
+            ),
+            Self::Consumer { ops, reply } => (Work::Consumer(ops), Reply::Done(reply)),
+            Self::Probe { reply } => (Work::Probe, Reply::Done(reply)),
+            Self::Track { topic, queues, reply } => (Work::Track { topic, queues }, Reply::Done(reply)),
+        }
+    }
+}
+
+/// What one record weighs in the pending-writes bound.
+pub fn record_bytes(r: &NewRecord) -> usize {
+    r.body.len() + r.keys.as_ref().map_or(0, String::len) + 64
+}
+
+/// Free bytes for unprivileged writers on the file system holding `dir` (None: unknown).
+fn free_bytes(dir: &std::path::Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    let mut stat = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `path` is a valid NUL-terminated string and `stat` is a writable statvfs.
+    let rc = unsafe { libc::statvfs(path.as_ptr(), stat.as_mut_ptr()) };
+    if rc != 0 {
+        return None;
+    }
+    // SAFETY: statvfs returned 0, so it filled `stat`.
+    let stat = unsafe { stat.assume_init() };
+    Some(stat.f_bavail.saturating_mul(stat.f_frsize))
+}
+
+/// How full the disk is, for what a commit may write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DiskRoom {
+    /// At or above the reserve: everything.
+    Room,
+    /// Below the reserve: no new messages; acks, locks and maintenance still (they are small
+    /// and let consumers drain).
+    NoAppends,
+    /// Below a quarter of the reserve: nothing, so the database never meets ENOSPC
+    /// mid-commit (after which redb refuses every write until it is reopened).
+    Nothing,
+}
+
 #[derive(Debug, Clone, Copy)]
 pub struct Counters {
     store_seq: u64,
@@ -163,11 +246,41 @@ pub struct Writer {
     last_purge: Instant,
     last_sync: Instant,
     unsynced: bool,
+    data_dir: std::path::PathBuf,
+    /// Free disk space below which no message is stored (0: no check).
+    min_free_bytes: u64,
+    /// The room the last commit saw (state changes are logged).
+    room: DiskRoom,
+    /// Bytes of appends sent and not yet taken by this writer (the store's overload bound).
+    pending_bytes: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 enum Reply {
     Append(oneshot::Sender<Result<AppendOutcome, StoreError>>, Vec<Appended>),
     Done(oneshot::Sender<Result<(), StoreError>>),
+}
+
+impl Reply {
+    fn fail(self, error: StoreError) {
+        match self {
+            Self::Append(tx, _) => {
+                let _ = tx.send(Err(error));
+            }
+            Self::Done(tx) => {
+                let _ = tx.send(Err(error));
+            }
+        }
+    }
+}
+
+/// True when a failed commit met a full disk (ENOSPC somewhere in redb's error text: redb
+/// reports I/O errors as text through our error type).
+fn is_disk_full(e: &StoreError) -> bool {
+    match e {
+        StoreError::Io(io) => io.kind() == std::io::ErrorKind::StorageFull,
+        StoreError::Database(text) => text.contains("No space left on device"),
+        _ => false,
+    }
 }
 
 impl Writer {
@@ -177,6 +290,7 @@ impl Writer {
         visible: Arc<tokio::sync::watch::Sender<u64>>,
         config: &EmbeddedConfig,
         counters: Counters,
+        pending_bytes: Arc<std::sync::atomic::AtomicUsize>,
     ) -> Result<Self, StoreError> {
         let ranges = shared_ranges.read().map_err(|_| StoreError::Closed)?.clone();
         let next_due = {
@@ -201,7 +315,58 @@ impl Writer {
             last_purge: Instant::now(),
             last_sync: Instant::now(),
             unsynced: false,
+            data_dir: config.data_dir.clone(),
+            min_free_bytes: config.min_free_disk_bytes,
+            room: DiskRoom::Room,
+            pending_bytes,
         })
+    }
+
+    /// What the disk has room for now; logs when that changes.
+    fn disk_room(&mut self) -> DiskRoom {
+        if self.min_free_bytes == 0 {
+            return DiskRoom::Room;
+        }
+        let Some(free) = free_bytes(&self.data_dir) else {
+            return DiskRoom::Room;
+        };
+        let room = if free >= self.min_free_bytes {
+            DiskRoom::Room
+        } else if free >= self.min_free_bytes / 4 {
+            DiskRoom::NoAppends
+        } else {
+            DiskRoom::Nothing
+        };
+        if room != self.room {
+            let (free_mib, reserve_mib) = (free >> 20, self.min_free_bytes >> 20);
+            match room {
+                DiskRoom::Room => tracing::warn!(free_mib, reserve_mib, "disk space is back: storing messages again"),
+                DiskRoom::NoAppends => {
+                    tracing::error!(
+                        free_mib,
+                        reserve_mib,
+                        "disk nearly full: produce refused until space returns"
+                    );
+                }
+                DiskRoom::Nothing => {
+                    tracing::error!(
+                        free_mib,
+                        reserve_mib,
+                        "disk full: every write refused until space returns"
+                    );
+                }
+            }
+            self.room = room;
+        }
+        room
+    }
+
+    fn disk_full_error(&self) -> StoreError {
+        StoreError::StorageFull(format!(
+            "the disk of the data directory is full (less than min_free_disk_mib = {} MiB free): nothing was stored; \
+             retry when space is freed",
+            self.min_free_bytes >> 20
+        ))
     }
 
     /// How long the writer may sleep before it has maintenance to do.
@@ -230,6 +395,9 @@ impl Writer {
                     Err(_) => break,
                 }
             }
+            let taken: usize = batch.iter().map(WriteOp::pending_bytes).sum();
+            self.pending_bytes
+                .fetch_sub(taken, std::sync::atomic::Ordering::Relaxed);
             self.commit(batch, false);
         }
         // Closing: make everything durable whatever the flush policy.
@@ -239,20 +407,35 @@ impl Writer {
 
     fn commit(&mut self, ops: Vec<WriteOp>, closing: bool) {
         let now = now_ms();
-        let due = self.next_due.is_some_and(|d| d <= now);
-        let purge = self.last_purge.elapsed() >= self.retention_check_interval;
+        let room = self.disk_room();
+        let (mut works, mut replies): (Vec<Work>, Vec<Reply>) = ops.into_iter().map(WriteOp::split).unzip();
+        if room != DiskRoom::Room {
+            // Refused writes are answered now and left out of the commit.
+            let mut kept = (Vec::new(), Vec::new());
+            for (work, reply) in works.into_iter().zip(replies) {
+                if room == DiskRoom::Nothing || matches!(work, Work::Append { .. }) {
+                    reply.fail(self.disk_full_error());
+                } else {
+                    kept.0.push(work);
+                    kept.1.push(reply);
+                }
+            }
+            (works, replies) = kept;
+        }
+        let maintenance = room != DiskRoom::Nothing;
+        let due = maintenance && self.next_due.is_some_and(|d| d <= now);
+        let purge = maintenance && self.last_purge.elapsed() >= self.retention_check_interval;
         let sync_now = self.flush == FlushPolicy::Sync
             || (self.unsynced && (closing || self.last_sync.elapsed() >= self.async_flush_interval));
-        let flush_due = sync_now && self.unsynced;
-        if ops.is_empty() && !due && !purge && !flush_due {
+        let flush_due = maintenance && sync_now && self.unsynced;
+        if works.is_empty() && !due && !purge && !flush_due {
             return;
         }
         let saved_counters = self.counters;
         let saved_ranges = self.ranges.clone();
         let saved_due = self.next_due;
         let started = Instant::now();
-        let mut replies = Vec::with_capacity(ops.len());
-        let result = self.apply(ops, now, due, purge, sync_now, &mut replies);
+        let result = self.apply(works, now, due, purge, sync_now, &mut replies);
         let elapsed = started.elapsed();
         match result {
             Ok(()) => {
@@ -304,29 +487,24 @@ impl Writer {
                 self.appended = false;
                 self.ranges = saved_ranges;
                 self.next_due = saved_due;
-                let message = e.to_string();
+                let error = if is_disk_full(&e) { self.disk_full_error() } else { e };
                 for reply in replies {
-                    match reply {
-                        Reply::Append(tx, _) => {
-                            let _ = tx.send(Err(StoreError::Database(message.clone())));
-                        }
-                        Reply::Done(tx) => {
-                            let _ = tx.send(Err(StoreError::Database(message.clone())));
-                        }
-                    }
+                    reply.fail(error.duplicate());
                 }
             }
         }
     }
 
+    /// Applies `works` in one transaction; `replies[i]` answers `works[i]` (appends get
+    /// their offsets here).
     fn apply(
         &mut self,
-        ops: Vec<WriteOp>,
+        works: Vec<Work>,
         now: u64,
         due: bool,
         purge: bool,
         sync_now: bool,
-        replies: &mut Vec<Reply>,
+        replies: &mut [Reply],
     ) -> Result<(), StoreError> {
         let mut txn = self.db.begin_write().map_err(db_err)?;
         txn.set_durability(if sync_now {
@@ -340,14 +518,13 @@ impl Writer {
             index: txn.open_table(MSG_INDEX).map_err(db_err)?,
             schedule: txn.open_table(SCHEDULE).map_err(db_err)?,
         };
-        for op in ops {
-            match op {
-                WriteOp::Append {
+        for (work, reply) in works.into_iter().zip(replies.iter_mut()) {
+            match work {
+                Work::Append {
                     topic,
                     queue,
                     deliver_at_ms,
                     records,
-                    reply,
                 } => {
                     let appended = self.append(
                         &mut tables,
@@ -357,18 +534,16 @@ impl Writer {
                         records,
                         now,
                     )?;
-                    replies.push(Reply::Append(reply, appended));
+                    if let Reply::Append(_, slot) = reply {
+                        *slot = appended;
+                    }
                 }
-                WriteOp::Consumer { ops, reply } => {
-                    apply_consumer_ops(&txn, ops)?;
-                    replies.push(Reply::Done(reply));
-                }
-                WriteOp::Probe { reply } => {
+                Work::Consumer(ops) => apply_consumer_ops(&txn, ops)?,
+                Work::Probe => {
                     let mut meta = txn.open_table(META).map_err(db_err)?;
                     meta.insert("probe", now.to_be_bytes().as_slice()).map_err(db_err)?;
-                    replies.push(Reply::Done(reply));
                 }
-                WriteOp::Track { topic, queues, reply } => {
+                Work::Track { topic, queues } => {
                     for queue in 0..queues {
                         if let std::collections::hash_map::Entry::Vacant(slot) =
                             self.ranges.entry((topic.clone(), queue))
@@ -376,7 +551,6 @@ impl Writer {
                             slot.insert(super::range_in_table(&tables.messages, &topic, queue)?);
                         }
                     }
-                    replies.push(Reply::Done(reply));
                 }
             }
         }
