@@ -10,7 +10,7 @@ use super::api::{
     PutTopicParams, QueueInfo, QueueOffset, QueueOffsetsReply, ReadyzParams, Registry, RegistryParams, RegistryReply,
     ResetOffsetsParams, SendResult, StatusReply, TopicEntry, UnlockParams,
 };
-use super::support::{Envelope, Reply, RequestContext, bearer_token};
+use super::support::{Envelope, Reply, RequestContext, batch_bodies, bearer_token};
 use crate::engine::{
     AccessToken, Client, ConsumeMode, ConsumeTarget, ConsumerSpec, Delivered, Engine, EngineError, ErrorKind,
     FetchRequest, OffsetReset, ProduceRequest, QueueSelector, QueueView, RegistryView, SendReceipt, SettingsChange,
@@ -306,23 +306,12 @@ impl MqApi for HttpAdapter {
         if let Err(e) = self.engine.authorize(Client::Producer(&p.producer), token.as_deref()) {
             return fail(&e);
         }
-        let elements = match serde_json::from_str::<serde_json::Value>(&p.messages) {
-            Ok(serde_json::Value::Array(items)) => items,
-            _ => {
-                return Reply::new(BatchReply::error(
-                    400,
-                    "parameter messages: must be a JSON array".into(),
-                ));
-            }
+        let Some(bodies) = batch_bodies(&p.messages) else {
+            return Reply::new(BatchReply::error(
+                400,
+                "parameter messages: must be a JSON array".into(),
+            ));
         };
-        // A string element is the message as-is; any other value is sent as its compact JSON.
-        let bodies = elements
-            .into_iter()
-            .map(|v| match v {
-                serde_json::Value::String(s) => s.into_bytes(),
-                other => other.to_string().into_bytes(),
-            })
-            .collect();
         match self.engine.produce_batch(&p.producer, bodies).await {
             Ok(results) if results.iter().all(Result::is_ok) => Reply::new(BatchReply {
                 status: 200,

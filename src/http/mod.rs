@@ -77,7 +77,12 @@ pub fn router(engine: Engine, settings: &HttpSettings) -> Router {
         .merge(assets::router())
         .merge(swagger)
         .layer(axum::middleware::from_fn_with_state(access, admin_auth::guard))
-        .layer(tower_http::trace::TraceLayer::new_for_http());
+        // Spans name the path only: query strings may carry tokens (`token=`), never logged.
+        .layer(
+            tower_http::trace::TraceLayer::new_for_http().make_span_with(|req: &axum::extract::Request| {
+                tracing::debug_span!("request", method = %req.method(), path = %req.uri().path())
+            }),
+        );
     match cors(&settings.cors_allowed_origins) {
         Some(layer) => app.layer(layer),
         None => app,

@@ -26,6 +26,24 @@ pub fn bearer_token(headers: &HeaderMap) -> Option<&str> {
         .filter(|t| !t.is_empty())
 }
 
+/// The message bodies of `/mq/produce/batch`'s `messages`: a JSON array whose string elements
+/// are sent as they are and any other element as its compact JSON text. None when `messages`
+/// is not a JSON array.
+pub fn batch_bodies(messages: &str) -> Option<Vec<Vec<u8>>> {
+    let serde_json::Value::Array(elements) = serde_json::from_str::<serde_json::Value>(messages).ok()? else {
+        return None;
+    };
+    Some(
+        elements
+            .into_iter()
+            .map(|v| match v {
+                serde_json::Value::String(s) => s.into_bytes(),
+                other => other.to_string().into_bytes(),
+            })
+            .collect(),
+    )
+}
+
 /// A handler's answer: the envelope and, optionally, the `rid` cookie to set.
 #[derive(Debug, Clone)]
 pub struct Reply<T> {

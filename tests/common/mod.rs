@@ -318,16 +318,16 @@ pub struct Proc {
 impl Proc {
     /// Starts `BIN serve --listen 127.0.0.1:0 ARGS...` and waits for its "listening" line.
     pub fn spawn(bin: &str, args: &[String]) -> Self {
-        Self::spawn_logging(bin, args, std::process::Stdio::null())
+        Self::spawn_logging(bin, args, "warn", std::process::Stdio::null())
     }
 
-    /// [`Proc::spawn`] with the server's log (stderr, warnings and up) sent to `log`.
-    pub fn spawn_logging(bin: &str, args: &[String], log: impl Into<std::process::Stdio>) -> Self {
+    /// [`Proc::spawn`] with the server's log (stderr, `RUST_LOG=level`) sent to `log`.
+    pub fn spawn_logging(bin: &str, args: &[String], level: &str, log: impl Into<std::process::Stdio>) -> Self {
         use std::io::{BufRead, BufReader};
         let mut child = std::process::Command::new(bin)
             .args(["serve", "--listen", "127.0.0.1:0"])
             .args(args)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", level)
             .stdout(std::process::Stdio::piped())
             .stderr(log)
             .spawn()
