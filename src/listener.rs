@@ -230,11 +230,14 @@ fn connection_service(
 
 /// A connection that fails with `TimedOut` once nothing was read or written for `idle`.
 /// The timer is re-armed only when it fires (from the last activity), not on every byte.
+/// Expiry is final: hyper may meet the error on a read it then ignores (a pipelining client
+/// that stopped reading), so every later read and write fails too.
 struct IdleTimeout<T> {
     inner: T,
     idle: Duration,
     last_activity: tokio::time::Instant,
     timer: std::pin::Pin<Box<tokio::time::Sleep>>,
+    expired: bool,
 }
 
 impl<T> IdleTimeout<T> {
@@ -245,7 +248,12 @@ impl<T> IdleTimeout<T> {
             idle,
             last_activity: now,
             timer: Box::pin(tokio::time::sleep_until(now + idle)),
+            expired: false,
         }
+    }
+
+    fn expired_error() -> std::io::Error {
+        std::io::Error::new(std::io::ErrorKind::TimedOut, "connection idle for idle_timeout_ms")
     }
 
     /// Ready(error) when the connection has been idle for the whole period.
@@ -256,10 +264,8 @@ impl<T> IdleTimeout<T> {
             }
             let deadline = self.last_activity + self.idle;
             if deadline <= tokio::time::Instant::now() {
-                return std::task::Poll::Ready(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "connection idle for idle_timeout_ms",
-                ));
+                self.expired = true;
+                return std::task::Poll::Ready(Self::expired_error());
             }
             self.timer.as_mut().reset(deadline);
         }
@@ -277,6 +283,9 @@ impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for IdleTimeout<T> {
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
         let this = self.get_mut();
+        if this.expired {
+            return std::task::Poll::Ready(Err(Self::expired_error()));
+        }
         match std::pin::Pin::new(&mut this.inner).poll_read(cx, buf) {
             std::task::Poll::Ready(r) => {
                 this.active();
@@ -294,11 +303,17 @@ impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for IdleTimeout<T> 
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
         let this = self.get_mut();
-        let written = std::pin::Pin::new(&mut this.inner).poll_write(cx, buf);
-        if written.is_ready() {
-            this.active();
+        if this.expired {
+            return std::task::Poll::Ready(Err(Self::expired_error()));
         }
-        written
+        match std::pin::Pin::new(&mut this.inner).poll_write(cx, buf) {
+            std::task::Poll::Ready(r) => {
+                this.active();
+                std::task::Poll::Ready(r)
+            }
+            // A client that stops reading (a full TCP window) is idle too.
+            std::task::Poll::Pending => this.poll_idle(cx).map(Err),
+        }
     }
 
     fn poll_write_vectored(
@@ -307,11 +322,16 @@ impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for IdleTimeout<T> 
         bufs: &[std::io::IoSlice<'_>],
     ) -> std::task::Poll<std::io::Result<usize>> {
         let this = self.get_mut();
-        let written = std::pin::Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
-        if written.is_ready() {
-            this.active();
+        if this.expired {
+            return std::task::Poll::Ready(Err(Self::expired_error()));
         }
-        written
+        match std::pin::Pin::new(&mut this.inner).poll_write_vectored(cx, bufs) {
+            std::task::Poll::Ready(r) => {
+                this.active();
+                std::task::Poll::Ready(r)
+            }
+            std::task::Poll::Pending => this.poll_idle(cx).map(Err),
+        }
     }
 
     fn is_write_vectored(&self) -> bool {

@@ -281,3 +281,38 @@ where
     }
     out
 }
+
+/// A client that sends requests but stops reading the answers (its TCP window fills) is idle
+/// too: the connection is closed after `idle_timeout_ms` instead of holding a task and a
+/// connection slot for as long as the client likes.
+#[tokio::test]
+async fn clients_that_stop_reading_are_cut_off() {
+    let s = TestServer::with_toml(&format!("idle_timeout_ms = 1000\n{}", one_queue(""))).await;
+    let one = reqwest::get(format!("{}/openapi.json", s.base))
+        .await
+        .expect("GET")
+        .bytes()
+        .await
+        .expect("body")
+        .len();
+    // Far more answer bytes than loopback socket buffers hold.
+    let requests = (64 << 20) / one + 1;
+    let mut conn = TcpStream::connect(addr_of(&s)).await.expect("connect");
+    let pipelined = "GET /openapi.json HTTP/1.1\r\nHost: x\r\n\r\n".repeat(requests);
+    conn.write_all(pipelined.as_bytes()).await.expect("write");
+    // Not reading for three idle periods: the server's writes stall meanwhile.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut total = 0usize;
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), conn.read(&mut buf)).await {
+            Ok(Ok(0) | Err(_)) => break,
+            Ok(Ok(n)) => total += n,
+            Err(_) => panic!("the connection neither closed nor answered"),
+        }
+    }
+    assert!(
+        total < requests * one,
+        "all {requests} answers arrived ({total} bytes): the stalled connection was kept"
+    );
+}
