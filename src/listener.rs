@@ -16,8 +16,10 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -236,11 +238,15 @@ struct IdleTimeout<T> {
     inner: T,
     idle: Duration,
     last_activity: tokio::time::Instant,
-    timer: std::pin::Pin<Box<tokio::time::Sleep>>,
+    timer: Pin<Box<tokio::time::Sleep>>,
     expired: bool,
 }
 
-impl<T> IdleTimeout<T> {
+fn idle_error() -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::TimedOut, "connection idle for idle_timeout_ms")
+}
+
+impl<T: Unpin> IdleTimeout<T> {
     fn new(inner: T, idle: Duration) -> Self {
         let now = tokio::time::Instant::now();
         Self {
@@ -252,103 +258,73 @@ impl<T> IdleTimeout<T> {
         }
     }
 
-    fn expired_error() -> std::io::Error {
-        std::io::Error::new(std::io::ErrorKind::TimedOut, "connection idle for idle_timeout_ms")
-    }
-
     /// Ready(error) when the connection has been idle for the whole period.
-    fn poll_idle(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Error> {
+    fn poll_idle(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Error> {
         loop {
             if self.timer.as_mut().poll(cx).is_pending() {
-                return std::task::Poll::Pending;
+                return Poll::Pending;
             }
             let deadline = self.last_activity + self.idle;
             if deadline <= tokio::time::Instant::now() {
                 self.expired = true;
-                return std::task::Poll::Ready(Self::expired_error());
+                return Poll::Ready(idle_error());
             }
             self.timer.as_mut().reset(deadline);
         }
     }
 
-    fn active(&mut self) {
-        self.last_activity = tokio::time::Instant::now();
+    /// One read or write on the inner connection: done counts as activity; waiting (for the
+    /// peer to send, or to read what we wrote) counts toward the idle time.
+    fn track<R>(
+        &mut self,
+        cx: &mut Context<'_>,
+        op: impl FnOnce(Pin<&mut T>, &mut Context<'_>) -> Poll<std::io::Result<R>>,
+    ) -> Poll<std::io::Result<R>> {
+        if self.expired {
+            return Poll::Ready(Err(idle_error()));
+        }
+        match op(Pin::new(&mut self.inner), cx) {
+            Poll::Ready(r) => {
+                self.last_activity = tokio::time::Instant::now();
+                Poll::Ready(r)
+            }
+            Poll::Pending => self.poll_idle(cx).map(Err),
+        }
     }
 }
 
 impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for IdleTimeout<T> {
     fn poll_read(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        let this = self.get_mut();
-        if this.expired {
-            return std::task::Poll::Ready(Err(Self::expired_error()));
-        }
-        match std::pin::Pin::new(&mut this.inner).poll_read(cx, buf) {
-            std::task::Poll::Ready(r) => {
-                this.active();
-                std::task::Poll::Ready(r)
-            }
-            std::task::Poll::Pending => this.poll_idle(cx).map(Err),
-        }
+    ) -> Poll<std::io::Result<()>> {
+        self.get_mut().track(cx, |io, cx| io.poll_read(cx, buf))
     }
 }
 
 impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for IdleTimeout<T> {
-    fn poll_write(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        let this = self.get_mut();
-        if this.expired {
-            return std::task::Poll::Ready(Err(Self::expired_error()));
-        }
-        match std::pin::Pin::new(&mut this.inner).poll_write(cx, buf) {
-            std::task::Poll::Ready(r) => {
-                this.active();
-                std::task::Poll::Ready(r)
-            }
-            // A client that stops reading (a full TCP window) is idle too.
-            std::task::Poll::Pending => this.poll_idle(cx).map(Err),
-        }
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        self.get_mut().track(cx, |io, cx| io.poll_write(cx, buf))
     }
 
     fn poll_write_vectored(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        let this = self.get_mut();
-        if this.expired {
-            return std::task::Poll::Ready(Err(Self::expired_error()));
-        }
-        match std::pin::Pin::new(&mut this.inner).poll_write_vectored(cx, bufs) {
-            std::task::Poll::Ready(r) => {
-                this.active();
-                std::task::Poll::Ready(r)
-            }
-            std::task::Poll::Pending => this.poll_idle(cx).map(Err),
-        }
+    ) -> Poll<std::io::Result<usize>> {
+        self.get_mut().track(cx, |io, cx| io.poll_write_vectored(cx, bufs))
     }
 
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
     }
 
-    fn poll_flush(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
     }
 
-    fn poll_shutdown(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }

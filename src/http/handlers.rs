@@ -97,11 +97,6 @@ fn client_ip(param: Option<String>, ctx: &RequestContext) -> Option<String> {
         .or_else(|| ctx.peer.map(|p| p.ip().to_string()))
 }
 
-/// The access token a request presents: the bearer header, else the `token` parameter.
-fn presented_token(param: Option<&str>, ctx: &RequestContext) -> Option<String> {
-    bearer_token(&ctx.headers).or(param).map(str::to_owned)
-}
-
 /// An admin form's `accessToken` / `clearAccessToken`: neither keeps the entry's token.
 fn token_change(access_token: Option<String>, clear: Option<bool>) -> Result<TokenChange, EngineError> {
     match (access_token, clear.unwrap_or(false)) {
@@ -123,6 +118,12 @@ fn target(topic: String, consumer: String, client_id: Option<String>) -> Consume
 }
 
 impl HttpAdapter {
+    /// Checks the access token the request presents: the bearer header, else the `token`
+    /// parameter.
+    fn authorize(&self, client: Client<'_>, param: Option<&str>, ctx: &RequestContext) -> Result<(), EngineError> {
+        self.engine.authorize(client, bearer_token(&ctx.headers).or(param))
+    }
+
     async fn configure(&self, consumer: &str, change: SettingsChange) -> Reply<ConsumerConfigReply> {
         match self.engine.configure_consumer(consumer, change).await {
             Ok(v) => Reply::new(ConsumerConfigReply {
@@ -279,8 +280,7 @@ fn queue_offset(topic: &str, q: &QueueView) -> QueueOffset {
 
 impl MqApi for HttpAdapter {
     async fn produce(&self, p: ProduceParams, ctx: RequestContext) -> Reply<ProduceReply> {
-        let token = presented_token(p.token.as_deref(), &ctx);
-        if let Err(e) = self.engine.authorize(Client::Producer(&p.producer), token.as_deref()) {
+        if let Err(e) = self.authorize(Client::Producer(&p.producer), p.token.as_deref(), &ctx) {
             return fail(&e);
         }
         let req = ProduceRequest {
@@ -302,8 +302,7 @@ impl MqApi for HttpAdapter {
     }
 
     async fn produce_batch(&self, p: ProduceBatchParams, ctx: RequestContext) -> Reply<BatchReply> {
-        let token = presented_token(p.token.as_deref(), &ctx);
-        if let Err(e) = self.engine.authorize(Client::Producer(&p.producer), token.as_deref()) {
+        if let Err(e) = self.authorize(Client::Producer(&p.producer), p.token.as_deref(), &ctx) {
             return fail(&e);
         }
         let Some(bodies) = batch_bodies(&p.messages) else {
@@ -349,8 +348,7 @@ impl MqApi for HttpAdapter {
     }
 
     async fn fetch(&self, p: FetchParams, ctx: RequestContext) -> Reply<FetchReply> {
-        let token = presented_token(p.token.as_deref(), &ctx);
-        if let Err(e) = self.engine.authorize(Client::Consumer(&p.consumer), token.as_deref()) {
+        if let Err(e) = self.authorize(Client::Consumer(&p.consumer), p.token.as_deref(), &ctx) {
             return fail(&e);
         }
         let use_cookie = p.use_cookie.unwrap_or(false);
@@ -409,8 +407,7 @@ impl MqApi for HttpAdapter {
     }
 
     async fn ack(&self, p: AckParams, ctx: RequestContext) -> Reply<StatusReply> {
-        let token = presented_token(p.token.as_deref(), &ctx);
-        if let Err(e) = self.engine.authorize(Client::Consumer(&p.consumer), token.as_deref()) {
+        if let Err(e) = self.authorize(Client::Consumer(&p.consumer), p.token.as_deref(), &ctx) {
             return fail(&e);
         }
         let Some(rid) = request_id(p.request_id, p.use_cookie.unwrap_or(false), &ctx) else {
@@ -426,8 +423,7 @@ impl MqApi for HttpAdapter {
     }
 
     async fn unlock(&self, p: UnlockParams, ctx: RequestContext) -> Reply<StatusReply> {
-        let token = presented_token(p.token.as_deref(), &ctx);
-        if let Err(e) = self.engine.authorize(Client::Consumer(&p.consumer), token.as_deref()) {
+        if let Err(e) = self.authorize(Client::Consumer(&p.consumer), p.token.as_deref(), &ctx) {
             return fail(&e);
         }
         let Some(rid) = request_id(p.request_id, p.use_cookie.unwrap_or(false), &ctx) else {
