@@ -158,16 +158,18 @@ async fn grpc_consumer(base: String, log: Arc<Mutex<Log>>) {
 /// Runs consumer instances in one slot, killing each after a random 0.2..2 s.
 async fn chaos_slot(base: String, log: Arc<Mutex<Log>>, grpc: bool) {
     loop {
-        let instance = if grpc {
-            tokio::spawn(grpc_consumer(base.clone(), log.clone()))
+        let instance: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> = if grpc {
+            Box::pin(grpc_consumer(base.clone(), log.clone()))
         } else {
-            tokio::spawn(rest_consumer(base.clone(), log.clone()))
+            Box::pin(rest_consumer(base.clone(), log.clone()))
         };
         let lifetime = Duration::from_millis(rand::rng().random_range(200..2_000));
-        // The chaos itself: the instance lives this long, then dies without a goodbye.
-        tokio::time::sleep(lifetime).await;
-        instance.abort();
-        let _ = instance.await;
+        // The chaos itself: the instance lives this long, then is dropped mid-whatever (its
+        // connections close, no goodbye). Aborting the slot drops its instance too.
+        tokio::select! {
+            () = instance => {}
+            () = tokio::time::sleep(lifetime) => {}
+        }
         log.lock().expect("log").kills += 1;
     }
 }
@@ -179,7 +181,7 @@ async fn killed_consumers_lose_nothing() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(100_000);
-    let s = TestServer::with_toml(&chaos_toml()).await;
+    let mut s = TestServer::with_toml(&chaos_toml()).await;
     let log = Arc::new(Mutex::new(Log::default()));
     let slots: Vec<_> = (0..8)
         .map(|i| tokio::spawn(chaos_slot(s.base.clone(), log.clone(), i % 2 == 1)))
@@ -234,6 +236,9 @@ async fn killed_consumers_lose_nothing() {
     for slot in slots {
         slot.abort();
     }
+    // Stopped before the runtime goes: its store closes in a blocking task the runtime's
+    // shutdown would cancel.
+    s.shutdown().await;
 
     let log = log.lock().expect("log");
     let missing = produced.iter().filter(|m| !log.deliveries.contains_key(m)).count();
