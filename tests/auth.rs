@@ -23,25 +23,23 @@ fn secured(extra: &str) -> String {
     )
 }
 
-/// A POST with an optional bearer token: (HTTP status, JSON body).
-async fn post_as(s: &TestServer, path: &str, bearer: Option<&str>, form: &[(&str, &str)]) -> (u16, Value) {
-    let mut req = s.client.post(format!("{}{path}", s.base)).form(form);
-    if let Some(t) = bearer {
-        req = req.bearer_auth(t);
-    }
-    let resp = req.send().await.expect("POST");
+/// Sends `req` with an optional bearer token: (HTTP status, JSON body).
+async fn send_as(req: reqwest::RequestBuilder, bearer: Option<&str>) -> (u16, Value) {
+    let req = match bearer {
+        Some(t) => req.bearer_auth(t),
+        None => req,
+    };
+    let resp = req.send().await.expect("request");
     let status = resp.status().as_u16();
     (status, resp.json().await.expect("JSON answer"))
 }
 
+async fn post_as(s: &TestServer, path: &str, bearer: Option<&str>, form: &[(&str, &str)]) -> (u16, Value) {
+    send_as(s.client.post(format!("{}{path}", s.base)).form(form), bearer).await
+}
+
 async fn get_as(s: &TestServer, path: &str, bearer: Option<&str>, query: &[(&str, &str)]) -> (u16, Value) {
-    let mut req = s.client.get(format!("{}{path}", s.base)).query(query);
-    if let Some(t) = bearer {
-        req = req.bearer_auth(t);
-    }
-    let resp = req.send().await.expect("GET");
-    let status = resp.status().as_u16();
-    (status, resp.json().await.expect("JSON answer"))
+    send_as(s.client.get(format!("{}{path}", s.base)).query(query), bearer).await
 }
 
 #[tokio::test]
