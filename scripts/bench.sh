@@ -3,6 +3,8 @@
 #   scripts/bench.sh            quick mode (under 2 minutes after the build)
 #   scripts/bench.sh --full     full mode (3 rounds of 10 s, 3 message sizes, backlogs up to
 #                               50M messages: ~25 GiB free disk under MQPROXY_BENCH_DIR)
+#   scripts/bench.sh --quick --debug   the quick mode on the debug binaries `cargo test` built:
+#                               a smoke test that every scenario runs (CI), no figures to keep
 # Extra arguments go to `mqproxy-bench all` (e.g. --server-toml 'group_commit_max = 256').
 # With MQPROXY_BENCH_NAMESRV=host:port (a cluster from scripts/rocketmq-local.sh) it also
 # compares mqproxy on the RocketMQ backend with the direct client on the same broker.
@@ -14,8 +16,15 @@ if [ "${1:-}" = --full ] || [ "${1:-}" = --quick ]; then
   mode=$1
   shift
 fi
-cargo build --release --locked --bins
+profile=release
+if [ "${1:-}" = --debug ]; then
+  profile=debug
+  shift
+  cargo build --locked --bins
+else
+  cargo build --release --locked --bins
+fi
 # The data directories go on the disk being measured (not a tmpfs).
 data_root="${MQPROXY_BENCH_DIR:-${TMPDIR:-/var/tmp}/mqproxy-bench}"
 mkdir -p "$data_root"
-exec "$CARGO_TARGET_DIR/release/mqproxy-bench" all "$mode" --data-root "$data_root" "$@"
+exec "$CARGO_TARGET_DIR/$profile/mqproxy-bench" all "$mode" --data-root "$data_root" "$@"

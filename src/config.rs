@@ -335,6 +335,32 @@ pub struct Config {
     /// the admin API answers loopback clients only.
     #[serde(default)]
     pub admin_token: Option<String>,
+    /// The admin listener: the admin API and the console for loopback clients without a token
+    /// (a reverse proxy of the public port never reaches it). `"off"` turns it off; unset, it
+    /// is `127.0.0.1` on the port after `listen`'s (an ephemeral port when that one is 0).
+    #[serde(default)]
+    pub admin_listen: Option<String>,
+    /// A broadcast clientId with no pull for this long is forgotten (offsets, locks, retry
+    /// entries); coming back, it starts where a new client starts.
+    #[serde(default = "default_broadcast_client_idle_ms")]
+    pub broadcast_client_idle_ms: u64,
+    /// ClientIds one broadcast consumer may have; a new one past it is refused (429) until a
+    /// client has been idle for `broadcast_client_idle_ms`.
+    #[serde(default = "default_max_broadcast_clients")]
+    pub max_broadcast_clients: u32,
+    /// Broadcast clientIds per consumer with their own lag series in `/metrics` (the most
+    /// lagging); every broadcast consumer also has sum / max / client-count series.
+    #[serde(default = "default_metrics_max_client_series")]
+    pub metrics_max_client_series: u32,
+    /// Concurrent HTTP/2 streams (gRPC calls) per connection.
+    #[serde(default = "default_max_h2_streams")]
+    pub max_h2_streams: u32,
+    /// Largest request head: an HTTP/1.1 head, or an HTTP/2 header list (431 past it).
+    #[serde(default = "default_max_header_bytes")]
+    pub max_header_bytes: u32,
+    /// gRPC Consume streams open at once on this proxy (ResourceExhausted past it).
+    #[serde(default = "default_max_consume_streams")]
+    pub max_consume_streams: u32,
     /// Secret of the requestId MAC (any text, 16+ characters); without it the key is made at
     /// first start and kept in the data directory (or shared through Redis).
     #[serde(default)]
@@ -412,6 +438,27 @@ fn default_header_timeout_ms() -> u64 {
 }
 fn default_idle_timeout_ms() -> u64 {
     120_000
+}
+fn default_broadcast_client_idle_ms() -> u64 {
+    // A day: a client gone that long is gone (an app instance replaced, a browser closed); a
+    // client that pulls even once a day keeps its offsets.
+    86_400_000
+}
+fn default_max_broadcast_clients() -> u32 {
+    10_000
+}
+fn default_metrics_max_client_series() -> u32 {
+    100
+}
+fn default_max_h2_streams() -> u32 {
+    // hyper's own default, made explicit.
+    200
+}
+fn default_max_header_bytes() -> u32 {
+    64 * 1024
+}
+fn default_max_consume_streams() -> u32 {
+    10_000
 }
 fn default_rate_limit() -> u64 {
     1_024
@@ -525,6 +572,9 @@ impl Config {
                 format!("{:?} is not an address like 127.0.0.1:8080", self.listen),
             );
         }
+        if let Err(reason) = self.admin_listen_addr() {
+            return err("admin_listen".into(), reason);
+        }
         if self.broker_name.is_empty() || self.broker_name.contains(',') {
             return err("broker_name".into(), "must be non-empty and contain no comma".into());
         }
@@ -559,6 +609,32 @@ impl Config {
             ("max_connections", self.max_connections as u64, 1, 1_000_000),
             ("header_timeout_ms", self.header_timeout_ms, 100, 600_000),
             ("idle_timeout_ms", self.idle_timeout_ms, 1_000, 86_400_000),
+            (
+                "broadcast_client_idle_ms",
+                self.broadcast_client_idle_ms,
+                1_000,
+                365 * 86_400_000,
+            ),
+            (
+                "max_broadcast_clients",
+                u64::from(self.max_broadcast_clients),
+                1,
+                10_000_000,
+            ),
+            (
+                "metrics_max_client_series",
+                u64::from(self.metrics_max_client_series),
+                0,
+                100_000,
+            ),
+            ("max_h2_streams", u64::from(self.max_h2_streams), 1, 100_000),
+            ("max_header_bytes", u64::from(self.max_header_bytes), 8_192, 16 << 20),
+            (
+                "max_consume_streams",
+                u64::from(self.max_consume_streams),
+                1,
+                10_000_000,
+            ),
         ] {
             if value < min || value > max {
                 return err(key.into(), format!("must be between {min} and {max}, got {value}"));
@@ -674,6 +750,34 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// Where the admin listener binds: None when `admin_listen = "off"`.
+    ///
+    /// # Errors
+    /// `admin_listen` is neither `"off"` nor an address, or the default port does not exist.
+    pub fn admin_listen_addr(&self) -> Result<Option<std::net::SocketAddr>, String> {
+        use std::net::{Ipv4Addr, SocketAddr};
+        match self.admin_listen.as_deref().map(str::trim) {
+            Some("off") => Ok(None),
+            Some(addr) => addr
+                .parse()
+                .map(Some)
+                .map_err(|_| format!("{addr:?} is not an address like 127.0.0.1:8081 (or \"off\")")),
+            None => {
+                let public: SocketAddr = self
+                    .listen
+                    .parse()
+                    .map_err(|_| "needs a valid listen address to derive its default".to_owned())?;
+                let port = match public.port() {
+                    0 => 0,
+                    p => p
+                        .checked_add(1)
+                        .ok_or_else(|| format!("listen's port {p} has no next port: set admin_listen (or \"off\")"))?,
+                };
+                Ok(Some(SocketAddr::from((Ipv4Addr::LOCALHOST, port))))
+            }
+        }
     }
 
     pub fn topic_specs(&self) -> Vec<TopicSpec> {

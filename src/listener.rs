@@ -38,6 +38,10 @@ pub struct ListenerSettings {
     pub header_timeout: Duration,
     /// A connection without a byte read or written for this long is closed.
     pub idle_timeout: Duration,
+    /// Concurrent HTTP/2 streams per connection.
+    pub max_h2_streams: u32,
+    /// Largest HTTP/1.1 request head (hyper's read buffer) and HTTP/2 header list.
+    pub max_header_bytes: u32,
 }
 
 /// Why the TLS configuration cannot be built.
@@ -120,14 +124,18 @@ pub async fn serve(
     let mut http = auto::Builder::new(TokioExecutor::new());
     http.http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(settings.header_timeout);
+        .header_read_timeout(settings.header_timeout)
+        // hyper's floor for its read buffer is 8 KiB (it panics below).
+        .max_buf_size((settings.max_header_bytes as usize).max(8192));
     // Pings keep a quiet but live h2 connection (a Consume stream waiting for messages) above
     // the idle timeout: four per idle period.
     let ping = (settings.idle_timeout / 4).max(Duration::from_millis(100));
     http.http2()
         .timer(TokioTimer::new())
         .keep_alive_interval(Some(ping))
-        .keep_alive_timeout(ping);
+        .keep_alive_timeout(ping)
+        .max_concurrent_streams(settings.max_h2_streams)
+        .max_header_list_size(settings.max_header_bytes);
     let graceful = GracefulShutdown::new();
     let open = Arc::new(Semaphore::new(settings.max_connections));
     let refusals = Arc::new(RefusalLog {

@@ -42,6 +42,11 @@ struct ServeArgs {
     /// picks a free port, printed at start).
     #[arg(long, env = "MQPROXY_LISTEN")]
     listen: Option<String>,
+    /// Address of the admin listener (admin API and console for loopback clients without a
+    /// token), overriding the config's `admin_listen`; `off` turns it off. Default: 127.0.0.1
+    /// on the port after the listen port's.
+    #[arg(long, env = "MQPROXY_ADMIN_LISTEN")]
+    admin_listen: Option<String>,
     /// Directory of the message store, overriding the config's `data_dir` (default ./data).
     #[arg(long, env = "MQPROXY_DATA_DIR")]
     data_dir: Option<PathBuf>,
@@ -90,6 +95,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(listen) = args.listen {
         config.listen = listen;
     }
+    if let Some(admin) = args.admin_listen {
+        config.admin_listen = Some(admin);
+    }
     if let Some(dir) = args.data_dir {
         config.data_dir = dir;
     }
@@ -98,10 +106,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .as_ref()
         .map_or("(flags)".to_owned(), |p| p.display().to_string());
     config.validate(&origin)?;
-    let listener = tokio::net::TcpListener::bind(&config.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
-    let addr = listener.local_addr()?;
+    let listeners = mqproxy::server::Listeners::bind(&config).await?;
+    let addr = listeners.public.local_addr()?;
     tracing::info!(
         %addr,
         data_dir = %config.data_dir.display(),
@@ -112,9 +118,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     );
     let shutdown = install_shutdown_signal()?;
     // The one line scripts and tests wait for.
-    println!("mqproxy listening on http://{addr} (Swagger UI: http://{addr}/swagger-ui/)");
+    println!("{}", listeners.listening_line()?);
     std::io::stdout().flush()?;
-    mqproxy::server::run(config, listener, shutdown).await?;
+    mqproxy::server::run(config, listeners, shutdown).await?;
     Ok(())
 }
 

@@ -5,7 +5,8 @@ use crate::config::{
     Backend, Config, ConsumerConfig, ConsumerStateKind, Flush, HttpStatusPolicy, Mode, ProducerConfig, TopicConfig,
 };
 use crate::engine::request_id::RequestIdKeys;
-use crate::engine::{Engine, EngineConfig, EngineError};
+use crate::engine::{ClientLimits, Engine, EngineConfig, EngineError};
+use crate::http::admin_auth::ListenerRole;
 use crate::http::{self, HttpSettings};
 use crate::listener::{self, ListenerSettings, TlsError};
 use crate::store::consumer_state::{ConsumerStateStore, LocalConsumerState};
@@ -73,6 +74,8 @@ pub enum ServeError {
     Grpc(String),
     #[error(transparent)]
     Tls(#[from] TlsError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: String, source: std::io::Error },
     #[error("server I/O error: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -201,15 +204,63 @@ fn with_saved_registry(mut config: Config, file: &RegistryFile) -> Result<Config
     Ok(config)
 }
 
-/// Serves `config` on `listener` until `shutdown` resolves.
+/// The sockets a server serves: the public one, and the admin listener unless it is off.
+pub struct Listeners {
+    pub public: TcpListener,
+    pub admin: Option<TcpListener>,
+}
+
+impl Listeners {
+    /// Binds `listen` and `admin_listen` of a checked config.
+    ///
+    /// # Errors
+    /// An address is taken or invalid.
+    pub async fn bind(config: &Config) -> Result<Self, ServeError> {
+        let bind = |addr: String| async move {
+            TcpListener::bind(&addr)
+                .await
+                .map_err(|source| ServeError::Bind { addr, source })
+        };
+        let public = bind(config.listen.clone()).await?;
+        let admin = match config.admin_listen_addr().map_err(|reason| ServeError::Bind {
+            addr: config.admin_listen.clone().unwrap_or_default(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, reason),
+        })? {
+            Some(addr) => Some(bind(addr.to_string()).await?),
+            None => None,
+        };
+        Ok(Self { public, admin })
+    }
+
+    /// The line scripts and tests wait for (one line: a reader may stop after it).
+    ///
+    /// # Errors
+    /// A socket's address cannot be read.
+    pub fn listening_line(&self) -> std::io::Result<String> {
+        let addr = self.public.local_addr()?;
+        let admin = match &self.admin {
+            Some(l) => format!("admin API and console: http://{}/console/", l.local_addr()?),
+            None => "admin listener off".to_owned(),
+        };
+        Ok(format!(
+            "mqproxy listening on http://{addr} (Swagger UI: http://{addr}/swagger-ui/; {admin})"
+        ))
+    }
+}
+
+/// Serves `config` on `listeners` until `shutdown` resolves.
 ///
 /// # Errors
-/// The store cannot be opened, or the listener fails.
+/// The store cannot be opened, or a listener fails.
 pub async fn run(
     config: Config,
-    listener: TcpListener,
+    listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    let Listeners {
+        public: listener,
+        admin: admin_listener,
+    } = listeners;
     let addr = listener.local_addr()?;
     let registry_file = RegistryFile::new(&config.data_dir);
     let config = with_saved_registry(config, &registry_file)?;
@@ -230,9 +281,6 @@ pub async fn run(
         })?
         .unwrap_or(store.identity().secret);
     let keys = request_id_keys(&config, kept_secret);
-    if config.admin_token.as_deref().is_none_or(str::is_empty) {
-        tracing::info!("admin API (/admin/...): loopback clients only; set admin_token to open it to others");
-    }
     let backend = messages.clone();
     let engine = Engine::new(
         EngineConfig {
@@ -240,6 +288,12 @@ pub async fn run(
             store_host: store_host(addr),
             max_delivery_delay_ms: config.max_delivery_delay_ms,
             default_rate_limit: config.default_rate_limit,
+            limits: ClientLimits {
+                broadcast_client_idle_ms: config.broadcast_client_idle_ms,
+                max_broadcast_clients: config.max_broadcast_clients,
+                metrics_max_client_series: config.metrics_max_client_series,
+                max_consume_streams: config.max_consume_streams,
+            },
             topics: config.topic_specs(),
             producers: config.producer_specs(),
             consumers: config.consumer_specs(),
@@ -251,26 +305,30 @@ pub async fn run(
     );
     // The config's entries are created at start-up: saved along with the admin API's.
     engine.save_registry().await?;
-    let grpc = crate::grpc::router(engine.clone()).map_err(|e| ServeError::Grpc(e.to_string()))?;
-    let app = http::router(
-        engine.clone(),
-        &HttpSettings {
-            mirror_http_status: config.http_status == HttpStatusPolicy::Mirror,
-            max_request_bytes: config.max_request_bytes,
-            cors_allowed_origins: config.cors.allowed_origins.clone(),
-            admin_token: config.admin_token.clone(),
-            body_timeout: Duration::from_millis(config.header_timeout_ms),
-        },
-    )
-    .merge(grpc)
-    .layer(axum::middleware::from_fn_with_state(engine, http::metrics::observe));
+    let idle_client_sweep = engine.spawn_idle_client_sweep();
+    let grpc =
+        crate::grpc::router(engine.clone(), config.max_request_bytes).map_err(|e| ServeError::Grpc(e.to_string()))?;
+    let http_settings = HttpSettings {
+        mirror_http_status: config.http_status == HttpStatusPolicy::Mirror,
+        max_request_bytes: config.max_request_bytes,
+        cors_allowed_origins: config.cors.allowed_origins.clone(),
+        admin_token: config.admin_token.clone(),
+        body_timeout: Duration::from_millis(config.header_timeout_ms),
+    };
+    let observed = |app: axum::Router| {
+        app.layer(axum::middleware::from_fn_with_state(
+            engine.clone(),
+            http::metrics::observe,
+        ))
+    };
+    let app = observed(http::router(engine.clone(), &http_settings, ListenerRole::Public).merge(grpc));
+    let admin_app = observed(http::router(engine.clone(), &http_settings, ListenerRole::Admin));
 
-    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         shutdown.await;
         let _ = stop_tx.send(true);
     });
-    let mut graceful_rx = stop_rx.clone();
     let tls = match &config.tls {
         Some(t) => {
             let tls = listener::tls_config(&t.cert, &t.key)?;
@@ -279,19 +337,46 @@ pub async fn run(
         }
         None => None,
     };
-    let server = listener::serve(
-        listener,
-        app,
-        ListenerSettings {
-            tls,
-            max_connections: config.max_connections,
-            header_timeout: Duration::from_millis(config.header_timeout_ms),
-            idle_timeout: Duration::from_millis(config.idle_timeout_ms),
-        },
-        async move {
-            let _ = graceful_rx.wait_for(|stop| *stop).await;
-        },
-    );
+    let settings = |tls| ListenerSettings {
+        tls,
+        max_connections: config.max_connections,
+        header_timeout: Duration::from_millis(config.header_timeout_ms),
+        idle_timeout: Duration::from_millis(config.idle_timeout_ms),
+        max_h2_streams: config.max_h2_streams,
+        max_header_bytes: config.max_header_bytes,
+    };
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let admin_rule = if config.admin_token.as_deref().is_some_and(|t| !t.is_empty()) {
+        "admin_token required on every listener"
+    } else {
+        "no admin_token: refused on the public listener; the admin listener serves loopback clients without a forwarding header"
+    };
+    match &admin_listener {
+        Some(admin) => {
+            tracing::info!(admin = %admin.local_addr()?, rule = admin_rule, "admin API and console on the admin listener");
+        }
+        None => tracing::info!(rule = admin_rule, "admin listener off (admin_listen = \"off\")"),
+    }
+    let admin_stop = stop_rx.clone();
+    let admin_tls = tls.clone();
+    let admin_server = async {
+        match admin_listener {
+            // TLS too when configured: admin_listen may be set to a non-loopback address.
+            Some(admin) => listener::serve(admin, admin_app, settings(admin_tls), stopped(admin_stop)).await,
+            None => Ok(()),
+        }
+    };
+    let public_stop = stop_rx.clone();
+    let server = async {
+        let (public, admin) = tokio::join!(
+            listener::serve(listener, app, settings(tls), stopped(public_stop)),
+            admin_server
+        );
+        public.and(admin)
+    };
+    let mut stop_rx = stop_rx;
     let grace = Duration::from_millis(config.shutdown_grace_ms);
     tokio::select! {
         served = server => served?,
@@ -300,6 +385,7 @@ pub async fn run(
             tokio::time::sleep(grace).await;
         } => tracing::warn!(grace_ms = config.shutdown_grace_ms, "in-flight requests did not finish within the grace period"),
     }
+    idle_client_sweep.abort();
     backend.shutdown().await;
     tokio::task::spawn_blocking(move || store.close())
         .await

@@ -67,7 +67,7 @@ async fn every_operation_is_implemented() {
         let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
         let resp = s
             .client
-            .request(method.clone(), format!("{}{path}", s.base))
+            .request(method.clone(), s.url(path))
             .send()
             .await
             .expect("send");

@@ -104,13 +104,17 @@ async fn restart_keeps_messages_schedule_and_offsets() {
         u["message"].as_str().is_some_and(|m| m.ends_with("unlock:true")),
         "requestIds survive restarts: {u}"
     );
-    assert_eq!(s.drain("c", None).await, ["c", "d"]);
-    let got = eventually(Duration::from_secs(10), "the timer message after restart", || async {
-        let v = s.drain("c", None).await;
-        v.contains(&"timer".to_owned()).then_some(v)
-    })
-    .await;
-    assert!(got.contains(&"timer".to_owned()));
+    // The timer message may be due already when restarts were slow (a RocketMQ cluster): it
+    // comes after the unlocked batch, and at the latest soon after its time.
+    let again = s.drain("c", None).await;
+    assert_eq!(again[..2], ["c", "d"], "{again:?}");
+    if !again.contains(&"timer".to_owned()) {
+        eventually(Duration::from_secs(10), "the timer message after restart", || async {
+            let v = s.drain("c", None).await;
+            (v == ["timer"]).then_some(())
+        })
+        .await;
+    }
 }
 
 /// Retention deletes old messages; a consumer left behind gets OFFSET_ILLEGAL once and then

@@ -339,8 +339,9 @@ async fn a_missing_topic_is_named_at_start_up() {
     config.rocketmq.auto_create_topics = false;
     let dir = tempfile::tempdir().expect("tmp");
     config.data_dir = dir.path().to_path_buf();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let error = mqproxy::server::run(config, listener, std::future::pending())
+    config.listen = "127.0.0.1:0".into();
+    let listeners = mqproxy::server::Listeners::bind(&config).await.expect("bind");
+    let error = mqproxy::server::run(config, listeners, std::future::pending())
         .await
         .expect_err("start-up fails");
     let text = error.to_string();

@@ -85,10 +85,12 @@ async fn rest_and_grpc_share_the_tls_port() {
     let bodies: Vec<&[u8]> = fetched.messages.iter().map(|m| m.body.as_slice()).collect();
     assert_eq!(bodies, [b"over https".as_slice(), b"over grpcs".as_slice()]);
 
-    // The gRPC peer address is the socket's (recorded with the queue the batch locked).
+    // The gRPC peer address is the socket's (recorded with the queue the batch locked). The
+    // admin listener speaks TLS too.
+    let admin_port = s.admin_base.rsplit(':').next().expect("port");
     let offsets = get_json(
         &client,
-        &format!("{https}/admin/consumer/offsets"),
+        &format!("https://localhost:{admin_port}/admin/consumer/offsets"),
         &[("consumer", "c")],
     )
     .await;
@@ -126,8 +128,9 @@ async fn unreadable_tls_files_stop_the_start_naming_them() {
         let mut config = config(Some(&tls_toml(cert, key)));
         let data = tempfile::tempdir().expect("tempdir");
         config.data_dir = data.path().to_path_buf();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let err = mqproxy::server::run(config, listener, std::future::pending())
+        config.listen = "127.0.0.1:0".into();
+        let listeners = mqproxy::server::Listeners::bind(&config).await.expect("bind");
+        let err = mqproxy::server::run(config, listeners, std::future::pending())
             .await
             .expect_err("the start fails");
         assert!(err.to_string().contains(named), "{err}");

@@ -183,7 +183,94 @@ fn to_delivered(m: StoredMessage) -> Delivered {
     }
 }
 
+/// A clientId names state the proxy keeps (and Redis keys `<group>:<clientId>`, beside the
+/// context's `:retry` keys), so it is bounded and may not end like one of those keys.
+fn check_client_id(client_id: &str) -> Result<String, EngineError> {
+    let chars = client_id.chars().count();
+    if chars > super::MAX_CLIENT_ID_CHARS {
+        return Err(EngineError::invalid(format!(
+            "clientId must be at most {} characters, got {chars}",
+            super::MAX_CLIENT_ID_CHARS
+        )));
+    }
+    if client_id.chars().any(char::is_control) {
+        return Err(EngineError::invalid("clientId must not contain control characters"));
+    }
+    if client_id.ends_with(":retry") || client_id.ends_with(":retry:seq") {
+        return Err(EngineError::invalid("clientId must not end with :retry or :retry:seq"));
+    }
+    Ok(client_id.to_owned())
+}
+
 impl Engine {
+    /// The (topic, consumer) labels of a request's metrics: the registry's names, or
+    /// [`super::UNREGISTERED`] for a consumer it does not know.
+    fn metric_names(&self, target: &ConsumeTarget) -> (String, String) {
+        match self.snapshot().consumers.get(&target.consumer) {
+            Some(spec) => (spec.topic.clone(), spec.name.clone()),
+            None => (String::new(), super::UNREGISTERED.to_owned()),
+        }
+    }
+
+    /// Admits a broadcast client (a new clientId only while its consumer has room).
+    async fn admit(&self, spec: &ConsumerSpec, key: &ContextKey) -> Result<(), EngineError> {
+        if key.client_id.is_none() {
+            return Ok(());
+        }
+        let limits = &self.inner.config.limits;
+        if self
+            .inner
+            .state
+            .admit_client(key, now_ms(), limits.max_broadcast_clients)
+            .await?
+        {
+            return Ok(());
+        }
+        Err(EngineError::LimitReached(format!(
+            "consumer:{} has {} broadcast clients, the most max_broadcast_clients allows; a new clientId is accepted once a client has had no pull for broadcast_client_idle_ms ({} ms)",
+            spec.name, limits.max_broadcast_clients, limits.broadcast_client_idle_ms
+        )))
+    }
+
+    /// Forgets, every tenth of `broadcast_client_idle_ms` (at most a minute apart), the
+    /// broadcast clients idle longer than that; ends when the engine is dropped.
+    pub fn spawn_idle_client_sweep(&self) -> tokio::task::JoinHandle<()> {
+        let engine = Arc::downgrade(&self.inner);
+        let idle_ms = self.inner.config.limits.broadcast_client_idle_ms;
+        let every = std::time::Duration::from_millis((idle_ms / 10).clamp(100, 60_000));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(inner) = engine.upgrade() else { return };
+                Engine { inner }.forget_idle_clients(idle_ms).await;
+            }
+        })
+    }
+
+    async fn forget_idle_clients(&self, idle_ms: u64) {
+        let idle_before = now_ms().saturating_sub(idle_ms);
+        let registry = self.snapshot();
+        for spec in registry.consumers.values().filter(|c| c.mode == ConsumeMode::Broadcast) {
+            match self
+                .inner
+                .state
+                .forget_idle_clients(&spec.topic, &spec.name, idle_before)
+                .await
+            {
+                Ok(0) => {}
+                Ok(forgotten) => tracing::info!(
+                    consumer = %spec.name,
+                    forgotten,
+                    idle_ms,
+                    "forgot broadcast clients with no pull for broadcast_client_idle_ms"
+                ),
+                Err(e) => tracing::warn!(consumer = %spec.name, error = %e, "cannot forget idle broadcast clients"),
+            }
+        }
+    }
+
     pub(super) fn consumer_spec(&self, name: &str) -> Result<Arc<ConsumerSpec>, EngineError> {
         self.snapshot()
             .consumers
@@ -209,7 +296,7 @@ impl Engine {
             (ConsumeMode::Clustering, Some(_)) => {
                 return Err(EngineError::invalid(format!("consumer:{} no need clientId", spec.name)));
             }
-            (_, c) => c.map(str::to_owned),
+            (_, c) => c.map(check_client_id).transpose()?,
         };
         let key = ContextKey {
             topic: spec.topic.clone(),
@@ -293,9 +380,10 @@ impl Engine {
         let target = req.target.clone();
         let result = self.fetch_batch(req).await;
         let metrics = &self.inner.metrics;
+        let (topic, consumer) = self.metric_names(&target);
         let labels = |status: &str| super::metrics::PullLabels {
-            topic: target.topic.clone(),
-            consumer: target.consumer.clone(),
+            topic: topic.clone(),
+            consumer: consumer.clone(),
             status: status.to_owned(),
         };
         match &result {
@@ -306,8 +394,8 @@ impl Engine {
                     metrics
                         .delivered
                         .get_or_create(&super::metrics::ConsumerLabels {
-                            topic: target.topic.clone(),
-                            consumer: target.consumer.clone(),
+                            topic: topic.clone(),
+                            consumer: consumer.clone(),
                         })
                         .inc_by(n as u64);
                 }
@@ -328,12 +416,13 @@ impl Engine {
             Ok(false) => "ignored",
             Err(()) => "refused",
         };
+        let (topic, consumer) = self.metric_names(target);
         self.inner
             .metrics
             .acks
             .get_or_create(&super::metrics::AckLabels {
-                topic: target.topic.clone(),
-                consumer: target.consumer.clone(),
+                topic,
+                consumer,
                 outcome: outcome.to_owned(),
             })
             .inc();
@@ -365,8 +454,13 @@ impl Engine {
             return Ok(outcome);
         }
 
+        self.admit(spec, &key).await?;
         let max_pull = req.max_pull_size.map_or(spec.max_pull_size, |m| m.clamp(1, 128));
-        let chosen = match self.choose_and_lock(spec, &key, req.client_ip, max_pull).await? {
+        // Kept with the queue's state (the last client that pulled it): bounded like a clientId.
+        let client_ip = req
+            .client_ip
+            .map(|ip| ip.chars().take(super::MAX_CLIENT_ID_CHARS).collect::<String>());
+        let chosen = match self.choose_and_lock(spec, &key, client_ip, max_pull).await? {
             Choice::Locked(chosen) => chosen,
             Choice::Idle(snapshot) => {
                 outcome.queue = Some(snapshot);

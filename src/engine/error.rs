@@ -25,6 +25,9 @@ pub enum ErrorKind {
     /// Too many writes waiting; nothing was stored, retry shortly (503 + Retry-After /
     /// Unavailable).
     Overloaded,
+    /// A bound on what clients may create is reached (429 / ResourceExhausted): broadcast
+    /// clientIds of a consumer, open Consume streams.
+    LimitReached,
 }
 
 impl ErrorKind {
@@ -39,6 +42,7 @@ impl ErrorKind {
             Self::PermissionDenied => 403,
             Self::StorageFull => 507,
             Self::Overloaded => 503,
+            Self::LimitReached => 429,
         }
     }
 
@@ -51,6 +55,7 @@ impl ErrorKind {
             403 => "403",
             507 => "507",
             503 => "503",
+            429 => "429",
             _ => "500",
         }
     }
@@ -68,6 +73,8 @@ pub enum EngineError {
     Unauthenticated(String),
     #[error("{0}")]
     PermissionDenied(String),
+    #[error("{0}")]
+    LimitReached(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -79,6 +86,7 @@ impl EngineError {
             Self::UnknownProducer(_) | Self::UnknownConsumer(_) => ErrorKind::NotFound,
             Self::Unauthenticated(_) => ErrorKind::Unauthenticated,
             Self::PermissionDenied(_) => ErrorKind::PermissionDenied,
+            Self::LimitReached(_) => ErrorKind::LimitReached,
             Self::Store(StoreError::Closed) => ErrorKind::Unavailable,
             Self::Store(StoreError::Rejected(_)) => ErrorKind::InvalidArgument,
             Self::Store(StoreError::OutcomeUnknown(_)) => ErrorKind::OutcomeUnknown,

@@ -46,6 +46,14 @@ pub(super) struct LagLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(super) struct ConsumerQueueLabels {
+    pub topic: String,
+    pub consumer: String,
+    pub broker: String,
+    pub queue: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(super) struct QueueLabels {
     pub topic: String,
     pub broker: String,
@@ -73,6 +81,9 @@ pub(super) struct Metrics {
     pub acks: Family<AckLabels, Counter>,
     requests: Family<RequestLabels, Histogram, fn() -> Histogram>,
     pub lag: Family<LagLabels, Gauge>,
+    pub broadcast_clients: Family<ConsumerLabels, Gauge>,
+    pub broadcast_lag_sum: Family<ConsumerQueueLabels, Gauge>,
+    pub broadcast_lag_max: Family<ConsumerQueueLabels, Gauge>,
     pub max_offset: Family<QueueLabels, Gauge>,
     /// Only when the store knows (the embedded one): no label, no sample otherwise.
     pub store_bytes: Family<Vec<(String, String)>, Gauge>,
@@ -115,8 +126,26 @@ impl Metrics {
         let lag = Family::default();
         registry.register(
             "consumer_lag_messages",
-            "Messages not yet consumed, per consumer (and broadcast clientId) and queue",
+            "Messages not yet consumed, per consumer (and broadcast clientId: the most lagging ones, up to metrics_max_client_series) and queue",
             lag.clone(),
+        );
+        let broadcast_clients = Family::default();
+        registry.register(
+            "broadcast_clients",
+            "Known clientIds of each broadcast consumer",
+            broadcast_clients.clone(),
+        );
+        let broadcast_lag_sum = Family::default();
+        registry.register(
+            "broadcast_lag_sum_messages",
+            "Lag of a broadcast consumer per queue, summed over its clientIds",
+            broadcast_lag_sum.clone(),
+        );
+        let broadcast_lag_max = Family::default();
+        registry.register(
+            "broadcast_lag_max_messages",
+            "Lag of a broadcast consumer per queue, its most lagging clientId's",
+            broadcast_lag_max.clone(),
         );
         let max_offset = Family::default();
         registry.register("queue_max_offset", "The next offset of each queue", max_offset.clone());
@@ -140,6 +169,9 @@ impl Metrics {
             acks,
             requests,
             lag,
+            broadcast_clients,
+            broadcast_lag_sum,
+            broadcast_lag_max,
             max_offset,
             store_bytes,
             delayed,

@@ -22,7 +22,7 @@ pub use consume::{
     UnlockOutcome,
 };
 pub use error::{EngineError, ErrorKind};
-pub use offsets::{ConnectedClient, ConsumerOffsets, ContextView, OffsetReset, QueueSelector, QueueView};
+pub use offsets::{ClientPage, ConnectedClient, ConsumerOffsets, ContextView, OffsetReset, QueueSelector, QueueView};
 pub use registry::RegistryView;
 pub use stream::{ConsumeCommand, ConsumeEvent, Subscription};
 
@@ -92,10 +92,43 @@ pub struct EngineConfig {
     pub max_delivery_delay_ms: u64,
     /// Pulls per second per consumer when an operator has not set a rate.
     pub default_rate_limit: u64,
+    /// Bounds on what clients create (each a config key; see `config.rs`).
+    pub limits: ClientLimits,
     pub topics: Vec<TopicSpec>,
     pub producers: Vec<ProducerSpec>,
     pub consumers: Vec<ConsumerSpec>,
 }
+
+/// Bounds on the state anonymous clients can make the proxy keep.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientLimits {
+    /// A broadcast clientId with no pull for this long is forgotten.
+    pub broadcast_client_idle_ms: u64,
+    /// ClientIds one broadcast consumer may have.
+    pub max_broadcast_clients: u32,
+    /// Broadcast clientIds per consumer with their own lag series in `/metrics`.
+    pub metrics_max_client_series: u32,
+    /// Consume streams open at once.
+    pub max_consume_streams: u32,
+}
+
+impl Default for ClientLimits {
+    fn default() -> Self {
+        Self {
+            broadcast_client_idle_ms: 86_400_000,
+            max_broadcast_clients: 10_000,
+            metrics_max_client_series: 100,
+            max_consume_streams: 10_000,
+        }
+    }
+}
+
+/// The longest clientId (it names state the proxy keeps, so its size is bounded too).
+pub const MAX_CLIENT_ID_CHARS: usize = 128;
+
+/// The label of metrics about a name the registry does not know (such names come from
+/// clients, so they never become label values).
+const UNREGISTERED: &str = "(unregistered)";
 
 /// A message to produce.
 #[derive(Debug, Clone, Default)]
@@ -180,6 +213,8 @@ struct Inner {
     /// Bumped when a queue lock is released or consumer settings change: streaming consumers
     /// waiting for a free queue wake up on it.
     consumer_changes: tokio::sync::watch::Sender<u64>,
+    /// One permit per open Consume stream (`max_consume_streams`).
+    consume_streams: Arc<tokio::sync::Semaphore>,
 }
 
 pub(crate) fn now_ms() -> u64 {
@@ -203,6 +238,7 @@ impl Engine {
     ) -> Self {
         let registry = registry::Registry::new(&config.topics, &config.producers, &config.consumers);
         let ids = MsgIdGenerator::new(messages.identity());
+        let consume_streams = Arc::new(tokio::sync::Semaphore::new(config.limits.max_consume_streams as usize));
         Self {
             inner: Arc::new(Inner {
                 state,
@@ -217,6 +253,7 @@ impl Engine {
                 ids,
                 round_robin: AtomicU32::new(0),
                 consumer_changes: tokio::sync::watch::Sender::new(0),
+                consume_streams,
             }),
         }
     }
@@ -354,8 +391,14 @@ impl Engine {
     }
 
     /// Counts produced messages by topic, producer and status (200, or the error's status).
+    /// A producer the registry does not know is counted as [`UNREGISTERED`].
     fn count_produced(&self, topic: String, producer: &str, error: Option<&EngineError>, n: u64) {
         let status = error.map_or("200", |e| e.kind().status_label());
+        let producer = if self.snapshot().producers.contains_key(producer) {
+            producer
+        } else {
+            UNREGISTERED
+        };
         self.inner
             .metrics
             .produced
@@ -384,16 +427,50 @@ impl Engine {
     /// A store failure while reading consumer state.
     pub async fn render_metrics(&self) -> Result<String, EngineError> {
         let m = &self.inner.metrics;
+        for family in [&m.broadcast_lag_sum, &m.broadcast_lag_max] {
+            family.clear();
+        }
         m.lag.clear();
+        m.broadcast_clients.clear();
         let registry = self.snapshot();
+        let per_client_series = self.inner.config.limits.metrics_max_client_series as usize;
         for spec in registry.consumers.values() {
-            let offsets = self.consumer_offsets(&spec.name, None).await?;
-            for context in &offsets.contexts {
+            let contexts = match spec.mode {
+                ConsumeMode::Clustering => self.consumer_offsets(&spec.name, None, None).await?.contexts,
+                ConsumeMode::Broadcast => {
+                    // Clients choose their ids, so their number must not decide the size of a
+                    // scrape: per clientId only the most lagging, plus aggregates.
+                    let lag = self.broadcast_lag(spec, per_client_series).await?;
+                    let consumer = metrics::ConsumerLabels {
+                        topic: spec.topic.clone(),
+                        consumer: spec.name.clone(),
+                    };
+                    m.broadcast_clients
+                        .get_or_create(&consumer)
+                        .set(metrics::gauge_value(lag.clients as u64));
+                    for ((broker, queue), (sum, max)) in lag.per_queue {
+                        let labels = metrics::ConsumerQueueLabels {
+                            topic: spec.topic.clone(),
+                            consumer: spec.name.clone(),
+                            broker,
+                            queue: queue.to_string(),
+                        };
+                        m.broadcast_lag_sum
+                            .get_or_create(&labels)
+                            .set(metrics::gauge_value(sum));
+                        m.broadcast_lag_max
+                            .get_or_create(&labels)
+                            .set(metrics::gauge_value(max));
+                    }
+                    lag.top
+                }
+            };
+            for context in &contexts {
                 for q in &context.queues {
                     m.lag
                         .get_or_create(&metrics::LagLabels {
-                            topic: offsets.topic.clone(),
-                            consumer: offsets.consumer.clone(),
+                            topic: spec.topic.clone(),
+                            consumer: spec.name.clone(),
                             client_id: context.client_id.clone().unwrap_or_default(),
                             broker: q.broker_name.clone(),
                             queue: q.queue_id.to_string(),

@@ -41,11 +41,37 @@ pub struct ConsumerOffsets {
     pub consumer: String,
     pub topic: String,
     pub mode: ConsumeMode,
-    /// Total lag (clustering), or the largest lag of one clientId (broadcast).
+    /// Total lag (clustering), or the largest lag of one clientId (broadcast), over every
+    /// context, not only the page.
     pub lag: u64,
+    /// How many contexts there are; `contexts` holds the page asked for.
+    pub context_count: usize,
     pub contexts: Vec<ContextView>,
     /// Clients seen pulling (the last client of each queue), most recent first.
     pub connected: Vec<ConnectedClient>,
+}
+
+/// What `/metrics` shows of a broadcast consumer's lag.
+#[derive(Debug, Default)]
+pub(super) struct BroadcastLag {
+    pub clients: usize,
+    /// (broker, queue id) -> (sum, max) of the clients' lag.
+    pub per_queue: std::collections::BTreeMap<(String, u32), (u64, u64)>,
+    /// The most lagging clients, most lagging first.
+    pub top: Vec<ContextView>,
+}
+
+/// A page of a broadcast consumer's clientIds (sorted), from 1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientPage {
+    pub page: u32,
+    pub size: u32,
+}
+
+impl Default for ClientPage {
+    fn default() -> Self {
+        Self { page: 1, size: 100 }
+    }
 }
 
 /// One queue of a topic, as an operator names it (broker optional with a single broker).
@@ -130,15 +156,31 @@ impl Engine {
     ///
     /// # Errors
     /// Unknown consumer, a clientId for a clustering consumer, or a store failure.
+    /// `page`: one page of the contexts (None: all; their number is bounded by
+    /// `max_broadcast_clients`).
     pub async fn consumer_offsets(
         &self,
         consumer: &str,
         client_id: Option<&str>,
+        page: Option<ClientPage>,
     ) -> Result<ConsumerOffsets, EngineError> {
         let spec = self.consumer_spec(consumer)?;
-        let mut contexts = Vec::new();
-        for key in self.operator_contexts(&spec, client_id).await? {
-            contexts.push(self.context_view(&key).await?);
+        let keys = self.operator_contexts(&spec, client_id).await?;
+        let context_count = keys.len();
+        let (skip, take) = page.map_or((0, usize::MAX), |p| {
+            (
+                (p.page.max(1) as usize - 1).saturating_mul(p.size as usize),
+                p.size as usize,
+            )
+        });
+        // One view at a time: only the page is kept, whatever the number of clients.
+        let (mut lag, mut contexts) = (0, Vec::new());
+        for (i, key) in keys.iter().enumerate() {
+            let view = self.context_view(key).await?;
+            lag = lag.max(view.lag);
+            if i >= skip && contexts.len() < take {
+                contexts.push(view);
+            }
         }
         let mut seen: std::collections::HashMap<(Option<String>, String), u64> = std::collections::HashMap::new();
         for c in &contexts {
@@ -166,10 +208,45 @@ impl Engine {
             consumer: spec.name.clone(),
             topic: spec.topic.clone(),
             mode: spec.mode,
-            lag: contexts.iter().map(|c| c.lag).max().unwrap_or(0),
+            lag,
+            context_count,
             contexts,
             connected,
         })
+    }
+
+    /// A broadcast consumer's lag for `/metrics`: its number of clients, per queue the sum and
+    /// the max over them, and the `top` most lagging clients' views (in memory one view at a
+    /// time plus those, whatever the number of clients).
+    pub(super) async fn broadcast_lag(&self, spec: &ConsumerSpec, top: usize) -> Result<BroadcastLag, EngineError> {
+        let keys = self.operator_contexts(spec, None).await?;
+        let mut summary = BroadcastLag {
+            clients: keys.len(),
+            ..BroadcastLag::default()
+        };
+        let most_lagging_first =
+            |a: &ContextView, b: &ContextView| b.lag.cmp(&a.lag).then_with(|| a.client_id.cmp(&b.client_id));
+        for key in &keys {
+            let view = self.context_view(key).await?;
+            for q in &view.queues {
+                let (sum, max) = summary
+                    .per_queue
+                    .entry((q.broker_name.clone(), q.queue_id))
+                    .or_default();
+                *sum = sum.saturating_add(q.lag);
+                *max = (*max).max(q.lag);
+            }
+            if top > 0 {
+                summary.top.push(view);
+                if summary.top.len() >= 2 * top {
+                    summary.top.sort_by(most_lagging_first);
+                    summary.top.truncate(top);
+                }
+            }
+        }
+        summary.top.sort_by(most_lagging_first);
+        summary.top.truncate(top);
+        Ok(summary)
     }
 
     /// Moves committed offsets to a time or to the newest offset; locks stay (a batch handed
@@ -220,6 +297,7 @@ impl Engine {
             "consumer offsets reset"
         );
         self.notify_consumers();
-        self.consumer_offsets(consumer, client_id).await
+        self.consumer_offsets(consumer, client_id, Some(ClientPage::default()))
+            .await
     }
 }

@@ -67,11 +67,20 @@ impl Engine {
         C: Stream<Item = ConsumeCommand> + Send + Unpin + 'static,
     {
         let (_, key) = self.resolve(&sub.target)?;
+        let permit = self.inner.consume_streams.clone().try_acquire_owned().map_err(|_| {
+            EngineError::LimitReached(format!(
+                "{} Consume streams are open, the most max_consume_streams allows",
+                self.inner.config.limits.max_consume_streams
+            ))
+        })?;
         // One batch buffered at most: a slow client holds the task back (HTTP/2 flow control
         // reaches the engine), so the server's memory does not grow with it.
         let (tx, rx) = mpsc::channel(1);
         let engine = self.clone();
-        tokio::spawn(async move { engine.run_stream(sub, key, commands, tx).await });
+        tokio::spawn(async move {
+            engine.run_stream(sub, key, commands, tx).await;
+            drop(permit);
+        });
         Ok(ReceiverStream::new(rx))
     }
 
@@ -88,6 +97,10 @@ impl Engine {
         // request_id -> when its lock expires (then the batch is someone's to take again).
         let mut in_flight: HashMap<String, u64> = HashMap::new();
         let mut commands_open = true;
+        // A broadcast stream pulls at least this often, so a quiet but live client is never
+        // taken for an idle one and forgotten.
+        let keep_known =
+            (key.client_id.is_some()).then(|| (self.inner.config.limits.broadcast_client_idle_ms / 4).max(250));
         tracing::debug!(consumer = %sub.target.consumer, client = ?sub.target.client_id, "consume stream opened");
         'stream: loop {
             // Read each round: an operator may change it while the stream runs.
@@ -160,6 +173,9 @@ impl Engine {
                         }
                     },
                 }
+            }
+            if let Some(every) = keep_known {
+                wake_at = Some(wake_at.map_or(now + every, |w| w.min(now + every)));
             }
             let sleep = async {
                 match wake_at {

@@ -15,10 +15,11 @@ pub mod pb {
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/mqproxy_descriptor.bin"));
 
 /// The gRPC services as an axum router, to share the REST port (HTTP/1.1 and h2c).
+/// `max_message_bytes` bounds a request message, as `max_request_bytes` bounds a REST body.
 ///
 /// # Errors
 /// Never for the checked-in descriptor set; reflection refuses a broken one.
-pub fn router(engine: Engine) -> Result<axum::Router, tonic_reflection::server::Error> {
+pub fn router(engine: Engine, max_message_bytes: usize) -> Result<axum::Router, tonic_reflection::server::Error> {
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -30,7 +31,7 @@ pub fn router(engine: Engine) -> Result<axum::Router, tonic_reflection::server::
         .build_v1alpha()?;
     let (health_reporter, health) = tonic_health::server::health_reporter();
     let messaging = pb::messaging_service_server::MessagingServiceServer::new(service::GrpcAdapter { engine })
-        .max_decoding_message_size(64 * 1024 * 1024);
+        .max_decoding_message_size(max_message_bytes);
     tokio::spawn(async move {
         health_reporter
             .set_serving::<pb::messaging_service_server::MessagingServiceServer<service::GrpcAdapter>>()

@@ -22,6 +22,7 @@ fn status(e: EngineError) -> Status {
         ErrorKind::Unauthenticated => Status::unauthenticated(message),
         ErrorKind::PermissionDenied => Status::permission_denied(message),
         ErrorKind::Overloaded => Status::unavailable(message),
+        ErrorKind::LimitReached => Status::resource_exhausted(message),
         ErrorKind::StorageFull => {
             tracing::error!(error = %message, "gRPC call refused: disk full");
             Status::resource_exhausted(message)

@@ -1,19 +1,37 @@
-//! Who may call the admin API (`/admin/...` and the Java proxy's `/mq/*/queue/offset` views):
-//! with `admin_token` set, callers presenting it (`Authorization: Bearer TOKEN` or a `token`
-//! query parameter, compared in constant time); without one, loopback clients only.
+//! Who may call the admin API (`/admin/...` and the Java proxy's `/mq/*/queue/offset` views).
+//!
+//! Every request through a same-host reverse proxy arrives from loopback, and a bare
+//! `proxy_pass` adds no forwarding header, so neither the socket address nor the headers tell
+//! a local operator from a stranger on the public port. The listener does: the admin listener
+//! (`admin_listen`, loopback by default) is one no reverse proxy of the public port reaches.
+//! - `admin_token` set: every admin request needs it (`Authorization: Bearer TOKEN` or a
+//!   `token` query parameter, compared in constant time), on either listener.
+//! - no `admin_token`: the public listener refuses every admin request; the admin listener
+//!   serves loopback clients whose request carries no forwarding header (a proxy put in front
+//!   of the admin listener too still needs the token).
 
 use axum::extract::{ConnectInfo, Request, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use subtle::ConstantTimeEq;
 
-/// The admin API's access rule.
+/// Which listener a router serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenerRole {
+    /// The port clients (and reverse proxies) reach.
+    Public,
+    /// `admin_listen`: for operators on the machine.
+    Admin,
+}
+
+/// The admin API's access rule on one listener.
 #[derive(Debug, Clone)]
 pub struct AdminAccess {
     token: Option<String>,
+    role: ListenerRole,
 }
 
 /// Why a request was refused.
@@ -23,6 +41,10 @@ pub enum Refusal {
     MissingToken,
     /// A wrong token (403).
     WrongToken,
+    /// No admin token is configured and the request came to the public listener (403).
+    PublicListener,
+    /// No admin token is configured and the request came through a proxy (403).
+    Forwarded,
     /// No admin token is configured and the caller is not on loopback (403).
     NotLoopback,
 }
@@ -31,7 +53,7 @@ impl Refusal {
     fn status(self) -> StatusCode {
         match self {
             Self::MissingToken => StatusCode::UNAUTHORIZED,
-            Self::WrongToken | Self::NotLoopback => StatusCode::FORBIDDEN,
+            Self::WrongToken | Self::PublicListener | Self::Forwarded | Self::NotLoopback => StatusCode::FORBIDDEN,
         }
     }
 
@@ -39,6 +61,10 @@ impl Refusal {
         match self {
             Self::MissingToken => "the admin API needs a token: Authorization: Bearer TOKEN, or token=TOKEN",
             Self::WrongToken => "wrong admin token",
+            Self::PublicListener => {
+                "the admin API is served on the admin listener (admin_listen, loopback) until admin_token is configured"
+            }
+            Self::Forwarded => "an admin request that came through a proxy needs admin_token",
             Self::NotLoopback => "the admin API answers loopback clients only until admin_token is configured",
         }
     }
@@ -49,15 +75,33 @@ pub fn is_admin_path(path: &str) -> bool {
     path.starts_with("/admin/") || path == "/mq/clustering/queue/offset" || path == "/mq/broadcast/queue/offset"
 }
 
+/// Headers a proxy adds on the way (RFC 7239, the de-facto `X-Forwarded-*`, nginx's
+/// `X-Real-IP`, HTTP's `Via`).
+const FORWARDING_HEADERS: [&str; 6] = [
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-real-ip",
+    "via",
+];
+
+/// True when the request says it came through a proxy.
+pub fn is_forwarded(headers: &HeaderMap) -> bool {
+    FORWARDING_HEADERS.iter().any(|h| headers.contains_key(*h))
+}
+
 impl AdminAccess {
-    pub fn new(token: Option<String>) -> Self {
+    pub fn new(token: Option<String>, role: ListenerRole) -> Self {
         Self {
             token: token.filter(|t| !t.is_empty()),
+            role,
         }
     }
 
-    /// The rule itself: `presented` is the token the request carries, `peer` its socket.
-    pub fn check(&self, presented: Option<&str>, peer: SocketAddr) -> Result<(), Refusal> {
+    /// The rule itself: `presented` is the token the request carries, `peer` its socket,
+    /// `forwarded` whether it carries a forwarding header.
+    pub fn check(&self, presented: Option<&str>, peer: SocketAddr, forwarded: bool) -> Result<(), Refusal> {
         match (&self.token, presented) {
             (Some(_), None) => Err(Refusal::MissingToken),
             (Some(expected), Some(given)) => {
@@ -67,8 +111,19 @@ impl AdminAccess {
                     Err(Refusal::WrongToken)
                 }
             }
+            (None, _) if self.role == ListenerRole::Public => Err(Refusal::PublicListener),
+            (None, _) if forwarded => Err(Refusal::Forwarded),
             (None, _) if peer.ip().is_loopback() => Ok(()),
             (None, _) => Err(Refusal::NotLoopback),
+        }
+    }
+
+    /// What the start-up log says of this rule.
+    pub fn describe(&self) -> &'static str {
+        match (&self.token, self.role) {
+            (Some(_), _) => "every admin request needs admin_token",
+            (None, ListenerRole::Public) => "admin requests refused (no admin_token): use the admin listener",
+            (None, ListenerRole::Admin) => "loopback clients without a forwarding header; others need admin_token",
         }
     }
 }
@@ -93,11 +148,11 @@ pub async fn guard(
     if !is_admin_path(req.uri().path()) {
         return next.run(req).await;
     }
-    match access.check(presented_token(&req).as_deref(), peer) {
+    match access.check(presented_token(&req).as_deref(), peer, is_forwarded(req.headers())) {
         Ok(()) => next.run(req).await,
         Err(refusal) => {
             // Logged without the token.
-            tracing::warn!(%peer, path = req.uri().path(), reason = ?refusal, "admin request refused");
+            tracing::warn!(%peer, listener = ?access.role, path = req.uri().path(), reason = ?refusal, "admin request refused");
             let body = serde_json::json!({"status": refusal.status().as_u16(), "message": refusal.message()});
             (refusal.status(), axum::Json(body)).into_response()
         }
@@ -113,23 +168,49 @@ mod tests {
     }
 
     #[test]
-    fn without_a_token_only_loopback_passes() {
-        let open = AdminAccess::new(None);
-        assert_eq!(open.check(None, peer("127.0.0.1")), Ok(()));
-        assert_eq!(open.check(None, peer("::1")), Ok(()));
-        assert_eq!(open.check(None, peer("10.1.2.3")), Err(Refusal::NotLoopback));
-        assert_eq!(open.check(Some("x"), peer("10.1.2.3")), Err(Refusal::NotLoopback));
+    fn without_a_token_only_direct_loopback_on_the_admin_listener_passes() {
+        let admin = AdminAccess::new(None, ListenerRole::Admin);
+        assert_eq!(admin.check(None, peer("127.0.0.1"), false), Ok(()));
+        assert_eq!(admin.check(None, peer("::1"), false), Ok(()));
+        assert_eq!(admin.check(None, peer("127.0.0.1"), true), Err(Refusal::Forwarded));
+        assert_eq!(admin.check(None, peer("10.1.2.3"), false), Err(Refusal::NotLoopback));
+        assert_eq!(
+            admin.check(Some("x"), peer("10.1.2.3"), false),
+            Err(Refusal::NotLoopback)
+        );
+        let public = AdminAccess::new(None, ListenerRole::Public);
+        assert_eq!(
+            public.check(None, peer("127.0.0.1"), false),
+            Err(Refusal::PublicListener)
+        );
+        assert_eq!(
+            public.check(Some("x"), peer("127.0.0.1"), false),
+            Err(Refusal::PublicListener)
+        );
     }
 
     #[test]
     fn with_a_token_everyone_needs_it() {
-        let guarded = AdminAccess::new(Some("s3cret".into()));
-        assert_eq!(guarded.check(None, peer("127.0.0.1")), Err(Refusal::MissingToken));
-        assert_eq!(
-            guarded.check(Some("s3cre"), peer("127.0.0.1")),
-            Err(Refusal::WrongToken)
-        );
-        assert_eq!(guarded.check(Some("s3cret"), peer("10.1.2.3")), Ok(()));
+        for role in [ListenerRole::Public, ListenerRole::Admin] {
+            let guarded = AdminAccess::new(Some("s3cret".into()), role);
+            assert_eq!(
+                guarded.check(None, peer("127.0.0.1"), false),
+                Err(Refusal::MissingToken)
+            );
+            assert_eq!(
+                guarded.check(Some("s3cre"), peer("127.0.0.1"), false),
+                Err(Refusal::WrongToken)
+            );
+            assert_eq!(guarded.check(Some("s3cret"), peer("10.1.2.3"), true), Ok(()));
+        }
+    }
+
+    #[test]
+    fn forwarding_headers() {
+        let mut headers = HeaderMap::new();
+        assert!(!is_forwarded(&headers));
+        headers.insert("x-real-ip", "10.0.0.1".parse().expect("value"));
+        assert!(is_forwarded(&headers));
     }
 
     #[test]

@@ -12,9 +12,9 @@ use super::api::{
 };
 use super::support::{Envelope, Reply, RequestContext, batch_bodies, bearer_token};
 use crate::engine::{
-    AccessToken, Client, ConsumeMode, ConsumeTarget, ConsumerSpec, Delivered, Engine, EngineError, ErrorKind,
-    FetchRequest, OffsetReset, ProduceRequest, QueueSelector, QueueView, RegistryView, SendReceipt, SettingsChange,
-    TokenChange,
+    AccessToken, Client, ClientPage, ConsumeMode, ConsumeTarget, ConsumerSpec, Delivered, Engine, EngineError,
+    ErrorKind, FetchRequest, OffsetReset, ProduceRequest, QueueSelector, QueueView, RegistryView, SendReceipt,
+    SettingsChange, TokenChange,
 };
 use axum::http::header;
 
@@ -109,6 +109,19 @@ fn token_change(access_token: Option<String>, clear: Option<bool>) -> Result<Tok
     }
 }
 
+/// The page a view asks for: None when it gives neither `page` nor `pageSize` (their ranges
+/// are checked by the generated code).
+fn client_page(page: Option<i32>, page_size: Option<i32>) -> Option<ClientPage> {
+    if page.is_none() && page_size.is_none() {
+        return None;
+    }
+    let default = ClientPage::default();
+    Some(ClientPage {
+        page: page.and_then(|p| u32::try_from(p).ok()).unwrap_or(default.page),
+        size: page_size.and_then(|p| u32::try_from(p).ok()).unwrap_or(default.size),
+    })
+}
+
 fn target(topic: String, consumer: String, client_id: Option<String>) -> ConsumeTarget {
     ConsumeTarget {
         topic,
@@ -156,6 +169,7 @@ impl HttpAdapter {
                 result: Some(super::api::ConsumerOffsets {
                     mode: o.mode.as_str().to_owned(),
                     lag: to_i64(o.lag),
+                    client_count: Some(to_i64(o.context_count as u64)),
                     clients: o
                         .contexts
                         .into_iter()
@@ -233,8 +247,9 @@ impl HttpAdapter {
         &self,
         consumer: &str,
         mode: ConsumeMode,
+        page: Option<ClientPage>,
     ) -> Result<Vec<(Option<String>, Vec<QueueOffset>)>, EngineError> {
-        let o = self.engine.consumer_offsets(consumer, None).await?;
+        let o = self.engine.consumer_offsets(consumer, None, page).await?;
         if o.mode != mode {
             return Err(EngineError::InvalidArgument(format!(
                 "consumer:{consumer} is a {} consumer",
@@ -517,7 +532,12 @@ impl MqApi for HttpAdapter {
     }
 
     async fn consumer_offsets(&self, p: ConsumerOffsetsParams, _ctx: RequestContext) -> Reply<ConsumerOffsetsReply> {
-        self.offsets_reply(self.engine.consumer_offsets(&p.consumer, p.client_id.as_deref()).await)
+        let page = client_page(p.page, p.page_size).unwrap_or_default();
+        self.offsets_reply(
+            self.engine
+                .consumer_offsets(&p.consumer, p.client_id.as_deref(), Some(page))
+                .await,
+        )
     }
 
     async fn reset_offsets(&self, p: ResetOffsetsParams, _ctx: RequestContext) -> Reply<ConsumerOffsetsReply> {
@@ -557,7 +577,7 @@ impl MqApi for HttpAdapter {
         p: ClusteringQueueOffsetsParams,
         _ctx: RequestContext,
     ) -> Reply<QueueOffsetsReply> {
-        match self.queue_records(&p.consumer, ConsumeMode::Clustering).await {
+        match self.queue_records(&p.consumer, ConsumeMode::Clustering, None).await {
             Ok(mut records) => Reply::new(QueueOffsetsReply {
                 status: 200,
                 message: None,
@@ -572,7 +592,10 @@ impl MqApi for HttpAdapter {
         p: BroadcastQueueOffsetsParams,
         _ctx: RequestContext,
     ) -> Reply<BroadcastQueueOffsetsReply> {
-        match self.queue_records(&p.consumer, ConsumeMode::Broadcast).await {
+        match self
+            .queue_records(&p.consumer, ConsumeMode::Broadcast, client_page(p.page, p.page_size))
+            .await
+        {
             Ok(records) => Reply::new(BroadcastQueueOffsetsReply {
                 status: 200,
                 message: None,

@@ -26,13 +26,14 @@ pub async fn serve(State(engine): State<Engine>) -> Response {
     }
 }
 
-/// Times every request to a known route (the route pattern is the label, so cardinality
-/// stays bounded); gRPC calls are told apart by their content type.
+/// Times every request to a known route (the route pattern is the label; any path no route
+/// matched is `(unmatched)`, so clients cannot grow the label set); gRPC calls are told apart
+/// by their content type.
 pub async fn observe(State(engine): State<Engine>, req: Request, next: Next) -> Response {
     let operation = req
         .extensions()
         .get::<MatchedPath>()
-        .map_or_else(|| req.uri().path().to_owned(), |p| p.as_str().to_owned());
+        .map_or_else(|| "(unmatched)".to_owned(), |p| p.as_str().to_owned());
     let grpc = req
         .headers()
         .get(header::CONTENT_TYPE)

@@ -37,7 +37,7 @@ pub struct HttpSettings {
     pub max_request_bytes: usize,
     /// Allowed CORS origins; `["*"]` allows any, empty turns CORS off.
     pub cors_allowed_origins: Vec<String>,
-    /// The admin API's token; None: loopback clients only.
+    /// The admin API's token; None: loopback clients of the admin listener only.
     pub admin_token: Option<String>,
     /// Time a REST request body may take to arrive.
     pub body_timeout: std::time::Duration,
@@ -56,8 +56,8 @@ fn cors(origins: &[String]) -> Option<CorsLayer> {
     })
 }
 
-/// The whole HTTP application.
-pub fn router(engine: Engine, settings: &HttpSettings) -> Router {
+/// The whole HTTP application, as served on one listener (the admin rule depends on which).
+pub fn router(engine: Engine, settings: &HttpSettings, role: admin_auth::ListenerRole) -> Router {
     let metrics = Router::new()
         .route("/metrics", axum::routing::get(metrics::serve))
         .with_state(engine.clone());
@@ -71,7 +71,7 @@ pub fn router(engine: Engine, settings: &HttpSettings) -> Router {
     };
     let swagger =
         utoipa_swagger_ui::SwaggerUi::new("/swagger-ui").external_url_unchecked("/openapi.json", openapi_json());
-    let access = Arc::new(admin_auth::AdminAccess::new(settings.admin_token.clone()));
+    let access = Arc::new(admin_auth::AdminAccess::new(settings.admin_token.clone(), role));
     let app = api::router(state)
         .merge(metrics)
         .merge(assets::router())

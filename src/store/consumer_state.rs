@@ -103,8 +103,18 @@ pub trait ConsumerStateStore: Send + Sync + 'static {
     /// Queues a retry message for a context (durably).
     async fn add_retry(&self, ctx: &ContextKey, msg_id: [u8; 16], location: MessageLocation) -> Result<(), StoreError>;
 
-    /// The broadcast clientIds that have consumed as this group.
+    /// The broadcast clientIds of this group that are known (admitted and not forgotten),
+    /// sorted.
     async fn client_ids(&self, topic: &str, group: &str) -> Result<Vec<String>, StoreError>;
+
+    /// Admits a broadcast client before its pull: records `now_ms` as its last pull; a clientId
+    /// not yet known is admitted only while the group has fewer than `max_clients`. False:
+    /// refused (the group is full).
+    async fn admit_client(&self, ctx: &ContextKey, now_ms: u64, max_clients: u32) -> Result<bool, StoreError>;
+
+    /// Forgets the broadcast clients of a group whose last pull was before `idle_before_ms`:
+    /// their offsets, locks and retry entries go. Returns how many were forgotten.
+    async fn forget_idle_clients(&self, topic: &str, group: &str, idle_before_ms: u64) -> Result<usize, StoreError>;
 
     async fn settings(&self, consumer: &str) -> Result<Option<ConsumerSettings>, StoreError>;
 
@@ -141,12 +151,16 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// (topic, group) -> clientId -> last pull (epoch ms): the admitted broadcast clients.
+type ClientIndex = HashMap<(String, String), HashMap<String, u64>>;
+
 /// One proxy's consumer state: in memory, each change written through to a [`ConsumerStore`]
 /// while the context's mutex is held (so the store applies changes in the order they happened).
 /// Commits and operator changes are awaited before returning; lock-only changes are written
 /// behind (losing one in a crash only brings a batch back sooner).
 pub struct LocalConsumerState {
     contexts: Mutex<HashMap<ContextKey, Arc<Mutex<ContextState>>>>,
+    clients: Mutex<ClientIndex>,
     settings: Mutex<HashMap<String, ConsumerSettings>>,
     durable: Arc<dyn ConsumerStore>,
 }
@@ -171,6 +185,21 @@ impl LocalConsumerState {
             ctx.next_retry_seq = ctx.next_retry_seq.max(entry.seq + 1);
             ctx.retries.insert(entry.seq, entry);
         }
+        // Broadcast clients as loaded: last seen at their last durable pull (or now, when they
+        // hold only retry entries), so the idle rule counts from there.
+        let loaded_at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let mut clients = ClientIndex::new();
+        for (key, ctx) in &contexts {
+            if let Some(client) = &key.client_id {
+                let last = ctx.queues.iter().map(|q| q.last_pull_ms).max().unwrap_or(0);
+                clients
+                    .entry((key.topic.clone(), key.group.clone()))
+                    .or_default()
+                    .insert(client.clone(), if last == 0 { loaded_at } else { last });
+            }
+        }
         Ok(Self {
             contexts: Mutex::new(
                 contexts
@@ -178,13 +207,21 @@ impl LocalConsumerState {
                     .map(|(k, v)| (k, Arc::new(Mutex::new(v))))
                     .collect(),
             ),
+            clients: Mutex::new(clients),
             settings: Mutex::new(snapshot.settings.into_iter().collect()),
             durable,
         })
     }
 
+    /// The context, created if new (only steps that follow an admitted pull, or an operator's
+    /// change, create one).
     fn context(&self, key: &ContextKey) -> Arc<Mutex<ContextState>> {
         lock(&self.contexts).entry(key.clone()).or_default().clone()
+    }
+
+    /// The context if it exists: reads and steps that only finish something create nothing.
+    fn existing(&self, key: &ContextKey) -> Option<Arc<Mutex<ContextState>>> {
+        lock(&self.contexts).get(key).cloned()
     }
 
     fn put_queue(key: &ContextKey, queue: u32, state: &QueueState) -> ConsumerOp {
@@ -199,11 +236,15 @@ impl LocalConsumerState {
 #[async_trait]
 impl ConsumerStateStore for LocalConsumerState {
     async fn snapshot(&self, ctx: &ContextKey, queues: u32) -> Result<ContextSnapshot, StoreError> {
-        let context = self.context(ctx);
-        let st = lock(&context);
-        let mut snapshot = ContextSnapshot {
-            queues: st.queues.iter().take(queues as usize).cloned().collect(),
-            retries: st.retries.values().cloned().collect(),
+        let mut snapshot = match self.existing(ctx) {
+            Some(context) => {
+                let st = lock(&context);
+                ContextSnapshot {
+                    queues: st.queues.iter().take(queues as usize).cloned().collect(),
+                    retries: st.retries.values().cloned().collect(),
+                }
+            }
+            None => ContextSnapshot::default(),
         };
         snapshot.queues.resize_with(queues as usize, QueueState::default);
         Ok(snapshot)
@@ -267,7 +308,9 @@ impl ConsumerStateStore for LocalConsumerState {
         commit: Option<u64>,
         retries: RetryFate,
     ) -> Result<bool, StoreError> {
-        let context = self.context(ctx);
+        let Some(context) = self.existing(ctx) else {
+            return Ok(false);
+        };
         let pending = {
             let mut st = lock(&context);
             let qs = st.queue_mut(queue);
@@ -325,7 +368,9 @@ impl ConsumerStateStore for LocalConsumerState {
     }
 
     async fn drop_retries(&self, ctx: &ContextKey, seqs: &[u64]) -> Result<(), StoreError> {
-        let context = self.context(ctx);
+        let Some(context) = self.existing(ctx) else {
+            return Ok(());
+        };
         let mut st = lock(&context);
         let ops = seqs
             .iter()
@@ -361,11 +406,71 @@ impl ConsumerStateStore for LocalConsumerState {
     }
 
     async fn client_ids(&self, topic: &str, group: &str) -> Result<Vec<String>, StoreError> {
-        Ok(lock(&self.contexts)
-            .keys()
-            .filter(|k| k.group == group && k.topic == topic)
-            .filter_map(|k| k.client_id.clone())
-            .collect())
+        let mut ids: Vec<String> = lock(&self.clients)
+            .get(&(topic.to_owned(), group.to_owned()))
+            .map(|c| c.keys().cloned().collect())
+            .unwrap_or_default();
+        ids.sort();
+        Ok(ids)
+    }
+
+    async fn admit_client(&self, ctx: &ContextKey, now_ms: u64, max_clients: u32) -> Result<bool, StoreError> {
+        let Some(client) = &ctx.client_id else { return Ok(true) };
+        let mut all = lock(&self.clients);
+        let group = all.entry((ctx.topic.clone(), ctx.group.clone())).or_default();
+        if let Some(last) = group.get_mut(client) {
+            *last = (*last).max(now_ms);
+            return Ok(true);
+        }
+        if group.len() >= max_clients as usize {
+            return Ok(false);
+        }
+        group.insert(client.clone(), now_ms);
+        Ok(true)
+    }
+
+    async fn forget_idle_clients(&self, topic: &str, group: &str, idle_before_ms: u64) -> Result<usize, StoreError> {
+        let idle: Vec<String> = {
+            let mut all = lock(&self.clients);
+            let Some(clients) = all.get_mut(&(topic.to_owned(), group.to_owned())) else {
+                return Ok(0);
+            };
+            let idle: Vec<String> = clients
+                .iter()
+                .filter(|&(_, &last)| last < idle_before_ms)
+                .map(|(c, _)| c.clone())
+                .collect();
+            for c in &idle {
+                clients.remove(c);
+            }
+            idle
+        };
+        let mut ops = Vec::new();
+        for client in &idle {
+            let key = ContextKey {
+                topic: topic.to_owned(),
+                group: group.to_owned(),
+                client_id: Some(client.clone()),
+            };
+            let Some(context) = lock(&self.contexts).remove(&key) else {
+                continue;
+            };
+            let st = lock(&context);
+            ops.extend(
+                (0..u32::try_from(st.queues.len()).unwrap_or(u32::MAX)).map(|queue| ConsumerOp::DeleteQueue {
+                    context: key.clone(),
+                    queue,
+                }),
+            );
+            ops.extend(st.retries.keys().map(|&seq| ConsumerOp::DeleteRetry {
+                context: key.clone(),
+                seq,
+            }));
+        }
+        if !ops.is_empty() {
+            self.durable.save(ops).await?;
+        }
+        Ok(idle.len())
     }
 
     async fn settings(&self, consumer: &str) -> Result<Option<ConsumerSettings>, StoreError> {
@@ -516,8 +621,33 @@ pub(crate) mod contract {
             client_id: Some("c1".into()),
             ..ctx()
         };
+        assert!(state.admit_client(&b, 1, 2).await.expect("admit"));
         state.touch(&b, 0, 1, None).await.expect("touch");
         assert_eq!(state.client_ids("t", "g").await.expect("ids"), ["c1"]);
+        // A group's clients are capped; a known client is always admitted (and seen again).
+        let client = |id: &str| ContextKey {
+            client_id: Some(id.into()),
+            ..ctx()
+        };
+        assert!(state.admit_client(&client("c2"), 5, 2).await.expect("admit"));
+        assert!(!state.admit_client(&client("c3"), 5, 2).await.expect("admit"), "full");
+        assert!(state.admit_client(&client("c1"), 9, 2).await.expect("admit"), "known");
+        // Idle clients are forgotten with their state; the others stay.
+        assert!(
+            state
+                .try_lock(&client("c2"), request(0, None, 6))
+                .await
+                .expect("lock")
+                .is_some()
+        );
+        assert_eq!(state.forget_idle_clients("t", "g", 8).await.expect("forget"), 1);
+        assert_eq!(state.client_ids("t", "g").await.expect("ids"), ["c1"]);
+        let gone = state.snapshot(&client("c2"), 1).await.expect("snapshot");
+        assert_eq!((gone.queues[0].lock_time, gone.queues[0].last_pull_ms), (None, 0));
+        assert!(
+            state.admit_client(&client("c3"), 10, 2).await.expect("admit"),
+            "room again"
+        );
     }
 
     #[tokio::test]

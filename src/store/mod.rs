@@ -228,6 +228,11 @@ pub enum ConsumerOp {
         context: ContextKey,
         entry: RetryEntry,
     },
+    /// A forgotten broadcast client's queue state.
+    DeleteQueue {
+        context: ContextKey,
+        queue: u32,
+    },
     DeleteRetry {
         context: ContextKey,
         seq: u64,

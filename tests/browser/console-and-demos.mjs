@@ -3,11 +3,14 @@
 // - demo/produce.html logs "send ok"; demo/clustering.html receives what was produced;
 // - the console shows the clustering consumer's lag go to 0, and its Pause button makes a pull
 //   answer PAUSED (Resume undoes it).
-// Usage: node console-and-demos.mjs http://127.0.0.1:PORT   (screenshots into $ARTIFACTS)
+// Usage: node console-and-demos.mjs http://127.0.0.1:PORT http://127.0.0.1:ADMIN_PORT
+// (the public listener, then the admin listener the console is served on; screenshots into
+// $ARTIFACTS). The console on the public listener is refused its admin calls without a token.
 import { chromium } from 'playwright-core';
 import { mkdirSync } from 'node:fs';
 
 const base = process.argv[2];
+const adminBase = process.argv[3];
 const artifacts = process.env.ARTIFACTS || '/tmp/mqproxy-browser-artifacts';
 mkdirSync(artifacts, { recursive: true });
 let passed = 0;
@@ -46,7 +49,7 @@ try {
 
   // The console: the clustering consumer has lag (what the demo produced), shown in its row.
   const consolePage = await context.newPage();
-  await consolePage.goto(`${base}/console/`);
+  await consolePage.goto(`${adminBase}/console/`);
   const row = consolePage.locator('tr[data-consumer="http-clustering-consumer"]');
   await row.waitFor({ timeout: 15000 });
   await consolePage.waitForFunction(

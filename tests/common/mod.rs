@@ -14,7 +14,10 @@ pub const CLUSTERING: &str = "http-clustering-consumer";
 pub const BROADCAST: &str = "http-broadcast-consumer";
 
 pub struct TestServer {
+    /// The public listener.
     pub base: String,
+    /// The admin listener (admin API and console for loopback clients without a token).
+    pub admin_base: String,
     pub client: reqwest::Client,
     pub data_dir: PathBuf,
     config: Config,
@@ -60,13 +63,24 @@ impl TestServer {
         server
     }
 
-    async fn launch(config: Config) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let base = format!("http://{}", listener.local_addr().expect("addr"));
+    async fn launch(mut config: Config) -> Self {
+        config.listen = "127.0.0.1:0".into();
+        config.admin_listen = Some("127.0.0.1:0".into());
+        let listeners = mqproxy::server::Listeners::bind(&config).await.expect("bind");
+        let base = format!("http://{}", listeners.public.local_addr().expect("addr"));
+        let admin_base = format!(
+            "http://{}",
+            listeners
+                .admin
+                .as_ref()
+                .expect("admin listener")
+                .local_addr()
+                .expect("addr")
+        );
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let run_config = config.clone();
         let task = tokio::spawn(async move {
-            mqproxy::server::run(run_config, listener, async {
+            mqproxy::server::run(run_config, listeners, async {
                 let _ = stopped.await;
             })
             .await
@@ -75,6 +89,7 @@ impl TestServer {
         let client = reqwest::Client::builder().cookie_store(true).build().expect("client");
         Self {
             base,
+            admin_base,
             client,
             data_dir: config.data_dir.clone(),
             config,
@@ -108,25 +123,22 @@ impl TestServer {
         }
     }
 
+    /// The URL of `path`: admin paths on the admin listener, the rest on the public one.
+    pub fn url(&self, path: &str) -> String {
+        if mqproxy::http::admin_auth::is_admin_path(path) {
+            format!("{}{path}", self.admin_base)
+        } else {
+            format!("{}{path}", self.base)
+        }
+    }
+
     pub async fn post(&self, path: &str, form: &[(&str, &str)]) -> Value {
-        let resp = self
-            .client
-            .post(format!("{}{path}", self.base))
-            .form(form)
-            .send()
-            .await
-            .expect("POST");
+        let resp = self.client.post(self.url(path)).form(form).send().await.expect("POST");
         resp.json().await.expect("JSON answer")
     }
 
     pub async fn get(&self, path: &str, query: &[(&str, &str)]) -> Value {
-        let resp = self
-            .client
-            .get(format!("{}{path}", self.base))
-            .query(query)
-            .send()
-            .await
-            .expect("GET");
+        let resp = self.client.get(self.url(path)).query(query).send().await.expect("GET");
         resp.json().await.expect("JSON answer")
     }
 
@@ -313,6 +325,8 @@ impl TestServer {
 pub struct Proc {
     pub child: std::process::Child,
     pub base: String,
+    /// The admin listener, from the "listening" line.
+    pub admin_base: String,
 }
 
 impl Proc {
@@ -342,7 +356,16 @@ impl Proc {
             .find(|w| w.starts_with("http://"))
             .unwrap_or_else(|| panic!("no address in {line:?}"))
             .to_owned();
-        Self { child, base }
+        let admin_base = line
+            .split_once("admin API and console: ")
+            .and_then(|(_, rest)| rest.split("/console/").next())
+            .unwrap_or_else(|| panic!("no admin address in {line:?}"))
+            .to_owned();
+        Self {
+            child,
+            base,
+            admin_base,
+        }
     }
 
     /// SIGKILL (no shutdown of any kind), and reap it.

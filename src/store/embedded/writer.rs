@@ -730,6 +730,12 @@ fn apply_consumer_ops(txn: &WriteTransaction, ops: Vec<ConsumerOp>) -> Result<()
                     .insert(key.as_slice(), codec::to_postcard(&entry)?.as_slice())
                     .map_err(db_err)?;
             }
+            ConsumerOp::DeleteQueue { context, queue } => {
+                let mut table = txn.open_table(CONSUMER_QUEUES).map_err(db_err)?;
+                table
+                    .remove(codec::to_postcard(&(context, queue))?.as_slice())
+                    .map_err(db_err)?;
+            }
             ConsumerOp::DeleteRetry { context, seq } => {
                 let mut table = txn.open_table(RETRIES).map_err(db_err)?;
                 table

@@ -3,7 +3,9 @@
 //! `<broker>:<queue>:cmt` (committed offset), `:l` (lock time), `:t` (last pull), `:ip`.
 //! Retry entries live in `<ctx>:retry` (field = seq, value = `mark|msgId,queue,offset,topic`
 //! with mark empty or `queue,lockTime`), settings in `<prefix>consumer_config`
-//! (`<consumer>:p`, `:rl`, `:rt`), broadcast clientIds in `<prefix><group>:clients`.
+//! (`<consumer>:p`, `:rl`, `:rt`), broadcast clientIds with their last pull in the sorted set
+//! `<prefix>@clients:<group>` (the set `<prefix><group>:clients` of older versions is folded in
+//! on first use; `@` keeps the key apart from every context key).
 //!
 //! Each step of [`ConsumerStateStore`] that must be atomic is one Lua script, so two proxies
 //! never take the same lock or finish each other's batch. Durability is Redis's own (AOF).
@@ -73,6 +75,39 @@ if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], ARGV[3], ARGV[4]) end
 return 1
 ";
 
+/// Admits a broadcast client: a known one gets its last pull raised, a new one is added while
+/// the group has fewer than ARGV[3]. KEYS[1] the sorted set, KEYS[2] the older plain set
+/// (folded in once). Returns 1 if admitted.
+const ADMIT: &str = r"
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  for _, c in ipairs(redis.call('SMEMBERS', KEYS[2])) do redis.call('ZADD', KEYS[1], 'NX', ARGV[2], c) end
+  redis.call('DEL', KEYS[2])
+end
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) then
+  redis.call('ZADD', KEYS[1], 'GT', ARGV[2], ARGV[1])
+  return 1
+end
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+return 1
+";
+
+/// Forgets up to ARGV[3] clients whose last pull is before ARGV[1]: their context hash, retry
+/// hash and retry counter (keys ARGV[2] .. clientId), then their set entry. Checked and deleted
+/// in one step, so a client admitted meanwhile is never half-forgotten. Returns how many.
+const FORGET_IDLE: &str = r"
+local idle = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
+for _, c in ipairs(idle) do
+  local k = ARGV[2] .. c
+  redis.call('DEL', k, k .. ':retry', k .. ':retry:seq')
+  redis.call('ZREM', KEYS[1], c)
+end
+return #idle
+";
+
+/// Clients one forget step handles (a Lua script blocks Redis while it runs).
+const FORGET_BATCH: usize = 500;
+
 fn redis_err(e: redis::RedisError) -> StoreError {
     StoreError::Database(format!("redis: {e}"))
 }
@@ -89,6 +124,8 @@ pub struct RedisConsumerState {
     try_lock: redis::Script,
     finish: redis::Script,
     touch: redis::Script,
+    admit: redis::Script,
+    forget_idle: redis::Script,
 }
 
 impl RedisConsumerState {
@@ -110,6 +147,8 @@ impl RedisConsumerState {
             try_lock: redis::Script::new(TRY_LOCK),
             finish: redis::Script::new(FINISH),
             touch: redis::Script::new(TOUCH),
+            admit: redis::Script::new(ADMIT),
+            forget_idle: redis::Script::new(FORGET_IDLE),
         })
     }
 
@@ -125,6 +164,11 @@ impl RedisConsumerState {
     }
 
     fn clients_key(&self, group: &str) -> String {
+        format!("{}@clients:{group}", self.prefix)
+    }
+
+    /// The plain set of clientIds older versions kept.
+    fn legacy_clients_key(&self, group: &str) -> String {
         format!("{}{group}:clients", self.prefix)
     }
 
@@ -137,17 +181,6 @@ impl RedisConsumerState {
 
     fn field(&self, ctx: &ContextKey, queue: u32, flag: &str) -> String {
         format!("{}:{flag}", (self.queue_names)(&ctx.topic, queue))
-    }
-
-    async fn remember_client(&self, ctx: &ContextKey) -> Result<(), StoreError> {
-        if let Some(client) = &ctx.client_id {
-            let mut con = self.connection.clone();
-            let _: usize = con
-                .sadd(self.clients_key(&ctx.group), client)
-                .await
-                .map_err(redis_err)?;
-        }
-        Ok(())
     }
 }
 
@@ -236,7 +269,6 @@ impl ConsumerStateStore for RedisConsumerState {
     }
 
     async fn try_lock(&self, ctx: &ContextKey, request: LockRequest) -> Result<Option<LockGrant>, StoreError> {
-        self.remember_client(ctx).await?;
         let mut con = self.connection.clone();
         let new_mark = mark(Some((request.queue, request.lock_time)));
         let mut invocation = self.try_lock.key(self.key(ctx));
@@ -278,7 +310,6 @@ impl ConsumerStateStore for RedisConsumerState {
         now_ms: u64,
         client_ip: Option<String>,
     ) -> Result<(), StoreError> {
-        self.remember_client(ctx).await?;
         let mut con = self.connection.clone();
         let _: i64 = self
             .touch
@@ -294,7 +325,6 @@ impl ConsumerStateStore for RedisConsumerState {
     }
 
     async fn set_committed(&self, ctx: &ContextKey, queue: u32, offset: u64) -> Result<(), StoreError> {
-        self.remember_client(ctx).await?;
         let mut con = self.connection.clone();
         let _: i64 = con
             .hset(self.key(ctx), self.field(ctx, queue, "cmt"), offset)
@@ -350,10 +380,51 @@ impl ConsumerStateStore for RedisConsumerState {
 
     async fn client_ids(&self, _topic: &str, group: &str) -> Result<Vec<String>, StoreError> {
         let mut con = self.connection.clone();
-        let ids: std::collections::HashSet<String> = con.smembers(self.clients_key(group)).await.map_err(redis_err)?;
-        let mut ids: Vec<String> = ids.into_iter().collect();
-        ids.sort();
-        Ok(ids)
+        let mut ids: std::collections::BTreeSet<String> = con
+            .zrange::<_, Vec<String>>(self.clients_key(group), 0, -1)
+            .await
+            .map_err(redis_err)?
+            .into_iter()
+            .collect();
+        let legacy: Vec<String> = con.smembers(self.legacy_clients_key(group)).await.map_err(redis_err)?;
+        ids.extend(legacy);
+        Ok(ids.into_iter().collect())
+    }
+
+    async fn admit_client(&self, ctx: &ContextKey, now_ms: u64, max_clients: u32) -> Result<bool, StoreError> {
+        let Some(client) = &ctx.client_id else { return Ok(true) };
+        let mut con = self.connection.clone();
+        let admitted: i64 = self
+            .admit
+            .key(self.clients_key(&ctx.group))
+            .key(self.legacy_clients_key(&ctx.group))
+            .arg(client)
+            .arg(now_ms)
+            .arg(max_clients)
+            .invoke_async(&mut con)
+            .await
+            .map_err(redis_err)?;
+        Ok(admitted == 1)
+    }
+
+    async fn forget_idle_clients(&self, _topic: &str, group: &str, idle_before_ms: u64) -> Result<usize, StoreError> {
+        let mut con = self.connection.clone();
+        let mut forgotten = 0;
+        loop {
+            let n: usize = self
+                .forget_idle
+                .key(self.clients_key(group))
+                .arg(idle_before_ms)
+                .arg(format!("{}{group}:", self.prefix))
+                .arg(FORGET_BATCH)
+                .invoke_async(&mut con)
+                .await
+                .map_err(redis_err)?;
+            forgotten += n;
+            if n < FORGET_BATCH {
+                return Ok(forgotten);
+            }
+        }
     }
 
     async fn settings(&self, consumer: &str) -> Result<Option<ConsumerSettings>, StoreError> {
