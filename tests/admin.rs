@@ -246,17 +246,6 @@ fn sample(text: &str, metric: &str, labels: &[(&str, &str)]) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
-async fn metrics_text(s: &TestServer) -> String {
-    let resp = s
-        .client
-        .get(format!("{}/metrics", s.base))
-        .send()
-        .await
-        .expect("metrics");
-    assert_eq!(resp.status(), 200);
-    resp.text().await.expect("text")
-}
-
 /// `/metrics`: the lag matches the offsets view after produce and after consume; produce,
 /// pull and ack counters and request latencies are there.
 #[tokio::test]
@@ -282,7 +271,7 @@ async fn metrics_lag_matches_the_queue_views() {
         ("broker", broker.as_str()),
         ("queue", queue_id.as_str()),
     ];
-    let text = metrics_text(&s).await;
+    let text = s.metrics_text().await;
     assert_eq!(
         sample(&text, "mqproxy_consumer_lag_messages", &lag_labels),
         queue["lag"].as_f64(),
@@ -307,7 +296,7 @@ async fn metrics_lag_matches_the_queue_views() {
         "{text}"
     );
     assert_eq!(s.drain("c", None).await.len(), 5);
-    let text = metrics_text(&s).await;
+    let text = s.metrics_text().await;
     let view = s.get("/admin/consumer/offsets", &[("consumer", "c")]).await;
     assert_eq!(view["result"]["clients"][0]["queues"][0]["lag"], 0);
     assert_eq!(sample(&text, "mqproxy_consumer_lag_messages", &lag_labels), Some(0.0));

@@ -115,15 +115,7 @@ async fn per_client_series_and_the_offsets_view_are_bounded() {
         pull_as(&s, c, None).await;
     }
     // c, d, e hold their batches unacknowledged: lag counts from the committed offset.
-    let text = s
-        .client
-        .get(format!("{}/metrics", s.admin_base))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let text = s.metrics_text().await;
     let lag_lines: Vec<&str> = text
         .lines()
         .filter(|l| l.starts_with("mqproxy_consumer_lag_messages{") && l.contains("consumer=\"b\""))
@@ -205,15 +197,7 @@ async fn unregistered_names_are_not_metric_labels() {
         .await
         .expect("post");
     drop(unmatched);
-    let text = s
-        .client
-        .get(format!("{}/metrics", s.base))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let text = s.metrics_text().await;
     assert!(!text.contains("stranger"), "{text}");
     assert!(text.contains("operation=\"(unmatched)\""), "{text}");
 }

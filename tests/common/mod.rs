@@ -142,6 +142,18 @@ impl TestServer {
         resp.json().await.expect("JSON answer")
     }
 
+    /// `GET /metrics` (the text exposition).
+    pub async fn metrics_text(&self) -> String {
+        let resp = self
+            .client
+            .get(format!("{}/metrics", self.base))
+            .send()
+            .await
+            .expect("metrics");
+        assert_eq!(resp.status(), 200);
+        resp.text().await.expect("text")
+    }
+
     pub async fn produce(&self, message: &str) -> Value {
         let v = self
             .post("/mq/produce", &[("producer", PRODUCER), ("message", message)])
