@@ -391,14 +391,11 @@ impl Engine {
     }
 
     /// Counts produced messages by topic, producer and status (200, or the error's status).
-    /// A producer the registry does not know is counted as [`UNREGISTERED`].
+    /// `topic` is empty when the registry does not know the producer: it is counted as
+    /// [`UNREGISTERED`].
     fn count_produced(&self, topic: String, producer: &str, error: Option<&EngineError>, n: u64) {
         let status = error.map_or("200", |e| e.kind().status_label());
-        let producer = if self.snapshot().producers.contains_key(producer) {
-            producer
-        } else {
-            UNREGISTERED
-        };
+        let producer = if topic.is_empty() { UNREGISTERED } else { producer };
         self.inner
             .metrics
             .produced
