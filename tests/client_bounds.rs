@@ -265,3 +265,25 @@ async fn consume_streams_are_capped() {
     })
     .await;
 }
+
+/// A gRPC request message is bounded by `max_request_bytes`, as a REST body is.
+#[tokio::test]
+async fn grpc_messages_are_bounded_like_rest_bodies() {
+    let s = TestServer::with_toml(&broadcast_config("max_request_bytes = 8388608")).await;
+    let mut grpc = MessagingServiceClient::connect(s.base.clone())
+        .await
+        .expect("gRPC connect")
+        .max_encoding_message_size(usize::MAX);
+    let produce = |bytes: usize| pb::ProduceRequest {
+        producer: PRODUCER.into(),
+        body: vec![b'x'; bytes],
+        ..Default::default()
+    };
+    let too_big = grpc
+        .produce(produce(9 << 20))
+        .await
+        .expect_err("a 9 MiB message past max_request_bytes");
+    assert_eq!(too_big.code(), tonic::Code::OutOfRange, "{too_big:?}");
+    let fine = grpc.produce(produce(1 << 20)).await.expect("1 MiB is fine");
+    assert!(fine.into_inner().result.is_some());
+}
