@@ -99,7 +99,8 @@ pub struct EngineConfig {
     pub consumers: Vec<ConsumerSpec>,
 }
 
-/// Bounds on the state anonymous clients can make the proxy keep.
+/// Bounds on the state anonymous clients can make the proxy keep (their defaults are the
+/// config's).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ClientLimits {
     /// A broadcast clientId with no pull for this long is forgotten.
@@ -110,17 +111,6 @@ pub struct ClientLimits {
     pub metrics_max_client_series: u32,
     /// Consume streams open at once.
     pub max_consume_streams: u32,
-}
-
-impl Default for ClientLimits {
-    fn default() -> Self {
-        Self {
-            broadcast_client_idle_ms: 86_400_000,
-            max_broadcast_clients: 10_000,
-            metrics_max_client_series: 100,
-            max_consume_streams: 10_000,
-        }
-    }
 }
 
 /// The longest clientId (it names state the proxy keeps, so its size is bounded too).
