@@ -845,6 +845,21 @@ mod tests {
     }
 
     #[test]
+    fn admin_listen_defaults_to_the_next_loopback_port() {
+        let admin = |toml: &str| Config::from_toml(toml, "f.toml").map(|c| c.admin_listen_addr());
+        let addr = |a: &str| Ok(Ok(Some(a.parse().expect("addr"))));
+        assert_eq!(admin(""), addr("127.0.0.1:8081"));
+        assert_eq!(admin("listen = \"0.0.0.0:9000\""), addr("127.0.0.1:9001"));
+        assert_eq!(admin("listen = \"127.0.0.1:0\""), addr("127.0.0.1:0"));
+        assert_eq!(admin("admin_listen = \"127.0.0.1:7000\""), addr("127.0.0.1:7000"));
+        assert_eq!(admin("admin_listen = \"off\""), Ok(Ok(None)));
+        let bad = Config::from_toml("admin_listen = \"nowhere\"", "f.toml").expect_err("bad");
+        assert_eq!(bad.key, "admin_listen");
+        let last = Config::from_toml("listen = \"127.0.0.1:65535\"", "f.toml").expect_err("no next port");
+        assert!(last.reason.contains("admin_listen"), "{last}");
+    }
+
+    #[test]
     fn out_of_range_values_are_errors() {
         let base = "[[topic]]\nname = \"t\"\nqueues = QUEUES\n[[consumer]]\nname = \"c\"\ntopic = \"t\"\nmax_pull_size = MPS\nconsume_timeout_ms = CT\n";
         let cfg = |q: &str, m: &str, c: &str| {
