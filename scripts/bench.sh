@@ -3,8 +3,8 @@
 #   scripts/bench.sh            quick mode (under 2 minutes after the build)
 #   scripts/bench.sh --full     full mode (3 rounds of 10 s, 3 message sizes, backlogs up to
 #                               50M messages: ~25 GiB free disk under MQPROXY_BENCH_DIR)
-#   scripts/bench.sh --quick --debug   the quick mode on the debug binaries `cargo test` built:
-#                               a smoke test that every scenario runs (CI), no figures to keep
+#   scripts/bench.sh --quick --debug   every scenario once with small counts on the debug
+#                               binaries `cargo test` built: a smoke test (CI), no figures
 # Extra arguments go to `mqproxy-bench all` (e.g. --server-toml 'group_commit_max = 256').
 # With MQPROXY_BENCH_NAMESRV=host:port (a cluster from scripts/rocketmq-local.sh) it also
 # compares mqproxy on the RocketMQ backend with the direct client on the same broker.
@@ -18,7 +18,10 @@ if [ "${1:-}" = --full ] || [ "${1:-}" = --quick ]; then
 fi
 profile=release
 if [ "${1:-}" = --debug ]; then
+  # Debug binaries measure nothing worth keeping: the smoke plan (small counts) checks that
+  # every scenario runs.
   profile=debug
+  mode=--smoke
   shift
   cargo build --locked --bins
 else

@@ -58,12 +58,15 @@ struct Common {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Every scenario with its ceilings: `--quick` (under 2 minutes) or `--full`.
+    /// Every scenario with its ceilings: `--quick` (under 2 minutes) or `--full`; `--smoke`:
+    /// every scenario once with small counts (for debug builds: does it run, not how fast).
     All {
-        #[arg(long, conflicts_with = "full")]
+        #[arg(long, conflicts_with_all = ["full", "smoke"])]
         quick: bool,
-        #[arg(long)]
+        #[arg(long, conflicts_with = "smoke")]
         full: bool,
+        #[arg(long)]
+        smoke: bool,
         /// A RocketMQ name server: adds mqproxy (RocketMQ backend) against the direct client.
         #[arg(long, env = "MQPROXY_BENCH_NAMESRV")]
         namesrv: Option<String>,
@@ -183,6 +186,19 @@ impl Plan {
         }
     }
 
+    fn smoke() -> Self {
+        Self {
+            warmup: 0.5,
+            duration: 2.0,
+            rounds: 1,
+            produce_sizes: vec![1024],
+            consume_messages: 20_000,
+            stream_messages: 30_000,
+            e2e_count: 100,
+            backlogs: vec![100_000],
+        }
+    }
+
     fn full() -> Self {
         Self {
             warmup: 2.0,
@@ -257,8 +273,8 @@ fn print_preamble(env: &Env, rounds: usize) {
     println!("{}", report::header());
 }
 
-async fn all(quick: bool, namesrv: Option<String>, common: Common) -> anyhow::Result<()> {
-    let plan = if quick { Plan::quick() } else { Plan::full() };
+/// `quick`: one RocketMQ concurrency instead of three.
+async fn all(plan: Plan, quick: bool, namesrv: Option<String>, common: Common) -> anyhow::Result<()> {
     let env = env_from(&common, plan.warmup, plan.duration)?;
     let rounds = common.rounds.unwrap_or(plan.rounds);
     let started = Instant::now();
@@ -313,11 +329,19 @@ fn main() -> anyhow::Result<()> {
             Command::HttpCeiling { reply_file } => server::serve_http_ceiling(&reply_file).await,
             Command::GrpcCeiling { size } => grpc_ceiling::serve(size).await,
             Command::All {
-                quick,
-                full: _,
+                quick: _,
+                full,
+                smoke,
                 namesrv,
                 common,
-            } => all(quick, namesrv, common).await,
+            } => {
+                let plan = match (smoke, full) {
+                    (true, _) => Plan::smoke(),
+                    (false, true) => Plan::full(),
+                    (false, false) => Plan::quick(),
+                };
+                all(plan, !full, namesrv, common).await
+            }
             Command::Produce {
                 connections,
                 size,
