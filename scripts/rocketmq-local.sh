@@ -2,6 +2,7 @@
 # A local RocketMQ cluster for tests: the Rust name server and broker (rocketmq-rust 1.0.0) on
 # loopback, with CI-sized store settings (~110 MB on disk instead of 1.5 GB).
 #
+#   scripts/rocketmq-local.sh install  build the name server and broker once (cached)
 #   scripts/rocketmq-local.sh start    install once (cached), start, wait until a route lookup works
 #   scripts/rocketmq-local.sh stop     stop both (kill -9: a broker that had clients can take 45 s
 #                                      to stop gracefully; its data is throw-away)
@@ -120,6 +121,7 @@ status() {
 }
 
 case "${1:-}" in
+  install) install ;;
   start) start ;;
   stop) stop ;;
   status) status ;;
