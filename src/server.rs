@@ -321,8 +321,12 @@ pub async fn run(
             http::metrics::observe,
         ))
     };
-    let app = observed(http::router(engine.clone(), &http_settings, ListenerRole::Public).merge(grpc));
-    let admin_app = observed(http::router(engine.clone(), &http_settings, ListenerRole::Admin));
+    let app = observed(
+        http::router(engine.clone(), &http_settings, ListenerRole::Public)
+            .merge(grpc)
+            .fallback(unmatched),
+    );
+    let admin_app = observed(http::router(engine.clone(), &http_settings, ListenerRole::Admin).fallback(unmatched));
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
@@ -392,4 +396,14 @@ pub async fn run(
         .map_err(std::io::Error::other)?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// A request no route matches: gRPC clients (by content type) get `UNIMPLEMENTED`, REST
+/// clients a 404 envelope, so a mistyped REST path never reads as a success.
+async fn unmatched(req: axum::extract::Request) -> axum::response::Response {
+    if crate::grpc::is_grpc_request(req.headers()) {
+        crate::grpc::unimplemented(req.uri().path())
+    } else {
+        http::support::no_such_endpoint(req).await
+    }
 }

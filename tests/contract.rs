@@ -87,6 +87,51 @@ async fn every_operation_is_implemented() {
     assert_eq!(count, mqproxy::http::api::OPERATIONS.len());
 }
 
+/// A REST request no route matches gets a 404 envelope naming method and path (never the
+/// gRPC fallback's 200), and a known path asked with the wrong method a 405 envelope with
+/// `Allow`, whatever the status policy; on the admin listener too.
+#[tokio::test]
+async fn unknown_paths_and_methods_get_envelopes() {
+    let s = TestServer::start().await;
+    for base in [&s.base, &s.admin_base] {
+        for (method, path) in [("GET", "/mq/nope"), ("POST", "/nope/at/all"), ("PUT", "/")] {
+            let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
+            let resp = s
+                .client
+                .request(method.clone(), format!("{base}{path}"))
+                .send()
+                .await
+                .expect("send");
+            assert_eq!(resp.status(), 404, "{method} {base}{path}");
+            assert!(resp.headers().get("grpc-status").is_none());
+            let v: Value = resp.json().await.expect("JSON envelope");
+            assert_eq!(v["status"], 404, "{v}");
+            assert_eq!(v["message"], format!("no such endpoint: {method} {path}"));
+        }
+        // /mq/produce/batch is POST only.
+        let resp = s
+            .client
+            .get(format!("{base}/mq/produce/batch"))
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(resp.status(), 405);
+        assert_eq!(resp.headers().get("allow").and_then(|v| v.to_str().ok()), Some("POST"));
+        let v: Value = resp.json().await.expect("JSON envelope");
+        assert_eq!(v["status"], 405, "{v}");
+        assert_eq!(v["message"], "method GET not allowed on /mq/produce/batch");
+    }
+    // The documented failure lists 404 and 405.
+    let failure = spec_from_file()["components"]["responses"]["Failure"]["description"]
+        .as_str()
+        .expect("Failure description")
+        .to_owned();
+    assert!(
+        failure.contains("404 no such endpoint") && failure.contains("405"),
+        "{failure}"
+    );
+}
+
 /// Swagger UI and its assets come from the binary and load the served document.
 #[tokio::test]
 async fn swagger_ui_is_served() {

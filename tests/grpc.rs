@@ -253,6 +253,36 @@ async fn errors_map_to_grpc_codes() {
     assert_eq!(e.code(), tonic::Code::NotFound);
 }
 
+/// gRPC clients asking for a service or method the server lacks get `UNIMPLEMENTED`, also
+/// on paths that look like REST ones (the content type decides, not the path).
+#[tokio::test]
+async fn unknown_grpc_methods_are_unimplemented() {
+    let s = TestServer::start().await;
+    let channel = Channel::from_shared(s.base.clone())
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    for path in [
+        "/mqproxy.v1.NoSuchService/Fetch",
+        "/mqproxy.v1.MessagingService/NoSuchMethod",
+        "/mq/nope",
+    ] {
+        let mut grpc = tonic::client::Grpc::new(channel.clone());
+        grpc.ready().await.expect("ready");
+        let codec = tonic_prost::ProstCodec::<pb::FetchRequest, pb::FetchResponse>::default();
+        let e = grpc
+            .unary(
+                tonic::Request::new(pb::FetchRequest::default()),
+                path.parse().expect("path"),
+                codec,
+            )
+            .await
+            .expect_err(path);
+        assert_eq!(e.code(), tonic::Code::Unimplemented, "{path}: {e:?}");
+    }
+}
+
 /// A stream delivers the moment messages exist (no polling interval); latency in the log.
 #[tokio::test]
 async fn stream_delivers_as_messages_are_produced() {

@@ -13,7 +13,7 @@
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use subtle::ConstantTimeEq;
@@ -153,8 +153,7 @@ pub async fn guard(
         Err(refusal) => {
             // Logged without the token.
             tracing::warn!(%peer, listener = ?access.role, path = req.uri().path(), reason = ?refusal, "admin request refused");
-            let body = serde_json::json!({"status": refusal.status().as_u16(), "message": refusal.message()});
-            (refusal.status(), axum::Json(body)).into_response()
+            super::support::refusal(refusal.status(), refusal.message())
         }
     }
 }

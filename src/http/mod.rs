@@ -57,6 +57,8 @@ fn cors(origins: &[String]) -> Option<CorsLayer> {
 }
 
 /// The whole HTTP application, as served on one listener (the admin rule depends on which).
+/// It has no fallback of its own: the server sets one after merging the gRPC routes
+/// ([`support::no_such_endpoint`] for REST requests).
 pub fn router(engine: Engine, settings: &HttpSettings, role: admin_auth::ListenerRole) -> Router {
     let metrics = Router::new()
         .route("/metrics", axum::routing::get(metrics::serve))
@@ -76,6 +78,8 @@ pub fn router(engine: Engine, settings: &HttpSettings, role: admin_auth::Listene
         .merge(metrics)
         .merge(assets::router())
         .merge(swagger)
+        // After every route: it applies to the routes registered so far.
+        .method_not_allowed_fallback(support::method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(access, admin_auth::guard))
         // Spans name the path only: query strings may carry tokens (`token=`), never logged.
         .layer(

@@ -256,6 +256,30 @@ fn http_status(status: i32) -> StatusCode {
         .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
 }
 
+/// A refusal made before any handler ran (unknown path, wrong method, admin rule): the
+/// envelope `{status, message}` with the same HTTP status whatever the policy, since no seed
+/// client expects a 200 for a request that reached no endpoint.
+pub fn refusal(status: StatusCode, message: impl Into<String>) -> Response {
+    let body = serde_json::json!({"status": status.as_u16(), "message": message.into()});
+    (status, axum::Json(body)).into_response()
+}
+
+/// The answer to a REST request no route matches: 404 naming the method and path.
+pub async fn no_such_endpoint(req: Request) -> Response {
+    refusal(
+        StatusCode::NOT_FOUND,
+        format!("no such endpoint: {} {}", req.method(), req.uri().path()),
+    )
+}
+
+/// The answer to a known path asked with a method it does not serve (axum adds `Allow`).
+pub async fn method_not_allowed(req: Request) -> Response {
+    refusal(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("method {} not allowed on {}", req.method(), req.uri().path()),
+    )
+}
+
 /// Seconds an overloaded server (503) asks clients to wait before retrying.
 const RETRY_AFTER_SECONDS: &str = "1";
 
