@@ -9,7 +9,7 @@
 # ~/.cache/mqproxy-rocketmq-proxy): rocketmq-proxy-rust (needs protoc) and the client.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/mqproxy-target}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
 root="${MQPROXY_RMQ_PROXY_ROOT:-$HOME/.cache/mqproxy-rocketmq-proxy}"
 namesrv="${MQPROXY_BENCH_NAMESRV:-127.0.0.1:9876}"
 port="${MQPROXY_RMQ_PROXY_PORT:-8081}"

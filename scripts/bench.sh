@@ -10,7 +10,7 @@
 # compares mqproxy on the RocketMQ backend with the direct client on the same broker.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/mqproxy-target}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
 mode=--quick
 if [ "${1:-}" = --full ] || [ "${1:-}" = --quick ]; then
   mode=$1

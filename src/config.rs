@@ -534,7 +534,10 @@ impl Config {
         let config: Config = toml::from_str(text).map_err(|e| ConfigError {
             file: file.to_owned(),
             key: key_of(&e, text),
-            reason: e.message().to_owned(),
+            reason: match unquoted_string_hint(&e, text) {
+                Some(hint) => format!("{} ({hint})", e.message()),
+                None => e.message().to_owned(),
+            },
         })?;
         config.validate(file)?;
         Ok(config)
@@ -832,9 +835,44 @@ fn key_of(e: &toml::de::Error, text: &str) -> String {
     }
 }
 
+/// The commonest slip in a TOML config, a string without quotes (`listen = 127.0.0.1:0`),
+/// reads as "invalid float": when the line at the error is `key = value` with a bare value
+/// that is no number, boolean, array or table, say what to write instead.
+fn unquoted_string_hint(e: &toml::de::Error, text: &str) -> Option<String> {
+    let start = e.span()?.start.min(text.len());
+    let line =
+        text[..start].rsplit('\n').next().unwrap_or("").to_owned() + text[start..].split('\n').next().unwrap_or("");
+    let (key, value) = line.split_once('=')?;
+    let key = key.trim();
+    let value = value.split(" #").next().unwrap_or("").trim();
+    let bare = !value.is_empty()
+        && !value.starts_with(['"', '\'', '[', '{'])
+        && !value.contains(char::is_whitespace)
+        && !matches!(value, "true" | "false")
+        && value.replace('_', "").parse::<f64>().is_err();
+    (bare && !key.is_empty() && !key.starts_with('[')).then(|| format!("a string needs quotes: {key} = \"{value}\""))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unquoted_strings_get_a_hint() {
+        let e = Config::from_toml("data_dir = \"d\"\nlisten = 127.0.0.1:0   # here\n", "f.toml").expect_err("syntax");
+        assert_eq!(e.key, "line 2 `listen = 127.0.0.1:0   # here`");
+        assert!(
+            e.reason.contains("a string needs quotes: listen = \"127.0.0.1:0\""),
+            "{e}"
+        );
+        let e = Config::from_toml("[consumer_state]\nkind = redis", "f.toml").expect_err("syntax");
+        assert!(e.reason.contains("kind = \"redis\""), "{e}");
+        // Not every syntax error is a missing quote.
+        let e = Config::from_toml("max_connections = 10 000", "f.toml").expect_err("syntax");
+        assert!(!e.reason.contains("needs quotes"), "{e}");
+        let e = Config::from_toml("listen = \"127.0.0.1:0", "f.toml").expect_err("syntax");
+        assert!(!e.reason.contains("needs quotes"), "{e}");
+    }
 
     #[test]
     fn demo_is_valid() {

@@ -224,8 +224,14 @@ async fn pause_and_rate_limit() {
     );
 }
 
+async fn retry_queued(s: &TestServer) -> serde_json::Value {
+    s.get("/admin/consumer/config", &[("consumer", "c")]).await["result"]["retryQueued"].clone()
+}
+
 /// Admin resend: the message comes back in retryMsgList, is acknowledged with the batch's
-/// requestId, and comes again when that batch is not acknowledged.
+/// requestId, and comes again when that batch is not acknowledged. `retryQueued` is the same
+/// figure on POST and GET: the retry messages not yet acknowledged; a repeated resend of a
+/// message still waiting does not queue it twice.
 #[tokio::test]
 async fn retry_messages_are_durable_and_acknowledged() {
     let s = TestServer::with_toml(&one_queue("")).await;
@@ -238,7 +244,13 @@ async fn retry_messages_are_durable_and_acknowledged() {
         .post("/admin/consumer/config", &[("consumer", "c"), ("retryMsgId", &id)])
         .await;
     assert_eq!(v["result"]["retryQueued"], 1, "{v}");
+    let again = s
+        .post("/admin/consumer/config", &[("consumer", "c"), ("retryMsgId", &id)])
+        .await;
+    assert_eq!(again["result"]["retryQueued"], 1, "{again}");
+    assert_eq!(retry_queued(&s).await, 1);
     let s = s.restart().await;
+    assert_eq!(retry_queued(&s).await, 1);
     let first = s.fetch("c", None).await;
     assert_eq!(first["result"]["retryMsgListSize"], 1, "{first}");
     assert_eq!(first["result"]["retryMsgList"][0]["messageId"], id.as_str());
@@ -251,9 +263,12 @@ async fn retry_messages_are_durable_and_acknowledged() {
     .await;
     let second = s.fetch("c", None).await;
     assert_eq!(second["result"]["retryMsgListSize"], 1, "{second}");
+    // Delivered, not yet acknowledged: still counted.
+    assert_eq!(retry_queued(&s).await, 1);
     // Acknowledged: gone.
     let third = s.fetch("c", Some(&rid(&second))).await;
     assert_eq!(third["result"]["retryMsgListSize"], 0, "{third}");
+    assert_eq!(retry_queued(&s).await, 0);
     let bad = s
         .post(
             "/admin/consumer/config",

@@ -127,6 +127,9 @@ pub struct ConsumerView {
     pub settings: ConsumerSettings,
     pub max_pull_size: u32,
     pub consume_timeout_ms: u64,
+    /// Retry messages queued by operators and not yet acknowledged (waiting for a pull, or
+    /// delivered and awaiting the ack): for a broadcast consumer, over the clientId asked for
+    /// or, without one, over all its clients.
     pub retry_queued: u32,
 }
 
@@ -798,9 +801,14 @@ impl Engine {
         change: SettingsChange,
     ) -> Result<ConsumerView, EngineError> {
         let spec = self.consumer_spec(consumer)?.clone();
-        let mut retry_queued = 0;
+        // A clientId given for a clustering consumer is ignored here (the group is meant).
+        let client_id = change
+            .client_id
+            .as_deref()
+            .filter(|_| spec.mode == ConsumeMode::Broadcast);
+        let contexts = self.operator_contexts(&spec, client_id).await?;
         if let Some(retry) = change.retry_msg_id.as_deref() {
-            retry_queued = self.queue_retry(&spec, retry, change.client_id.as_deref()).await?;
+            self.queue_retry(&spec, retry, &contexts).await?;
         }
         let mut settings = self.settings_of(consumer).await?;
         if let Some(t) = change.consume_timeout_ms
@@ -850,16 +858,14 @@ impl Engine {
             settings,
             max_pull_size: effective.max_pull_size,
             consume_timeout_ms: effective.consume_timeout_ms,
-            retry_queued,
+            retry_queued: self.unacknowledged_retries(&spec, &contexts).await?,
         })
     }
 
-    async fn queue_retry(
-        &self,
-        spec: &ConsumerSpec,
-        msg_id: &str,
-        client_id: Option<&str>,
-    ) -> Result<u32, EngineError> {
+    /// Queues a stored message as a retry message in each context, once: where the same msgId
+    /// already waits undelivered it is not queued again (a repeated click would otherwise put
+    /// it twice into one batch).
+    async fn queue_retry(&self, spec: &ConsumerSpec, msg_id: &str, contexts: &[ContextKey]) -> Result<(), EngineError> {
         let id = super::ids::parse_hex_id(msg_id)
             .ok_or_else(|| EngineError::invalid(format!("retryMsgId {msg_id:?} is not a 32-hex-digit msgId")))?;
         let location = self.inner.messages.locate(id).await?.ok_or_else(|| {
@@ -873,12 +879,23 @@ impl Engine {
                 spec.topic
             )));
         }
-        // A clientId given for a clustering consumer is ignored here (the group gets it).
-        let client_id = client_id.filter(|_| spec.mode == ConsumeMode::Broadcast);
-        let keys = self.operator_contexts(spec, client_id).await?;
-        for key in &keys {
-            self.inner.state.add_retry(key, id, location.clone()).await?;
+        let queues = self.queue_count(&spec.topic);
+        for key in contexts {
+            let waiting = self.inner.state.snapshot(key, queues).await?.retries;
+            if !waiting.iter().any(|r| r.msg_id == id && r.in_flight.is_none()) {
+                self.inner.state.add_retry(key, id, location.clone()).await?;
+            }
         }
-        Ok(keys.len() as u32)
+        Ok(())
+    }
+
+    /// The retry messages of these contexts not yet acknowledged.
+    async fn unacknowledged_retries(&self, spec: &ConsumerSpec, contexts: &[ContextKey]) -> Result<u32, EngineError> {
+        let queues = self.queue_count(&spec.topic);
+        let mut count = 0usize;
+        for key in contexts {
+            count += self.inner.state.snapshot(key, queues).await?.retries.len();
+        }
+        Ok(u32::try_from(count).unwrap_or(u32::MAX))
     }
 }
