@@ -401,7 +401,7 @@ pub async fn run(
 /// A request no route matches: gRPC clients (by content type) get `UNIMPLEMENTED`, REST
 /// clients a 404 envelope, so a mistyped REST path never reads as a success.
 async fn unmatched(req: axum::extract::Request) -> axum::response::Response {
-    if crate::grpc::is_grpc_request(req.headers()) {
+    if http::support::is_grpc_request(req.headers()) {
         crate::grpc::unimplemented(req.uri().path())
     } else {
         http::support::no_such_endpoint(req).await

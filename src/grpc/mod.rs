@@ -14,14 +14,6 @@ pub mod pb {
 /// The descriptor set of `proto/`, served by reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/mqproxy_descriptor.bin"));
 
-/// Whether a request is gRPC: its content type says so (`application/grpc`, `+proto`, ...).
-pub fn is_grpc_request(headers: &axum::http::HeaderMap) -> bool {
-    headers
-        .get(axum::http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/grpc"))
-}
-
 /// The answer to a gRPC request for a service or method not served: `UNIMPLEMENTED`.
 pub fn unimplemented(path: &str) -> axum::response::Response {
     tonic::Status::unimplemented(format!("no such gRPC method: {path}")).into_http()

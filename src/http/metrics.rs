@@ -34,7 +34,7 @@ pub async fn observe(State(engine): State<Engine>, req: Request, next: Next) -> 
         .extensions()
         .get::<MatchedPath>()
         .map_or_else(|| "(unmatched)".to_owned(), |p| p.as_str().to_owned());
-    let grpc = crate::grpc::is_grpc_request(req.headers());
+    let grpc = super::support::is_grpc_request(req.headers());
     let started = Instant::now();
     let response = next.run(req).await;
     if grpc || response.status() != StatusCode::NOT_FOUND {

@@ -256,6 +256,14 @@ fn http_status(status: i32) -> StatusCode {
         .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
 }
 
+/// Whether a request is gRPC: its content type says so (`application/grpc`, `+proto`, ...).
+pub fn is_grpc_request(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
 /// A refusal made before any handler ran (unknown path, wrong method, admin rule): the
 /// envelope `{status, message}` with the same HTTP status whatever the policy, since no seed
 /// client expects a 200 for a request that reached no endpoint.
