@@ -13,10 +13,16 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
-async fn client(s: &TestServer) -> MessagingServiceClient<Channel> {
-    MessagingServiceClient::connect(s.base.clone())
+async fn channel(s: &TestServer) -> Channel {
+    Channel::from_shared(s.base.clone())
+        .expect("uri")
+        .connect()
         .await
-        .expect("gRPC connect")
+        .expect("connect")
+}
+
+async fn client(s: &TestServer) -> MessagingServiceClient<Channel> {
+    MessagingServiceClient::new(channel(s).await)
 }
 
 fn target(consumer: &str, client_id: Option<&str>) -> Option<pb::ConsumeTarget> {
@@ -258,11 +264,7 @@ async fn errors_map_to_grpc_codes() {
 #[tokio::test]
 async fn unknown_grpc_methods_are_unimplemented() {
     let s = TestServer::start().await;
-    let channel = Channel::from_shared(s.base.clone())
-        .expect("uri")
-        .connect()
-        .await
-        .expect("connect");
+    let channel = channel(&s).await;
     for path in [
         "/mqproxy.v1.NoSuchService/Fetch",
         "/mqproxy.v1.MessagingService/NoSuchMethod",
@@ -558,11 +560,7 @@ async fn delayed_message_wakes_the_stream_when_due() {
 #[tokio::test]
 async fn health_service_reports_serving() {
     let s = TestServer::start().await;
-    let channel = Channel::from_shared(s.base.clone())
-        .expect("uri")
-        .connect()
-        .await
-        .expect("connect");
+    let channel = channel(&s).await;
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
     let status = eventually(Duration::from_secs(5), "SERVING", || {
         let mut health = health.clone();
