@@ -807,9 +807,10 @@ impl Engine {
             .as_deref()
             .filter(|_| spec.mode == ConsumeMode::Broadcast);
         let contexts = self.operator_contexts(&spec, client_id).await?;
-        if let Some(retry) = change.retry_msg_id.as_deref() {
-            self.queue_retry(&spec, retry, &contexts).await?;
-        }
+        let retry_queued = match change.retry_msg_id.as_deref() {
+            Some(retry) => self.queue_retry(&spec, retry, &contexts).await?,
+            None => self.unacknowledged_retries(&spec, &contexts).await?,
+        };
         let mut settings = self.settings_of(consumer).await?;
         if let Some(t) = change.consume_timeout_ms
             && !(MIN_CONSUME_TIMEOUT_MS..=MAX_CONSUME_TIMEOUT_MS).contains(&t)
@@ -858,14 +859,20 @@ impl Engine {
             settings,
             max_pull_size: effective.max_pull_size,
             consume_timeout_ms: effective.consume_timeout_ms,
-            retry_queued: self.unacknowledged_retries(&spec, &contexts).await?,
+            retry_queued,
         })
     }
 
     /// Queues a stored message as a retry message in each context, once: where the same msgId
     /// already waits undelivered it is not queued again (a repeated click would otherwise put
-    /// it twice into one batch).
-    async fn queue_retry(&self, spec: &ConsumerSpec, msg_id: &str, contexts: &[ContextKey]) -> Result<(), EngineError> {
+    /// it twice into one batch). Returns the retry messages of these contexts not yet
+    /// acknowledged, this one included (read in the same pass).
+    async fn queue_retry(
+        &self,
+        spec: &ConsumerSpec,
+        msg_id: &str,
+        contexts: &[ContextKey],
+    ) -> Result<u32, EngineError> {
         let id = super::ids::parse_hex_id(msg_id)
             .ok_or_else(|| EngineError::invalid(format!("retryMsgId {msg_id:?} is not a 32-hex-digit msgId")))?;
         let location = self.inner.messages.locate(id).await?.ok_or_else(|| {
@@ -880,13 +887,16 @@ impl Engine {
             )));
         }
         let queues = self.queue_count(&spec.topic);
+        let mut count = 0usize;
         for key in contexts {
             let waiting = self.inner.state.snapshot(key, queues).await?.retries;
+            count += waiting.len();
             if !waiting.iter().any(|r| r.msg_id == id && r.in_flight.is_none()) {
                 self.inner.state.add_retry(key, id, location.clone()).await?;
+                count += 1;
             }
         }
-        Ok(())
+        Ok(u32::try_from(count).unwrap_or(u32::MAX))
     }
 
     /// The retry messages of these contexts not yet acknowledged.
