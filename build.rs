@@ -1,6 +1,7 @@
 //! Generates the REST contract's Rust side from `openapi/mqproxy.yaml`:
 //! reply types (from the schemas the responses use), one `XxxParams` struct per handler with
-//! its parsing and validation (required, integer ranges, booleans), the `MqApi` handler trait
+//! its parsing and validation (required, integer ranges, booleans; the string rules the spec
+//! documents are the engine's, see `PARAM_KEYS_CHECKED_BY_THE_ENGINE`), the `MqApi` handler trait
 //! (no default bodies: an unimplemented handler is a compile error) and the axum router.
 //!
 //! It supports exactly the constructs the spec uses and panics with the JSON pointer on
@@ -38,6 +39,13 @@ fn compile_proto() {
         .compile_fds(fds)
         .expect("generate the gRPC code");
 }
+
+/// Parameter schema keys the generated parsing enforces.
+const PARAM_KEYS_CHECKED_HERE: &[&str] = &["type", "format", "minimum", "maximum"];
+/// Parameter schema keys that document a rule the engine enforces (names, clientIds, msgIds,
+/// modes, JSON bodies): generating a second check would be a second definition.
+/// `tests/contract.rs` `spec_string_rules_are_the_servers` holds the spec and the engine equal.
+const PARAM_KEYS_CHECKED_BY_THE_ENGINE: &[&str] = &["pattern", "minLength", "maxLength", "enum", "contentMediaType"];
 
 #[derive(Clone, PartialEq, Debug)]
 enum ParamType {
@@ -96,6 +104,15 @@ impl Generator<'_> {
     }
 
     fn param_from_schema(name: &str, schema: &Value, required: bool, at: &str) -> Param {
+        for key in schema.as_object().into_iter().flat_map(|o| o.keys()) {
+            assert!(
+                PARAM_KEYS_CHECKED_HERE.contains(&key.as_str())
+                    || PARAM_KEYS_CHECKED_BY_THE_ENGINE.contains(&key.as_str())
+                    || key == "description"
+                    || key == "example",
+                "{at}: parameter {name}: unsupported schema key {key:?}"
+            );
+        }
         Param {
             name: name.to_owned(),
             ty: Self::param_type(schema, at),
@@ -118,7 +135,7 @@ impl Generator<'_> {
                     let name = p["name"].as_str().expect("parameter name");
                     params.push(Self::param_from_schema(
                         name,
-                        &p["schema"],
+                        self.resolve(&p["schema"]),
                         p["required"].as_bool().unwrap_or(false),
                         &at,
                     ));
@@ -128,11 +145,18 @@ impl Generator<'_> {
                         body.pointer("/content/application~1x-www-form-urlencoded/schema")
                             .unwrap_or_else(|| panic!("{at}: only form bodies are supported")),
                     );
+                    for key in schema.as_object().into_iter().flat_map(|o| o.keys()) {
+                        // `not`: a combination the engine refuses (documented, checked there).
+                        assert!(
+                            ["type", "required", "properties", "not"].contains(&key.as_str()),
+                            "{at}: unsupported form schema key {key:?}"
+                        );
+                    }
                     let required: BTreeSet<&str> = required_names(schema).collect();
                     for (name, prop) in schema["properties"].as_object().expect("form properties") {
                         params.push(Self::param_from_schema(
                             name,
-                            prop,
+                            self.resolve(prop),
                             required.contains(name.as_str()),
                             &at,
                         ));

@@ -174,3 +174,100 @@ async fn try_it_out_form_request_works() {
         .await;
     assert_eq!(bodies_of(&fetched), ["{\"id\":1,\"name\":\"tv1\"}"]);
 }
+
+/// Whether a string schema of the spec (`pattern`, `minLength`, `maxLength`) admits a value.
+fn admits(schema: &Value, value: &str) -> bool {
+    let chars = value.chars().count() as u64;
+    let pattern = schema["pattern"]
+        .as_str()
+        .map(|p| regex::Regex::new(p).expect("the spec's pattern compiles"));
+    pattern.is_none_or(|p| p.is_match(value))
+        && schema["minLength"].as_u64().is_none_or(|min| chars >= min)
+        && schema["maxLength"].as_u64().is_none_or(|max| chars <= max)
+}
+
+/// The string rules the spec writes (names, clientIds, msgIds, requestIds) are the server's:
+/// the server accepts a sample exactly when the spec's schema admits it, so generated requests
+/// (schemathesis) reach the handlers and a client reading the spec knows the rule.
+#[tokio::test]
+async fn spec_string_rules_are_the_servers() {
+    let spec = spec_from_file();
+    let schema = |name: &str| spec["components"]["schemas"][name].clone();
+    let s = TestServer::start().await;
+
+    let (name, longest, too_long) = (schema("Name"), "n".repeat(127), "n".repeat(128));
+    for sample in [
+        "a", "A-z_0%9|", &longest, &too_long, "a b", "a.b", "é", "a/b", "a:b", "a\u{1}",
+    ] {
+        let v = s.post("/admin/topic", &[("name", sample), ("queues", "1")]).await;
+        assert_eq!(v["status"] == 200, admits(&name, sample), "topic {sample:?} -> {v}");
+    }
+
+    // A broadcast pull with each clientId (the `:retry` suffixes are refused too, as the
+    // schema's description says: a regex without lookbehind cannot).
+    let (client_id, longest, too_long) = (schema("ClientId"), "c".repeat(128), "c".repeat(129));
+    for sample in [
+        "c1",
+        "中文-id",
+        &longest,
+        &too_long,
+        "a\u{1}b",
+        "a\u{7f}",
+        "a\u{9f}",
+        "tab\tin",
+    ] {
+        let v = s
+            .get(
+                "/mq/message",
+                &[("topic", TOPIC), ("consumer", BROADCAST), ("clientId", sample)],
+            )
+            .await;
+        assert_eq!(
+            v["status"] == 200,
+            admits(&client_id, sample),
+            "clientId {sample:?} -> {v}"
+        );
+    }
+
+    let msg_id = s.produce("retry me").await["result"]["msgId"]
+        .as_str()
+        .expect("msgId")
+        .to_owned();
+    let msg_id_schema = schema("MsgId");
+    let lower = msg_id.to_lowercase();
+    for sample in [
+        msg_id.as_str(),
+        &lower,
+        &msg_id[1..],
+        &format!("{msg_id}0"),
+        &"G".repeat(32),
+    ] {
+        let v = s
+            .post(
+                "/admin/consumer/config",
+                &[("consumer", CLUSTERING), ("retryMsgId", sample)],
+            )
+            .await;
+        assert_eq!(
+            v["status"] == 200,
+            admits(&msg_id_schema, sample),
+            "retryMsgId {sample:?} -> {v}"
+        );
+    }
+
+    // A requestId the server issued is admitted; one outside the pattern is refused. (One
+    // inside it may still be refused: it must carry the server's signature.)
+    let request_id = rid(&s.fetch(CLUSTERING, None).await);
+    let request_id_schema = schema("RequestId");
+    assert!(admits(&request_id_schema, &request_id), "{request_id}");
+    for sample in ["not base64!", "a+b/c"] {
+        assert!(!admits(&request_id_schema, sample), "{sample}");
+        let v = s
+            .get(
+                "/mq/ack",
+                &[("topic", TOPIC), ("consumer", CLUSTERING), ("requestId", sample)],
+            )
+            .await;
+        assert_eq!(v["status"], 400, "requestId {sample:?} -> {v}");
+    }
+}

@@ -187,6 +187,28 @@ async fn batch_partial_failure_reports_each_element() {
     assert_eq!(s.drain(CLUSTERING, None).await, vec!["fine"]);
 }
 
+/// Batch: when every element is refused as bad input nothing is sent and the whole batch is a
+/// 400 (a client error, not the seed's 500 for a partial failure), each element still answered.
+#[tokio::test]
+async fn a_batch_of_only_bad_elements_is_a_400() {
+    let s = TestServer::start().await;
+    let v = s
+        .post(
+            "/mq/produce/batch",
+            &[("producer", PRODUCER), ("messages", r#"["", ""]"#)],
+        )
+        .await;
+    assert_eq!(
+        v,
+        serde_json::json!({
+            "status": 400,
+            "message": "message is empty",
+            "result": [{"status": 400, "message": "message is empty"}, {"status": 400, "message": "message is empty"}]
+        })
+    );
+    assert_eq!(s.drain(CLUSTERING, None).await, Vec::<String>::new());
+}
+
 /// Batch: more than 4 MiB in all (RocketMQ carries a batch as one message of at most 4 MiB:
 /// the engine splits it) is sent whole, in order, each element answered.
 #[tokio::test]

@@ -346,11 +346,17 @@ impl MqApi for HttpAdapter {
                         },
                     })
                     .collect();
-                // Every element refused for back-pressure (overloaded, disk full): that status
-                // for the whole batch, so the client backs off; otherwise the seed's 500.
+                // Every element refused for one reason the client can act on (back-pressure:
+                // overloaded, disk full; or bad input: nothing was sent): that status for the
+                // whole batch; a mix, or a store failure, gets the seed's 500.
                 let first = results.iter().find_map(|r| r.as_ref().err());
                 let whole = first
-                    .filter(|f| matches!(f.kind(), ErrorKind::Overloaded | ErrorKind::StorageFull))
+                    .filter(|f| {
+                        matches!(
+                            f.kind(),
+                            ErrorKind::Overloaded | ErrorKind::StorageFull | ErrorKind::InvalidArgument
+                        )
+                    })
                     .filter(|f| results.iter().all(|r| r.as_ref().is_err_and(|e| e.kind() == f.kind())));
                 Reply::new(BatchReply {
                     status: whole.map_or(500, error_status),
