@@ -7,6 +7,7 @@
 #   scripts/rocketmq-local.sh stop     stop both (kill -9: a broker that had clients can take 45 s
 #                                      to stop gracefully; its data is throw-away)
 #   scripts/rocketmq-local.sh status   running or not, and the ports
+#   scripts/rocketmq-local.sh pid      the broker's pid (fault tests)
 #
 # Env: RMQ_ROOT (binaries, default ~/.cache/mqproxy-rocketmq), RMQ_RUN (config, data, logs,
 # pids; default ~/.cache/mqproxy-rocketmq/run), RMQ_NAMESRV_PORT (9876), RMQ_BROKER_PORT (10911;
@@ -125,5 +126,6 @@ case "${1:-}" in
   start) start ;;
   stop) stop ;;
   status) status ;;
-  *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
+  pid) cat "$RMQ_RUN/broker.pid" ;;  # the one broker (any name: it is broker-a)
+  *) echo "usage: $0 start|stop|status|pid" >&2; exit 2 ;;
 esac

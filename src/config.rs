@@ -133,7 +133,8 @@ pub struct RocketmqConfig {
     /// otherwise start-up fails naming them.
     #[serde(default)]
     pub auto_create_topics: bool,
-    /// The cluster new topics go to (`auto_create_topics`).
+    /// Where topics mqproxy creates go (`auto_create_topics`, the admin API): a cluster name
+    /// (each of its master brokers gets the topic's `queues`) or one broker's name.
     #[serde(default = "default_cluster")]
     pub cluster: String,
     /// Prefix of every topic name on the cluster (many environments on one cluster).

@@ -147,6 +147,7 @@ async fn message_store_unboxed(config: &Config, embedded: &EmbeddedStore) -> Res
                     pull_timeout: Duration::from_millis(r.pull_timeout_ms),
                     offset_refresh: Duration::from_millis(r.offset_refresh_ms),
                     auto_create_topics: r.auto_create_topics,
+                    create_in: r.cluster.clone(),
                     topic_prefix: r.topic_prefix.clone(),
                     client_group: r.client_group.clone(),
                     credentials: r.access_key.clone().zip(r.secret_key.clone()),

@@ -200,6 +200,12 @@ async fn spec_string_rules_are_the_servers() {
         "a", "A-z_0%9|", &longest, &too_long, "a b", "a.b", "é", "a/b", "a:b", "a\u{1}",
     ] {
         let v = s.post("/admin/topic", &[("name", sample), ("queues", "1")]).await;
+        if rocketmq_backend() && sample == longest {
+            // The suite's topic prefix makes it longer than the cluster allows: a 400 naming it.
+            assert_eq!(v["status"], 400, "{v}");
+            assert!(v["message"].as_str().is_some_and(|m| m.contains("prefix")), "{v}");
+            continue;
+        }
         assert_eq!(v["status"] == 200, admits(&name, sample), "topic {sample:?} -> {v}");
     }
 

@@ -332,11 +332,12 @@ async fn credit_limit_is_held() {
     assert_eq!(bodies(&second), ["m1"]);
 }
 
-/// With 4 queues and max_in_flight 2, a stream holds exactly 2 batches until it acks.
+/// With 4 queues (per broker) and max_in_flight 2, a stream holds exactly 2 batches until it acks.
 #[tokio::test]
 async fn credit_limit_across_queues() {
     let s = TestServer::start().await;
-    for i in 0..8 {
+    // Two messages on every queue of the topic.
+    for i in 0..8 * brokers() {
         s.produce(&format!("m{i}")).await;
     }
     let mut c = client(&s).await;

@@ -1,27 +1,34 @@
 //! The broker goes away under a running mqproxy (its own test binary: it stops the shared
 //! local broker, so no other test may run meanwhile). Run with `MQPROXY_TEST_BACKEND=rocketmq`
-//! against the cluster of `scripts/rocketmq-local.sh`.
+//! against the cluster of `scripts/rocketmq-local.sh`, or of `scripts/rocketmq-apache.sh` with
+//! `MQPROXY_TEST_CLUSTER=apache` (the test's one-queue topic lives on broker-a).
 
 mod common;
 use common::*;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-/// The local cluster's run directory (pid files), as `scripts/rocketmq-local.sh` uses it.
-fn rmq_run() -> PathBuf {
-    std::env::var_os("RMQ_RUN").map_or_else(
-        || PathBuf::from(std::env::var("HOME").expect("HOME")).join(".cache/mqproxy-rocketmq/run"),
-        PathBuf::from,
-    )
+/// The local cluster's script: `scripts/rocketmq-apache.sh` with `MQPROXY_TEST_CLUSTER=apache`,
+/// else `scripts/rocketmq-local.sh` (the Rust broker).
+fn cluster_script() -> PathBuf {
+    let name = if std::env::var("MQPROXY_TEST_CLUSTER").as_deref() == Ok("apache") {
+        "scripts/rocketmq-apache.sh"
+    } else {
+        "scripts/rocketmq-local.sh"
+    };
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(name)
 }
 
+/// The pid of the broker holding the test's topic (`broker-a`; one-queue topics live there).
 fn broker_pid() -> i32 {
-    let path = rmq_run().join("broker.pid");
-    std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-        .trim()
+    let out = std::process::Command::new(cluster_script())
+        .args(["pid", "broker-a"])
+        .output()
+        .expect("run the cluster script");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.trim()
         .parse()
-        .expect("pid")
+        .unwrap_or_else(|_| panic!("no broker pid from {}: {text:?}", cluster_script().display()))
 }
 
 fn signal(pid: i32, sig: i32) {
@@ -30,12 +37,11 @@ fn signal(pid: i32, sig: i32) {
 }
 
 fn start_cluster() {
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/rocketmq-local.sh");
-    let status = std::process::Command::new(script)
+    let status = std::process::Command::new(cluster_script())
         .arg("start")
         .status()
-        .expect("run rocketmq-local.sh");
-    assert!(status.success(), "rocketmq-local.sh start failed");
+        .expect("run the cluster script");
+    assert!(status.success(), "{} start failed", cluster_script().display());
 }
 
 /// Whatever happens in the test, the broker runs again afterwards.

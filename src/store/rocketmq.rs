@@ -37,11 +37,11 @@ use std::time::Duration;
 
 /// The message property that carries the client-made msgId (Java's `MessageConst.PROPERTY_UNIQ_CLIENT_MESSAGE_ID_KEYIDX`).
 const UNIQ_KEY: &str = "UNIQ_KEY";
-/// The topic whose route tells which brokers may create topics (RocketMQ's `TBW102`).
-const CREATE_TOPIC_KEY: &str = "TBW102";
 /// Broker response code of a message the broker refuses as invalid (MESSAGE_ILLEGAL: too big,
 /// a timer too far ahead): the caller's fault, 400. Every other code is the server's, 500.
 const CALLER_FAULT_CODES: [i32; 1] = [13];
+/// The longest topic name a RocketMQ broker accepts (its `TOPIC_MAX_LENGTH`).
+const MAX_TOPIC_CHARS: usize = 127;
 /// A batch travels as one message: the broker's `maxMessageSize` (4 MiB by default) bounds it.
 const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
 
@@ -53,6 +53,10 @@ pub struct RocketMqSettings {
     pub pull_timeout: Duration,
     pub offset_refresh: Duration,
     pub auto_create_topics: bool,
+    /// Where new topics go: a cluster name or a broker name. Every broker registers a topic of
+    /// each name (RocketMQ's `clusterTopicEnable`, `brokerTopicEnable`), and the brokers on
+    /// that topic's route are the ones a topic is created on.
+    pub create_in: String,
     pub topic_prefix: String,
     pub client_group: String,
     pub credentials: Option<(String, String)>,
@@ -330,13 +334,19 @@ impl RocketMqStore {
         );
         producer
             .create_topic(
-                CREATE_TOPIC_KEY,
+                &settings.create_in,
                 remote,
                 i32::try_from(queue_count).unwrap_or(i32::MAX),
                 HashMap::new(),
             )
             .await
-            .map_err(|e| missing(format!("creating it failed: {}", describe(&e))))?;
+            .map_err(|e| {
+                missing(format!(
+                    "creating it on {:?} ([rocketmq] cluster: a cluster or broker name) failed: {}",
+                    settings.create_in,
+                    describe(&e)
+                ))
+            })?;
         if !brokers.is_empty() {
             // Grown: the Rust broker tells the name server only at its next periodic
             // registration (up to 30 s), so name the queues it now has rather than wait.
@@ -532,6 +542,13 @@ impl MessageStore for RocketMqStore {
     }
 
     async fn add_topic(&self, topic: &str, queues: u32) -> Result<(), StoreError> {
+        let prefix = &self.inner.settings.topic_prefix;
+        let remote_chars = prefix.chars().count() + topic.chars().count();
+        if remote_chars > MAX_TOPIC_CHARS {
+            return Err(StoreError::Rejected(format!(
+                "topic {topic:?} is {remote_chars} characters on the cluster with the prefix {prefix:?}; RocketMQ allows at most {MAX_TOPIC_CHARS}"
+            )));
+        }
         let mut producer = self.inner.producer.clone();
         let loaded = Self::load_topic(
             &self.inner.consumer,

@@ -253,6 +253,18 @@ pub fn rocketmq_backend() -> bool {
     std::env::var("MQPROXY_TEST_BACKEND").as_deref() == Ok("rocketmq")
 }
 
+/// How many brokers a topic of the suite spreads over: `MQPROXY_TEST_BROKERS` on a RocketMQ
+/// cluster (default 1), else 1. A topic of `queues = n` has `n * brokers()` queues.
+pub fn brokers() -> u32 {
+    if !rocketmq_backend() {
+        return 1;
+    }
+    std::env::var("MQPROXY_TEST_BROKERS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(1)
+}
+
 /// The test cluster's name server (`MQPROXY_TEST_NAMESRV`, default 127.0.0.1:9876).
 pub fn namesrv_addr() -> String {
     std::env::var("MQPROXY_TEST_NAMESRV").unwrap_or_else(|_| "127.0.0.1:9876".into())
@@ -264,6 +276,11 @@ pub fn use_rocketmq(config: &mut Config, topic_prefix: &str) {
     config.backend = mqproxy::config::Backend::Rocketmq;
     config.rocketmq.namesrv_addr = namesrv_addr();
     config.rocketmq.auto_create_topics = true;
+    // RocketMQ gives a topic its `queues` on every broker it is created on: a test about one
+    // queue (every topic has one) gets its topics on one broker, all others' spread over all.
+    if config.topics.iter().all(|t| t.queues == 1) {
+        config.rocketmq.cluster = std::env::var("MQPROXY_TEST_BROKER").unwrap_or_else(|_| "broker-a".into());
+    }
     config.rocketmq.topic_prefix = topic_prefix.to_owned();
     config.rocketmq.offset_refresh_ms = 100;
 }
