@@ -14,8 +14,8 @@
 #   scripts/rocketmq-apache.sh tool ARGS...      run the Java tool (tests/apache-rocketmq/src)
 #   scripts/rocketmq-apache.sh tool-classpath    print the Java tool's classpath
 #
-# Env: RMQ_APACHE=5 (default: 5.x, see the pom) or 4 (4.9.x, the smoke pass; own ports and run
-# dir, so both can run at once); RMQ_APACHE_RUN (configs, stores, logs, pids; default
+# Env: RMQ_APACHE=5 (default: 5.x, see the pom) or 4 (4.9.x brokers, the smoke pass; own ports
+# and run dir, so both can run at once; its name server is 5.x unless RMQ_APACHE_NAMESRV=4); RMQ_APACHE_RUN (configs, stores, logs, pids; default
 # ~/.cache/mqproxy-apache/run<5|4>); RMQ_APACHE_HEAP (each JVM's heap, default 1g);
 # RMQ_APACHE_NAMESRV_PORT (5: 9876, 4: 9766); broker-a and broker-b listen on the name server's
 # port + 1035 and + 1045 (5: 10911, 10921; 4: 10801, 10811; each also binds port-2 and the HA port port+1);
@@ -32,6 +32,9 @@ esac
 CACHE="${RMQ_APACHE_CACHE:-$HOME/.cache/mqproxy-apache}"
 RUN="${RMQ_APACHE_RUN:-$CACHE/run$MAJOR}"
 HEAP="${RMQ_APACHE_HEAP:-1g}"
+# The 4.9 mode's name server is a 5.x one unless asked: rocketmq-client-rust 1.0.0 cannot read
+# a 4.x name server's routes (no `enableActingMaster`); 4.x brokers register with a 5.x one.
+NAMESRV_MAJOR="${RMQ_APACHE_NAMESRV:-5}"
 NAMESRV_PORT="${RMQ_APACHE_NAMESRV_PORT:-$default_ns}"
 PROXY_PORT="${RMQ_APACHE_PROXY_PORT:-8091}"
 POM="$ROOT/tests/apache-rocketmq/pom.xml"
@@ -81,6 +84,7 @@ server_profile() { if [ "$MAJOR" = 4 ]; then echo broker4; else echo broker5; fi
 
 install() {
   classpath "$(server_profile)" >/dev/null
+  if [ "$NAMESRV_MAJOR" = 5 ]; then classpath broker5 >/dev/null; fi
   tool_classpath >/dev/null
 }
 
@@ -103,12 +107,14 @@ XML
 
 launch() { # name main-class args...
   local name=$1 main=$2; shift 2
-  local dir="$RUN/$name"
+  local dir="$RUN/$name" profile
+  profile=$(server_profile)
+  if [ "$name" = namesrv ] && [ "$NAMESRV_MAJOR" = 5 ]; then profile=broker5; fi
   mkdir -p "$dir/logs"
   write_logback "$dir" "$([ "$name" = namesrv ] && echo namesrv || echo broker)"
   ROCKETMQ_HOME="$dir" java -Xms"$HEAP" -Xmx"$HEAP" -XX:MaxDirectMemorySize=512m "${JAVA_FLAGS[@]}" \
     -Duser.home="$dir" -Drocketmq.home.dir="$dir" \
-    -cp "$(classpath "$(server_profile)")" "$main" "$@" >"$dir/logs/stdout.log" 2>&1 &
+    -cp "$(classpath "$profile")" "$main" "$@" >"$dir/logs/stdout.log" 2>&1 &
   echo $! >"$RUN/$name.pid"
 }
 
@@ -177,7 +183,7 @@ start() {
   done
   java -cp "$(tool_classpath)" mqproxy.apache.Tool wait-cluster "127.0.0.1:$NAMESRV_PORT" DefaultCluster \
     "${#BROKERS[@]}" 90 >/dev/null
-  echo "rocketmq-apache: Apache RocketMQ $MAJOR.x: name server 127.0.0.1:$NAMESRV_PORT, broker-a :$(broker_port broker-a), broker-b :$(broker_port broker-b); registered $(( ($(date +%s%N) - started) / 1000000 )) ms after start"
+  echo "rocketmq-apache: Apache RocketMQ $MAJOR.x brokers, $NAMESRV_MAJOR.x name server 127.0.0.1:$NAMESRV_PORT, broker-a :$(broker_port broker-a), broker-b :$(broker_port broker-b); registered $(( ($(date +%s%N) - started) / 1000000 )) ms after start"
 }
 
 start_proxy() {

@@ -210,6 +210,9 @@ pub struct ConsumerStateConfig {
     /// Prefix of every Redis key (keeps mqproxy's keys apart from other users of the server).
     #[serde(default = "default_state_prefix")]
     pub prefix: String,
+    /// How long one Redis call may take before it fails (the request then answers 500).
+    #[serde(default = "default_state_timeout_ms")]
+    pub timeout_ms: u64,
 }
 
 impl Default for ConsumerStateConfig {
@@ -218,6 +221,7 @@ impl Default for ConsumerStateConfig {
             kind: default_state_kind(),
             url: None,
             prefix: default_state_prefix(),
+            timeout_ms: default_state_timeout_ms(),
         }
     }
 }
@@ -227,6 +231,10 @@ fn default_state_kind() -> ConsumerStateKind {
 }
 fn default_state_prefix() -> String {
     "mqproxy:".into()
+}
+/// The redis crate's own default (500 ms) failed calls on a loaded 2-core machine.
+fn default_state_timeout_ms() -> u64 {
+    3_000
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -632,6 +640,7 @@ impl Config {
                 100_000,
             ),
             ("max_h2_streams", u64::from(self.max_h2_streams), 1, 100_000),
+            ("consumer_state.timeout_ms", self.consumer_state.timeout_ms, 100, 60_000),
             ("max_header_bytes", u64::from(self.max_header_bytes), 8_192, 16 << 20),
             (
                 "max_consume_streams",

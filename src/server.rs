@@ -107,13 +107,18 @@ async fn consumer_state(
                     |q| format!("{}:{}", q.broker_name, q.queue_id),
                 )
             });
-            let redis = RedisConsumerState::connect(url, &state.prefix, &config.broker_name)
-                .await
-                .map_err(|source| ServeError::ConsumerState {
-                    url: url.to_owned(),
-                    source,
-                })?
-                .with_queue_names(queue_names);
+            let redis = RedisConsumerState::connect(
+                url,
+                &state.prefix,
+                &config.broker_name,
+                Duration::from_millis(state.timeout_ms),
+            )
+            .await
+            .map_err(|source| ServeError::ConsumerState {
+                url: url.to_owned(),
+                source,
+            })?
+            .with_queue_names(queue_names);
             tracing::info!(url, prefix = %state.prefix, "consumer state in Redis");
             Arc::new(redis)
         }

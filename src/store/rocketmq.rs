@@ -139,8 +139,17 @@ fn describe(e: &ClientError) -> String {
     if let Some(addr) = e.broker_addr() {
         s.push_str(&format!(" from broker {addr}"));
     }
+    if s.contains("enableActingMaster") {
+        s.push_str(OLD_NAME_SERVER_HINT);
+    }
     s
 }
+
+/// rocketmq-client-rust 1.0.0 reads a topic route only with the `enableActingMaster` field a
+/// 5.x name server writes; a 4.x name server's routes fail to parse. 4.x brokers register with
+/// a 5.x name server (RocketMQ supports that mix), which is the way round it.
+const OLD_NAME_SERVER_HINT: &str =
+    " (a RocketMQ 4.x name server: mqproxy's RocketMQ client needs a 5.x name server; 4.x brokers work behind one)";
 
 fn is_timeout(e: &ClientError) -> bool {
     e.descriptor().class() == rocketmq_error::ErrorClass::TIMEOUT

@@ -18,6 +18,7 @@ use redis::AsyncCommands;
 use redis::aio::ConnectionManager;
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Takes a lock if it is still as seen and later than the last pull; claims retry entries
 /// whose mark is still as seen. Returns nil, or {committed, ip, seq1, value1, seq2, ...}: the
@@ -134,9 +135,15 @@ impl RedisConsumerState {
     ///
     /// # Errors
     /// The URL is malformed or Redis cannot be reached.
-    pub async fn connect(url: &str, prefix: &str, broker_name: &str) -> Result<Self, StoreError> {
+    pub async fn connect(url: &str, prefix: &str, broker_name: &str, timeout: Duration) -> Result<Self, StoreError> {
         let client = redis::Client::open(url).map_err(redis_err)?;
-        let connection = client.get_connection_manager().await.map_err(redis_err)?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_response_timeout(Some(timeout))
+            .set_connection_timeout(Some(timeout));
+        let connection = client
+            .get_connection_manager_with_config(config)
+            .await
+            .map_err(redis_err)?;
         Ok(Self {
             connection,
             prefix: prefix.to_owned(),
@@ -494,7 +501,7 @@ mod tests {
             return;
         };
         let prefix = format!("mqproxy-test-{}:", rand::random::<u64>());
-        let state = RedisConsumerState::connect(&url, &prefix, "broker-a")
+        let state = RedisConsumerState::connect(&url, &prefix, "broker-a", Duration::from_secs(3))
             .await
             .expect("connect to Redis");
         crate::store::consumer_state::contract::check(&state).await;
