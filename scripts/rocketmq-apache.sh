@@ -230,7 +230,7 @@ case "${1:-}" in
   status) status ;;
   kill) kill_one "${2:?which: broker-a or broker-b}" ;;
   pid) cat "$RUN/${2:?which: namesrv, broker-a, broker-b or proxy}.pid" ;;
-  tool) shift; exec java -cp "$(tool_classpath)" mqproxy.apache.Tool "$@" ;;
+  tool) shift; exec java -Drocketmq.client.logRoot="$CACHE/client-logs" -cp "$(tool_classpath)" mqproxy.apache.Tool "$@" ;;
   tool-classpath) tool_classpath ;;
   *) echo "usage: $0 install|start|stop|status|kill NAME|pid NAME|start-proxy|tool ARGS|tool-classpath" >&2; exit 2 ;;
 esac

@@ -180,7 +180,7 @@ struct Chosen {
 
 fn to_delivered(m: StoredMessage) -> Delivered {
     Delivered {
-        msg_id: super::ids::hex_id(&m.msg_id),
+        msg_id: m.client_msg_id.unwrap_or_else(|| super::ids::hex_id(&m.msg_id)),
         body: m.body,
         store_ms: m.store_ms,
     }
@@ -873,9 +873,14 @@ impl Engine {
         msg_id: &str,
         contexts: &[ContextKey],
     ) -> Result<u32, EngineError> {
-        let id = super::ids::parse_hex_id(msg_id)
-            .ok_or_else(|| EngineError::invalid(format!("retryMsgId {msg_id:?} is not a 32-hex-digit msgId")))?;
-        let location = self.inner.messages.locate(id).await?.ok_or_else(|| {
+        let msg_id = msg_id.trim();
+        if !super::ids::is_msg_id(msg_id) {
+            return Err(EngineError::invalid(format!(
+                "retryMsgId {msg_id:?} is not a msgId ({})",
+                super::ids::MSG_ID_RULE
+            )));
+        }
+        let (location, id) = self.inner.messages.locate(msg_id).await?.ok_or_else(|| {
             EngineError::invalid(format!(
                 "message {msg_id} not found (never stored, not yet due, or expired)"
             ))

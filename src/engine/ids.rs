@@ -51,10 +51,14 @@ pub fn hex_id(id: &[u8; 16]) -> String {
     hex::encode_upper(id)
 }
 
-/// Parses a 32-hex-digit id.
-pub fn parse_hex_id(s: &str) -> Option<[u8; 16]> {
-    let bytes = hex::decode(s.trim()).ok()?;
-    bytes.try_into().ok()
+/// The msgIds clients make: 16 bytes (mqproxy's, and a Java client's on an IPv4 host) or 28
+/// (a Java client's on an IPv6 host: the address takes 16 bytes instead of 4).
+pub const MSG_ID_HEX_DIGITS: [usize; 2] = [32, 56];
+pub const MSG_ID_RULE: &str = "32 or 56 hex digits";
+
+/// Whether `s` has the shape of a msgId ([`MSG_ID_HEX_DIGITS`] hex digits).
+pub fn is_msg_id(s: &str) -> bool {
+    MSG_ID_HEX_DIGITS.contains(&s.len()) && s.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 /// The store-made id: store host (IPv4 + port, 8 bytes) and the store sequence (8 bytes),
@@ -92,6 +96,7 @@ mod tests {
         let (a, b) = (hex_id(&ids.next()), hex_id(&ids.next()));
         assert_ne!(a, b);
         assert_eq!(a.len(), 32);
-        assert_eq!(parse_hex_id(&a).map(|x| hex_id(&x)), Some(a));
+        assert!(is_msg_id(&a) && is_msg_id(&a.to_lowercase()));
+        assert!(is_msg_id(&"A".repeat(56)) && !is_msg_id(&a[1..]) && !is_msg_id(&"G".repeat(32)));
     }
 }

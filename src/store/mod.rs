@@ -99,7 +99,11 @@ pub struct NewRecord {
 /// A message as read back from a queue.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StoredMessage {
+    /// The message's identity in the store: its 16-byte msgId, or for a message whose msgId
+    /// is longer (a Java client on an IPv6 host makes 28-byte ones) its offsetMsgId.
     pub msg_id: [u8; 16],
+    /// The msgId clients know the message by, when it is not `msg_id` (the longer ones).
+    pub client_msg_id: Option<String>,
     pub offset: u64,
     pub store_ms: u64,
     pub keys: Option<String>,
@@ -355,8 +359,9 @@ pub trait MessageStore: Send + Sync + 'static {
     /// queue's max when none was).
     async fn search_offset(&self, topic: &str, queue: u32, timestamp_ms: u64) -> Result<u64, StoreError>;
 
-    /// Where the message with this msgId sits, if it is in a queue.
-    async fn locate(&self, msg_id: [u8; 16]) -> Result<Option<MessageLocation>, StoreError>;
+    /// Where the message with this msgId (as clients know it: hex digits) sits, if it is in
+    /// a queue, and its identity there (`StoredMessage::msg_id`).
+    async fn locate(&self, msg_id: &str) -> Result<Option<(MessageLocation, [u8; 16])>, StoreError>;
 
     /// A durable write that changes nothing visible: readiness.
     async fn probe(&self) -> Result<(), StoreError>;

@@ -31,6 +31,7 @@ use rocketmq_client_rust::{
 use rocketmq_model::common::message::MessageTrait;
 use rocketmq_model::common::message::message_single::Message;
 use rocketmq_model::message::MessageQueue;
+use rocketmq_model::version::RocketMqVersion;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -42,6 +43,10 @@ const UNIQ_KEY: &str = "UNIQ_KEY";
 const CALLER_FAULT_CODES: [i32; 1] = [13];
 /// The longest topic name a RocketMQ broker accepts (its `TOPIC_MAX_LENGTH`).
 const MAX_TOPIC_CHARS: usize = 127;
+/// The first RocketMQ version with timer messages (a delivery time of the sender's choice).
+const FIRST_TIMER_VERSION: RocketMqVersion = RocketMqVersion::V5_0_0;
+/// The broker id of a master (Java's `MixAll.MASTER_ID`).
+const MASTER_ID: u64 = 0;
 /// A batch travels as one message: the broker's `maxMessageSize` (4 MiB by default) bounds it.
 const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
 
@@ -428,6 +433,57 @@ impl RocketMqStore {
 }
 
 impl Inner {
+    /// A broker's RocketMQ version, as its heartbeat answers carry it (0: not heard from).
+    async fn broker_version(&self, topic: &str, broker: &CheetahString) -> Result<u32, StoreError> {
+        let factory = self
+            .producer
+            .default_mq_producer_impl()
+            .ok_or(StoreError::Closed)?
+            .get_mq_client_factory()
+            .map_err(|e| backend_error("client lookup", &e))?;
+        // The producer's client learns a broker's address from a route of a topic it sent to,
+        // and its version from the heartbeat that follows: before a topic's first send, fetch
+        // the route and send the heartbeat now.
+        for attempt in 0..2 {
+            if attempt > 0 {
+                factory
+                    .update_topic_route_info_from_name_server_topic(&CheetahString::from(topic))
+                    .await;
+                factory.send_heartbeat_to_all_broker_with_lock().await;
+            }
+            let version = factory
+                .find_broker_address_in_subscribe(broker, MASTER_ID, true)
+                .await
+                .map_or(0, |found| u32::try_from(found.broker_version).unwrap_or(0));
+            if version != 0 {
+                return Ok(version);
+            }
+        }
+        Ok(0)
+    }
+
+    /// Timer messages (`deliveryTimestamp`) exist since RocketMQ 5.0: a 4.x broker stores the
+    /// property and delivers at once, so such a send is refused before it reaches one.
+    async fn check_timer_support(&self, topic: &str, broker: &CheetahString) -> Result<(), StoreError> {
+        let version = self.broker_version(topic, broker).await?;
+        if version >= FIRST_TIMER_VERSION.ordinal() {
+            return Ok(());
+        }
+        Err(if version == 0 {
+            StoreError::Backend(format!(
+                "deliveryTimestamp: broker {broker} has not answered a heartbeat, so whether it has timer messages (RocketMQ 5.0 and later) is unknown; not sent"
+            ))
+        } else {
+            StoreError::Rejected(format!(
+                "deliveryTimestamp needs timer messages, which broker {broker} lacks: it runs RocketMQ {} (timer messages exist since 5.0); use delayLevel",
+                RocketMqVersion::from_ordinal(version)
+                    .name()
+                    .trim_start_matches('V')
+                    .replace('_', ".")
+            ))
+        })
+    }
+
     fn topic(&self, name: &str) -> Option<Arc<Topic>> {
         self.topics.read().ok().and_then(|t| t.get(name).cloned())
     }
@@ -499,6 +555,9 @@ impl MessageStore for RocketMqStore {
     ) -> Result<AppendOutcome, StoreError> {
         let topic = &*self.topic(topic)?;
         let (mq, range) = self.queue(topic, queue)?;
+        if let Delivery::At(_) = delivery {
+            self.inner.check_timer_support(&topic.remote, mq.broker_name()).await?;
+        }
         let count = records.len() as u64;
         let timeout = u64::try_from(self.inner.settings.send_timeout.as_millis()).unwrap_or(u64::MAX);
         let messages = records
@@ -646,16 +705,22 @@ impl MessageStore for RocketMqStore {
                 break;
             }
             let inner = m.message_inner();
-            let msg_id = inner
-                .property(UNIQ_KEY)
-                .and_then(parse_id)
-                .or_else(|| parse_id(m.msg_id().as_str()))
-                .unwrap_or_else(|| {
-                    tracing::warn!(topic = %topic.remote, offset = m.queue_offset(), "message without a 16-byte msgId");
-                    [0; 16]
-                });
+            let uniq_key = inner.property(UNIQ_KEY);
+            // A longer client msgId (28 bytes from an IPv6 host) is shown as it is; the
+            // offsetMsgId (16 bytes) is then the message's identity inside mqproxy.
+            let (msg_id, client_msg_id) = match uniq_key.and_then(parse_id) {
+                Some(id) => (id, None),
+                None => (
+                    parse_id(m.msg_id().as_str()).unwrap_or_else(|| {
+                        tracing::warn!(topic = %topic.remote, offset = m.queue_offset(), "message without a 16-byte offsetMsgId");
+                        [0; 16]
+                    }),
+                    uniq_key.map(|k| k.to_string()),
+                ),
+            };
             messages.push(StoredMessage {
                 msg_id,
+                client_msg_id,
                 offset: to_u64(m.queue_offset()),
                 store_ms: to_u64(m.store_timestamp()),
                 keys: inner.get_keys().map(|k| k.to_string()).filter(|k| !k.is_empty()),
@@ -682,11 +747,11 @@ impl MessageStore for RocketMqStore {
             .map_err(|e| backend_error("offset search", &e))
     }
 
-    async fn locate(&self, msg_id: [u8; 16]) -> Result<Option<MessageLocation>, StoreError> {
+    async fn locate(&self, msg_id: &str) -> Result<Option<(MessageLocation, [u8; 16])>, StoreError> {
         let Some(producer) = self.inner.producer.default_mq_producer_impl() else {
             return Err(StoreError::Backend("the producer is not started".into()));
         };
-        let key = hex::encode_upper(msg_id);
+        let key = msg_id.to_ascii_uppercase();
         for topic in self.inner.all_topics() {
             let Ok(found) = producer.query_message_by_uniq_key(&topic.remote, &key).await else {
                 continue;
@@ -698,11 +763,16 @@ impl MessageStore for RocketMqStore {
                 .iter()
                 .position(|q| (broker.is_empty() || q.broker_name == broker) && q.queue_id == queue_id);
             if let Some(index) = index {
-                return Ok(Some(MessageLocation {
+                // The identity `read` gives it: the client msgId when 16 bytes, else the offsetMsgId.
+                let Some(id) = parse_id(&key).or_else(|| parse_id(found.msg_id().as_str())) else {
+                    continue;
+                };
+                let location = MessageLocation {
                     topic: topic.local.clone(),
                     queue: u32::try_from(index).unwrap_or(u32::MAX),
                     offset: to_u64(found.queue_offset()),
-                }));
+                };
+                return Ok(Some((location, id)));
             }
         }
         Ok(None)

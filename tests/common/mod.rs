@@ -253,6 +253,22 @@ pub fn rocketmq_backend() -> bool {
     std::env::var("MQPROXY_TEST_BACKEND").as_deref() == Ok("rocketmq")
 }
 
+/// Whether the backend has timer messages (`deliveryTimestamp`): not on a RocketMQ 4.x cluster
+/// (`MQPROXY_TEST_ROCKETMQ_MAJOR=4`, the smoke pass), where mqproxy refuses them with a 400.
+pub fn timer_messages() -> bool {
+    !(rocketmq_backend() && std::env::var("MQPROXY_TEST_ROCKETMQ_MAJOR").as_deref() == Ok("4"))
+}
+
+/// A 4.x cluster's answer to a `deliveryTimestamp`: a 400 that names the missing feature.
+pub fn assert_no_timer_messages(v: &serde_json::Value) {
+    assert_eq!(v["status"], 400, "{v}");
+    let message = v["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("deliveryTimestamp needs timer messages") && message.contains("4.9"),
+        "{v}"
+    );
+}
+
 /// How many brokers a topic of the suite spreads over: `MQPROXY_TEST_BROKERS` on a RocketMQ
 /// cluster (default 1), else 1. A topic of `queues = n` has `n * brokers()` queues.
 pub fn brokers() -> u32 {

@@ -70,6 +70,7 @@ pub fn decode_message(offset: u64, bytes: &[u8]) -> Result<StoredMessage, StoreE
     let (record, store_ms) = decode_record(bytes)?;
     Ok(StoredMessage {
         msg_id: record.msg_id,
+        client_msg_id: None,
         offset,
         store_ms,
         keys: record.keys,

@@ -381,7 +381,11 @@ impl MessageStore for EmbeddedStore {
         Ok(low)
     }
 
-    async fn locate(&self, msg_id: [u8; 16]) -> Result<Option<MessageLocation>, StoreError> {
+    async fn locate(&self, msg_id: &str) -> Result<Option<(MessageLocation, [u8; 16])>, StoreError> {
+        // This store's ids are all 16 bytes: any other is not here.
+        let Some(msg_id) = hex::decode(msg_id).ok().and_then(|b| <[u8; 16]>::try_from(b).ok()) else {
+            return Ok(None);
+        };
         let db = self.inner.db.clone();
         tokio::task::spawn_blocking(move || {
             let txn = db.begin_read().map_err(db_err)?;
@@ -391,7 +395,7 @@ impl MessageStore for EmbeddedStore {
                 Err(e) => return Err(db_err(e)),
             };
             match table.get(msg_id.as_slice()).map_err(db_err)? {
-                Some(v) => Ok(Some(codec::from_postcard(v.value())?)),
+                Some(v) => Ok(Some((codec::from_postcard(v.value())?, msg_id))),
                 None => Ok(None),
             }
         })

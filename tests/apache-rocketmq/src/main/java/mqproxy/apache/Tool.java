@@ -1,8 +1,22 @@
 package mqproxy.apache;
 
+import java.nio.charset.StandardCharsets;
+import java.util.ArrayList;
+import java.util.Collection;
+import java.util.LinkedHashMap;
+import java.util.List;
 import java.util.Map;
 import java.util.TreeSet;
+import org.apache.rocketmq.client.consumer.DefaultLitePullConsumer;
 import org.apache.rocketmq.client.producer.DefaultMQProducer;
+import org.apache.rocketmq.client.producer.SendResult;
+import org.apache.rocketmq.client.producer.selector.SelectMessageQueueByHash;
+import org.apache.rocketmq.common.consumer.ConsumeFromWhere;
+import org.apache.rocketmq.common.message.Message;
+import org.apache.rocketmq.common.message.MessageClientIDSetter;
+import org.apache.rocketmq.common.message.MessageConst;
+import org.apache.rocketmq.common.message.MessageExt;
+import org.apache.rocketmq.common.message.MessageQueue;
 import org.apache.rocketmq.remoting.protocol.body.ClusterInfo;
 import org.apache.rocketmq.remoting.protocol.route.BrokerData;
 
@@ -20,6 +34,8 @@ public final class Tool {
         int status;
         switch (args[0]) {
             case "wait-cluster" -> status = waitCluster(args);
+            case "produce" -> status = produce(args);
+            case "consume" -> status = consume(args);
             default -> {
                 usage();
                 status = 2;
@@ -29,7 +45,9 @@ public final class Tool {
     }
 
     private static void usage() {
-        System.err.println("usage: Tool wait-cluster NAMESRV CLUSTER BROKERS SECONDS");
+        System.err.println("usage: Tool wait-cluster NAMESRV CLUSTER BROKERS SECONDS\n"
+            + "       Tool produce NAMESRV TOPIC COUNT BODY_PREFIX TAG KEYS PROPS ORDER_ID   (PROPS: k=v,k=v or -; ORDER_ID or -)\n"
+            + "       Tool consume NAMESRV TOPIC GROUP COUNT SECONDS");
         System.exit(2);
     }
 
@@ -77,6 +95,157 @@ public final class Tool {
         } finally {
             producer.shutdown();
         }
+    }
+
+    /**
+     * Sends COUNT messages (bodies BODY_PREFIX0, BODY_PREFIX1, ...) with a tag, keys and user properties,
+     * synchronously; with an ORDER_ID through SelectMessageQueueByHash over all the topic's queues.
+     * One line per message: its msgId (the unique key) and where it was stored.
+     */
+    private static int produce(String[] args) throws Exception {
+        if (args.length != 9) {
+            usage();
+        }
+        String topic = args[2];
+        int count = Integer.parseInt(args[3]);
+        DefaultMQProducer producer = new DefaultMQProducer("mqproxy-tool-producer");
+        producer.setNamesrvAddr(args[1]);
+        producer.setInstanceName("produce-" + ProcessHandle.current().pid());
+        producer.start();
+        try {
+            for (int i = 0; i < count; i++) {
+                Message message = new Message(topic, args[5], args[6], (args[4] + i).getBytes(StandardCharsets.UTF_8));
+                if (!args[7].equals("-")) {
+                    for (String pair : args[7].split(",")) {
+                        String[] kv = pair.split("=", 2);
+                        message.putUserProperty(kv[0], kv[1]);
+                    }
+                }
+                SendResult sent = args[8].equals("-")
+                    ? producer.send(message)
+                    : producer.send(message, new SelectMessageQueueByHash(), args[8]);
+                Map<String, Object> line = new LinkedHashMap<>();
+                line.put("msgId", sent.getMsgId());
+                line.put("status", sent.getSendStatus().name());
+                line.put("brokerName", sent.getMessageQueue().getBrokerName());
+                line.put("queueId", sent.getMessageQueue().getQueueId());
+                line.put("queueOffset", sent.getQueueOffset());
+                System.out.println(object(line));
+            }
+            return 0;
+        } finally {
+            producer.shutdown();
+        }
+    }
+
+    /**
+     * Consumes TOPIC as consumer group GROUP (a lite pull consumer assigned every queue, from the
+     * group's committed offsets, else the first offset), printing "ready" once assigned and then
+     * one line per message with the time it arrived, until COUNT messages or SECONDS passed.
+     * Offsets are committed to the brokers before it exits.
+     */
+    private static int consume(String[] args) throws Exception {
+        if (args.length != 6) {
+            usage();
+        }
+        String topic = args[2];
+        int count = Integer.parseInt(args[4]);
+        long deadline = System.currentTimeMillis() + Long.parseLong(args[5]) * 1000;
+        DefaultLitePullConsumer consumer = new DefaultLitePullConsumer(args[3]);
+        consumer.setNamesrvAddr(args[1]);
+        consumer.setInstanceName("consume-" + ProcessHandle.current().pid());
+        consumer.setConsumeFromWhere(ConsumeFromWhere.CONSUME_FROM_FIRST_OFFSET);
+        consumer.setPollTimeoutMillis(100);
+        consumer.setAutoCommit(false);
+        consumer.start();
+        try {
+            Collection<MessageQueue> queues = consumer.fetchMessageQueues(topic);
+            consumer.assign(new ArrayList<>(queues));
+            Map<String, Object> ready = new LinkedHashMap<>();
+            ready.put("ready", true);
+            ready.put("queues", queues.size());
+            System.out.println(object(ready));
+            System.out.flush();
+            int seen = 0;
+            while (seen < count && System.currentTimeMillis() < deadline) {
+                List<MessageExt> batch = consumer.poll(100);
+                long now = System.currentTimeMillis();
+                for (MessageExt m : batch) {
+                    seen++;
+                    Map<String, Object> line = new LinkedHashMap<>();
+                    line.put("msgId", MessageClientIDSetter.getUniqID(m));
+                    line.put("body", new String(m.getBody(), StandardCharsets.UTF_8));
+                    line.put("keys", m.getKeys());
+                    line.put("tags", m.getTags());
+                    line.put("bornTimestamp", m.getBornTimestamp());
+                    line.put("storeTimestamp", m.getStoreTimestamp());
+                    line.put("arrivedAt", now);
+                    line.put("brokerName", m.getBrokerName());
+                    line.put("queueId", m.getQueueId());
+                    line.put("queueOffset", m.getQueueOffset());
+                    Map<String, Object> user = new LinkedHashMap<>();
+                    m.getProperties().forEach((k, v) -> {
+                        if (!MessageConst.STRING_HASH_SET.contains(k)) {
+                            user.put(k, v);
+                        }
+                    });
+                    line.put("userProperties", user);
+                    System.out.println(object(line));
+                }
+                System.out.flush();
+                if (!batch.isEmpty()) {
+                    consumer.commitSync();
+                }
+            }
+            consumer.commitSync();
+            return 0;
+        } finally {
+            consumer.shutdown();
+        }
+    }
+
+    private static String object(Map<String, Object> fields) {
+        StringBuilder out = new StringBuilder("{");
+        for (Map.Entry<String, Object> field : fields.entrySet()) {
+            if (out.length() > 1) {
+                out.append(',');
+            }
+            out.append(string(field.getKey())).append(':').append(value(field.getValue()));
+        }
+        return out.append('}').toString();
+    }
+
+    @SuppressWarnings("unchecked")
+    private static String value(Object v) {
+        if (v == null) {
+            return "null";
+        }
+        if (v instanceof Number || v instanceof Boolean) {
+            return v.toString();
+        }
+        if (v instanceof Map<?, ?> map) {
+            return object((Map<String, Object>) map);
+        }
+        return string(v.toString());
+    }
+
+    private static String string(String s) {
+        StringBuilder out = new StringBuilder("\"");
+        for (char c : s.toCharArray()) {
+            switch (c) {
+                case '"' -> out.append("\\\"");
+                case '\\' -> out.append("\\\\");
+                case '\n' -> out.append("\\n");
+                default -> {
+                    if (c < 0x20) {
+                        out.append(String.format("\\u%04x", (int) c));
+                    } else {
+                        out.append(c);
+                    }
+                }
+            }
+        }
+        return out.append('"').toString();
     }
 
     private static String json(Iterable<String> items) {
