@@ -282,24 +282,6 @@ async fn what_a_java_producer_sends_mqproxy_delivers() {
         }
     }
     assert_eq!(rest, want, "REST: body -> msgId");
-    // The Java msgId (28 bytes on an IPv6 host, 16 on IPv4) also names it for a retry.
-    let java_id = &want["java-0"];
-    let queued = s
-        .post(
-            "/admin/consumer/config",
-            &[("consumer", CLUSTERING), ("retryMsgId", java_id)],
-        )
-        .await;
-    assert_eq!(queued["status"], 200, "{queued}");
-    let v = s.fetch(CLUSTERING, None).await;
-    let retried: Vec<_> = v["result"]["retryMsgList"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-        .iter()
-        .map(|m| (m["message"].clone(), m["messageId"].clone()))
-        .collect();
-    assert_eq!(retried, [(Value::from("java-0"), Value::from(java_id.as_str()))], "{v}");
 
     // gRPC Fetch, the broadcast consumer (its own offsets).
     let mut client = grpc(&s).await;
