@@ -282,6 +282,37 @@ async fn what_a_java_producer_sends_mqproxy_delivers() {
         }
     }
     assert_eq!(rest, want, "REST: body -> msgId");
+    // Each Java msgId (28 bytes on an IPv6 host, 16 on IPv4) also names its message for a
+    // retry, on whichever broker it is (six messages in turn over eight queues: both).
+    for id in want.values() {
+        let queued = s
+            .post(
+                "/admin/consumer/config",
+                &[("consumer", CLUSTERING), ("retryMsgId", id)],
+            )
+            .await;
+        assert_eq!(queued["status"], 200, "{queued}");
+    }
+    let mut retried = HashMap::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while retried.len() < want.len() {
+        assert!(std::time::Instant::now() < deadline, "retried so far: {retried:?}");
+        let v = s.fetch(CLUSTERING, None).await;
+        for m in v["result"]["retryMsgList"].as_array().cloned().unwrap_or_default() {
+            retried.insert(
+                m["message"].as_str().unwrap_or_default().to_owned(),
+                m["messageId"].as_str().unwrap_or_default().to_owned(),
+            );
+        }
+        if let Some(r) = v["result"]["requestId"].as_str() {
+            s.post(
+                "/mq/ack",
+                &[("topic", TOPIC), ("consumer", CLUSTERING), ("requestId", r)],
+            )
+            .await;
+        }
+    }
+    assert_eq!(retried, want, "retry: body -> msgId");
 
     // gRPC Fetch, the broadcast consumer (its own offsets).
     let mut client = grpc(&s).await;

@@ -756,23 +756,36 @@ impl MessageStore for RocketMqStore {
             let Ok(found) = producer.query_message_by_uniq_key(&topic.remote, &key).await else {
                 continue;
             };
+            // The identity `read` gives it: the client msgId when 16 bytes, else the offsetMsgId.
+            let Some(id) = parse_id(&key).or_else(|| parse_id(found.msg_id().as_str())) else {
+                continue;
+            };
+            // A query by key does not say which broker answered (its broker name is empty):
+            // every broker has a queue of that id, so the one holding the message is found by
+            // reading each candidate's message at that offset.
             let broker = found.broker_name();
             let queue_id = u32::try_from(found.queue_id()).unwrap_or(u32::MAX);
-            let index = topic
+            let offset = to_u64(found.queue_offset());
+            let candidates = topic
                 .refs
                 .iter()
-                .position(|q| (broker.is_empty() || q.broker_name == broker) && q.queue_id == queue_id);
-            if let Some(index) = index {
-                // The identity `read` gives it: the client msgId when 16 bytes, else the offsetMsgId.
-                let Some(id) = parse_id(&key).or_else(|| parse_id(found.msg_id().as_str())) else {
-                    continue;
-                };
-                let location = MessageLocation {
-                    topic: topic.local.clone(),
-                    queue: u32::try_from(index).unwrap_or(u32::MAX),
-                    offset: to_u64(found.queue_offset()),
-                };
-                return Ok(Some((location, id)));
+                .enumerate()
+                .filter(|(_, q)| (broker.is_empty() || q.broker_name == broker) && q.queue_id == queue_id);
+            for (index, _) in candidates {
+                let queue = u32::try_from(index).unwrap_or(u32::MAX);
+                let read = self.read(&topic.local, queue, offset, 1, MAX_BATCH_BYTES).await?;
+                if read
+                    .messages
+                    .first()
+                    .is_some_and(|m| m.offset == offset && m.msg_id == id)
+                {
+                    let location = MessageLocation {
+                        topic: topic.local.clone(),
+                        queue,
+                        offset,
+                    };
+                    return Ok(Some((location, id)));
+                }
             }
         }
         Ok(None)
