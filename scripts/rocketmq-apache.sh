@@ -89,7 +89,14 @@ install() {
 }
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-running() { [ -f "$RUN/$1.pid" ] && kill -0 "$(cat "$RUN/$1.pid")" 2>/dev/null; }
+# Running: the pid lives and is no zombie (a killed JVM whose parent has not reaped it yet).
+running() {
+  [ -f "$RUN/$1.pid" ] || return 1
+  local pid state
+  pid=$(cat "$RUN/$1.pid")
+  state=$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null) || return 1
+  [ -n "$state" ] && [ "$state" != Z ]
+}
 
 # RocketMQ 4.9 reads its logback config from $ROCKETMQ_HOME/conf (5.x ships one in its jars).
 write_logback() { # dir name
@@ -114,7 +121,7 @@ launch() { # name main-class args...
   write_logback "$dir" "$([ "$name" = namesrv ] && echo namesrv || echo broker)"
   ROCKETMQ_HOME="$dir" java -Xms"$HEAP" -Xmx"$HEAP" -XX:MaxDirectMemorySize=512m "${JAVA_FLAGS[@]}" \
     -Duser.home="$dir" -Drocketmq.home.dir="$dir" \
-    -cp "$(classpath "$profile")" "$main" "$@" >"$dir/logs/stdout.log" 2>&1 &
+    -cp "$(classpath "$profile")" "$main" "$@" >>"$dir/logs/stdout.log" 2>&1 &
   echo $! >"$RUN/$name.pid"
 }
 

@@ -73,11 +73,12 @@ struct JavaConsumer {
 }
 
 impl JavaConsumer {
-    /// Starts it and waits until it holds every queue of the topic.
-    fn start(topic: &str, group: &str, count: u32, seconds: u32) -> Self {
+    /// Starts it and waits until it holds every queue of the topic; it stops after `count`
+    /// messages, or when none came for `idle_seconds`.
+    fn start(topic: &str, group: &str, count: u32, idle_seconds: u32) -> Self {
         let mut child = Command::new(script())
             .args(["tool", "consume", &namesrv_addr(), topic, group])
-            .args([count.to_string(), seconds.to_string()])
+            .args([count.to_string(), idle_seconds.to_string()])
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -392,9 +393,9 @@ async fn a_java_group_and_an_mqproxy_consumer_of_one_name_keep_their_offsets() {
     );
 
     // Three more: each side reads exactly those, from where it stopped (the Java consumer runs
-    // for 8 s, so anything it read again would show).
+    // until nothing came for 10 s, so anything it read again would show).
     java_produce(&remote, 3, "new-", "-", "-", None);
-    let again = JavaConsumer::start(&remote, CLUSTERING, 100, 8);
+    let again = JavaConsumer::start(&remote, CLUSTERING, 100, 10);
     let mut java_new: Vec<String> = again
         .finish()
         .iter()

@@ -463,13 +463,38 @@ impl Engine {
         let client_ip = req
             .client_ip
             .map(|ip| ip.chars().take(super::MAX_CLIENT_ID_CHARS).collect::<String>());
-        let chosen = match self.choose_and_lock(spec, &key, client_ip, max_pull).await? {
-            Choice::Locked(chosen) => chosen,
-            Choice::Idle(snapshot) => {
-                outcome.queue = Some(snapshot);
-                return Ok(outcome);
+        // A queue whose broker fails the read is left for this pull, once, when another
+        // broker's queue can be tried: one dead broker does not fail the pulls of the others.
+        let mut failed_queue = None;
+        let (chosen, (read, retry_messages, missing_retries)) = loop {
+            let chosen = match self
+                .choose_and_lock(spec, &key, client_ip.clone(), max_pull, failed_queue)
+                .await?
+            {
+                Choice::Locked(chosen) => chosen,
+                Choice::Idle(snapshot) => {
+                    outcome.queue = Some(snapshot);
+                    return Ok(outcome);
+                }
+                Choice::AllLocked => return Ok(outcome),
+            };
+            if chosen.reset_to.is_some() {
+                break (chosen, Default::default());
             }
-            Choice::AllLocked => return Ok(outcome),
+            match self.read_batch(spec, &chosen, max_pull).await {
+                Ok(v) => break (chosen, v),
+                Err(e) => {
+                    self.release(&key, &chosen, &[]).await?;
+                    let retry_elsewhere = failed_queue.is_none()
+                        && matches!(e, EngineError::Store(crate::store::StoreError::Backend(_)))
+                        && self.other_broker_available(spec, chosen.queue);
+                    if !retry_elsewhere {
+                        return Err(e);
+                    }
+                    tracing::warn!(consumer = %spec.name, queue = chosen.queue, error = %e, "pull failed, trying another broker's queue");
+                    failed_queue = Some(chosen.queue);
+                }
+            }
         };
         outcome.queue = Some(chosen.snapshot.clone());
         let keys = &self.inner.request_id_keys;
@@ -495,13 +520,6 @@ impl Engine {
             return Ok(outcome);
         }
 
-        let (read, retry_messages, missing_retries) = match self.read_batch(spec, &chosen, max_pull).await {
-            Ok(v) => v,
-            Err(e) => {
-                self.release(&key, &chosen, &[]).await?;
-                return Err(e);
-            }
-        };
         if let (Some(skip_to), true) = (read.skip_to, read.messages.is_empty()) {
             // The backend has nothing at this offset (moved or removed): the Java proxy's forced
             // reset, as when the committed offset is out of the queue's range.
@@ -532,14 +550,31 @@ impl Engine {
         Ok(outcome)
     }
 
+    /// Whether a queue of the topic on another broker than `queue`'s is not avoided.
+    fn other_broker_available(&self, spec: &ConsumerSpec, queue: u32) -> bool {
+        let refs = self.inner.messages.queues(&spec.topic);
+        let Some(failed) = refs.get(queue as usize) else {
+            return false;
+        };
+        refs.iter().enumerate().any(|(i, q)| {
+            q.broker_name != failed.broker_name
+                && self
+                    .inner
+                    .messages
+                    .queue_available(&spec.topic, u32::try_from(i).unwrap_or(u32::MAX))
+        })
+    }
+
     /// Picks the queue with the biggest backlog (then the least recently pulled) among those
     /// not locked for this context, and locks it; if another pull takes it first, the next.
+    /// Queues of an avoided broker, and `failed` (a queue whose read just failed), come last.
     async fn choose_and_lock(
         &self,
         spec: &ConsumerSpec,
         key: &ContextKey,
         client_ip: Option<String>,
         max_pull: u32,
+        failed: Option<u32>,
     ) -> Result<Choice, EngineError> {
         let queues = self.queue_count(&spec.topic);
         let now = now_ms();
@@ -555,9 +590,10 @@ impl Engine {
             r.max
                 .saturating_sub(snapshot.queues[q as usize].committed.unwrap_or(r.min).max(r.min))
         };
+        let avoided = |q: u32| failed == Some(q) || !self.inner.messages.queue_available(&spec.topic, q);
         let mut order: Vec<u32> = (0..queues).collect();
         order.sort_by(|&a, &b| {
-            backlog(b).cmp(&backlog(a)).then(
+            avoided(a).cmp(&avoided(b)).then(backlog(b).cmp(&backlog(a))).then(
                 snapshot.queues[a as usize]
                     .last_pull_ms
                     .cmp(&snapshot.queues[b as usize].last_pull_ms),

@@ -330,10 +330,68 @@ impl Engine {
         }
         let index = match order_id {
             Some(order_id) => ids::order_queue(order_id, n),
-            None => self.inner.round_robin.fetch_add(1, Ordering::Relaxed) % n,
+            // In turn, skipping queues of a broker that just failed (all failed: in turn).
+            None => {
+                let start = self.inner.round_robin.fetch_add(1, Ordering::Relaxed) % n;
+                (0..n)
+                    .map(|k| (start + k) % n)
+                    .find(|&i| self.inner.messages.queue_available(&topic.name, i))
+                    .unwrap_or(start)
+            }
         };
         let queue = queues[index as usize].clone();
         Ok((index, queue))
+    }
+
+    /// For an unordered send that surely failed on `failed`'s broker: the next queue in turn
+    /// on another broker that is not avoided, if the topic has one.
+    /// `advance`: take a turn of the round robin (a real failover), or only look (whether one
+    /// exists, which must not shift the turns of later sends).
+    fn failover_queue(&self, topic: &TopicSpec, failed: &QueueRef, advance: bool) -> Option<(u32, QueueRef)> {
+        let queues = self.inner.messages.queues(&topic.name);
+        let n = u32::try_from(queues.len()).unwrap_or(u32::MAX);
+        let turn = if advance {
+            self.inner.round_robin.fetch_add(1, Ordering::Relaxed)
+        } else {
+            0
+        };
+        let start = turn % n.max(1);
+        (0..n).map(|k| (start + k) % n).find_map(|i| {
+            let q = &queues[i as usize];
+            (q.broker_name != failed.broker_name && self.inner.messages.queue_available(&topic.name, i))
+                .then(|| (i, q.clone()))
+        })
+    }
+
+    /// Appends to the chosen queue; an unordered send that surely failed there (the broker
+    /// answered an error or could not be reached: not a timeout, which may have stored it) is
+    /// sent once more to another broker's queue. Returns where it went.
+    async fn append_with_failover(
+        &self,
+        topic: &TopicSpec,
+        (index, queue): (u32, QueueRef),
+        unordered: bool,
+        delivery: Delivery,
+        records: Vec<NewRecord>,
+    ) -> Result<(u32, QueueRef, AppendOutcome), crate::store::StoreError> {
+        // A copy for the second try only where there is another broker to try.
+        let spare = (unordered && self.failover_queue(topic, &queue, false).is_some()).then(|| records.clone());
+        match self.inner.messages.append(&topic.name, index, delivery, records).await {
+            Ok(outcome) => Ok((index, queue, outcome)),
+            Err(crate::store::StoreError::Backend(first)) if spare.is_some() => {
+                let Some((other, other_queue)) = self.failover_queue(topic, &queue, true) else {
+                    return Err(crate::store::StoreError::Backend(first));
+                };
+                tracing::warn!(topic = %topic.name, from = %queue.broker_name, to = %other_queue.broker_name, error = %first, "send failed, sending to another broker");
+                let outcome = self
+                    .inner
+                    .messages
+                    .append(&topic.name, other, delivery, spare.unwrap_or_default())
+                    .await?;
+                Ok((other, other_queue, outcome))
+            }
+            Err(e) => Err(e),
+        }
     }
 
     fn receipt(
@@ -496,7 +554,7 @@ impl Engine {
         let now = now_ms();
         let delivery = self.delivery(req.delay_level, req.delivery_timestamp_ms, now)?;
         let order_id = req.order_id.as_deref().map(str::trim).filter(|o| !o.is_empty());
-        let (index, queue) = self.pick_queue(topic, order_id)?;
+        let chosen = self.pick_queue(topic, order_id)?;
         let msg_id = self.inner.ids.next();
         let keys = req.keys.filter(|k| !k.is_empty());
         let record = NewRecord {
@@ -505,10 +563,8 @@ impl Engine {
             born_ms: now,
             body: req.body,
         };
-        let outcome = self
-            .inner
-            .messages
-            .append(&topic.name, index, delivery, vec![record])
+        let (_, queue, outcome) = self
+            .append_with_failover(topic, chosen, order_id.is_none(), delivery, vec![record])
             .await?;
         self.receipt(topic, &queue, &msg_id, &outcome, 0)
     }
@@ -554,7 +610,7 @@ impl Engine {
             return Err(EngineError::invalid("messages is an empty array"));
         }
         let now = now_ms();
-        let (index, queue) = self.pick_queue(topic, None)?;
+        let mut chosen = self.pick_queue(topic, None)?;
         let mut results: Vec<Option<Result<SendReceipt, EngineError>>> = Vec::with_capacity(bodies.len());
         // Groups of (element index, record), each within the backend's batch size.
         let max_bytes = self.inner.messages.max_batch_bytes();
@@ -590,12 +646,12 @@ impl Engine {
             let (positions, records): (Vec<usize>, Vec<NewRecord>) = group.into_iter().unzip();
             let ids: Vec<[u8; 16]> = records.iter().map(|r| r.msg_id).collect();
             match self
-                .inner
-                .messages
-                .append(&topic.name, index, Delivery::Now, records)
+                .append_with_failover(topic, chosen.clone(), true, Delivery::Now, records)
                 .await
             {
-                Ok(outcome) => {
+                Ok((index, queue, outcome)) => {
+                    // The rest of the batch follows to where this part went (in order there).
+                    chosen = (index, queue.clone());
                     for (j, &i) in positions.iter().enumerate() {
                         results[i] = Some(self.receipt(topic, &queue, &ids[j], &outcome, j));
                     }

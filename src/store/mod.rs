@@ -344,6 +344,13 @@ pub trait MessageStore: Send + Sync + 'static {
         true
     }
 
+    /// Whether a queue's broker answered its last call (false for a while after it failed):
+    /// where a topic spans several brokers, the engine prefers queues that are, so one dead
+    /// broker stalls neither unordered produces nor the pulls of the others' queues.
+    fn queue_available(&self, _topic: &str, _queue: u32) -> bool {
+        true
+    }
+
     /// Up to `max` messages of a queue from offset `from` on, stopping before the bodies would
     /// pass `max_bytes` (the first message is always included, whatever its size).
     async fn read(

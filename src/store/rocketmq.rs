@@ -47,6 +47,11 @@ const MAX_TOPIC_CHARS: usize = 127;
 const FIRST_TIMER_VERSION: RocketMqVersion = RocketMqVersion::V5_0_0;
 /// The broker id of a master (Java's `MixAll.MASTER_ID`).
 const MASTER_ID: u64 = 0;
+/// How long a broker that failed a call, and whose address the client did not know, is
+/// avoided (its queues not chosen while others answer) before a call tries it again.
+const BROKER_AVOID_FOR: Duration = Duration::from_secs(2);
+/// How often a failed broker's address is probed (and each probe's connect timeout).
+const BROKER_PROBE_EVERY: Duration = Duration::from_millis(200);
 /// A batch travels as one message: the broker's `maxMessageSize` (4 MiB by default) bounds it.
 const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
 
@@ -103,6 +108,67 @@ struct Inner {
     topics: std::sync::RwLock<HashMap<String, Arc<Topic>>>,
     identity: StoreIdentity,
     visible: tokio::sync::watch::Sender<u64>,
+    /// Brokers whose last call failed (probed by `probe_failed_brokers`).
+    failed_brokers: Arc<Mutex<HashMap<String, FailedBroker>>>,
+}
+
+/// A broker that failed a call.
+struct FailedBroker {
+    /// Where it listened, if the client knew: probed with plain TCP connects.
+    addr: Option<String>,
+    since: std::time::Instant,
+    /// A probe connected: the next call may go to it.
+    reachable: bool,
+}
+
+impl FailedBroker {
+    /// Avoided for [`BROKER_AVOID_FOR`] after each failure, and beyond that until a probe
+    /// connects (when its address is known). A broker that accepts connections can still fail
+    /// calls (the client's circuit breaker for it is open, or it is still starting): then it is
+    /// tried again every [`BROKER_AVOID_FOR`], not at every call.
+    fn avoided(&self) -> bool {
+        self.since.elapsed() < BROKER_AVOID_FOR || (self.addr.is_some() && !self.reachable)
+    }
+}
+
+/// The address an earlier failure of this broker recorded (a second failure after the client
+/// forgot it).
+fn brokers_addr(brokers: &HashMap<String, FailedBroker>, broker: &str) -> Option<String> {
+    brokers.get(broker).and_then(|b| b.addr.clone())
+}
+
+/// Probes failed brokers with plain TCP connects until each accepts one. Not through the
+/// client: rocketmq-client-rust's transport opens a circuit breaker per address after 5 failed
+/// connects and then refuses that address for 30 s, so calls to a dead broker would push its
+/// recovery back by up to 30 s after it restarts.
+async fn probe_failed_brokers(brokers: std::sync::Weak<Mutex<HashMap<String, FailedBroker>>>) {
+    loop {
+        tokio::time::sleep(BROKER_PROBE_EVERY).await;
+        let Some(brokers) = brokers.upgrade() else { return };
+        let targets: Vec<(String, String)> = brokers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .filter(|(_, b)| !b.reachable)
+            .filter_map(|(name, b)| b.addr.clone().map(|a| (name.clone(), a)))
+            .collect();
+        for (name, addr) in targets {
+            let connected = tokio::time::timeout(BROKER_PROBE_EVERY, tokio::net::TcpStream::connect(addr.as_str()))
+                .await
+                .is_ok_and(|r| r.is_ok());
+            if !connected {
+                continue;
+            }
+            if let Some(b) = brokers
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .get_mut(&name)
+            {
+                tracing::info!(broker = %name, addr, "RocketMQ broker accepts connections again");
+                b.reachable = true;
+            }
+        }
+    }
 }
 
 /// The RocketMQ backend (cheap to clone).
@@ -110,6 +176,7 @@ struct Inner {
 pub struct RocketMqStore {
     inner: Arc<Inner>,
     _refresher: Arc<AbortOnDrop>,
+    _prober: Arc<AbortOnDrop>,
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
@@ -254,7 +321,9 @@ impl RocketMqStore {
             topics: std::sync::RwLock::new(topics),
             identity,
             visible: tokio::sync::watch::Sender::new(0),
+            failed_brokers: Arc::new(Mutex::new(HashMap::new())),
         });
+        let prober = tokio::spawn(probe_failed_brokers(Arc::downgrade(&inner.failed_brokers)));
         inner.refresh_offsets().await;
         // Holds only a weak reference, so dropping the last store handle stops it.
         let weak = Arc::downgrade(&inner);
@@ -271,6 +340,7 @@ impl RocketMqStore {
         Ok(Self {
             inner,
             _refresher: Arc::new(AbortOnDrop(refresher)),
+            _prober: Arc::new(AbortOnDrop(prober)),
         })
     }
 
@@ -433,6 +503,83 @@ impl RocketMqStore {
 }
 
 impl Inner {
+    /// Records how a call to a broker went: a failure (no answer, a refused connection, a
+    /// timeout) makes it avoided until it accepts TCP connections again; an answer clears it.
+    fn broker_answered<T>(&self, broker: &str, result: &Result<T, StoreError>) {
+        let failed = matches!(result, Err(StoreError::Backend(_) | StoreError::OutcomeUnknown(_)));
+        let addr = failed
+            .then(|| {
+                self.producer
+                    .default_mq_producer_impl()
+                    .and_then(|p| p.get_mq_client_factory().ok())
+                    .and_then(|f| f.find_broker_address_in_publish(&CheetahString::from(broker)))
+                    .map(|a| a.to_string())
+            })
+            .flatten();
+        let mut brokers = self
+            .failed_brokers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if failed {
+            let addr = addr.or_else(|| brokers_addr(&brokers, broker));
+            let was = brokers.insert(
+                broker.to_owned(),
+                FailedBroker {
+                    addr: addr.clone(),
+                    since: std::time::Instant::now(),
+                    reachable: false,
+                },
+            );
+            if was.is_none() {
+                tracing::warn!(
+                    broker,
+                    addr,
+                    "RocketMQ broker failed a call: avoided until it accepts connections again"
+                );
+            }
+        } else if brokers.remove(broker).is_some() {
+            tracing::info!(broker, "RocketMQ broker answers again");
+        }
+    }
+
+    /// Before a call to `broker`: an error if it is avoided; when it has just become reachable
+    /// again, the topic's route is read from the name server first (the client dropped the
+    /// dead broker's address and would learn it back only at its 30 s route poll).
+    async fn before_call(&self, topic: &str, broker: &str) -> Result<(), StoreError> {
+        let state = self
+            .failed_brokers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(broker)
+            .map(FailedBroker::avoided);
+        match state {
+            None => Ok(()),
+            Some(true) => Err(StoreError::Backend(format!(
+                "broker {broker} is not reachable (it failed a call and refuses connections); waiting for it to come back"
+            ))),
+            Some(false) => {
+                if let Some(factory) = self
+                    .producer
+                    .default_mq_producer_impl()
+                    .and_then(|p| p.get_mq_client_factory().ok())
+                {
+                    factory
+                        .update_topic_route_info_from_name_server_topic(&CheetahString::from(topic))
+                        .await;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn broker_avoided(&self, broker: &str) -> bool {
+        self.failed_brokers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(broker)
+            .is_some_and(FailedBroker::avoided)
+    }
+
     /// A broker's RocketMQ version, as its heartbeat answers carry it (0: not heard from).
     async fn broker_version(&self, topic: &str, broker: &CheetahString) -> Result<u32, StoreError> {
         let factory = self
@@ -501,13 +648,21 @@ impl Inner {
         let mut grew = false;
         for topic in self.all_topics() {
             for (mq, range) in topic.queues.iter().zip(&topic.ranges) {
+                // A failed broker is left to the prober: every failed call would count
+                // towards the client's circuit breaker for its address.
+                if self.broker_avoided(mq.broker_name()) {
+                    continue;
+                }
                 let (min, max) = match (self.consumer.min_offset(mq).await, self.consumer.max_offset(mq).await) {
                     (Ok(min), Ok(max)) => (to_u64(min), to_u64(max)),
                     (Err(e), _) | (_, Err(e)) => {
-                        tracing::debug!(topic = %topic.remote, queue = mq.queue_id(), error = %describe(&e), "offset refresh failed");
+                        let e = backend_error("offset refresh", &e);
+                        tracing::debug!(topic = %topic.remote, queue = mq.queue_id(), error = %e, "offset refresh failed");
+                        self.broker_answered::<()>(mq.broker_name(), &Err(e));
                         continue;
                     }
                 };
+                self.broker_answered(mq.broker_name(), &Ok(()));
                 grew |= update_range(range, Some(min), max);
             }
         }
@@ -544,17 +699,15 @@ fn parse_id(hex_id: &str) -> Option<[u8; 16]> {
     hex::decode_to_slice(hex_id.trim(), &mut id).ok().map(|()| id)
 }
 
-#[async_trait]
-impl MessageStore for RocketMqStore {
-    async fn append(
+impl RocketMqStore {
+    async fn append_to(
         &self,
-        topic: &str,
-        queue: u32,
+        topic: &Topic,
+        mq: &MessageQueue,
+        range: &Mutex<QueueRange>,
         delivery: Delivery,
         records: Vec<NewRecord>,
     ) -> Result<AppendOutcome, StoreError> {
-        let topic = &*self.topic(topic)?;
-        let (mq, range) = self.queue(topic, queue)?;
         if let Delivery::At(_) = delivery {
             self.inner.check_timer_support(&topic.remote, mq.broker_name()).await?;
         }
@@ -599,6 +752,40 @@ impl MessageStore for RocketMqStore {
             region_id: result.region_id.clone(),
             trace_on: Some(result.trace_on),
         })
+    }
+}
+
+#[async_trait]
+impl MessageStore for RocketMqStore {
+    async fn append(
+        &self,
+        topic: &str,
+        queue: u32,
+        delivery: Delivery,
+        records: Vec<NewRecord>,
+    ) -> Result<AppendOutcome, StoreError> {
+        let topic = &*self.topic(topic)?;
+        let (mq, range) = self.queue(topic, queue)?;
+        self.inner.before_call(&topic.remote, mq.broker_name()).await?;
+        let result = self.append_to(topic, mq, range, delivery, records).await;
+        self.inner.broker_answered(mq.broker_name(), &result);
+        // Name the broker: an ordered send cannot go elsewhere, its caller should know where.
+        result.map_err(|e| match e {
+            StoreError::Backend(m) => StoreError::Backend(format!("broker {}: {m}", mq.broker_name())),
+            StoreError::OutcomeUnknown(m) => StoreError::OutcomeUnknown(format!("broker {}: {m}", mq.broker_name())),
+            other => other,
+        })
+    }
+
+    fn queue_available(&self, topic: &str, queue: u32) -> bool {
+        self.inner
+            .topic(topic)
+            .and_then(|t| {
+                t.queues
+                    .get(queue as usize)
+                    .map(|q| !self.inner.broker_avoided(q.broker_name()))
+            })
+            .unwrap_or(true)
     }
 
     fn max_batch_bytes(&self) -> usize {
@@ -666,6 +853,7 @@ impl MessageStore for RocketMqStore {
     ) -> Result<ReadOutcome, StoreError> {
         let topic = &*self.topic(topic)?;
         let (mq, range) = self.queue(topic, queue)?;
+        self.inner.before_call(&topic.remote, mq.broker_name()).await?;
         let options = PullOptions::new(
             mq.clone(),
             MessageSelector::by_tag("*"),
@@ -681,7 +869,9 @@ impl MessageStore for RocketMqStore {
             .consumer
             .pull_with_options(options)
             .await
-            .map_err(|e| backend_error("pull", &e))?;
+            .map_err(|e| backend_error(&format!("pull from broker {}", mq.broker_name()), &e));
+        self.inner.broker_answered(mq.broker_name(), &result);
+        let result = result?;
         if update_range(range, Some(result.min_offset()), result.max_offset()) {
             self.inner.visible.send_modify(|n| *n = n.wrapping_add(1));
         }

@@ -47,7 +47,7 @@ public final class Tool {
     private static void usage() {
         System.err.println("usage: Tool wait-cluster NAMESRV CLUSTER BROKERS SECONDS\n"
             + "       Tool produce NAMESRV TOPIC COUNT BODY_PREFIX TAG KEYS PROPS ORDER_ID   (PROPS: k=v,k=v or -; ORDER_ID or -)\n"
-            + "       Tool consume NAMESRV TOPIC GROUP COUNT SECONDS");
+            + "       Tool consume NAMESRV TOPIC GROUP COUNT IDLE_SECONDS");
         System.exit(2);
     }
 
@@ -141,7 +141,8 @@ public final class Tool {
     /**
      * Consumes TOPIC as consumer group GROUP (a lite pull consumer assigned every queue, from the
      * group's committed offsets, else the first offset), printing "ready" once assigned and then
-     * one line per message with the time it arrived, until COUNT messages or SECONDS passed.
+     * one line per message with the time it arrived, until COUNT messages came or none for
+     * IDLE_SECONDS (counted from "ready", then from the last message).
      * Offsets are committed to the brokers before it exits.
      */
     private static int consume(String[] args) throws Exception {
@@ -150,7 +151,7 @@ public final class Tool {
         }
         String topic = args[2];
         int count = Integer.parseInt(args[4]);
-        long deadline = System.currentTimeMillis() + Long.parseLong(args[5]) * 1000;
+        long idle = Long.parseLong(args[5]) * 1000;
         DefaultLitePullConsumer consumer = new DefaultLitePullConsumer(args[3]);
         consumer.setNamesrvAddr(args[1]);
         consumer.setInstanceName("consume-" + ProcessHandle.current().pid());
@@ -167,6 +168,7 @@ public final class Tool {
             System.out.println(object(ready));
             System.out.flush();
             int seen = 0;
+            long deadline = System.currentTimeMillis() + idle;
             while (seen < count && System.currentTimeMillis() < deadline) {
                 List<MessageExt> batch = consumer.poll(100);
                 long now = System.currentTimeMillis();
@@ -195,6 +197,7 @@ public final class Tool {
                 System.out.flush();
                 if (!batch.isEmpty()) {
                     consumer.commitSync();
+                    deadline = now + idle;
                 }
             }
             consumer.commitSync();
