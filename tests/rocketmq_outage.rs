@@ -349,16 +349,28 @@ async fn one_of_two_brokers_killed_under_load() {
     let stop_consumer = Arc::new(AtomicBool::new(false));
     consumer.abort();
     let drain = tokio::spawn(consume_into(s.clone(), seen.clone(), stop_consumer.clone()));
-    eventually(
-        Duration::from_secs(30),
-        "every message answered 200 consumed",
-        || async {
+    // Lost means missing while the consumer makes no progress for 10 s (a slow drain of the
+    // backlog the outage left, e.g. with Redis state on a busy machine, is not a loss).
+    let mut last_progress = (Instant::now(), usize::MAX);
+    loop {
+        let missing: Vec<String> = {
             let seen = seen.lock().expect("seen");
-            let lost = ok_all.iter().filter(|b| !seen.contains_key(*b)).count();
-            (lost == 0).then_some(())
-        },
-    )
-    .await;
+            ok_all.iter().filter(|b| !seen.contains_key(*b)).cloned().collect()
+        };
+        if missing.is_empty() {
+            break;
+        }
+        if missing.len() < last_progress.1 {
+            last_progress = (Instant::now(), missing.len());
+        }
+        assert!(
+            last_progress.0.elapsed() < Duration::from_secs(10),
+            "{} messages answered 200 not consumed, no progress for 10 s: {:?}",
+            missing.len(),
+            &missing[..missing.len().min(10)]
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     stop_consumer.store(true, Ordering::Relaxed);
     drain.await.expect("drain");
     eprintln!("{} messages answered 200, all consumed", ok_all.len());
