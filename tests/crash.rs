@@ -117,14 +117,28 @@ fn kill_9_rounds_lose_nothing_and_committed_offsets_hold() {
     // The demo registry with the shortest consume timeout: batches pulled but not acknowledged
     // when the server died are locked that long after the restart.
     let config = dir.path().join("crash.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "data_dir = \"{}\"\n[[topic]]\nname = \"{TOPIC}\"\nqueues = 4\n[[producer]]\nname = \"{PRODUCER}\"\ntopic = \"{TOPIC}\"\n[[consumer]]\nname = \"{CLUSTERING}\"\ntopic = \"{TOPIC}\"\nconsume_timeout_ms = {LOCK_MS}\n",
-            dir.path().join("data").display()
-        ),
-    )
-    .expect("config");
+    let mut text = format!(
+        "data_dir = \"{}\"\n[[topic]]\nname = \"{TOPIC}\"\nqueues = 4\n[[producer]]\nname = \"{PRODUCER}\"\ntopic = \"{TOPIC}\"\n[[consumer]]\nname = \"{CLUSTERING}\"\ntopic = \"{TOPIC}\"\nconsume_timeout_ms = {LOCK_MS}\n",
+        dir.path().join("data").display()
+    );
+    // On a RocketMQ cluster (MQPROXY_TEST_BACKEND=rocketmq) only mqproxy dies: the messages
+    // stay on the brokers, the consumer state in the data dir (or Redis, MQPROXY_TEST_STATE).
+    if rocketmq_backend() {
+        text = format!(
+            "backend = \"rocketmq\"\n{text}[rocketmq]\nnamesrv_addr = \"{}\"\nauto_create_topics = true\ntopic_prefix = \"crash-{}-\"\noffset_refresh_ms = 100\n",
+            namesrv_addr(),
+            unique_suffix()
+        );
+        if std::env::var("MQPROXY_TEST_STATE").as_deref() == Ok("redis") {
+            let url =
+                std::env::var("MQPROXY_TEST_REDIS_URL").expect("MQPROXY_TEST_STATE=redis needs MQPROXY_TEST_REDIS_URL");
+            text.push_str(&format!(
+                "[consumer_state]\nkind = \"redis\"\nurl = \"{url}\"\nprefix = \"mqproxy-crash-{}:\"\n",
+                unique_suffix()
+            ));
+        }
+    }
+    std::fs::write(&config, text).expect("config");
     let data_dir = ["--config".to_owned(), config.display().to_string()];
     let rt = tokio::runtime::Runtime::new().expect("rt");
     let ledger = Arc::new(Mutex::new(Ledger::default()));

@@ -7,16 +7,19 @@
 //! - Reads are plain pulls at an explicit offset with a group of our own that never commits an
 //!   offset to the broker: consumer offsets live in the proxy's consumer state store, as in
 //!   the Java proxy (its `EmptyOffsetStore`), so the broker's offsets of a group stay untouched.
+//! - Every broker call goes through the producer's client instance (one route table, one
+//!   connection and one circuit breaker per broker). No consumer of the client library is
+//!   started: rocketmq-client-rust 1.0.0's `DefaultMQPullConsumer` subscribes the topic of its
+//!   first pull and then pulls every queue of it in the background, ignoring its own manual
+//!   mode: memory and broker load for nothing, and a dead broker's address hammered until the
+//!   transport's circuit breaker refuses it for 30 s (so its queues were read again only up to
+//!   30 s after it came back).
 //! - The brokers push no "new message" signal, so each queue's min/max offsets are cached:
 //!   updated by our own sends and pulls and re-read every `offset_refresh`; a change of a max
 //!   wakes streaming consumers (messages from other clients, due delayed messages).
 //! - The route of every registered topic is read once at start-up (missing topics are named,
 //!   or created with `auto_create_topics`). The queue list is the engine's queue index space,
 //!   so a route change needs a restart.
-
-// The classic pull consumer is deprecated upstream in favour of the lite pull consumer, which
-// prefetches in the background and cannot "pull this queue at this offset now".
-#![allow(deprecated)]
 
 use super::{
     AppendOutcome, AppendStatus, Appended, Delivery, MessageLocation, MessageStore, NewRecord, QueueRange, QueueRef,
@@ -25,13 +28,19 @@ use super::{
 use async_trait::async_trait;
 use cheetah_string::CheetahString;
 use rocketmq_client_rust::{
-    AclClientRPCHook, ClientError, ClientRuntime, ClientRuntimeConfig, DefaultMQProducer, DefaultMQPullConsumer,
-    MessageSelector, PullOptions, PullStatus, SendStatus, SessionCredentials, TelemetryHandle,
+    AclClientRPCHook, ClientError, ClientRuntime, ClientRuntimeConfig, DefaultMQProducer, PullResult, PullStatus,
+    SendStatus, SessionCredentials, TelemetryHandle,
 };
+use rocketmq_model::common::boundary_type::BoundaryType;
+use rocketmq_model::common::constant::PermName;
 use rocketmq_model::common::message::MessageTrait;
 use rocketmq_model::common::message::message_single::Message;
+use rocketmq_model::common::sys_flag::pull_sys_flag::PullSysFlag;
 use rocketmq_model::message::MessageQueue;
 use rocketmq_model::version::RocketMqVersion;
+use rocketmq_protocol::RpcRequestHeader;
+use rocketmq_protocol::protocol::header::namesrv::topic_operation_header::TopicRequestHeader;
+use rocketmq_protocol::protocol::header::pull_message_request_header::PullMessageRequestHeader;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -102,8 +111,8 @@ struct Topic {
 
 struct Inner {
     settings: RocketMqSettings,
+    /// Sends, and (through its client instance) pulls, offset queries and routes.
     producer: DefaultMQProducer,
-    consumer: DefaultMQPullConsumer,
     /// Registry name -> topic (topics are added at run time by the admin API).
     topics: std::sync::RwLock<HashMap<String, Arc<Topic>>>,
     identity: StoreIdentity,
@@ -256,7 +265,7 @@ fn to_u64(v: i64) -> u64 {
 }
 
 impl RocketMqStore {
-    /// Starts the producer and the pull consumer on the current Tokio runtime, checks (or
+    /// Starts the producer (the one client) on the current Tokio runtime, checks (or
     /// creates) every registered topic and reads its route and offsets.
     ///
     /// # Errors
@@ -294,30 +303,14 @@ impl RocketMqStore {
             .start()
             .await
             .map_err(|e| client_err("producer start", &describe(&e)))?;
-        let mut consumer = DefaultMQPullConsumer::builder(runtime.clone())
-            .consumer_group(settings.client_group.as_str())
-            .name_server_addr(settings.namesrv_addr.as_str())
-            .consumer_pull_timeout(settings.pull_timeout);
-        if let Some(hook) = hook() {
-            consumer = consumer.rpc_hook(hook);
-        }
-        let consumer = consumer
-            .build()
-            .map_err(|e| client_err("pull consumer", &describe(&e)))?;
-        consumer
-            .start()
-            .await
-            .map_err(|e| client_err("pull consumer start", &describe(&e)))?;
-
         let mut topics = HashMap::new();
         for (name, queue_count) in &settings.topics {
-            let topic = Self::load_topic(&consumer, &mut producer, &settings, name, *queue_count, false).await?;
+            let topic = Self::load_topic(&mut producer, &settings, name, *queue_count, false).await?;
             topics.insert(name.clone(), Arc::new(topic));
         }
         let inner = Arc::new(Inner {
             settings,
             producer,
-            consumer,
             topics: std::sync::RwLock::new(topics),
             identity,
             visible: tokio::sync::watch::Sender::new(0),
@@ -346,7 +339,6 @@ impl RocketMqStore {
 
     /// A topic's route (created first when missing and allowed), in route order.
     async fn load_topic(
-        consumer: &DefaultMQPullConsumer,
         producer: &mut DefaultMQProducer,
         settings: &RocketMqSettings,
         name: &str,
@@ -354,7 +346,7 @@ impl RocketMqStore {
         operator: bool,
     ) -> Result<Topic, RocketMqStartError> {
         let remote = format!("{}{name}", settings.topic_prefix);
-        let mut queues = Self::route(consumer, &remote, settings, producer, queue_count, operator).await?;
+        let mut queues = Self::route(&remote, settings, producer, queue_count, operator).await?;
         queues.sort_by(|a, b| (a.broker_name().as_str(), a.queue_id()).cmp(&(b.broker_name().as_str(), b.queue_id())));
         let refs: Arc<[QueueRef]> = queues
             .iter()
@@ -379,7 +371,6 @@ impl RocketMqStore {
     /// missing one is created only with `auto_create_topics`; an operator's request (the admin
     /// API) creates the topic or raises its queue count on the cluster.
     async fn route(
-        consumer: &DefaultMQPullConsumer,
         remote: &str,
         settings: &RocketMqSettings,
         producer: &mut DefaultMQProducer,
@@ -392,7 +383,7 @@ impl RocketMqStore {
             reason,
         };
         let wanted = queue_count as usize;
-        let existing = consumer.fetch_subscribe_message_queues(remote).await;
+        let existing = read_queues(producer, remote, settings.pull_timeout).await;
         // Brokers already holding the topic: a grown topic gets the new queues on each of them.
         let brokers: Vec<CheetahString> = match &existing {
             Ok(queues) => {
@@ -408,7 +399,7 @@ impl RocketMqStore {
             Ok(queues) if queues.is_empty() && !operator && !settings.auto_create_topics => {
                 return Err(missing("no queues".into()));
             }
-            Err(e) if !operator && !settings.auto_create_topics => return Err(missing(describe(&e))),
+            Err(e) if !operator && !settings.auto_create_topics => return Err(missing(e.to_string())),
             _ => {}
         }
         tracing::info!(
@@ -445,7 +436,7 @@ impl RocketMqStore {
         // The broker registers a new topic with the name server at once; wait for the route.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
-            match consumer.fetch_subscribe_message_queues(remote).await {
+            match read_queues(producer, remote, settings.pull_timeout).await {
                 Ok(queues) if !queues.is_empty() && queues.len() >= wanted => return Ok(queues),
                 Ok(queues) if tokio::time::Instant::now() >= deadline => {
                     return Err(missing(format!(
@@ -455,7 +446,7 @@ impl RocketMqStore {
                 }
                 Ok(_) => {}
                 Err(e) if tokio::time::Instant::now() >= deadline => {
-                    return Err(missing(format!("created, but no route within 30 s: {}", describe(&e))));
+                    return Err(missing(format!("created, but no route within 30 s: {e}")));
                 }
                 Err(_) => {}
             }
@@ -502,7 +493,146 @@ impl RocketMqStore {
     }
 }
 
+/// The producer's client instance (a macro: its type is not public in rocketmq-client-rust).
+macro_rules! client_of {
+    ($producer:expr) => {
+        $producer
+            .default_mq_producer_impl()
+            .ok_or(StoreError::Closed)?
+            .get_mq_client_factory()
+            .map_err(|e| backend_error("client lookup", &e))?
+    };
+}
+
+/// Which offset of a queue a broker is asked for.
+enum OffsetEnd {
+    Min,
+    Max,
+    /// The first offset stored at or after this time (epoch ms).
+    At(i64),
+}
+
+/// A topic's readable queues as the name server lists them (Java's subscribe queues: each
+/// readable broker's `readQueueNums`); empty when the topic has no route.
+async fn read_queues(
+    producer: &DefaultMQProducer,
+    topic: &str,
+    timeout: Duration,
+) -> Result<Vec<MessageQueue>, StoreError> {
+    let client = client_of!(producer);
+    let route = client
+        .get_mq_client_api_impl()
+        .map_err(|e| backend_error("client lookup", &e))?
+        .get_topic_route_info_from_name_server(topic, duration_ms(timeout))
+        .await
+        .map_err(|e| backend_error("route lookup", &e))?;
+    Ok(route
+        .map(|route| {
+            route
+                .queue_datas
+                .iter()
+                .filter(|q| PermName::is_readable(q.perm))
+                .flat_map(|q| {
+                    (0..q.read_queue_nums).map(|i| {
+                        MessageQueue::from_parts(topic, q.broker_name.clone(), i32::try_from(i).unwrap_or(i32::MAX))
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+fn duration_ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 impl Inner {
+    /// The master address of a queue's broker, from the client's route table (re-read from the
+    /// name server when the broker is not in it).
+    async fn master_addr(&self, mq: &MessageQueue) -> Result<CheetahString, StoreError> {
+        let client = client_of!(self.producer);
+        if let Some(addr) = client.find_broker_address_in_publish(mq.broker_name()) {
+            return Ok(addr);
+        }
+        client.update_topic_route_info_from_name_server_topic(mq.topic()).await;
+        client.find_broker_address_in_publish(mq.broker_name()).ok_or_else(|| {
+            StoreError::Backend(format!(
+                "broker {} has no master on the name server's route of {}",
+                mq.broker_name(),
+                mq.topic()
+            ))
+        })
+    }
+
+    /// One pull at `from`, without committing an offset (the group's broker offsets stay
+    /// untouched): up to `max` messages and about `max_bytes`.
+    async fn pull(&self, mq: &MessageQueue, from: u64, max: usize, max_bytes: usize) -> Result<PullResult, StoreError> {
+        let failed = |e: &ClientError| backend_error(&format!("pull from broker {}", mq.broker_name()), e);
+        let addr = self.master_addr(mq).await?;
+        let timeout = self.settings.pull_timeout;
+        let header = PullMessageRequestHeader {
+            consumer_group: CheetahString::from(self.settings.client_group.as_str()),
+            topic: mq.topic().clone(),
+            lite_topic: None,
+            queue_id: mq.queue_id(),
+            queue_offset: to_i64(from),
+            max_msg_nums: i32::try_from(max.max(1)).unwrap_or(i32::MAX),
+            // The subscription travels with the request: the broker needs no heartbeat of ours.
+            sys_flag: PullSysFlag::build_sys_flag(false, false, true, false) as i32,
+            commit_offset: 0,
+            suspend_timeout_millis: 0,
+            subscription: Some(CheetahString::from_static_str("*")),
+            sub_version: to_i64(super::super::engine::now_ms()),
+            // Without it the broker is asked for i32::MAX bytes and warns at every pull.
+            max_msg_bytes: Some(i32::try_from(max_bytes.max(1)).unwrap_or(i32::MAX)),
+            request_source: None,
+            proxy_forward_client_id: None,
+            expression_type: Some(CheetahString::from_static_str("TAG")),
+            topic_request: Some(TopicRequestHeader {
+                lo: None,
+                rpc: Some(RpcRequestHeader {
+                    namespace: None,
+                    namespaced: None,
+                    broker_name: Some(mq.broker_name().clone()),
+                    oneway: None,
+                }),
+            }),
+        };
+        let client = client_of!(self.producer);
+        match tokio::time::timeout(
+            timeout,
+            client.pull_message_from_broker(addr.as_str(), header, duration_ms(timeout)),
+        )
+        .await
+        {
+            Ok(result) => result.map_err(|e| failed(&e)),
+            Err(_) => Err(StoreError::Backend(format!(
+                "pull from broker {} failed: no answer within {} ms",
+                mq.broker_name(),
+                timeout.as_millis()
+            ))),
+        }
+    }
+
+    /// A queue's min or max offset, or the offset of a time, from its broker.
+    async fn offset(&self, mq: &MessageQueue, end: OffsetEnd) -> Result<u64, StoreError> {
+        let addr = self.master_addr(mq).await?;
+        let timeout = duration_ms(self.settings.pull_timeout);
+        let client = client_of!(self.producer);
+        let offset = match end {
+            OffsetEnd::Min => client.get_min_offset(addr.as_str(), mq, timeout).await,
+            OffsetEnd::Max => client.get_max_offset(addr.as_str(), mq, timeout).await,
+            OffsetEnd::At(at) => {
+                client
+                    .search_offset_by_timestamp(addr.as_str(), mq, at, BoundaryType::Lower, timeout)
+                    .await
+            }
+        };
+        offset
+            .map(to_u64)
+            .map_err(|e| backend_error(&format!("offset query to broker {}", mq.broker_name()), &e))
+    }
+
     /// Records how a call to a broker went: a failure (no answer, a refused connection, a
     /// timeout) makes it avoided until it accepts TCP connections again; an answer clears it.
     fn broker_answered<T>(&self, broker: &str, result: &Result<T, StoreError>) {
@@ -653,10 +783,14 @@ impl Inner {
                 if self.broker_avoided(mq.broker_name()) {
                     continue;
                 }
-                let (min, max) = match (self.consumer.min_offset(mq).await, self.consumer.max_offset(mq).await) {
-                    (Ok(min), Ok(max)) => (to_u64(min), to_u64(max)),
-                    (Err(e), _) | (_, Err(e)) => {
-                        let e = backend_error("offset refresh", &e);
+                // One call at a time: a broker that fails the first is not asked the second.
+                let both = match self.offset(mq, OffsetEnd::Min).await {
+                    Ok(min) => self.offset(mq, OffsetEnd::Max).await.map(|max| (min, max)),
+                    Err(e) => Err(e),
+                };
+                let (min, max) = match both {
+                    Ok(both) => both,
+                    Err(e) => {
                         tracing::debug!(topic = %topic.remote, queue = mq.queue_id(), error = %e, "offset refresh failed");
                         self.broker_answered::<()>(mq.broker_name(), &Err(e));
                         continue;
@@ -805,16 +939,9 @@ impl MessageStore for RocketMqStore {
             )));
         }
         let mut producer = self.inner.producer.clone();
-        let loaded = Self::load_topic(
-            &self.inner.consumer,
-            &mut producer,
-            &self.inner.settings,
-            topic,
-            queues,
-            true,
-        )
-        .await
-        .map_err(|e| StoreError::Backend(e.to_string()))?;
+        let loaded = Self::load_topic(&mut producer, &self.inner.settings, topic, queues, true)
+            .await
+            .map_err(|e| StoreError::Backend(e.to_string()))?;
         if let Ok(mut topics) = self.inner.topics.write() {
             // A known topic keeps its cached offsets when its route did not change.
             let same_route = topics.get(topic).is_some_and(|t| t.refs == loaded.refs);
@@ -854,22 +981,7 @@ impl MessageStore for RocketMqStore {
         let topic = &*self.topic(topic)?;
         let (mq, range) = self.queue(topic, queue)?;
         self.inner.before_call(&topic.remote, mq.broker_name()).await?;
-        let options = PullOptions::new(
-            mq.clone(),
-            MessageSelector::by_tag("*"),
-            to_i64(from),
-            i32::try_from(max.max(1)).unwrap_or(i32::MAX),
-        )
-        .map_err(|e| backend_error("pull", &e))?
-        // Without it the client asks for i32::MAX bytes and the broker warns at every pull.
-        .max_size_in_bytes(i32::try_from(max_bytes.max(1)).unwrap_or(i32::MAX))
-        .timeout(self.inner.settings.pull_timeout);
-        let result = self
-            .inner
-            .consumer
-            .pull_with_options(options)
-            .await
-            .map_err(|e| backend_error(&format!("pull from broker {}", mq.broker_name()), &e));
+        let result = self.inner.pull(mq, from, max, max_bytes).await;
         self.inner.broker_answered(mq.broker_name(), &result);
         let result = result?;
         if update_range(range, Some(result.min_offset()), result.max_offset()) {
@@ -929,12 +1041,8 @@ impl MessageStore for RocketMqStore {
     async fn search_offset(&self, topic: &str, queue: u32, timestamp_ms: u64) -> Result<u64, StoreError> {
         let topic = &*self.topic(topic)?;
         let (mq, _) = self.queue(topic, queue)?;
-        self.inner
-            .consumer
-            .search_offset(mq, timestamp_ms)
-            .await
-            .map(to_u64)
-            .map_err(|e| backend_error("offset search", &e))
+        let timestamp = i64::try_from(timestamp_ms).unwrap_or(i64::MAX);
+        self.inner.offset(mq, OffsetEnd::At(timestamp)).await
     }
 
     async fn locate(&self, msg_id: &str) -> Result<Option<(MessageLocation, [u8; 16])>, StoreError> {
@@ -985,11 +1093,7 @@ impl MessageStore for RocketMqStore {
         // Ready when every topic's first queue answers an offset query.
         for topic in self.inner.all_topics() {
             if let Some(mq) = topic.queues.first() {
-                self.inner
-                    .consumer
-                    .max_offset(mq)
-                    .await
-                    .map_err(|e| backend_error("broker offset query", &e))?;
+                self.inner.offset(mq, OffsetEnd::Max).await?;
             }
         }
         Ok(())
@@ -1002,15 +1106,11 @@ impl MessageStore for RocketMqStore {
     async fn shutdown(&self) {
         // Unregister from the brokers (bounded: a dead broker must not hold up the exit).
         let mut producer = self.inner.producer.clone();
-        let consumer = &self.inner.consumer;
-        let stop = async move {
-            producer.shutdown().await;
-            if let Err(e) = consumer.shutdown().await {
-                tracing::warn!(error = %describe(&e), "RocketMQ pull consumer shutdown");
-            }
-        };
-        if tokio::time::timeout(Duration::from_secs(5), stop).await.is_err() {
-            tracing::warn!("RocketMQ clients did not shut down within 5 s");
+        if tokio::time::timeout(Duration::from_secs(5), producer.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!("the RocketMQ client did not shut down within 5 s");
         }
     }
 

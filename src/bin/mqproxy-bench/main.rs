@@ -9,6 +9,7 @@
 // The RocketMQ client's futures nest deeply (see src/lib.rs).
 #![recursion_limit = "256"]
 
+mod apache;
 mod ceilings;
 mod client;
 mod grpc_ceiling;
@@ -143,6 +144,30 @@ enum Command {
         /// `bench-<pid>-`), so other clients can be pointed at it.
         #[arg(long)]
         topic_prefix: Option<String>,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// mqproxy in front of an Apache RocketMQ cluster next to the official clients: the Java
+    /// producer, the direct Rust client, the RocketMQ 5 proxy with the Java 5.x client, the
+    /// Java lite pull consumer, Java produce -> push-consume latency (`scripts/bench-apache.sh`).
+    Apache {
+        #[arg(long, env = "MQPROXY_BENCH_NAMESRV", default_value = "127.0.0.1:9876")]
+        namesrv: String,
+        /// The Java tool's classpath (`scripts/rocketmq-apache.sh tool-classpath`).
+        #[arg(long, env = "MQPROXY_BENCH_JAVA_CLASSPATH")]
+        java_classpath: String,
+        /// The RocketMQ 5 proxy's gRPC endpoint, e.g. `127.0.0.1:8091` (none: that peer is left out).
+        #[arg(long)]
+        proxy: Option<String>,
+        /// Produce concurrencies, comma separated.
+        #[arg(long, value_delimiter = ',', default_values_t = [1usize, 16, 64, 256])]
+        connections: Vec<usize>,
+        /// Messages stored for each consume row.
+        #[arg(long, default_value_t = 200_000)]
+        consume_messages: u64,
+        /// Messages of the produce -> deliver latency rows.
+        #[arg(long, default_value_t = 1_000)]
+        e2e_count: usize,
         #[command(flatten)]
         common: Common,
     },
@@ -399,6 +424,27 @@ fn main() -> anyhow::Result<()> {
                     Ok(rows)
                 })
                 .await
+            }
+            Command::Apache {
+                namesrv,
+                java_classpath,
+                proxy,
+                connections,
+                consume_messages,
+                e2e_count,
+                common,
+            } => {
+                let env = env_from(&common, 1.0, 5.0)?;
+                let rounds = common.rounds.unwrap_or(1);
+                print_preamble(&env, rounds);
+                let plan = apache::ApachePlan {
+                    rounds,
+                    concurrencies: connections,
+                    consume_messages,
+                    e2e_count,
+                };
+                let peers = apache::Peers { java_classpath, proxy };
+                apache::run(&env, &namesrv, &rocketmq::default_prefix(), &peers, &plan).await
             }
             Command::Rocketmq {
                 namesrv,

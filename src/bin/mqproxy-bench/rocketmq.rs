@@ -1,17 +1,17 @@
 //! mqproxy on the RocketMQ backend against its ceiling: the direct `rocketmq-client-rust`
 //! producer on the same broker, same concurrency, alternating in every round.
 
-use crate::client::{HttpConn, closed_loop, form, histogram, record};
+use crate::client::{closed_loop, form, histogram, record};
 use crate::report::{self, Ceiling, Row};
 use crate::scenarios::Env;
-use crate::server::{self, PRODUCER, ServerSetup, TOPIC};
+use crate::server::{PRODUCER, TOPIC};
 use anyhow::Context;
 use rocketmq_client_rust::{ClientRuntime, ClientRuntimeConfig, DefaultMQProducer, TelemetryHandle};
 use rocketmq_model::common::message::message_single::Message;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// Messages per second and latencies of `writers` tasks sending through one direct producer.
-async fn direct_run(
+pub async fn direct_run(
     producer: &DefaultMQProducer,
     topic: &str,
     writers: usize,
@@ -59,40 +59,8 @@ async fn direct_run(
     Ok((total as f64 / env.duration.as_secs_f64(), latency))
 }
 
-/// Topic prefix of one bench run: topics of different runs never mix.
-pub fn default_prefix() -> String {
-    format!("bench-{}-", std::process::id())
-}
-
-/// Produce of 1 KiB: mqproxy (RocketMQ backend) and the direct client, per concurrency, on
-/// the topic `<prefix>bench-topic` (created through mqproxy when missing).
-pub async fn compare(
-    env: &Env,
-    namesrv: &str,
-    prefix: &str,
-    rounds: usize,
-    concurrencies: &[usize],
-) -> anyhow::Result<()> {
-    let setup = ServerSetup {
-        // Top-level keys first: the [rocketmq] table ends the top level.
-        extra_toml: format!(
-            "backend = \"rocketmq\"\n{}\n[rocketmq]\nnamesrv_addr = \"{namesrv}\"\nauto_create_topics = true\ntopic_prefix = \"{prefix}\"\n",
-            env.server_toml
-        ),
-        ..env.setup()
-    };
-    let proc = server::start_mqproxy(&env.server_bin, server::fresh_dir(&env.data_root, "rocketmq")?, &setup)?;
-    let idle_rss = proc.rss_mib().0;
-    // The server reads (or creates) the topic's route before it is ready.
-    let mut probe = HttpConn::connect(proc.addr).await?;
-    let ready_by = Instant::now() + Duration::from_secs(30);
-    while probe.get("/readyz").await.is_err() {
-        anyhow::ensure!(
-            Instant::now() < ready_by,
-            "mqproxy (RocketMQ backend) not ready in 30 s"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+/// The direct `rocketmq-client-rust` producer (group `<prefix>direct`), started.
+pub async fn direct_producer(namesrv: &str, prefix: &str) -> anyhow::Result<DefaultMQProducer> {
     let context = rocketmq_runtime::RuntimeContext::try_from_current("bench-direct")
         .map_err(|e| anyhow::anyhow!("runtime: {e}"))?;
     let runtime = ClientRuntime::try_new(
@@ -109,6 +77,26 @@ pub async fn compare(
         .start()
         .await
         .map_err(|e| anyhow::anyhow!("direct producer: {e}"))?;
+    Ok(producer)
+}
+
+/// Topic prefix of one bench run: topics of different runs never mix.
+pub fn default_prefix() -> String {
+    format!("bench-{}-", std::process::id())
+}
+
+/// Produce of 1 KiB: mqproxy (RocketMQ backend) and the direct client, per concurrency, on
+/// the topic `<prefix>bench-topic` (created through mqproxy when missing).
+pub async fn compare(
+    env: &Env,
+    namesrv: &str,
+    prefix: &str,
+    rounds: usize,
+    concurrencies: &[usize],
+) -> anyhow::Result<()> {
+    let proc = crate::apache::start_on_cluster(env, namesrv, prefix, 128).await?;
+    let idle_rss = proc.rss_mib().0;
+    let mut producer = direct_producer(namesrv, prefix).await?;
     let topic = format!("{prefix}{TOPIC}");
     let body = vec![b'x'; 1024];
     let form_body = form(&[("producer", PRODUCER), ("message", &"x".repeat(1024))]);

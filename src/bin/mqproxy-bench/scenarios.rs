@@ -215,7 +215,7 @@ fn fetch_path(request_id: Option<&str>) -> String {
 
 /// Pulls (acknowledging the previous batch with the next pull) until `consumed` reaches
 /// `total`; the pull latencies.
-async fn pull_loop(
+pub async fn pull_loop(
     addr: SocketAddr,
     consumed: Arc<AtomicU64>,
     total: u64,
@@ -403,7 +403,7 @@ pub async fn stream(env: &Env, streams: usize, total: u64, size: usize) -> anyho
 
 /// `streams` Consume streams against `addr` until `total` messages arrived: messages/s and
 /// the gaps between batches.
-async fn stream_run(addr: SocketAddr, streams: usize, total: u64) -> anyhow::Result<(f64, Histogram<u64>)> {
+pub async fn stream_run(addr: SocketAddr, streams: usize, total: u64) -> anyhow::Result<(f64, Histogram<u64>)> {
     let consumed = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let deadline = started + Duration::from_secs(600);

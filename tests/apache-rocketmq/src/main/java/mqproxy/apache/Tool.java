@@ -36,6 +36,10 @@ public final class Tool {
             case "wait-cluster" -> status = waitCluster(args);
             case "produce" -> status = produce(args);
             case "consume" -> status = consume(args);
+            case "bench-produce" -> status = Bench.produce(args);
+            case "bench-produce-proxy" -> status = Bench.produceProxy(args);
+            case "bench-consume" -> status = Bench.consume(args);
+            case "bench-e2e" -> status = Bench.e2e(args);
             default -> {
                 usage();
                 status = 2;
@@ -48,6 +52,7 @@ public final class Tool {
         System.err.println("usage: Tool wait-cluster NAMESRV CLUSTER BROKERS SECONDS\n"
             + "       Tool produce NAMESRV TOPIC COUNT BODY_PREFIX TAG KEYS PROPS ORDER_ID   (PROPS: k=v,k=v or -; ORDER_ID or -)\n"
             + "       Tool consume NAMESRV TOPIC GROUP COUNT IDLE_SECONDS");
+        Bench.usage();
         System.exit(2);
     }
 
@@ -111,6 +116,9 @@ public final class Tool {
         DefaultMQProducer producer = new DefaultMQProducer("mqproxy-tool-producer");
         producer.setNamesrvAddr(args[1]);
         producer.setInstanceName("produce-" + ProcessHandle.current().pid());
+        // The default 3 s covers the first send's route lookup too: not always enough on a
+        // busy 2-core CI machine (seen once). This tool is a peer, not what is measured.
+        producer.setSendMsgTimeout(15_000);
         producer.start();
         try {
             for (int i = 0; i < count; i++) {
@@ -207,7 +215,7 @@ public final class Tool {
         }
     }
 
-    private static String object(Map<String, Object> fields) {
+    static String object(Map<String, Object> fields) {
         StringBuilder out = new StringBuilder("{");
         for (Map.Entry<String, Object> field : fields.entrySet()) {
             if (out.length() > 1) {
