@@ -13,7 +13,6 @@ use crate::server::{self, PRODUCER, Proc, ServerSetup, TOPIC};
 use anyhow::{Context, bail, ensure};
 use hdrhistogram::Histogram;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -296,7 +295,7 @@ async fn consume(env: &Env, namesrv: &str, prefix: &str, peers: &Peers, plan: &A
             let (rate, latency) = if label == "gRPC stream" {
                 scenarios::stream_run(proc.addr, consumers, total).await?
             } else {
-                pull_run(proc.addr, consumers, total).await?
+                scenarios::pull_run(proc.addr, consumers, total).await?
             };
             let peak = proc.rss_mib().1;
             drop(proc);
@@ -321,25 +320,6 @@ async fn consume(env: &Env, namesrv: &str, prefix: &str, peers: &Peers, plan: &A
         }
     }
     Ok(())
-}
-
-/// `consumers` REST pull loops until `total` messages came: messages/s and pull latencies.
-async fn pull_run(addr: std::net::SocketAddr, consumers: usize, total: u64) -> anyhow::Result<(f64, Histogram<u64>)> {
-    let consumed = Arc::new(AtomicU64::new(0));
-    let started = Instant::now();
-    let deadline = started + Duration::from_secs(600);
-    let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..consumers {
-        tasks.spawn(scenarios::pull_loop(addr, consumed.clone(), total, deadline));
-    }
-    let mut latency = histogram();
-    while let Some(h) = tasks.join_next().await {
-        latency.add(&h??)?;
-    }
-    Ok((
-        consumed.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64(),
-        latency,
-    ))
 }
 
 /// Produce -> deliver, one message at a time: mqproxy (REST produce, gRPC stream delivery)

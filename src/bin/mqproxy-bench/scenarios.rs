@@ -215,7 +215,7 @@ fn fetch_path(request_id: Option<&str>) -> String {
 
 /// Pulls (acknowledging the previous batch with the next pull) until `consumed` reaches
 /// `total`; the pull latencies.
-pub async fn pull_loop(
+async fn pull_loop(
     addr: SocketAddr,
     consumed: Arc<AtomicU64>,
     total: u64,
@@ -251,18 +251,7 @@ pub async fn consume(env: &Env, consumers: usize, total: u64, size: usize) -> an
     let (dir, read_rate) = preloaded(env, "consume", total, size, consumers).await?;
     let proc = server::start_mqproxy(&env.server_bin, dir, &env.setup())?;
     let idle_rss = proc.rss_mib().0;
-    let consumed = Arc::new(AtomicU64::new(0));
-    let started = Instant::now();
-    let deadline = started + Duration::from_secs(600);
-    let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..consumers {
-        tasks.spawn(pull_loop(proc.addr, consumed.clone(), total, deadline));
-    }
-    let mut latency = histogram();
-    while let Some(h) = tasks.join_next().await {
-        latency.add(&h??)?;
-    }
-    let rate = consumed.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64();
+    let (rate, latency) = pull_run(proc.addr, consumers, total).await?;
     // A full pull's reply, for the HTTP ceiling: reset the consumer by pulling from a fresh
     // server would cost a second fill; the ceiling answers a reply of the same size instead.
     let peak_rss = proc.rss_mib().1;
@@ -290,6 +279,25 @@ pub async fn consume(env: &Env, consumers: usize, total: u64, size: usize) -> an
         ),
         Row::ceiling("  store reads alone", read_rate, None),
     ])
+}
+
+/// `consumers` REST pull loops until `total` messages came: messages/s and pull latencies.
+pub async fn pull_run(addr: SocketAddr, consumers: usize, total: u64) -> anyhow::Result<(f64, Histogram<u64>)> {
+    let consumed = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(600);
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..consumers {
+        tasks.spawn(pull_loop(addr, consumed.clone(), total, deadline));
+    }
+    let mut latency = histogram();
+    while let Some(h) = tasks.join_next().await {
+        latency.add(&h??)?;
+    }
+    Ok((
+        consumed.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64(),
+        latency,
+    ))
 }
 
 /// A pull reply of 128 messages of `size` bytes, shaped as mqproxy's (for the HTTP ceiling).
