@@ -61,6 +61,10 @@ const MASTER_ID: u64 = 0;
 const BROKER_AVOID_FOR: Duration = Duration::from_secs(2);
 /// How often a failed broker's address is probed (and each probe's connect timeout).
 const BROKER_PROBE_EVERY: Duration = Duration::from_millis(200);
+/// How often a pull is tried when the broker has not yet dispatched our own sends to the
+/// queue, and how long it waits between tries.
+const DISPATCH_WAIT_TRIES: u32 = 4;
+const DISPATCH_WAIT: Duration = Duration::from_millis(3);
 /// A batch travels as one message: the broker's `maxMessageSize` (4 MiB by default) bounds it.
 const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
 
@@ -981,9 +985,23 @@ impl MessageStore for RocketMqStore {
         let topic = &*self.topic(topic)?;
         let (mq, range) = self.queue(topic, queue)?;
         self.inner.before_call(&topic.remote, mq.broker_name()).await?;
-        let result = self.inner.pull(mq, from, max, max_bytes).await;
-        self.inner.broker_answered(mq.broker_name(), &result);
-        let result = result?;
+        // Read-your-writes: a broker stores a message before it dispatches it to the queue
+        // (about a millisecond later), so a pull right after our own send can miss it. When the
+        // broker's queue is shorter than our sends made it, pull again a moment later.
+        let sent_up_to = range.lock().unwrap_or_else(std::sync::PoisonError::into_inner).max;
+        let mut attempt = 1;
+        let result = loop {
+            let result = self.inner.pull(mq, from, max, max_bytes).await;
+            self.inner.broker_answered(mq.broker_name(), &result);
+            let result = result?;
+            let found = result.msg_found_list().map_or(0, |m| m.len());
+            let behind = result.max_offset() < sent_up_to && found < max;
+            if !behind || attempt == DISPATCH_WAIT_TRIES {
+                break result;
+            }
+            attempt += 1;
+            tokio::time::sleep(DISPATCH_WAIT).await;
+        };
         if update_range(range, Some(result.min_offset()), result.max_offset()) {
             self.inner.visible.send_modify(|n| *n = n.wrapping_add(1));
         }
