@@ -281,6 +281,22 @@ pub async fn consume(env: &Env, consumers: usize, total: u64, size: usize) -> an
     ])
 }
 
+/// Waits for every consumer task (each returns its latencies): messages/s since `started`.
+async fn join_consumers(
+    mut tasks: tokio::task::JoinSet<anyhow::Result<Histogram<u64>>>,
+    consumed: &AtomicU64,
+    started: Instant,
+) -> anyhow::Result<(f64, Histogram<u64>)> {
+    let mut latency = histogram();
+    while let Some(h) = tasks.join_next().await {
+        latency.add(&h??)?;
+    }
+    Ok((
+        consumed.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64(),
+        latency,
+    ))
+}
+
 /// `consumers` REST pull loops until `total` messages came: messages/s and pull latencies.
 pub async fn pull_run(addr: SocketAddr, consumers: usize, total: u64) -> anyhow::Result<(f64, Histogram<u64>)> {
     let consumed = Arc::new(AtomicU64::new(0));
@@ -290,14 +306,7 @@ pub async fn pull_run(addr: SocketAddr, consumers: usize, total: u64) -> anyhow:
     for _ in 0..consumers {
         tasks.spawn(pull_loop(addr, consumed.clone(), total, deadline));
     }
-    let mut latency = histogram();
-    while let Some(h) = tasks.join_next().await {
-        latency.add(&h??)?;
-    }
-    Ok((
-        consumed.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64(),
-        latency,
-    ))
+    join_consumers(tasks, &consumed, started).await
 }
 
 /// A pull reply of 128 messages of `size` bytes, shaped as mqproxy's (for the HTTP ceiling).
@@ -420,14 +429,7 @@ pub async fn stream_run(addr: SocketAddr, streams: usize, total: u64) -> anyhow:
     for _ in 0..streams {
         tasks.spawn(stream_loop(addr, consumed.clone(), total, deadline, done.clone()));
     }
-    let mut latency = histogram();
-    while let Some(h) = tasks.join_next().await {
-        latency.add(&h??)?;
-    }
-    Ok((
-        consumed.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64(),
-        latency,
-    ))
+    join_consumers(tasks, &consumed, started).await
 }
 
 /// Produce one message at a time over REST; the time until a waiting gRPC Consume stream

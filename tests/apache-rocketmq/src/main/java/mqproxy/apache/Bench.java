@@ -127,13 +127,8 @@ final class Bench {
         }
         String topic = args[2];
         int threads = Integer.parseInt(args[3]);
-        byte[] body = new byte[Integer.parseInt(args[6])];
-        Arrays.fill(body, (byte) 'x');
-        DefaultMQProducer producer = new DefaultMQProducer("mqproxy-bench-java");
-        producer.setNamesrvAddr(args[1]);
-        producer.setInstanceName("bench-" + ProcessHandle.current().pid());
-        producer.setRetryTimesWhenSendFailed(0);
-        producer.start();
+        byte[] body = body(args[6]);
+        DefaultMQProducer producer = producer(args[1], "mqproxy-bench-java");
         try {
             return closedLoop(threads, Double.parseDouble(args[4]), Double.parseDouble(args[5]), Path.of(args[7]),
                 () -> producer.send(new Message(topic, body), 3000));
@@ -149,8 +144,7 @@ final class Bench {
         }
         String topic = args[2];
         int threads = Integer.parseInt(args[3]);
-        byte[] body = new byte[Integer.parseInt(args[6])];
-        Arrays.fill(body, (byte) 'x');
+        byte[] body = body(args[6]);
         ClientServiceProvider provider = ClientServiceProvider.loadService();
         ClientConfiguration configuration = ClientConfiguration.newBuilder()
             .setEndpoints(args[1])
@@ -229,8 +223,7 @@ final class Bench {
         }
         String topic = args[2];
         int count = Integer.parseInt(args[4]);
-        byte[] body = new byte[Integer.parseInt(args[5])];
-        Arrays.fill(body, (byte) 'x');
+        byte[] body = body(args[5]);
         LinkedBlockingQueue<Long> arrivals = new LinkedBlockingQueue<>();
         DefaultMQPushConsumer consumer = new DefaultMQPushConsumer(args[3]);
         consumer.setNamesrvAddr(args[1]);
@@ -245,10 +238,7 @@ final class Bench {
             return ConsumeConcurrentlyStatus.CONSUME_SUCCESS;
         });
         consumer.start();
-        DefaultMQProducer producer = new DefaultMQProducer("mqproxy-bench-java-e2e");
-        producer.setNamesrvAddr(args[1]);
-        producer.setInstanceName("bench-e2e-" + ProcessHandle.current().pid());
-        producer.start();
+        DefaultMQProducer producer = producer(args[1], "mqproxy-bench-java-e2e");
         try {
             // Until a message arrives: the consumer has its queues.
             long readyBy = System.nanoTime() + TimeUnit.SECONDS.toNanos(60);
@@ -283,6 +273,23 @@ final class Bench {
             producer.shutdown();
             consumer.shutdown();
         }
+    }
+
+    /** A started DefaultMQProducer of GROUP that does not retry (a failed send fails the run). */
+    private static DefaultMQProducer producer(String namesrv, String group) throws Exception {
+        DefaultMQProducer producer = new DefaultMQProducer(group);
+        producer.setNamesrvAddr(namesrv);
+        producer.setInstanceName(group + "-" + ProcessHandle.current().pid());
+        producer.setRetryTimesWhenSendFailed(0);
+        producer.start();
+        return producer;
+    }
+
+    /** A body of SIZE bytes. */
+    private static byte[] body(String size) {
+        byte[] body = new byte[Integer.parseInt(size)];
+        Arrays.fill(body, (byte) 'x');
+        return body;
     }
 
     private static int usageError() {
