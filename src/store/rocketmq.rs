@@ -716,12 +716,7 @@ impl Inner {
 
     /// A broker's RocketMQ version, as its heartbeat answers carry it (0: not heard from).
     async fn broker_version(&self, topic: &str, broker: &CheetahString) -> Result<u32, StoreError> {
-        let factory = self
-            .producer
-            .default_mq_producer_impl()
-            .ok_or(StoreError::Closed)?
-            .get_mq_client_factory()
-            .map_err(|e| backend_error("client lookup", &e))?;
+        let factory = client_of!(self.producer);
         // The producer's client learns a broker's address from a route of a topic it sent to,
         // and its version from the heartbeat that follows: before a topic's first send, fetch
         // the route and send the heartbeat now.

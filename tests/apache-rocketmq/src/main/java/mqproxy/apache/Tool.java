@@ -176,12 +176,17 @@ public final class Tool {
             System.out.println(object(ready));
             System.out.flush();
             int seen = 0;
+            // Per queue, the offset after the last message read: what the group's committed
+            // offset must be on the brokers when this exits.
+            Map<MessageQueue, Long> next = new LinkedHashMap<>();
             long deadline = System.currentTimeMillis() + idle;
             while (seen < count && System.currentTimeMillis() < deadline) {
                 List<MessageExt> batch = consumer.poll(100);
                 long now = System.currentTimeMillis();
                 for (MessageExt m : batch) {
                     seen++;
+                    next.merge(new MessageQueue(m.getTopic(), m.getBrokerName(), m.getQueueId()),
+                        m.getQueueOffset() + 1, Math::max);
                     Map<String, Object> line = new LinkedHashMap<>();
                     line.put("msgId", MessageClientIDSetter.getUniqID(m));
                     line.put("body", new String(m.getBody(), StandardCharsets.UTF_8));
@@ -209,6 +214,20 @@ public final class Tool {
                 }
             }
             consumer.commitSync();
+            // commitSync keeps the offsets in memory; shutdown sends them with one-way requests
+            // that a busy machine can lose as the process exits. Persist them now and read them
+            // back from the brokers.
+            long persistBy = System.currentTimeMillis() + 15_000;
+            for (Map.Entry<MessageQueue, Long> q : next.entrySet()) {
+                while (consumer.committed(q.getKey()) < q.getValue()) {
+                    if (System.currentTimeMillis() > persistBy) {
+                        System.err.println("offset of " + q.getKey() + " not on the broker: " + q.getValue());
+                        return 1;
+                    }
+                    consumer.commitSync(Map.of(q.getKey(), q.getValue()), true);
+                    Thread.sleep(50);
+                }
+            }
             return 0;
         } finally {
             consumer.shutdown();
