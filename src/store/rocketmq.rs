@@ -586,7 +586,10 @@ impl Inner {
             commit_offset: 0,
             suspend_timeout_millis: 0,
             subscription: Some(CheetahString::from_static_str("*")),
-            sub_version: to_i64(super::super::engine::now_ms()),
+            // As Java's subscription data does: its creation time (no import from the engine).
+            sub_version: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
             // Without it the broker is asked for i32::MAX bytes and warns at every pull.
             max_msg_bytes: Some(i32::try_from(max_bytes.max(1)).unwrap_or(i32::MAX)),
             request_source: None,
