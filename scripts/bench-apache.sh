@@ -15,9 +15,9 @@ if [ "${1:-}" = --debug ]; then
   profile=debug
   plan=(--rounds 1 --warmup 0.5 --duration 1 --connections 1,16 --consume-messages 2000 --e2e-count 50)
   shift
-  cargo build --locked --bins
+  cargo build --locked --workspace --bins
 else
-  cargo build --release --locked --bins
+  cargo build --release --locked --workspace --bins
 fi
 ./scripts/rocketmq-apache.sh start
 ./scripts/rocketmq-apache.sh start-proxy

@@ -21,7 +21,7 @@ if [ ! -x "$root/bin/rocketmq-proxy-rust" ]; then
   CARGO_TARGET_DIR="$root/target" cargo install rocketmq-proxy --version 1.0.0 --locked --root "$root"
 fi
 (cd bench/rocketmq5-produce && CARGO_TARGET_DIR="$root/client-target" cargo build --release --locked)
-cargo build --release --locked --bins
+cargo build --release --locked --workspace --bins
 RUST_LOG=warn "$root/bin/rocketmq-proxy-rust" --mode cluster --namesrvAddr "$namesrv" \
   --grpcListenAddr "127.0.0.1:$port" >"$root/proxy.log" 2>&1 &
 proxy=$!

@@ -23,9 +23,9 @@ if [ "${1:-}" = --debug ]; then
   profile=debug
   mode=--smoke
   shift
-  cargo build --locked --bins
+  cargo build --locked --workspace --bins
 else
-  cargo build --release --locked --bins
+  cargo build --release --locked --workspace --bins
 fi
 # The data directories go on the disk being measured (not a tmpfs).
 data_root="${MQPROXY_BENCH_DIR:-${TMPDIR:-/var/tmp}/mqproxy-bench}"

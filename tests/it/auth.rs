@@ -2,8 +2,7 @@
 //! Unauthenticated, wrong → 403 / PermissionDenied, right (bearer header, `token` parameter,
 //! gRPC metadata) → served; set by config or the admin API, kept as digests, never logged.
 
-mod common;
-use common::*;
+use crate::common::*;
 use mqproxy::grpc::pb;
 use pb::messaging_service_client::MessagingServiceClient;
 use serde_json::Value;

@@ -1,7 +1,6 @@
 //! `/mq/produce` and `/mq/produce/batch` against the real server.
 
-mod common;
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 
 fn is_hex32(v: &Value) -> bool {

@@ -1,8 +1,7 @@
 //! The REST contract: the served OpenAPI document is the checked-in file, it covers the seed's
 //! endpoints, every operation is routed, and Swagger UI is served from the binary.
 
-mod common;
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 
 fn spec_from_file() -> Value {

@@ -2,8 +2,7 @@
 //! certificate made at test time (rcgen); plain text to a TLS port gets nowhere; bad files
 //! stop the start with a message naming them.
 
-mod common;
-use common::*;
+use crate::common::*;
 use mqproxy::grpc::pb;
 use pb::messaging_service_client::MessagingServiceClient;
 use std::path::Path;

@@ -3,10 +3,10 @@
 //! streams, and measures in the same run what bounds it: a bare axum handler answering the
 //! same bytes (HTTP ceiling), the disk's flush rate, and the embedded store without HTTP.
 //!
-//! `cargo build --release --bins && target/release/mqproxy-bench all --quick` (or
+//! `cargo build --release --workspace --bins && target/release/mqproxy-bench all --quick` (or
 //! `scripts/bench.sh`).
 
-// The RocketMQ client's futures nest deeply (see src/lib.rs).
+// The RocketMQ client's futures nest deeply (see the server's src/lib.rs).
 #![recursion_limit = "256"]
 
 mod apache;

@@ -3,11 +3,9 @@
 //! interoperability with native RocketMQ clients on the same topics.
 
 // The RocketMQ client's futures nest deeply (see src/lib.rs).
-#![recursion_limit = "256"]
 #![allow(deprecated)] // the classic pull consumer: the native client a Java-style app would use
 
-mod common;
-use common::*;
+use crate::common::*;
 use rand::Rng;
 use rocketmq_client_rust::{
     ClientRuntime, ClientRuntimeConfig, DefaultMQProducer, DefaultMQPullConsumer, MessageQueueSelector,

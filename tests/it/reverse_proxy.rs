@@ -5,8 +5,7 @@
 //! Needs nginx (Debian `nginx-light`, which `.ci/run` installs); without it the test says so
 //! and passes, except under CI, where it fails.
 
-mod common;
-use common::*;
+use crate::common::*;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;

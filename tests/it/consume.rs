@@ -1,7 +1,6 @@
 //! `/mq/message`, `/mq/ack`, `/mq/unlock` against the real server.
 
-mod common;
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 use std::collections::HashSet;
 use std::time::Duration;

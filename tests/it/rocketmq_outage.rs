@@ -1,10 +1,11 @@
-//! The broker goes away under a running mqproxy (its own test binary: it stops the shared
-//! local broker, so no other test may run meanwhile; its tests take turns). Run with `MQPROXY_TEST_BACKEND=rocketmq`
-//! against the cluster of `scripts/rocketmq-local.sh`, or of `scripts/rocketmq-apache.sh` with
-//! `MQPROXY_TEST_CLUSTER=apache` (the test's one-queue topic lives on broker-a).
+//! The broker goes away under a running mqproxy. These tests stop brokers of the shared
+//! cluster, so no other test may run meanwhile: they are ignored by default and `scripts/test`
+//! runs them alone (`cargo test --test it rocketmq_outage:: -- --ignored`); they take turns.
+//! Run with `MQPROXY_TEST_BACKEND=rocketmq` against the cluster of `scripts/rocketmq-local.sh`,
+//! or of `scripts/rocketmq-apache.sh` with `MQPROXY_TEST_CLUSTER=apache` (the test's one-queue
+//! topic lives on broker-a).
 
-mod common;
-use common::*;
+use crate::common::*;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -47,7 +48,7 @@ fn start_cluster() {
     assert!(status.success(), "{} start failed", cluster_script().display());
 }
 
-/// The tests of this binary stop brokers of the one shared cluster: one at a time.
+/// The tests of this module stop brokers of the one shared cluster: one at a time.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Whatever happens in the test, the broker runs again afterwards.
@@ -64,6 +65,7 @@ impl Drop for BrokerBack {
 /// (outcome unknown) within the send timeout. A dead broker: 500 with the reason, fast. The
 /// server stays up all along and works again once the broker is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "stops the shared cluster's broker: run alone (scripts/test does)"]
 async fn broker_outage_answers_300_or_500_and_recovers() {
     if !rocketmq_backend() {
         eprintln!("skipped: set MQPROXY_TEST_BACKEND=rocketmq with a running cluster (scripts/test does)");
@@ -177,6 +179,7 @@ async fn consume_into(s: Arc<TestServer>, seen: Arc<Mutex<HashMap<String, Instan
 /// queues are consumed all along, the restarted broker's queues are consumed again within 5 s,
 /// and every message answered 200 is consumed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "kills a broker of the shared cluster: run alone (scripts/test does)"]
 async fn one_of_two_brokers_killed_under_load() {
     if !rocketmq_backend() || brokers() < 2 || std::env::var("MQPROXY_TEST_CLUSTER").as_deref() != Ok("apache") {
         eprintln!("skipped: needs the two-broker Apache cluster (MQPROXY_TEST_CLUSTER=apache MQPROXY_TEST_BROKERS=2)");

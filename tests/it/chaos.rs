@@ -6,8 +6,7 @@
 //! Ignored by default (about a minute); `scripts/test` runs it. `MQPROXY_CHAOS_MESSAGES` sets
 //! the message count (default 100000).
 
-mod common;
-use common::*;
+use crate::common::*;
 use mqproxy::grpc::pb;
 use pb::consume_request::Command;
 use pb::consume_response::Event;

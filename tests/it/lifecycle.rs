@@ -1,7 +1,7 @@
 //! Delayed and timer messages, durability across restarts, retention, admin settings.
 
-mod common;
-use common::*;
+use crate::common;
+use crate::common::*;
 use std::time::{Duration, Instant};
 
 /// delayLevel 1 (1 s): invisible until due, then delivered.

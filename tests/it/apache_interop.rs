@@ -4,10 +4,8 @@
 //! `scripts/rocketmq-apache.sh tool`: one JSON line per message on its stdout.
 
 // The RocketMQ client's futures nest deeply (see src/lib.rs).
-#![recursion_limit = "256"]
 
-mod common;
-use common::*;
+use crate::common::*;
 use mqproxy::grpc::pb;
 use pb::messaging_service_client::MessagingServiceClient;
 use serde_json::Value;

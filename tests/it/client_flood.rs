@@ -4,8 +4,7 @@
 //! (`MQPROXY_FLOOD_CLIENTS`, default 100,000; consumer state in Redis with
 //! `MQPROXY_TEST_STATE=redis`).
 
-mod common;
-use common::*;
+use crate::common::*;
 use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_mqproxy");

@@ -1,7 +1,6 @@
 //! The `mqproxy` binary as a user runs it: CLI, config errors, SIGTERM, kill -9 durability.
 
-mod common;
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 use std::process::{Child, Command};
 use std::time::Duration;

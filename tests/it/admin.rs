@@ -1,7 +1,6 @@
 //! The admin API and its access rule, through the public HTTP API.
 
-mod common;
-use common::*;
+use crate::common::*;
 
 /// With `admin_token` set, admin calls need it (bearer header or `token` parameter); the seed's
 /// endpoints do not.

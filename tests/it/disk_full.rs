@@ -3,8 +3,7 @@
 //! again once space returns, without a restart. Needs root for the mount, so it is ignored by
 //! default; `scripts/test` runs it when it runs as root (CI does).
 
-mod common;
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 use std::io::Write;
 use std::path::Path;

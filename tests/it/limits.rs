@@ -2,8 +2,7 @@
 //! out, connections above `max_connections` are closed on arrival, bodies above
 //! `max_request_bytes` are refused.
 
-mod common;
-use common::*;
+use crate::common::*;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;

@@ -2,8 +2,7 @@
 //! per consumer, forgotten when idle), per-client metric series, Consume streams, clientId and
 //! header sizes, metric labels of unregistered names.
 
-mod common;
-use common::*;
+use crate::common::*;
 use mqproxy::grpc::pb;
 use pb::messaging_service_client::MessagingServiceClient;
 use std::time::Duration;

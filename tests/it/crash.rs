@@ -5,11 +5,10 @@
 //! batches pulled but not acknowledged when the server died) are counted and reported.
 //!
 //! Ignored by default (it takes a while): `scripts/test` runs it with 3 rounds;
-//! `MQPROXY_CRASH_ROUNDS=20 cargo test --release --test crash -- --ignored --nocapture` is the
+//! `MQPROXY_CRASH_ROUNDS=20 cargo test --release --test it crash:: -- --ignored --nocapture` is the
 //! full mode.
 
-mod common;
-use common::*;
+use crate::common::*;
 use mqproxy::grpc::pb;
 use serde_json::Value;
 use std::collections::{HashMap, HashSet};

@@ -1,7 +1,6 @@
 //! The gRPC service against the real server (same port as REST), with tonic's generated client.
 
-mod common;
-use common::*;
+use crate::common::*;
 use mqproxy::grpc::pb;
 use pb::consume_request::Command;
 use pb::consume_response::Event;
