@@ -1,5 +1,3 @@
-// The RocketMQ client's request futures nest deeply: proving them Send needs a deeper limit.
-#![recursion_limit = "256"]
 //! mqproxy: RocketMQ-style produce and consume over plain HTTP (the REST API of Sohu MQCloud's
 //! HTTP proxy), on a durable embedded store.
 //!
@@ -12,9 +10,9 @@
 //! - [`server`]: wiring and graceful shutdown.
 
 pub mod config;
-pub mod engine;
+pub use mqproxy_core as engine;
 pub mod grpc;
 pub mod http;
 pub mod listener;
 pub mod server;
-pub mod store;
+pub use mqproxy_store as store;

@@ -97,7 +97,9 @@ struct RefusalLog {
 impl RefusalLog {
     fn refused(&self, max: usize) {
         let total = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
-        let now_s = crate::engine::now_ms() / 1000;
+        let now_s = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
         if self.last_logged_s.swap(now_s, Ordering::Relaxed) != now_s {
             tracing::warn!(
                 max_connections = max,

@@ -13,6 +13,7 @@ use crate::store::consumer_state::{ConsumerStateStore, LocalConsumerState};
 use crate::store::embedded::{EmbeddedConfig, EmbeddedStore, FlushPolicy};
 use crate::store::redis::RedisConsumerState;
 use crate::store::registry_file::RegistryFile;
+#[cfg(feature = "rocketmq")]
 use crate::store::rocketmq::{RocketMqSettings, RocketMqStartError, RocketMqStore};
 use crate::store::{MessageStore, StoreError};
 use std::future::Future;
@@ -68,8 +69,14 @@ pub enum ServeError {
     Engine(#[from] EngineError),
     #[error("cannot reach the consumer state store at {url}: {source}")]
     ConsumerState { url: String, source: StoreError },
+    #[cfg(feature = "rocketmq")]
     #[error(transparent)]
     RocketMq(#[from] RocketMqStartError),
+    #[cfg(not(feature = "rocketmq"))]
+    #[error(
+        "backend = \"rocketmq\" needs a server built with the `rocketmq` feature (the default); this one was built without it"
+    )]
+    RocketMqNotBuilt,
     #[error("cannot build the gRPC services: {0}")]
     Grpc(String),
     #[error(transparent)]
@@ -143,6 +150,9 @@ fn message_store<'a>(config: &'a Config, embedded: &'a EmbeddedStore) -> BoxedSt
 async fn message_store_unboxed(config: &Config, embedded: &EmbeddedStore) -> Result<Arc<dyn MessageStore>, ServeError> {
     Ok(match config.backend {
         Backend::Embedded => Arc::new(embedded.clone()),
+        #[cfg(not(feature = "rocketmq"))]
+        Backend::Rocketmq => return Err(ServeError::RocketMqNotBuilt),
+        #[cfg(feature = "rocketmq")]
         Backend::Rocketmq => {
             let r = &config.rocketmq;
             let store = RocketMqStore::start(
@@ -157,6 +167,7 @@ async fn message_store_unboxed(config: &Config, embedded: &EmbeddedStore) -> Res
                     client_group: r.client_group.clone(),
                     credentials: r.access_key.clone().zip(r.secret_key.clone()),
                     topics: config.topics.iter().map(|t| (t.name.clone(), t.queues)).collect(),
+                    max_message_bytes: crate::engine::MAX_MESSAGE_BYTES,
                 },
                 embedded.identity().clone(),
             )

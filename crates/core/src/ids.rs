@@ -1,9 +1,9 @@
 //! Message ids, the orderId queue hash and the delay-level table.
 
-use crate::store::StoreIdentity;
+use mqproxy_store::StoreIdentity;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-pub use crate::store::DELAY_LEVELS_MS;
+pub use mqproxy_store::DELAY_LEVELS_MS;
 
 /// Java `String.hashCode`: over UTF-16 code units, `h = 31*h + c`, wrapping in 32 bits.
 pub fn java_string_hash(s: &str) -> i32 {

@@ -1,6 +1,6 @@
 //! The engine's one error vocabulary; each adapter maps [`ErrorKind`] to its own status codes.
 
-use crate::store::StoreError;
+use mqproxy_store::StoreError;
 
 /// What kind of failure, for the adapters' status mapping.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,7 +96,7 @@ impl EngineError {
         }
     }
 
-    pub(crate) fn invalid(message: impl Into<String>) -> Self {
+    pub fn invalid(message: impl Into<String>) -> Self {
         Self::InvalidArgument(message.into())
     }
 }

@@ -652,7 +652,7 @@ pub(crate) mod contract {
 
     #[tokio::test]
     async fn local_state_keeps_the_contract_and_survives_reload() {
-        use crate::store::embedded::{EmbeddedConfig, EmbeddedStore, FlushPolicy};
+        use crate::embedded::{EmbeddedConfig, EmbeddedStore, FlushPolicy};
         use std::time::Duration;
         let dir = tempfile::tempdir().expect("tmp");
         let config = EmbeddedConfig {

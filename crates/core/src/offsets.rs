@@ -2,7 +2,7 @@
 //! pull) and their resets (to a time, or to the newest offset: skip the backlog).
 
 use super::{ConsumeMode, ConsumerSpec, Engine, EngineError};
-use crate::store::ContextKey;
+use mqproxy_store::ContextKey;
 
 /// One queue of one consumer context.
 #[derive(Debug, Clone, PartialEq)]

@@ -1,7 +1,7 @@
 //! Byte layouts of stored values. Message records are laid out by hand (the body is copied
 //! once, not element by element); small structured records use postcard.
 
-use crate::store::{ConsumerSettings, NewRecord, StoreError, StoredMessage};
+use crate::{ConsumerSettings, NewRecord, StoreError, StoredMessage};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 

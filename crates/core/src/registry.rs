@@ -3,7 +3,7 @@
 //! then visible to requests. Changes are serialized; readers take a snapshot.
 
 use super::{AccessToken, ConsumeMode, ConsumerSpec, Engine, EngineError, ProducerSpec, TokenChange, TopicSpec};
-use crate::store::{RegistryEntries, StoredConsumer, StoredProducer, StoredTopic};
+use mqproxy_store::{RegistryEntries, StoredConsumer, StoredProducer, StoredTopic};
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -147,7 +147,7 @@ impl Engine {
         let store = self.inner.registry_store.clone();
         tokio::task::spawn_blocking(move || store.save(&entries))
             .await
-            .map_err(|e| EngineError::Store(crate::store::StoreError::Database(format!("registry save: {e}"))))??;
+            .map_err(|e| EngineError::Store(mqproxy_store::StoreError::Database(format!("registry save: {e}"))))??;
         let view = next.view();
         match self.inner.registry.write() {
             Ok(mut r) => *r = Arc::new(next),

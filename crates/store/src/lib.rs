@@ -1,3 +1,6 @@
+// The RocketMQ client's request futures nest deeply: proving them Send needs a deeper limit.
+#![recursion_limit = "256"]
+
 //! Where messages and consumer state live, behind two traits the engine holds:
 //! [`MessageStore`] (queues of messages, the delay/timer schedule, lookup by msgId) and
 //! [`ConsumerStore`] (durable consumer offsets, locks, retry lists and settings).
@@ -10,6 +13,7 @@ pub mod consumer_state;
 pub mod embedded;
 pub mod redis;
 pub mod registry_file;
+#[cfg(feature = "rocketmq")]
 pub mod rocketmq;
 
 use async_trait::async_trait;

@@ -55,7 +55,7 @@ impl RegistryStore for RegistryFile {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::StoredTopic;
+    use crate::StoredTopic;
 
     #[test]
     fn saves_and_loads() {

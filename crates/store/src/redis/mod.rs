@@ -504,7 +504,7 @@ mod tests {
         let state = RedisConsumerState::connect(&url, &prefix, "broker-a", Duration::from_secs(3))
             .await
             .expect("connect to Redis");
-        crate::store::consumer_state::contract::check(&state).await;
+        crate::consumer_state::contract::check(&state).await;
     }
 
     #[test]

@@ -3,11 +3,11 @@
 //! those fields and the consumer context, so a forged or foreign requestId moves nothing.
 //! URL-safe base64 with padding; decoding accepts it with or without padding.
 
-use crate::store::ContextKey;
 use base64::Engine as _;
 use base64::alphabet::URL_SAFE;
 use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 use hmac::{Hmac, Mac};
+use mqproxy_store::ContextKey;
 use sha2::{Digest, Sha256};
 
 const ENCODER: GeneralPurpose = GeneralPurpose::new(&URL_SAFE, GeneralPurposeConfig::new());

@@ -236,7 +236,7 @@ impl MessageStore for EmbeddedStore {
                     .checked_sub(1)
                     .and_then(|i| DELAY_LEVELS_MS.get(i))
                     .ok_or_else(|| StoreError::Rejected(format!("delayLevel must be between 1 and 18, got {level}")))?;
-                Some(crate::engine::now_ms() + delay)
+                Some(writer::now_ms() + delay)
             }
             Delivery::At(at) => Some(at),
         };

@@ -5,7 +5,7 @@
 //! and settings changes, and a timer covers the next lock expiry.
 
 use super::{ConsumeTarget, Delivered, Engine, EngineError, FetchRequest, FetchStatus, now_ms};
-use crate::store::ContextKey;
+use mqproxy_store::ContextKey;
 use std::collections::HashMap;
 use std::time::Duration;
 use tokio::sync::mpsc;

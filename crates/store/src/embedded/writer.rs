@@ -4,7 +4,7 @@ use super::codec;
 use super::{
     CONSUMER_QUEUES, EmbeddedConfig, FlushPolicy, MESSAGES, META, MSG_INDEX, RETRIES, SCHEDULE, SETTINGS, db_err,
 };
-use crate::store::{
+use crate::{
     AppendOutcome, AppendStatus, Appended, ConsumerOp, ConsumerSnapshot, ContextKey, MessageLocation, NewRecord,
     QueueRange, StoreError, StoreIdentity,
 };

@@ -85,6 +85,9 @@ pub struct RocketMqSettings {
     pub credentials: Option<(String, String)>,
     /// The registered topics and the queue count to create them with.
     pub topics: Vec<(String, u32)>,
+    /// The largest body the proxy accepts (the producer's own check sits above it by the
+    /// headers' room, so the proxy's limit is the one a client meets).
+    pub max_message_bytes: usize,
 }
 
 /// Why the backend could not start.
@@ -298,7 +301,7 @@ impl RocketMqStore {
             .name_server_addr(settings.namesrv_addr.as_str())
             .send_msg_timeout(send_timeout_ms)
             .retry_times_when_send_failed(0)
-            .max_message_size(super::super::engine::MAX_MESSAGE_BYTES as u32 + 64 * 1024);
+            .max_message_size(u32::try_from(settings.max_message_bytes + 64 * 1024).unwrap_or(u32::MAX));
         if let Some(hook) = hook() {
             producer = producer.rpc_hook(hook);
         }

@@ -7,8 +7,8 @@
 
 use super::request_id::{self, BatchToken};
 use super::{ConsumeMode, ConsumerSpec, Engine, EngineError, now_ms};
-use crate::store::consumer_state::{ContextSnapshot, LockRequest, RetryFate};
-use crate::store::{ConsumerSettings, ContextKey, QueueState, ReadOutcome, RetryEntry, StoredMessage};
+use mqproxy_store::consumer_state::{ContextSnapshot, LockRequest, RetryFate};
+use mqproxy_store::{ConsumerSettings, ContextKey, QueueState, ReadOutcome, RetryEntry, StoredMessage};
 use std::sync::Arc;
 
 /// Who consumes what, as a request names it.
@@ -486,7 +486,7 @@ impl Engine {
                 Err(e) => {
                     self.release(&key, &chosen, &[]).await?;
                     let retry_elsewhere = failed_queue.is_none()
-                        && matches!(e, EngineError::Store(crate::store::StoreError::Backend(_)))
+                        && matches!(e, EngineError::Store(mqproxy_store::StoreError::Backend(_)))
                         && self.other_broker_available(spec, chosen.queue);
                     if !retry_elsewhere {
                         return Err(e);

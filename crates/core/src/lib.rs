@@ -3,7 +3,7 @@
 //! queue locks, requestId acks, retry messages, pause and rate limit).
 //!
 //! Knows nothing of HTTP or gRPC: adapters convert their wire types to the plain types here.
-//! Holds the stores through the traits of [`crate::store`].
+//! Holds the stores through the traits of [`mqproxy_store`].
 
 pub mod auth;
 mod consume;
@@ -26,10 +26,10 @@ pub use offsets::{ClientPage, ConnectedClient, ConsumerOffsets, ContextView, Off
 pub use registry::RegistryView;
 pub use stream::{ConsumeCommand, ConsumeEvent, Subscription};
 
-use crate::store::RegistryStore;
-use crate::store::consumer_state::ConsumerStateStore;
-use crate::store::{AppendOutcome, AppendStatus, Delivery, MessageStore, NewRecord, QueueRef};
 use ids::MsgIdGenerator;
+use mqproxy_store::RegistryStore;
+use mqproxy_store::consumer_state::ConsumerStateStore;
+use mqproxy_store::{AppendOutcome, AppendStatus, Delivery, MessageStore, NewRecord, QueueRef};
 use rate_limit::RateLimiters;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -323,7 +323,7 @@ impl Engine {
         let queues = self.inner.messages.queues(&topic.name);
         let n = u32::try_from(queues.len()).unwrap_or(u32::MAX);
         if n == 0 {
-            return Err(EngineError::Store(crate::store::StoreError::Backend(format!(
+            return Err(EngineError::Store(mqproxy_store::StoreError::Backend(format!(
                 "topic {} has no writable queue",
                 topic.name
             ))));
@@ -373,14 +373,14 @@ impl Engine {
         unordered: bool,
         delivery: Delivery,
         records: Vec<NewRecord>,
-    ) -> Result<(u32, QueueRef, AppendOutcome), crate::store::StoreError> {
+    ) -> Result<(u32, QueueRef, AppendOutcome), mqproxy_store::StoreError> {
         // A copy for the second try only where there is another broker to try.
         let spare = (unordered && self.failover_queue(topic, &queue, false).is_some()).then(|| records.clone());
         match self.inner.messages.append(&topic.name, index, delivery, records).await {
             Ok(outcome) => Ok((index, queue, outcome)),
-            Err(crate::store::StoreError::Backend(first)) if spare.is_some() => {
+            Err(mqproxy_store::StoreError::Backend(first)) if spare.is_some() => {
                 let Some((other, other_queue)) = self.failover_queue(topic, &queue, true) else {
-                    return Err(crate::store::StoreError::Backend(first));
+                    return Err(mqproxy_store::StoreError::Backend(first));
                 };
                 tracing::warn!(topic = %topic.name, from = %queue.broker_name, to = %other_queue.broker_name, error = %first, "send failed, sending to another broker");
                 let outcome = self
@@ -403,7 +403,7 @@ impl Engine {
         i: usize,
     ) -> Result<SendReceipt, EngineError> {
         let appended = outcome.appended.get(i).ok_or_else(|| {
-            EngineError::Store(crate::store::StoreError::Corrupt(
+            EngineError::Store(mqproxy_store::StoreError::Corrupt(
                 "append answered too few offsets".into(),
             ))
         })?;
