@@ -1,7 +1,7 @@
 //! The configuration: a TOML file (or the demo registry when there is none), then command-line
 //! flags. Every value is checked here; an error names the file, the key and the reason.
 
-use crate::engine::{AccessToken, ConsumeMode, ConsumerSpec, ProducerSpec, TopicSpec};
+use crate::engine::{AccessToken, ConsumeMode, ConsumerSpec, ProducerSpec, TopicSpec, limits};
 use serde::Deserialize;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -482,10 +482,10 @@ fn default_mode() -> Mode {
     Mode::Clustering
 }
 fn default_consume_timeout_ms() -> u64 {
-    300_000
+    limits::DEFAULT_CONSUME_TIMEOUT_MS
 }
 fn default_max_pull_size() -> u32 {
-    32
+    limits::DEFAULT_PULL_SIZE
 }
 
 /// The demo topic, producer and consumers the seed's examples use.
@@ -616,7 +616,12 @@ impl Config {
                 8 * 1024 * 1024,
                 1 << 31,
             ),
-            ("default_rate_limit", self.default_rate_limit, 1, 1_000_000),
+            (
+                "default_rate_limit",
+                self.default_rate_limit,
+                limits::RATE_LIMIT.min,
+                limits::RATE_LIMIT.max,
+            ),
             ("shutdown_grace_ms", self.shutdown_grace_ms, 0, 600_000),
             ("max_connections", self.max_connections as u64, 1, 1_000_000),
             ("header_timeout_ms", self.header_timeout_ms, 100, 600_000),
@@ -700,11 +705,8 @@ impl Config {
                     format!("topic {:?} is defined twice", t.name),
                 );
             }
-            if !(1..=1024).contains(&t.queues) {
-                return err(
-                    format!("topic[{i}].queues"),
-                    format!("must be between 1 and 1024, got {}", t.queues),
-                );
+            if let Some(reason) = limits::QUEUES.refusal(u64::from(t.queues)) {
+                return err(format!("topic[{i}].queues"), reason);
             }
         }
         let mut names = HashSet::new();
@@ -741,20 +743,11 @@ impl Config {
                     format!("no [[topic]] named {:?}", c.topic),
                 );
             }
-            if !(10_000..=129_600_000).contains(&c.consume_timeout_ms) {
-                return err(
-                    format!("consumer[{i}].consume_timeout_ms"),
-                    format!(
-                        "must be between 10000 (10 s) and 129600000 (36 h), got {}",
-                        c.consume_timeout_ms
-                    ),
-                );
+            if let Some(reason) = limits::CONSUME_TIMEOUT_MS.refusal(c.consume_timeout_ms) {
+                return err(format!("consumer[{i}].consume_timeout_ms"), reason);
             }
-            if !(1..=128).contains(&c.max_pull_size) {
-                return err(
-                    format!("consumer[{i}].max_pull_size"),
-                    format!("must be between 1 and 128, got {}", c.max_pull_size),
-                );
+            if let Some(reason) = limits::PULL_SIZE.refusal(u64::from(c.max_pull_size)) {
+                return err(format!("consumer[{i}].max_pull_size"), reason);
             }
             if let Err((key, reason)) =
                 check_token(&format!("consumer[{i}]"), c.token.as_ref(), c.token_sha256.as_ref())

@@ -167,7 +167,7 @@ async fn message_store_unboxed(config: &Config, embedded: &EmbeddedStore) -> Res
                     client_group: r.client_group.clone(),
                     credentials: r.access_key.clone().zip(r.secret_key.clone()),
                     topics: config.topics.iter().map(|t| (t.name.clone(), t.queues)).collect(),
-                    max_message_bytes: crate::engine::MAX_MESSAGE_BYTES,
+                    max_message_bytes: crate::engine::limits::MAX_MESSAGE_BYTES,
                 },
                 embedded.identity().clone(),
             )

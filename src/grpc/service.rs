@@ -3,8 +3,8 @@
 
 use super::pb;
 use crate::engine::{
-    Client, ConsumeCommand, ConsumeEvent, ConsumeTarget, Delivered, Engine, EngineError, ErrorKind, FetchRequest,
-    ProduceRequest, SendReceipt, Subscription,
+    Client, ConsumeCommand, ConsumeEvent, ConsumeTarget, Delivered, Engine, EngineError, FetchRequest, ProduceRequest,
+    SendReceipt, Subscription,
 };
 use std::pin::Pin;
 use tokio_stream::{Stream, StreamExt};
@@ -14,29 +14,10 @@ pub struct GrpcAdapter {
     pub engine: Engine,
 }
 
+/// The engine error as a gRPC status: its row of the engine's error table, logged there.
 fn status(e: EngineError) -> Status {
-    let message = e.to_string();
-    match e.kind() {
-        ErrorKind::InvalidArgument => Status::invalid_argument(message),
-        ErrorKind::NotFound => Status::not_found(message),
-        ErrorKind::Unauthenticated => Status::unauthenticated(message),
-        ErrorKind::PermissionDenied => Status::permission_denied(message),
-        ErrorKind::Overloaded => Status::unavailable(message),
-        ErrorKind::LimitReached => Status::resource_exhausted(message),
-        ErrorKind::StorageFull => {
-            tracing::error!(error = %message, "gRPC call refused: disk full");
-            Status::resource_exhausted(message)
-        }
-        ErrorKind::Unavailable => Status::unavailable(message),
-        ErrorKind::OutcomeUnknown => {
-            tracing::error!(error = %message, "gRPC call outcome unknown");
-            Status::deadline_exceeded(message)
-        }
-        ErrorKind::Internal => {
-            tracing::error!(error = %message, "gRPC call failed");
-            Status::internal(message)
-        }
-    }
+    e.log_answered("grpc", "call");
+    Status::new(tonic::Code::from_i32(e.code().grpc as i32), e.to_string())
 }
 
 fn send_result(r: SendReceipt) -> pb::SendResult {
@@ -175,10 +156,13 @@ impl pb::messaging_service_server::MessagingService for GrpcAdapter {
                     status: 200,
                     message: a.message,
                 },
-                Err(m) => pb::AckInfo {
-                    status: 400,
-                    message: m,
-                },
+                Err(e) => {
+                    e.log_answered("grpc", "piggy-backed ack");
+                    pb::AckInfo {
+                        status: e.code().envelope_status,
+                        message: e.to_string(),
+                    }
+                }
             }),
         }))
     }

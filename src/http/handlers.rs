@@ -14,7 +14,7 @@ use super::support::{Envelope, Reply, RequestContext, batch_bodies, bearer_token
 use crate::engine::{
     AccessToken, Client, ClientPage, ConsumeMode, ConsumeTarget, ConsumerSpec, Delivered, Engine, EngineError,
     ErrorKind, FetchRequest, OffsetReset, ProduceRequest, QueueSelector, QueueView, RegistryView, SendReceipt,
-    SettingsChange, TokenChange,
+    SettingsChange, TokenChange, limits,
 };
 use axum::http::header;
 
@@ -31,13 +31,9 @@ fn error_status(e: &EngineError) -> i32 {
     e.kind().status()
 }
 
+/// The engine error as the seed's envelope: its row of the engine's error table, logged there.
 fn fail<T: Envelope>(e: &EngineError) -> Reply<T> {
-    if matches!(
-        e.kind(),
-        ErrorKind::Internal | ErrorKind::Unavailable | ErrorKind::OutcomeUnknown
-    ) {
-        tracing::error!(error = %e, "request failed");
-    }
+    e.log_answered("http", "request");
     Reply::new(T::error(error_status(e), e.to_string()))
 }
 
@@ -386,10 +382,13 @@ impl MqApi for HttpAdapter {
                         status: 200,
                         message: Some(a.message),
                     },
-                    Err(m) => StatusReply {
-                        status: 400,
-                        message: Some(m),
-                    },
+                    Err(e) => {
+                        e.log_answered("http", "piggy-backed ack");
+                        StatusReply {
+                            status: error_status(&e),
+                            message: Some(e.to_string()),
+                        }
+                    }
                 });
                 let msg_list: Vec<Message> = o.messages.into_iter().map(message).collect();
                 let retry_list: Vec<Message> = o.retry_messages.into_iter().map(message).collect();
@@ -526,8 +525,11 @@ impl MqApi for HttpAdapter {
             consume_timeout_ms: p
                 .consume_timeout_ms
                 .and_then(|t| u64::try_from(t).ok())
-                .unwrap_or(300_000),
-            max_pull_size: p.max_pull_size.and_then(|m| u32::try_from(m).ok()).unwrap_or(32),
+                .unwrap_or(limits::DEFAULT_CONSUME_TIMEOUT_MS),
+            max_pull_size: p
+                .max_pull_size
+                .and_then(|m| u32::try_from(m).ok())
+                .unwrap_or(limits::DEFAULT_PULL_SIZE),
             token: None,
         };
         self.registry_reply(self.engine.put_consumer(spec, token).await)

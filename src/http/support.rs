@@ -245,15 +245,7 @@ pub async fn read_request(
 }
 
 fn http_status(status: i32) -> StatusCode {
-    // 300 "outcome unknown" is not HTTP's Multiple Choices: a gateway timed out.
-    if status == 300 {
-        return StatusCode::GATEWAY_TIMEOUT;
-    }
-    u16::try_from(status)
-        .ok()
-        .filter(|s| (200..600).contains(s))
-        .and_then(|s| StatusCode::from_u16(s).ok())
-        .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+    StatusCode::from_u16(crate::engine::http_status_of_envelope(status)).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
 }
 
 /// Whether a request is gRPC: its content type says so (`application/grpc`, `+proto`, ...).
@@ -295,7 +287,7 @@ const RETRY_AFTER_SECONDS: &str = "1";
 /// (overloaded: back off) is always the HTTP status too, with `Retry-After`, so HTTP clients
 /// and load balancers see the back-pressure whatever the policy.
 pub fn respond<T: Serialize + Envelope>(settings: &RouterSettings, reply: Reply<T>) -> Response {
-    let overloaded = reply.body.status() == 503;
+    let overloaded = reply.body.status() == crate::engine::ErrorKind::Overloaded.status();
     let status = if settings.mirror_http_status || reply.always_mirror || overloaded {
         http_status(reply.body.status())
     } else {

@@ -287,3 +287,54 @@ async fn spec_string_rules_are_the_servers() {
         assert_eq!(v["status"], 400, "requestId {sample:?} -> {v}");
     }
 }
+
+/// Every (minimum, maximum) the document gives a parameter or property named `name`.
+fn bounds_named(node: &Value, name: &str, found: &mut Vec<(u64, u64)>) {
+    let bounds = |schema: &Value| Some((schema.get("minimum")?.as_u64()?, schema.get("maximum")?.as_u64()?));
+    match node {
+        Value::Object(map) => {
+            if map.get("name").and_then(Value::as_str) == Some(name)
+                && let Some(b) = map.get("schema").and_then(bounds)
+            {
+                found.push(b);
+            }
+            if let Some(b) = map.get("properties").and_then(|p| p.get(name)).and_then(bounds) {
+                found.push(b);
+            }
+            map.values().for_each(|v| bounds_named(v, name, found));
+        }
+        Value::Array(items) => items.iter().for_each(|v| bounds_named(v, name, found)),
+        _ => {}
+    }
+}
+
+/// The document's ranges are the engine's limits (`crates/core/src/limits.rs`), so a limit
+/// changed in one place and not the other fails here.
+#[test]
+fn documented_ranges_are_the_engine_limits() {
+    use mqproxy::engine::limits;
+    let spec = spec_from_file();
+    for (name, bounds) in [
+        ("maxPullSize", limits::PULL_SIZE),
+        ("consumeTimeoutMs", limits::CONSUME_TIMEOUT_MS),
+        ("queues", limits::QUEUES),
+        ("limitRate", limits::RATE_LIMIT),
+        ("delayLevel", limits::DELAY_LEVEL),
+    ] {
+        let mut found = Vec::new();
+        bounds_named(&spec, name, &mut found);
+        assert!(!found.is_empty(), "{name}: no range in the document");
+        for b in found {
+            assert_eq!(b, (bounds.min, bounds.max), "{name}");
+        }
+    }
+    let schemas = &spec["components"]["schemas"];
+    assert_eq!(
+        schemas["ClientId"]["maxLength"].as_u64(),
+        Some(limits::MAX_CLIENT_ID_CHARS as u64)
+    );
+    assert_eq!(
+        schemas["Name"]["maxLength"].as_u64(),
+        Some(limits::MAX_NAME_CHARS as u64)
+    );
+}

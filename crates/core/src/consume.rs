@@ -61,14 +61,15 @@ pub struct Delivered {
 }
 
 /// What a fetch answers.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct FetchOutcome {
     pub status: FetchStatus,
     pub request_id: Option<String>,
     pub messages: Vec<Delivered>,
     pub retry_messages: Vec<Delivered>,
-    /// The piggy-backed ack: Ok(what it did) or Err(why the requestId was refused).
-    pub ack: Option<Result<AckOutcome, String>>,
+    /// The piggy-backed ack: Ok(what it did) or Err(why it failed: a refused requestId, or
+    /// a store failure, each of its own kind).
+    pub ack: Option<Result<AckOutcome, EngineError>>,
     /// The queue this pull used.
     pub queue: Option<QueueSnapshot>,
 }
@@ -114,10 +115,6 @@ pub struct SettingsChange {
     pub retry_msg_id: Option<String>,
 }
 
-/// The range an operator may set a consumer's lock time in (the Java proxy's limits).
-const MIN_CONSUME_TIMEOUT_MS: u64 = 10_000;
-const MAX_CONSUME_TIMEOUT_MS: u64 = 36 * 3_600_000;
-
 /// A consumer's effective settings.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ConsumerView {
@@ -162,10 +159,7 @@ enum Choice {
     Locked(Chosen),
 }
 
-/// Bodies per batch: a pull stops before passing it (but always returns one message), so an
-/// answer stays near the 4 MiB a gRPC client accepts by default, as RocketMQ caps a pull by
-/// bytes too.
-const MAX_BATCH_BYTES: usize = super::MAX_MESSAGE_BYTES;
+use super::limits::{self, MAX_PULL_BYTES};
 
 /// A queue chosen and locked for one fetch.
 struct Chosen {
@@ -190,10 +184,10 @@ fn to_delivered(m: StoredMessage) -> Delivered {
 /// context's `:retry` keys), so it is bounded and may not end like one of those keys.
 fn check_client_id(client_id: &str) -> Result<String, EngineError> {
     let chars = client_id.chars().count();
-    if chars > super::MAX_CLIENT_ID_CHARS {
+    if chars > limits::MAX_CLIENT_ID_CHARS {
         return Err(EngineError::invalid(format!(
             "clientId must be at most {} characters, got {chars}",
-            super::MAX_CLIENT_ID_CHARS
+            limits::MAX_CLIENT_ID_CHARS
         )));
     }
     if client_id.chars().any(char::is_control) {
@@ -437,7 +431,7 @@ impl Engine {
         let settings = self.settings_of(&spec.name).await?;
         let spec = &Self::effective(&spec, &settings);
         let ack = match req.request_id.as_deref().map(str::trim).filter(|r| !r.is_empty()) {
-            Some(rid) => Some(self.ack_in_context(spec, &key, rid).await.map_err(|e| e.to_string())),
+            Some(rid) => Some(self.ack_in_context(spec, &key, rid).await),
             None => None,
         };
         let mut outcome = FetchOutcome {
@@ -458,11 +452,13 @@ impl Engine {
         }
 
         self.admit(spec, &key).await?;
-        let max_pull = req.max_pull_size.map_or(spec.max_pull_size, |m| m.clamp(1, 128));
+        let max_pull = req
+            .max_pull_size
+            .map_or(spec.max_pull_size, |m| limits::PULL_SIZE.clamp(u64::from(m)) as u32);
         // Kept with the queue's state (the last client that pulled it): bounded like a clientId.
         let client_ip = req
             .client_ip
-            .map(|ip| ip.chars().take(super::MAX_CLIENT_ID_CHARS).collect::<String>());
+            .map(|ip| ip.chars().take(limits::MAX_CLIENT_ID_CHARS).collect::<String>());
         // A queue whose broker fails the read is left for this pull, once, when another
         // broker's queue can be tried: one dead broker does not fail the pulls of the others.
         let mut failed_queue = None;
@@ -701,7 +697,7 @@ impl Engine {
                 chosen.queue,
                 chosen.start,
                 max_pull as usize,
-                MAX_BATCH_BYTES,
+                MAX_PULL_BYTES,
             )
             .await?;
         let mut retry_messages = Vec::new();
@@ -711,7 +707,7 @@ impl Engine {
             let found = self
                 .inner
                 .messages
-                .read(&location.topic, location.queue, location.offset, 1, MAX_BATCH_BYTES)
+                .read(&location.topic, location.queue, location.offset, 1, MAX_PULL_BYTES)
                 .await?
                 .messages
                 .pop();
@@ -848,19 +844,11 @@ impl Engine {
             None => self.unacknowledged_retries(&spec, &contexts).await?,
         };
         let mut settings = self.settings_of(consumer).await?;
-        if let Some(t) = change.consume_timeout_ms
-            && !(MIN_CONSUME_TIMEOUT_MS..=MAX_CONSUME_TIMEOUT_MS).contains(&t)
-        {
-            return Err(EngineError::invalid(format!(
-                "consumeTimeoutMs must be between {MIN_CONSUME_TIMEOUT_MS} and {MAX_CONSUME_TIMEOUT_MS}, got {t}"
-            )));
+        if let Some(t) = change.consume_timeout_ms {
+            limits::CONSUME_TIMEOUT_MS.check("consumeTimeoutMs", t)?;
         }
-        if let Some(m) = change.max_pull_size
-            && !(1..=128).contains(&m)
-        {
-            return Err(EngineError::invalid(format!(
-                "maxPullSize must be between 1 and 128, got {m}"
-            )));
+        if let Some(m) = change.max_pull_size {
+            limits::PULL_SIZE.check("maxPullSize", u64::from(m))?;
         }
         if change.paused.is_some()
             || change.rate_limit_enabled.is_some()

@@ -9,6 +9,7 @@ pub mod auth;
 mod consume;
 mod error;
 pub mod ids;
+pub mod limits;
 mod metrics;
 mod offsets;
 mod rate_limit;
@@ -21,7 +22,7 @@ pub use consume::{
     AckOutcome, ConsumeTarget, ConsumerView, Delivered, FetchOutcome, FetchRequest, FetchStatus, SettingsChange,
     UnlockOutcome,
 };
-pub use error::{EngineError, ErrorKind};
+pub use error::{EngineError, ErrorCode, ErrorKind, GrpcCode, LogLevel, http_status_of_envelope};
 pub use offsets::{ClientPage, ConnectedClient, ConsumerOffsets, ContextView, OffsetReset, QueueSelector, QueueView};
 pub use registry::RegistryView;
 pub use stream::{ConsumeCommand, ConsumeEvent, Subscription};
@@ -33,9 +34,6 @@ use mqproxy_store::{AppendOutcome, AppendStatus, Delivery, MessageStore, NewReco
 use rate_limit::RateLimiters;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
-
-/// The 4 MiB limit of one message body.
-pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 
 /// What one message adds to a batch besides its body (RocketMQ's batch encoding: sizes, flag,
 /// properties with the msgId), counted against the backend's batch size.
@@ -112,9 +110,6 @@ pub struct ClientLimits {
     /// Consume streams open at once.
     pub max_consume_streams: u32,
 }
-
-/// The longest clientId (it names state the proxy keeps, so its size is bounded too).
-pub const MAX_CLIENT_ID_CHARS: usize = 128;
 
 /// The label of metrics about a name the registry does not know (such names come from
 /// clients, so they never become label values).
@@ -283,9 +278,10 @@ impl Engine {
         if body.is_empty() {
             return Err(EngineError::invalid("message is empty"));
         }
-        if body.len() > MAX_MESSAGE_BYTES {
+        if body.len() > limits::MAX_MESSAGE_BYTES {
             return Err(EngineError::invalid(format!(
-                "message body too long:{MAX_MESSAGE_BYTES}"
+                "message body too long:{}",
+                limits::MAX_MESSAGE_BYTES
             )));
         }
         Ok(())
@@ -299,7 +295,7 @@ impl Engine {
             )),
             (Some(level), None) => u8::try_from(level)
                 .ok()
-                .filter(|l| (1..=ids::DELAY_LEVELS_MS.len()).contains(&usize::from(*l)))
+                .filter(|l| limits::DELAY_LEVEL.contains(u64::from(*l)))
                 .map(Delivery::DelayLevel)
                 .ok_or_else(|| EngineError::invalid(format!("delayLevel must be between 1 and 18, got {level}"))),
             (None, Some(ts)) => {

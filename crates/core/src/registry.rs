@@ -2,7 +2,9 @@
 //! change is checked, made known to the message store (a new or grown topic), saved, and only
 //! then visible to requests. Changes are serialized; readers take a snapshot.
 
-use super::{AccessToken, ConsumeMode, ConsumerSpec, Engine, EngineError, ProducerSpec, TokenChange, TopicSpec};
+use super::{
+    AccessToken, ConsumeMode, ConsumerSpec, Engine, EngineError, ProducerSpec, TokenChange, TopicSpec, limits,
+};
 use mqproxy_store::{RegistryEntries, StoredConsumer, StoredProducer, StoredTopic};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -103,7 +105,7 @@ impl Registry {
 /// Names the admin API accepts: what RocketMQ accepts for topics and groups.
 fn check_name(what: &str, name: &str) -> Result<(), EngineError> {
     let ok = !name.is_empty()
-        && name.len() <= 127
+        && name.len() <= limits::MAX_NAME_CHARS
         && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '%' | '|'));
@@ -111,7 +113,8 @@ fn check_name(what: &str, name: &str) -> Result<(), EngineError> {
         Ok(())
     } else {
         Err(EngineError::invalid(format!(
-            "{what} {name:?} must be 1..127 characters of letters, digits, '-', '_', '%', '|'"
+            "{what} {name:?} must be 1..{} characters of letters, digits, '-', '_', '%', '|'",
+            limits::MAX_NAME_CHARS
         )))
     }
 }
@@ -164,11 +167,7 @@ impl Engine {
     /// A bad name or queue count, fewer queues than before, or a store failure.
     pub async fn put_topic(&self, name: &str, queues: u32) -> Result<RegistryView, EngineError> {
         check_name("topic", name)?;
-        if !(1..=1024).contains(&queues) {
-            return Err(EngineError::invalid(format!(
-                "queues must be between 1 and 1024, got {queues}"
-            )));
-        }
+        limits::QUEUES.check("queues", u64::from(queues))?;
         if let Some(old) = self.snapshot().topics.get(name)
             && queues < old.queues
         {
@@ -276,18 +275,8 @@ impl Engine {
     /// A bad name or value, an unknown topic, or a store failure.
     pub async fn put_consumer(&self, mut spec: ConsumerSpec, token: TokenChange) -> Result<RegistryView, EngineError> {
         check_name("consumer", &spec.name)?;
-        if !(10_000..=36 * 3_600_000).contains(&spec.consume_timeout_ms) {
-            return Err(EngineError::invalid(format!(
-                "consumeTimeoutMs must be between 10000 and 129600000, got {}",
-                spec.consume_timeout_ms
-            )));
-        }
-        if !(1..=128).contains(&spec.max_pull_size) {
-            return Err(EngineError::invalid(format!(
-                "maxPullSize must be between 1 and 128, got {}",
-                spec.max_pull_size
-            )));
-        }
+        limits::CONSUME_TIMEOUT_MS.check("consumeTimeoutMs", spec.consume_timeout_ms)?;
+        limits::PULL_SIZE.check("maxPullSize", u64::from(spec.max_pull_size))?;
         let (name, topic) = (spec.name.clone(), spec.topic.clone());
         let view = self
             .change_registry(None, |r| {

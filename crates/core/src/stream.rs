@@ -12,10 +12,6 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 
-/// Unacknowledged batches a stream holds when the subscriber does not say.
-pub const DEFAULT_MAX_IN_FLIGHT: u32 = 4;
-/// The most a subscriber may ask for.
-const MAX_IN_FLIGHT: u32 = 1024;
 /// How soon a rate-limited stream asks again (the bucket refills continuously).
 const RATE_LIMITED_RETRY_MS: u64 = 50;
 
@@ -23,7 +19,7 @@ const RATE_LIMITED_RETRY_MS: u64 = 50;
 #[derive(Debug, Clone)]
 pub struct Subscription {
     pub target: ConsumeTarget,
-    /// 0 means [`DEFAULT_MAX_IN_FLIGHT`].
+    /// 0 means [`super::limits::DEFAULT_IN_FLIGHT`].
     pub max_in_flight: u32,
     pub max_pull_size: Option<u32>,
     /// Acknowledge each batch as soon as the transport took it (at-most-once).
@@ -91,8 +87,8 @@ impl Engine {
         let mut visible = self.inner.messages.visible_changes();
         let mut released = self.inner.consumer_changes.subscribe();
         let max_in_flight = match sub.max_in_flight {
-            0 => DEFAULT_MAX_IN_FLIGHT,
-            n => n.min(MAX_IN_FLIGHT),
+            0 => u64::from(super::limits::DEFAULT_IN_FLIGHT),
+            n => super::limits::IN_FLIGHT.clamp(u64::from(n)),
         } as usize;
         // request_id -> when its lock expires (then the batch is someone's to take again).
         let mut in_flight: HashMap<String, u64> = HashMap::new();

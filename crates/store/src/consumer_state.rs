@@ -122,8 +122,7 @@ pub trait ConsumerStateStore: Send + Sync + 'static {
     async fn put_settings(&self, consumer: &str, settings: ConsumerSettings) -> Result<(), StoreError>;
 }
 
-/// Queue ids beyond this come from no config (topics have at most 1024 queues).
-const MAX_QUEUES: u32 = 1024;
+use crate::MAX_QUEUES_PER_TOPIC as MAX_QUEUES;
 
 #[derive(Debug, Default)]
 struct ContextState {

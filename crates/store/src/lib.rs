@@ -67,6 +67,10 @@ impl StoreError {
 
 /// Delay of each `delayLevel` 1..=18 in milliseconds (RocketMQ's default `messageDelayLevel`,
 /// which MQCloud's brokers use too).
+/// The most queues a topic has (the engine's `limits::QUEUES`): saved state of a queue id
+/// beyond it comes from no config and is ignored at load.
+pub const MAX_QUEUES_PER_TOPIC: u32 = 1024;
+
 pub const DELAY_LEVELS_MS: [u64; 18] = [
     1_000, 5_000, 10_000, 30_000, 60_000, 120_000, 180_000, 240_000, 300_000, 360_000, 420_000, 480_000, 540_000,
     600_000, 1_200_000, 1_800_000, 3_600_000, 7_200_000,

@@ -1,0 +1,105 @@
+//! Every bound of the contract, once: the config's checks, the admin API's, the engine's
+//! clamps and the OpenAPI document's `minimum`/`maximum` all come from here (the document is
+//! checked against these by `tests/it/contract.rs`).
+
+use crate::EngineError;
+
+/// An inclusive range a value must lie in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bounds {
+    pub min: u64,
+    pub max: u64,
+}
+
+impl Bounds {
+    pub const fn contains(self, value: u64) -> bool {
+        self.min <= value && value <= self.max
+    }
+
+    /// Why `value` is refused, as the config and the API say it: "must be between A and B,
+    /// got V" (None: it is within).
+    pub fn refusal(self, value: u64) -> Option<String> {
+        (!self.contains(value)).then(|| format!("must be between {} and {}, got {value}", self.min, self.max))
+    }
+
+    /// The engine's 400 naming the parameter when `value` is outside.
+    ///
+    /// # Errors
+    /// `value` is outside the range.
+    pub fn check(self, parameter: &str, value: u64) -> Result<(), EngineError> {
+        match self.refusal(value) {
+            Some(reason) => Err(EngineError::invalid(format!("{parameter} {reason}"))),
+            None => Ok(()),
+        }
+    }
+
+    /// `value` brought into the range (for a client's wish that may only lower a setting).
+    pub fn clamp(self, value: u64) -> u64 {
+        value.clamp(self.min, self.max)
+    }
+}
+
+/// The largest message body (the Java proxy's and RocketMQ's default `maxMessageSize`).
+pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+
+/// Body bytes per pull answer: a pull stops before passing it (but always returns one
+/// message), so an answer stays within the 4 MiB a gRPC client decodes by default. Its own
+/// rule: that it equals the message limit is the gRPC default's doing.
+pub const MAX_PULL_BYTES: usize = 4 * 1024 * 1024;
+
+/// Messages per pull: the consumer's `max_pull_size` and a request's `maxPullSize`.
+pub const PULL_SIZE: Bounds = Bounds { min: 1, max: 128 };
+pub const DEFAULT_PULL_SIZE: u32 = 32;
+
+/// How long an unacknowledged batch keeps its queue locked (`consumeTimeoutMs`): 10 s .. 36 h,
+/// the Java proxy's range.
+pub const CONSUME_TIMEOUT_MS: Bounds = Bounds {
+    min: 10_000,
+    max: 36 * 3_600_000,
+};
+pub const DEFAULT_CONSUME_TIMEOUT_MS: u64 = 300_000;
+
+/// Queues of a topic (the consumer state store ignores saved state beyond them).
+pub const QUEUES: Bounds = Bounds {
+    min: 1,
+    max: mqproxy_store::MAX_QUEUES_PER_TOPIC as u64,
+};
+
+/// Pulls per second of a consumer's rate limit (`limitRate`, `default_rate_limit`).
+pub const RATE_LIMIT: Bounds = Bounds { min: 1, max: 1_000_000 };
+
+/// Unacknowledged batches of a Consume stream (0 asks for the default).
+pub const IN_FLIGHT: Bounds = Bounds { min: 1, max: 1024 };
+pub const DEFAULT_IN_FLIGHT: u32 = 4;
+
+/// The longest clientId (it names state the proxy keeps, so its size is bounded too), and of
+/// the client address kept with a queue's state.
+pub const MAX_CLIENT_ID_CHARS: usize = 128;
+
+/// The longest topic, producer or consumer name (RocketMQ's).
+pub const MAX_NAME_CHARS: usize = 127;
+
+/// `delayLevel`: an index into the store's delay table.
+pub const DELAY_LEVEL: Bounds = Bounds {
+    min: 1,
+    max: mqproxy_store::DELAY_LEVELS_MS.len() as u64,
+};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bounds_check_and_say_why() {
+        assert!(PULL_SIZE.check("maxPullSize", 128).is_ok());
+        let e = PULL_SIZE.check("maxPullSize", 129).expect_err("out of range");
+        assert_eq!(e.to_string(), "maxPullSize must be between 1 and 128, got 129");
+        assert_eq!(PULL_SIZE.clamp(0), 1);
+        assert_eq!(CONSUME_TIMEOUT_MS.max, 129_600_000);
+        assert!(QUEUES.contains(1024) && !QUEUES.contains(1025));
+        assert!(CONSUME_TIMEOUT_MS.contains(DEFAULT_CONSUME_TIMEOUT_MS));
+        assert!(PULL_SIZE.contains(u64::from(DEFAULT_PULL_SIZE)));
+        assert!(IN_FLIGHT.contains(u64::from(DEFAULT_IN_FLIGHT)));
+        assert_eq!(DELAY_LEVEL.max, 18);
+    }
+}
