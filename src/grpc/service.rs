@@ -3,8 +3,8 @@
 
 use super::pb;
 use crate::engine::{
-    Client, ConsumeCommand, ConsumeEvent, ConsumeTarget, Delivered, Engine, EngineError, FetchRequest, ProduceRequest,
-    SendReceipt, Subscription,
+    ConsumeCommand, ConsumeEvent, ConsumeTarget, ConsumerCall, Delivered, Engine, EngineError, FetchRequest,
+    ProduceRequest, SendReceipt, Subscription,
 };
 use std::pin::Pin;
 use tokio_stream::{Stream, StreamExt};
@@ -64,19 +64,23 @@ fn presented_token<T>(req: &Request<T>) -> Option<String> {
 }
 
 impl GrpcAdapter {
-    fn authorize_producer<T>(&self, producer: &str, req: &Request<T>) -> Result<(), Status> {
-        self.engine
-            .authorize(Client::Producer(producer), presented_token(req).as_deref())
-            .map_err(status)
+    /// The call's consumer, once it accepted the token presented.
+    fn consumer(&self, t: Option<pb::ConsumeTarget>, token: Option<&str>) -> Result<ConsumerCall<'_>, Status> {
+        self.engine.consumer(target(t)?, token).map_err(status)
     }
+}
 
-    /// The call's consume target, once its consumer accepted the token presented.
-    fn consumer_target(&self, t: Option<pb::ConsumeTarget>, token: Option<&str>) -> Result<ConsumeTarget, Status> {
-        let t = target(t)?;
-        self.engine
-            .authorize(Client::Consumer(&t.consumer), token)
-            .map_err(status)?;
-        Ok(t)
+/// An ack's or unlock's outcome as the seed's status and message.
+fn ack_info(outcome: Result<String, EngineError>, operation: &str) -> pb::AckInfo {
+    match outcome {
+        Ok(message) => pb::AckInfo { status: 200, message },
+        Err(e) => {
+            e.log_answered("grpc", operation);
+            pb::AckInfo {
+                status: e.code().envelope_status,
+                message: e.to_string(),
+            }
+        }
     }
 }
 
@@ -89,12 +93,13 @@ type ConsumeStream = Pin<Box<dyn Stream<Item = Result<pb::ConsumeResponse, Statu
 #[tonic::async_trait]
 impl pb::messaging_service_server::MessagingService for GrpcAdapter {
     async fn produce(&self, request: Request<pb::ProduceRequest>) -> Result<Response<pb::ProduceResponse>, Status> {
-        self.authorize_producer(&request.get_ref().producer, &request)?;
+        let token = presented_token(&request);
         let r = request.into_inner();
         let receipt = self
             .engine
+            .producer(&r.producer, token.as_deref())
+            .map_err(status)?
             .produce(ProduceRequest {
-                producer: r.producer,
                 body: r.body,
                 keys: r.keys,
                 order_id: r.order_id,
@@ -112,9 +117,15 @@ impl pb::messaging_service_server::MessagingService for GrpcAdapter {
         &self,
         request: Request<pb::ProduceBatchRequest>,
     ) -> Result<Response<pb::ProduceBatchResponse>, Status> {
-        self.authorize_producer(&request.get_ref().producer, &request)?;
+        let token = presented_token(&request);
         let r = request.into_inner();
-        let results = self.engine.produce_batch(&r.producer, r.bodies).await.map_err(status)?;
+        let results = self
+            .engine
+            .producer(&r.producer, token.as_deref())
+            .map_err(status)?
+            .produce_batch(r.bodies)
+            .await
+            .map_err(status)?;
         let results = results
             .into_iter()
             .map(|item| match item {
@@ -137,9 +148,8 @@ impl pb::messaging_service_server::MessagingService for GrpcAdapter {
         let (peer, token) = (peer_ip(&request), presented_token(&request));
         let r = request.into_inner();
         let outcome = self
-            .engine
+            .consumer(r.target, token.as_deref())?
             .fetch(FetchRequest {
-                target: self.consumer_target(r.target, token.as_deref())?,
                 request_id: r.request_id,
                 client_ip: r.client_ip.or(peer),
                 max_pull_size: None,
@@ -151,19 +161,7 @@ impl pb::messaging_service_server::MessagingService for GrpcAdapter {
             request_id: outcome.request_id,
             messages: outcome.messages.into_iter().map(message).collect(),
             retry_messages: outcome.retry_messages.into_iter().map(message).collect(),
-            ack_info: outcome.ack.map(|a| match a {
-                Ok(a) => pb::AckInfo {
-                    status: 200,
-                    message: a.message,
-                },
-                Err(e) => {
-                    e.log_answered("grpc", "piggy-backed ack");
-                    pb::AckInfo {
-                        status: e.code().envelope_status,
-                        message: e.to_string(),
-                    }
-                }
-            }),
+            ack_info: outcome.ack.map(|a| ack_info(a.map(|a| a.message), "piggy-backed ack")),
         }))
     }
 
@@ -171,8 +169,8 @@ impl pb::messaging_service_server::MessagingService for GrpcAdapter {
         let token = presented_token(&request);
         let r = request.into_inner();
         let o = self
-            .engine
-            .ack(&self.consumer_target(r.target, token.as_deref())?, &r.request_id)
+            .consumer(r.target, token.as_deref())?
+            .ack(&r.request_id)
             .await
             .map_err(status)?;
         Ok(Response::new(pb::AckResponse {
@@ -185,8 +183,8 @@ impl pb::messaging_service_server::MessagingService for GrpcAdapter {
         let token = presented_token(&request);
         let r = request.into_inner();
         let o = self
-            .engine
-            .unlock(&self.consumer_target(r.target, token.as_deref())?, &r.request_id)
+            .consumer(r.target, token.as_deref())?
+            .unlock(&r.request_id)
             .await
             .map_err(status)?;
         Ok(Response::new(pb::UnlockResponse {
@@ -222,10 +220,9 @@ impl pb::messaging_service_server::MessagingService for GrpcAdapter {
                 pb::consume_request::Command::Subscribe(_) => None,
             });
         let events = self
-            .engine
+            .consumer(sub.target, token.as_deref())?
             .consume(
                 Subscription {
-                    target: self.consumer_target(sub.target, token.as_deref())?,
                     max_in_flight: sub.max_in_flight.unwrap_or(0),
                     max_pull_size: sub.max_pull_size,
                     auto_ack: sub.auto_ack,
@@ -246,11 +243,8 @@ impl pb::messaging_service_server::MessagingService for GrpcAdapter {
                         messages: messages.into_iter().map(message).collect(),
                         retry_messages: retry_messages.into_iter().map(message).collect(),
                     }),
-                    ConsumeEvent::CommandResult { ok, message } => {
-                        pb::consume_response::Event::AckResult(pb::AckInfo {
-                            status: if ok { 200 } else { 400 },
-                            message,
-                        })
+                    ConsumeEvent::CommandResult(outcome) => {
+                        pb::consume_response::Event::AckResult(ack_info(outcome, "stream command"))
                     }
                 }),
             })

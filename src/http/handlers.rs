@@ -12,9 +12,9 @@ use super::api::{
 };
 use super::support::{Envelope, Reply, RequestContext, batch_bodies, bearer_token};
 use crate::engine::{
-    AccessToken, Client, ClientPage, ConsumeMode, ConsumeTarget, ConsumerSpec, Delivered, Engine, EngineError,
-    ErrorKind, FetchRequest, OffsetReset, ProduceRequest, QueueSelector, QueueView, RegistryView, SendReceipt,
-    SettingsChange, TokenChange, limits,
+    AccessToken, ClientPage, ConsumeMode, ConsumeTarget, ConsumerCall, ConsumerSpec, Delivered, Engine, EngineError,
+    ErrorKind, FetchRequest, OffsetReset, ProduceRequest, ProducerCall, QueueSelector, QueueView, RegistryView,
+    SendReceipt, SettingsChange, TokenChange, limits,
 };
 use axum::http::header;
 
@@ -127,10 +127,20 @@ fn target(topic: String, consumer: String, client_id: Option<String>) -> Consume
 }
 
 impl HttpAdapter {
-    /// Checks the access token the request presents: the bearer header, else the `token`
-    /// parameter.
-    fn authorize(&self, client: Client<'_>, param: Option<&str>, ctx: &RequestContext) -> Result<(), EngineError> {
-        self.engine.authorize(client, bearer_token(&ctx.headers).or(param))
+    /// The request's producer, once it accepted the access token the request presents (the
+    /// bearer header, else the `token` parameter).
+    fn producer(&self, name: &str, param: Option<&str>, ctx: &RequestContext) -> Result<ProducerCall<'_>, EngineError> {
+        self.engine.producer(name, bearer_token(&ctx.headers).or(param))
+    }
+
+    /// The request's consumer, as [`HttpAdapter::producer`].
+    fn consumer(
+        &self,
+        target: ConsumeTarget,
+        param: Option<&str>,
+        ctx: &RequestContext,
+    ) -> Result<ConsumerCall<'_>, EngineError> {
+        self.engine.consumer(target, bearer_token(&ctx.headers).or(param))
     }
 
     async fn configure(&self, consumer: &str, change: SettingsChange) -> Reply<ConsumerConfigReply> {
@@ -291,18 +301,18 @@ fn queue_offset(topic: &str, q: &QueueView) -> QueueOffset {
 
 impl MqApi for HttpAdapter {
     async fn produce(&self, p: ProduceParams, ctx: RequestContext) -> Reply<ProduceReply> {
-        if let Err(e) = self.authorize(Client::Producer(&p.producer), p.token.as_deref(), &ctx) {
-            return fail(&e);
-        }
+        let producer = match self.producer(&p.producer, p.token.as_deref(), &ctx) {
+            Ok(call) => call,
+            Err(e) => return fail(&e),
+        };
         let req = ProduceRequest {
-            producer: p.producer,
             body: p.message.into_bytes(),
             keys: p.keys,
             order_id: p.order_id,
             delay_level: p.delay_level,
             delivery_timestamp_ms: p.delivery_timestamp,
         };
-        match self.engine.produce(req).await {
+        match producer.produce(req).await {
             Ok(r) => Reply::new(ProduceReply {
                 status: 200,
                 message: None,
@@ -313,16 +323,17 @@ impl MqApi for HttpAdapter {
     }
 
     async fn produce_batch(&self, p: ProduceBatchParams, ctx: RequestContext) -> Reply<BatchReply> {
-        if let Err(e) = self.authorize(Client::Producer(&p.producer), p.token.as_deref(), &ctx) {
-            return fail(&e);
-        }
+        let producer = match self.producer(&p.producer, p.token.as_deref(), &ctx) {
+            Ok(call) => call,
+            Err(e) => return fail(&e),
+        };
         let Some(bodies) = batch_bodies(&p.messages) else {
             return Reply::new(BatchReply::error(
                 400,
                 "parameter messages: must be a JSON array".into(),
             ));
         };
-        match self.engine.produce_batch(&p.producer, bodies).await {
+        match producer.produce_batch(bodies).await {
             Ok(results) if results.iter().all(Result::is_ok) => Reply::new(BatchReply {
                 status: 200,
                 message: None,
@@ -365,17 +376,17 @@ impl MqApi for HttpAdapter {
     }
 
     async fn fetch(&self, p: FetchParams, ctx: RequestContext) -> Reply<FetchReply> {
-        if let Err(e) = self.authorize(Client::Consumer(&p.consumer), p.token.as_deref(), &ctx) {
-            return fail(&e);
-        }
+        let consumer = match self.consumer(target(p.topic, p.consumer, p.client_id), p.token.as_deref(), &ctx) {
+            Ok(call) => call,
+            Err(e) => return fail(&e),
+        };
         let use_cookie = p.use_cookie.unwrap_or(false);
         let req = FetchRequest {
             request_id: request_id(p.request_id, use_cookie, &ctx),
             client_ip: client_ip(p.client_ip, &ctx),
             max_pull_size: p.max_pull_size.and_then(|m| u32::try_from(m).ok()),
-            target: target(p.topic, p.consumer, p.client_id),
         };
-        let mut reply = match self.engine.fetch(req).await {
+        let mut reply = match consumer.fetch(req).await {
             Ok(o) => {
                 let ack_info = o.ack.map(|a| match a {
                     Ok(a) => StatusReply {
@@ -427,13 +438,14 @@ impl MqApi for HttpAdapter {
     }
 
     async fn ack(&self, p: AckParams, ctx: RequestContext) -> Reply<StatusReply> {
-        if let Err(e) = self.authorize(Client::Consumer(&p.consumer), p.token.as_deref(), &ctx) {
-            return fail(&e);
-        }
+        let consumer = match self.consumer(target(p.topic, p.consumer, p.client_id), p.token.as_deref(), &ctx) {
+            Ok(call) => call,
+            Err(e) => return fail(&e),
+        };
         let Some(rid) = request_id(p.request_id, p.use_cookie.unwrap_or(false), &ctx) else {
             return Reply::new(StatusReply::error(400, "parameter requestId: is required".into()));
         };
-        match self.engine.ack(&target(p.topic, p.consumer, p.client_id), &rid).await {
+        match consumer.ack(&rid).await {
             Ok(o) => Reply::new(StatusReply {
                 status: 200,
                 message: Some(o.message),
@@ -443,17 +455,14 @@ impl MqApi for HttpAdapter {
     }
 
     async fn unlock(&self, p: UnlockParams, ctx: RequestContext) -> Reply<StatusReply> {
-        if let Err(e) = self.authorize(Client::Consumer(&p.consumer), p.token.as_deref(), &ctx) {
-            return fail(&e);
-        }
+        let consumer = match self.consumer(target(p.topic, p.consumer, p.client_id), p.token.as_deref(), &ctx) {
+            Ok(call) => call,
+            Err(e) => return fail(&e),
+        };
         let Some(rid) = request_id(p.request_id, p.use_cookie.unwrap_or(false), &ctx) else {
             return Reply::new(StatusReply::error(400, "parameter requestId: is required".into()));
         };
-        match self
-            .engine
-            .unlock(&target(p.topic, p.consumer, p.client_id), &rid)
-            .await
-        {
+        match consumer.unlock(&rid).await {
             Ok(o) => Reply::new(StatusReply {
                 status: 200,
                 message: Some(o.message),

@@ -2,9 +2,14 @@
 //! accepts only requests presenting it. Tokens are held as SHA-256 digests, so neither the
 //! memory nor the saved registry holds them, and are compared in constant time.
 
-use super::{Engine, EngineError};
+use super::{
+    AckOutcome, ConsumeCommand, ConsumeStream, ConsumeTarget, ConsumerSpec, Engine, EngineError, FetchOutcome,
+    FetchRequest, ProduceRequest, ProducerSpec, SendReceipt, Subscription, TopicSpec, UnlockOutcome,
+};
 use sha2::{Digest, Sha256};
+use std::sync::Arc;
 use subtle::ConstantTimeEq;
+use tokio_stream::Stream;
 
 /// An access token, as its SHA-256 digest.
 #[derive(Clone, PartialEq, Eq)]
@@ -64,58 +69,146 @@ impl TokenChange {
     }
 }
 
-/// Who a request acts as.
-#[derive(Debug, Clone, Copy)]
-pub enum Client<'a> {
-    Producer(&'a str),
-    Consumer(&'a str),
+/// A producer's request, its token accepted, bound to the registry snapshot it was checked
+/// against: the call runs against that snapshot (one per request).
+pub struct ProducerCall<'a> {
+    engine: &'a Engine,
+    producer: Arc<ProducerSpec>,
+    topic: Arc<TopicSpec>,
+}
+
+/// A consumer's request, its token accepted, bound to the registry snapshot it was checked
+/// against (the consumer's entry as it was then).
+pub struct ConsumerCall<'a> {
+    engine: &'a Engine,
+    spec: Arc<ConsumerSpec>,
+    target: ConsumeTarget,
+}
+
+/// Checks the token `presented` for a registry entry that has `token`: entries without one
+/// accept anyone. Refusals are logged with the name and the reason, never the token.
+fn check_token(
+    kind: &str,
+    name: &str,
+    token: Option<&AccessToken>,
+    presented: Option<&str>,
+) -> Result<(), EngineError> {
+    let Some(token) = token else { return Ok(()) };
+    match presented.filter(|p| !p.is_empty()) {
+        None => {
+            tracing::warn!(kind, name, "request refused: no token presented");
+            Err(EngineError::Unauthenticated(format!(
+                "{kind}:{name} needs a token: Authorization: Bearer TOKEN, or the token parameter"
+            )))
+        }
+        Some(p) if token.accepts(p) => Ok(()),
+        Some(_) => {
+            tracing::warn!(kind, name, "request refused: wrong token");
+            Err(EngineError::PermissionDenied(format!("wrong token for {kind}:{name}")))
+        }
+    }
 }
 
 impl Engine {
-    /// Checks the token `presented` for `client`: entries without a token accept anyone.
-    /// Refusals are logged with the name and the reason, never the token.
+    /// A request of producer `name` presenting `presented` (None: no token).
     ///
     /// # Errors
     /// The name is not registered; a token is required and none was presented
     /// (Unauthenticated) or another one was (PermissionDenied).
-    pub fn authorize(&self, client: Client<'_>, presented: Option<&str>) -> Result<(), EngineError> {
+    pub fn producer(&self, name: &str, presented: Option<&str>) -> Result<ProducerCall<'_>, EngineError> {
         let registry = self.snapshot();
-        let (kind, name, token) = match client {
-            Client::Producer(name) => (
-                "producer",
-                name,
-                registry
-                    .producers
-                    .get(name)
-                    .ok_or_else(|| EngineError::UnknownProducer(name.to_owned()))?
-                    .token
-                    .clone(),
-            ),
-            Client::Consumer(name) => (
-                "consumer",
-                name,
-                registry
-                    .consumers
-                    .get(name)
-                    .ok_or_else(|| EngineError::UnknownConsumer(name.to_owned()))?
-                    .token
-                    .clone(),
-            ),
-        };
-        let Some(token) = token else { return Ok(()) };
-        match presented.filter(|p| !p.is_empty()) {
-            None => {
-                tracing::warn!(kind, name, "request refused: no token presented");
-                Err(EngineError::Unauthenticated(format!(
-                    "{kind}:{name} needs a token: Authorization: Bearer TOKEN, or the token parameter"
-                )))
-            }
-            Some(p) if token.accepts(p) => Ok(()),
-            Some(_) => {
-                tracing::warn!(kind, name, "request refused: wrong token");
-                Err(EngineError::PermissionDenied(format!("wrong token for {kind}:{name}")))
-            }
-        }
+        let producer = registry
+            .producers
+            .get(name)
+            .cloned()
+            .ok_or_else(|| EngineError::UnknownProducer(name.to_owned()))?;
+        check_token("producer", name, producer.token.as_ref(), presented)?;
+        let topic = registry
+            .topics
+            .get(&producer.topic)
+            .cloned()
+            .ok_or_else(|| EngineError::invalid(format!("producer:{name} has unknown topic {}", producer.topic)))?;
+        Ok(ProducerCall {
+            engine: self,
+            producer,
+            topic,
+        })
+    }
+
+    /// A request of the consumer `target` names, presenting `presented` (None: no token). The
+    /// target's topic and clientId are checked by each call.
+    ///
+    /// # Errors
+    /// As [`Engine::producer`].
+    pub fn consumer(&self, target: ConsumeTarget, presented: Option<&str>) -> Result<ConsumerCall<'_>, EngineError> {
+        let spec = self.consumer_spec(&self.snapshot(), &target.consumer)?;
+        check_token("consumer", &spec.name, spec.token.as_ref(), presented)?;
+        Ok(ConsumerCall {
+            engine: self,
+            spec,
+            target,
+        })
+    }
+}
+
+impl ProducerCall<'_> {
+    /// Produces one message; answered once it is durable.
+    ///
+    /// # Errors
+    /// Bad parameters (body size, delay), or a store failure.
+    pub async fn produce(&self, req: ProduceRequest) -> Result<SendReceipt, EngineError> {
+        self.engine.produce(&self.topic, &self.producer.name, req).await
+    }
+
+    /// Produces a batch to one queue, in order (see [`Engine::produce_batch`]'s rules).
+    ///
+    /// # Errors
+    /// An empty batch.
+    pub async fn produce_batch(
+        &self,
+        bodies: Vec<Vec<u8>>,
+    ) -> Result<Vec<Result<SendReceipt, EngineError>>, EngineError> {
+        self.engine
+            .produce_batch(&self.topic, &self.producer.name, bodies)
+            .await
+    }
+}
+
+impl ConsumerCall<'_> {
+    /// Pulls one batch from one queue (acknowledging the request's `request_id` first).
+    ///
+    /// # Errors
+    /// Topic mismatch, clientId rules, or a store failure.
+    pub async fn fetch(&self, req: FetchRequest) -> Result<FetchOutcome, EngineError> {
+        self.engine.fetch(&self.spec, &self.target, req).await
+    }
+
+    /// Acknowledges a batch by its requestId.
+    ///
+    /// # Errors
+    /// Bad target, a malformed or forged requestId, or a store failure.
+    pub async fn ack(&self, request_id: &str) -> Result<AckOutcome, EngineError> {
+        self.engine.ack(&self.spec, &self.target, request_id).await
+    }
+
+    /// Unlocks the queue of an unacknowledged batch so it is delivered again at once.
+    ///
+    /// # Errors
+    /// Bad target, a malformed or forged requestId, or a store failure.
+    pub async fn unlock(&self, request_id: &str) -> Result<UnlockOutcome, EngineError> {
+        self.engine.unlock(&self.spec, &self.target, request_id).await
+    }
+
+    /// Opens a consume stream (see [`Engine::consume`]'s rules); it runs until the returned
+    /// receiver is dropped.
+    ///
+    /// # Errors
+    /// The subscription breaks the consumer's rules, or too many streams are open.
+    pub fn consume<C>(self, sub: Subscription, commands: C) -> Result<ConsumeStream, EngineError>
+    where
+        C: Stream<Item = ConsumeCommand> + Send + Unpin + 'static,
+    {
+        self.engine.consume(&self.spec, self.target, sub, commands)
     }
 }
 

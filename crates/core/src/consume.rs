@@ -5,8 +5,9 @@
 //! only with the lock that handed it out), so the same rules hold for one proxy's memory and
 //! for a state store shared by several proxies.
 
+use super::registry::Registry;
 use super::request_id::{self, BatchToken};
-use super::{ConsumeMode, ConsumerSpec, Engine, EngineError, now_ms};
+use super::{ConsumeMode, ConsumerSpec, Engine, EngineError};
 use mqproxy_store::consumer_state::{ContextSnapshot, LockRequest, RetryFate};
 use mqproxy_store::{ConsumerSettings, ContextKey, QueueState, ReadOutcome, RetryEntry, StoredMessage};
 use std::sync::Arc;
@@ -20,9 +21,8 @@ pub struct ConsumeTarget {
     pub client_id: Option<String>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct FetchRequest {
-    pub target: ConsumeTarget,
     /// The previous batch's requestId: acknowledged before pulling.
     pub request_id: Option<String>,
     pub client_ip: Option<String>,
@@ -199,16 +199,24 @@ fn check_client_id(client_id: &str) -> Result<String, EngineError> {
     Ok(client_id.to_owned())
 }
 
-impl Engine {
-    /// The (topic, consumer) labels of a request's metrics: the registry's names, or
-    /// [`super::UNREGISTERED`] for a consumer it does not know.
-    fn metric_names(&self, target: &ConsumeTarget) -> (String, String) {
-        match self.snapshot().consumers.get(&target.consumer) {
-            Some(spec) => (spec.topic.clone(), spec.name.clone()),
-            None => (String::new(), super::UNREGISTERED.to_owned()),
-        }
-    }
+/// What one pull runs with, read once: the consumer's entry with an operator's overrides
+/// applied, its consumption context and its settings.
+pub(super) struct PullContext {
+    pub spec: ConsumerSpec,
+    pub key: ContextKey,
+    pub settings: ConsumerSettings,
+}
 
+/// A batch handed out, as the engine knows it: the fields its requestId carries, and the
+/// index of its queue in the topic's route. What issued it acks and unlocks it from this,
+/// with no signature to check.
+#[derive(Debug, Clone)]
+pub(super) struct Issued {
+    pub token: BatchToken,
+    pub queue: u32,
+}
+
+impl Engine {
     /// Admits a broadcast client (a new clientId only while its consumer has room).
     async fn admit(&self, spec: &ConsumerSpec, key: &ContextKey) -> Result<(), EngineError> {
         if key.client_id.is_none() {
@@ -218,7 +226,7 @@ impl Engine {
         if self
             .inner
             .state
-            .admit_client(key, now_ms(), limits.max_broadcast_clients)
+            .admit_client(key, self.now_ms(), limits.max_broadcast_clients)
             .await?
         {
             return Ok(());
@@ -247,7 +255,7 @@ impl Engine {
     }
 
     async fn forget_idle_clients(&self, idle_ms: u64) {
-        let idle_before = now_ms().saturating_sub(idle_ms);
+        let idle_before = self.now_ms().saturating_sub(idle_ms);
         let registry = self.snapshot();
         for spec in registry.consumers.values().filter(|c| c.mode == ConsumeMode::Broadcast) {
             match self
@@ -268,17 +276,22 @@ impl Engine {
         }
     }
 
-    pub(super) fn consumer_spec(&self, name: &str) -> Result<Arc<ConsumerSpec>, EngineError> {
-        self.snapshot()
+    /// A consumer's entry in `registry`.
+    pub(super) fn consumer_spec(&self, registry: &Registry, name: &str) -> Result<Arc<ConsumerSpec>, EngineError> {
+        registry
             .consumers
             .get(name)
             .cloned()
             .ok_or_else(|| EngineError::UnknownConsumer(name.to_owned()))
     }
 
-    /// Checks the request against the registry and names its consumption context.
-    pub(super) fn resolve(&self, target: &ConsumeTarget) -> Result<(Arc<ConsumerSpec>, ContextKey), EngineError> {
-        let spec = self.consumer_spec(&target.consumer)?;
+    /// A consumer's entry in the registry as it is now (operators' calls, a stream's rounds).
+    pub(super) fn registered_consumer(&self, name: &str) -> Result<Arc<ConsumerSpec>, EngineError> {
+        self.consumer_spec(&self.snapshot(), name)
+    }
+
+    /// Checks the request against its consumer's entry and names its consumption context.
+    pub(super) fn resolve(&self, spec: &ConsumerSpec, target: &ConsumeTarget) -> Result<ContextKey, EngineError> {
         if target.topic != spec.topic {
             return Err(EngineError::invalid(format!(
                 "consumer:{} subscribe:{} but fetch:{}",
@@ -295,18 +308,17 @@ impl Engine {
             }
             (_, c) => c.map(check_client_id).transpose()?,
         };
-        let key = ContextKey {
+        Ok(ContextKey {
             topic: spec.topic.clone(),
             group: spec.name.clone(),
             client_id,
-        };
-        Ok((spec, key))
+        })
     }
 
     /// When the earliest live lock of this context expires (epoch ms), if any.
     pub(super) async fn next_lock_expiry(&self, key: &ContextKey, timeout_ms: u64) -> Result<Option<u64>, EngineError> {
         let snapshot = self.inner.state.snapshot(key, self.queue_count(&key.topic)).await?;
-        let now = now_ms();
+        let now = self.now_ms();
         Ok(snapshot
             .queues
             .iter()
@@ -339,10 +351,14 @@ impl Engine {
         }
     }
 
-    /// The lock time of an unacknowledged batch, as an operator may have changed it.
-    pub(super) async fn consume_timeout(&self, consumer: &str) -> Result<u64, EngineError> {
-        let spec = self.consumer_spec(consumer)?;
-        Ok(Self::effective(&spec, &self.settings_of(consumer).await?).consume_timeout_ms)
+    /// What a pull of `spec`'s consumer in context `key` runs with (its settings read once).
+    pub(super) async fn pull_context(&self, spec: &ConsumerSpec, key: ContextKey) -> Result<PullContext, EngineError> {
+        let settings = self.settings_of(&spec.name).await?;
+        Ok(PullContext {
+            spec: Self::effective(spec, &settings),
+            key,
+            settings,
+        })
     }
 
     async fn settings_of(&self, consumer: &str) -> Result<ConsumerSettings, EngineError> {
@@ -369,21 +385,38 @@ impl Engine {
         Ok((token, index))
     }
 
-    /// Pulls one batch from one queue (acknowledging `request_id` first).
-    ///
-    /// # Errors
-    /// Unknown consumer, topic mismatch, clientId rules, or a store failure.
-    pub async fn fetch(&self, req: FetchRequest) -> Result<FetchOutcome, EngineError> {
-        let target = req.target.clone();
-        let result = self.fetch_batch(req).await;
+    /// Pulls one batch from one queue (acknowledging `request_id` first), and counts it.
+    pub(super) async fn fetch(
+        &self,
+        spec: &ConsumerSpec,
+        target: &ConsumeTarget,
+        req: FetchRequest,
+    ) -> Result<FetchOutcome, EngineError> {
+        let result = async {
+            let key = self.resolve(spec, target)?;
+            // Settings once per pull: they gate the pull and set the lock time the ack checks.
+            let ctx = self.pull_context(spec, key).await?;
+            let ack = match req.request_id.as_deref().map(str::trim).filter(|r| !r.is_empty()) {
+                Some(rid) => Some(self.ack_in_context(&ctx.spec, &ctx.key, rid).await),
+                None => None,
+            };
+            let (outcome, _) = self.pull(&ctx, ack, req.client_ip, req.max_pull_size).await?;
+            Ok(outcome)
+        }
+        .await;
+        self.count_pull(spec, result.as_ref());
+        result
+    }
+
+    /// Counts a pull by its status, the messages it delivered and the ack that rode on it.
+    pub(super) fn count_pull(&self, spec: &ConsumerSpec, result: Result<&FetchOutcome, &EngineError>) {
         let metrics = &self.inner.metrics;
-        let (topic, consumer) = self.metric_names(&target);
         let labels = |status: &str| super::metrics::PullLabels {
-            topic: topic.clone(),
-            consumer: consumer.clone(),
+            topic: spec.topic.clone(),
+            consumer: spec.name.clone(),
             status: status.to_owned(),
         };
-        match &result {
+        match result {
             Ok(outcome) => {
                 metrics.pulls.get_or_create(&labels(outcome.status.as_str())).inc();
                 let n = outcome.messages.len() + outcome.retry_messages.len();
@@ -391,49 +424,48 @@ impl Engine {
                     metrics
                         .delivered
                         .get_or_create(&super::metrics::ConsumerLabels {
-                            topic: topic.clone(),
-                            consumer: consumer.clone(),
+                            topic: spec.topic.clone(),
+                            consumer: spec.name.clone(),
                         })
                         .inc_by(n as u64);
                 }
                 if let Some(ack) = &outcome.ack {
-                    self.count_ack(&target, ack.as_ref().map(|a| a.committed).map_err(|_| ()));
+                    self.count_ack(spec, ack.as_ref().map(|a| a.committed).map_err(|_| ()));
                 }
             }
             Err(e) => {
                 metrics.pulls.get_or_create(&labels(e.kind().status_label())).inc();
             }
         }
-        result
     }
 
-    fn count_ack(&self, target: &ConsumeTarget, committed: Result<bool, ()>) {
+    pub(super) fn count_ack(&self, spec: &ConsumerSpec, committed: Result<bool, ()>) {
         let outcome = match committed {
             Ok(true) => "committed",
             Ok(false) => "ignored",
             Err(()) => "refused",
         };
-        let (topic, consumer) = self.metric_names(target);
         self.inner
             .metrics
             .acks
             .get_or_create(&super::metrics::AckLabels {
-                topic,
-                consumer,
+                topic: spec.topic.clone(),
+                consumer: spec.name.clone(),
                 outcome: outcome.to_owned(),
             })
             .inc();
     }
 
-    async fn fetch_batch(&self, req: FetchRequest) -> Result<FetchOutcome, EngineError> {
-        let (spec, key) = self.resolve(&req.target)?;
-        // Settings once per pull: they gate the pull and set the lock time the ack checks.
-        let settings = self.settings_of(&spec.name).await?;
-        let spec = &Self::effective(&spec, &settings);
-        let ack = match req.request_id.as_deref().map(str::trim).filter(|r| !r.is_empty()) {
-            Some(rid) => Some(self.ack_in_context(spec, &key, rid).await),
-            None => None,
-        };
+    /// One pull in `ctx`: the batch and, when one was handed out, what its requestId names.
+    /// `ack` is the outcome of the ack that rode on the request, answered with it.
+    pub(super) async fn pull(
+        &self,
+        ctx: &PullContext,
+        ack: Option<Result<AckOutcome, EngineError>>,
+        client_ip: Option<String>,
+        max_pull_size: Option<u32>,
+    ) -> Result<(FetchOutcome, Option<Issued>), EngineError> {
+        let (spec, key, settings) = (&ctx.spec, &ctx.key, &ctx.settings);
         let mut outcome = FetchOutcome {
             status: FetchStatus::NoNewMsg,
             request_id: None,
@@ -444,35 +476,31 @@ impl Engine {
         };
         if settings.paused {
             outcome.status = FetchStatus::Paused;
-            return Ok(outcome);
+            return Ok((outcome, None));
         }
         if settings.rate_limit_enabled && !self.inner.rate_limiters.try_acquire(&spec.name, settings.limit_rate) {
             outcome.status = FetchStatus::RateLimited;
-            return Ok(outcome);
+            return Ok((outcome, None));
         }
 
-        self.admit(spec, &key).await?;
-        let max_pull = req
-            .max_pull_size
-            .map_or(spec.max_pull_size, |m| limits::PULL_SIZE.clamp(u64::from(m)) as u32);
+        self.admit(spec, key).await?;
+        let max_pull = max_pull_size.map_or(spec.max_pull_size, |m| limits::PULL_SIZE.clamp(u64::from(m)) as u32);
         // Kept with the queue's state (the last client that pulled it): bounded like a clientId.
-        let client_ip = req
-            .client_ip
-            .map(|ip| ip.chars().take(limits::MAX_CLIENT_ID_CHARS).collect::<String>());
+        let client_ip = client_ip.map(|ip| ip.chars().take(limits::MAX_CLIENT_ID_CHARS).collect::<String>());
         // A queue whose broker fails the read is left for this pull, once, when another
         // broker's queue can be tried: one dead broker does not fail the pulls of the others.
         let mut failed_queue = None;
         let (chosen, (read, retry_messages, missing_retries)) = loop {
             let chosen = match self
-                .choose_and_lock(spec, &key, client_ip.clone(), max_pull, failed_queue)
+                .choose_and_lock(spec, key, client_ip.clone(), max_pull, failed_queue)
                 .await?
             {
                 Choice::Locked(chosen) => chosen,
                 Choice::Idle(snapshot) => {
                     outcome.queue = Some(snapshot);
-                    return Ok(outcome);
+                    return Ok((outcome, None));
                 }
-                Choice::AllLocked => return Ok(outcome),
+                Choice::AllLocked => return Ok((outcome, None)),
             };
             if chosen.reset_to.is_some() {
                 break (chosen, Default::default());
@@ -480,7 +508,7 @@ impl Engine {
             match self.read_batch(spec, &chosen, max_pull).await {
                 Ok(v) => break (chosen, v),
                 Err(e) => {
-                    self.release(&key, &chosen, &[]).await?;
+                    self.release(key, &chosen, &[]).await?;
                     let retry_elsewhere = failed_queue.is_none()
                         && matches!(e, EngineError::Store(mqproxy_store::StoreError::Backend(_)))
                         && self.other_broker_available(spec, chosen.queue);
@@ -494,26 +522,28 @@ impl Engine {
         };
         outcome.queue = Some(chosen.snapshot.clone());
         let keys = &self.inner.request_id_keys;
-        let token = |start: u64, next: u64, force_ack: bool| {
-            request_id::encode(
-                &BatchToken {
-                    broker_name: chosen.snapshot.broker_name.clone(),
-                    queue_id: chosen.snapshot.queue_id,
-                    offset: start,
-                    next_offset: next,
-                    lock_time: chosen.lock_time,
-                    force_ack,
-                },
-                keys,
-                &key,
-            )
+        // The batch's requestId, and the batch as its issuer keeps it.
+        let issue = |outcome: &mut FetchOutcome, start: u64, next: u64, force_ack: bool| {
+            let token = BatchToken {
+                broker_name: chosen.snapshot.broker_name.clone(),
+                queue_id: chosen.snapshot.queue_id,
+                offset: start,
+                next_offset: next,
+                lock_time: chosen.lock_time,
+                force_ack,
+            };
+            outcome.request_id = Some(request_id::encode(&token, keys, key));
+            Issued {
+                token,
+                queue: chosen.queue,
+            }
         };
         if let Some(reset_to) = chosen.reset_to {
             // Java proxy's forced reset: keep the lock, the ack moves the offset to reset_to.
             tracing::warn!(consumer = %spec.name, queue = chosen.queue, from = chosen.start, to = reset_to, "offset illegal, resetting");
             outcome.status = FetchStatus::OffsetIllegal;
-            outcome.request_id = Some(token(chosen.start, reset_to, true));
-            return Ok(outcome);
+            let issued = issue(&mut outcome, chosen.start, reset_to, true);
+            return Ok((outcome, Some(issued)));
         }
 
         if let (Some(skip_to), true) = (read.skip_to, read.messages.is_empty()) {
@@ -521,29 +551,29 @@ impl Engine {
             // reset, as when the committed offset is out of the queue's range.
             tracing::warn!(consumer = %spec.name, queue = chosen.queue, from = chosen.start, to = skip_to, "offset illegal at the backend, resetting");
             if !missing_retries.is_empty() {
-                self.inner.state.drop_retries(&key, &missing_retries).await?;
+                self.inner.state.drop_retries(key, &missing_retries).await?;
             }
             outcome.status = FetchStatus::OffsetIllegal;
-            outcome.request_id = Some(token(chosen.start, skip_to, true));
-            return Ok(outcome);
+            let issued = issue(&mut outcome, chosen.start, skip_to, true);
+            return Ok((outcome, Some(issued)));
         }
         let messages = read.messages;
         if messages.is_empty() && retry_messages.is_empty() {
-            self.release(&key, &chosen, &missing_retries).await?;
+            self.release(key, &chosen, &missing_retries).await?;
             if let Some(q) = outcome.queue.as_mut() {
                 q.lock_time = None;
             }
-            return Ok(outcome);
+            return Ok((outcome, None));
         }
         if !missing_retries.is_empty() {
-            self.inner.state.drop_retries(&key, &missing_retries).await?;
+            self.inner.state.drop_retries(key, &missing_retries).await?;
         }
         let next = messages.last().map_or(chosen.start, |m| m.offset + 1);
         outcome.status = FetchStatus::Found;
-        outcome.request_id = Some(token(chosen.start, next, false));
+        let issued = issue(&mut outcome, chosen.start, next, false);
         outcome.messages = messages.into_iter().map(to_delivered).collect();
         outcome.retry_messages = retry_messages;
-        Ok(outcome)
+        Ok((outcome, Some(issued)))
     }
 
     /// Whether a queue of the topic on another broker than `queue`'s is not avoided.
@@ -573,7 +603,7 @@ impl Engine {
         failed: Option<u32>,
     ) -> Result<Choice, EngineError> {
         let queues = self.queue_count(&spec.topic);
-        let now = now_ms();
+        let now = self.now_ms();
         let timeout = spec.consume_timeout_ms;
         let snapshot = self.inner.state.snapshot(key, queues).await?;
         let refs = self.inner.messages.queues(&spec.topic);
@@ -738,23 +768,39 @@ impl Engine {
     ///
     /// # Errors
     /// Unknown consumer, bad target, a malformed or forged requestId, or a store failure.
-    pub async fn ack(&self, target: &ConsumeTarget, request_id: &str) -> Result<AckOutcome, EngineError> {
-        let (spec, key) = self.resolve(target)?;
-        let spec = Self::effective(&spec, &self.settings_of(&spec.name).await?);
-        let result = self.ack_in_context(&spec, &key, request_id.trim()).await;
-        self.count_ack(target, result.as_ref().map(|a| a.committed).map_err(|_| ()));
+    pub(super) async fn ack(
+        &self,
+        spec: &ConsumerSpec,
+        target: &ConsumeTarget,
+        request_id: &str,
+    ) -> Result<AckOutcome, EngineError> {
+        let key = self.resolve(spec, target)?;
+        let effective = Self::effective(spec, &self.settings_of(&spec.name).await?);
+        let result = self.ack_in_context(&effective, &key, request_id.trim()).await;
+        self.count_ack(spec, result.as_ref().map(|a| a.committed).map_err(|_| ()));
         result
     }
 
-    /// The Java proxy's ack algorithm, with "the lock that issued the batch" checked exactly.
-    async fn ack_in_context(
+    /// Acknowledges the batch a requestId names, once its signature is checked.
+    pub(super) async fn ack_in_context(
         &self,
         spec: &ConsumerSpec,
         key: &ContextKey,
         request_id: &str,
     ) -> Result<AckOutcome, EngineError> {
-        let queues = self.queue_count(&spec.topic);
         let (token, queue) = self.decode_token(request_id, key)?;
+        self.ack_issued(spec, key, &Issued { token, queue }).await
+    }
+
+    /// The Java proxy's ack algorithm, with "the lock that issued the batch" checked exactly.
+    pub(super) async fn ack_issued(
+        &self,
+        spec: &ConsumerSpec,
+        key: &ContextKey,
+        issued: &Issued,
+    ) -> Result<AckOutcome, EngineError> {
+        let queues = self.queue_count(&spec.topic);
+        let (token, queue) = (&issued.token, issued.queue);
         let info = token.info();
         let snapshot = self.inner.state.snapshot(key, queues).await?;
         let qs = &snapshot.queues[queue as usize];
@@ -768,7 +814,7 @@ impl Engine {
                 message: format!("ack ignored: the queue was locked again since (lockTime {t}) {info}"),
             },
             Some(t) => {
-                let expired = now_ms().saturating_sub(t) > spec.consume_timeout_ms;
+                let expired = self.now_ms().saturating_sub(t) > spec.consume_timeout_ms;
                 let prefix = if expired { "lock expired, " } else { "" };
                 let (commit, what) = match qs.committed {
                     None => (true, "ok"),
@@ -806,13 +852,33 @@ impl Engine {
     ///
     /// # Errors
     /// Unknown consumer, bad target, a malformed or forged requestId, or a store failure.
-    pub async fn unlock(&self, target: &ConsumeTarget, request_id: &str) -> Result<UnlockOutcome, EngineError> {
-        let (_, key) = self.resolve(target)?;
-        let (token, queue) = self.decode_token(request_id.trim(), &key)?;
+    pub(super) async fn unlock(
+        &self,
+        spec: &ConsumerSpec,
+        target: &ConsumeTarget,
+        request_id: &str,
+    ) -> Result<UnlockOutcome, EngineError> {
+        let key = self.resolve(spec, target)?;
+        self.unlock_in_context(&key, request_id).await
+    }
+
+    /// Unlocks the batch a requestId names, once its signature is checked.
+    pub(super) async fn unlock_in_context(
+        &self,
+        key: &ContextKey,
+        request_id: &str,
+    ) -> Result<UnlockOutcome, EngineError> {
+        let (token, queue) = self.decode_token(request_id.trim(), key)?;
+        self.unlock_issued(key, &Issued { token, queue }).await
+    }
+
+    /// Gives back the queue of a batch handed out and not acknowledged.
+    pub(super) async fn unlock_issued(&self, key: &ContextKey, issued: &Issued) -> Result<UnlockOutcome, EngineError> {
+        let token = &issued.token;
         let unlocked = self
             .inner
             .state
-            .finish(&key, queue, token.lock_time, None, RetryFate::Free)
+            .finish(key, issued.queue, token.lock_time, None, RetryFate::Free)
             .await?;
         if unlocked {
             self.notify_consumers();
@@ -832,7 +898,7 @@ impl Engine {
         consumer: &str,
         change: SettingsChange,
     ) -> Result<ConsumerView, EngineError> {
-        let spec = self.consumer_spec(consumer)?.clone();
+        let spec = self.registered_consumer(consumer)?;
         // A clientId given for a clustering consumer is ignored here (the group is meant).
         let client_id = change
             .client_id

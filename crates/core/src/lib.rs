@@ -6,6 +6,7 @@
 //! Holds the stores through the traits of [`mqproxy_store`].
 
 pub mod auth;
+pub mod clock;
 mod consume;
 mod error;
 pub mod ids;
@@ -17,7 +18,8 @@ mod registry;
 pub mod request_id;
 mod stream;
 
-pub use auth::{AccessToken, Client, TokenChange};
+pub use auth::{AccessToken, ConsumerCall, ProducerCall, TokenChange};
+pub use clock::{Clock, ManualClock, SystemClock};
 pub use consume::{
     AckOutcome, ConsumeTarget, ConsumerView, Delivered, FetchOutcome, FetchRequest, FetchStatus, SettingsChange,
     UnlockOutcome,
@@ -25,7 +27,7 @@ pub use consume::{
 pub use error::{EngineError, ErrorCode, ErrorKind, GrpcCode, LogLevel, http_status_of_envelope};
 pub use offsets::{ClientPage, ConnectedClient, ConsumerOffsets, ContextView, OffsetReset, QueueSelector, QueueView};
 pub use registry::RegistryView;
-pub use stream::{ConsumeCommand, ConsumeEvent, Subscription};
+pub use stream::{ConsumeCommand, ConsumeEvent, ConsumeStream, Subscription};
 
 use ids::MsgIdGenerator;
 use mqproxy_store::RegistryStore;
@@ -111,14 +113,9 @@ pub struct ClientLimits {
     pub max_consume_streams: u32,
 }
 
-/// The label of metrics about a name the registry does not know (such names come from
-/// clients, so they never become label values).
-const UNREGISTERED: &str = "(unregistered)";
-
-/// A message to produce.
+/// A message to produce (the producer is the [`ProducerCall`]'s).
 #[derive(Debug, Clone, Default)]
 pub struct ProduceRequest {
-    pub producer: String,
     pub body: Vec<u8>,
     pub keys: Option<String>,
     pub order_id: Option<String>,
@@ -181,6 +178,7 @@ pub struct Engine {
 
 struct Inner {
     config: EngineConfig,
+    clock: Arc<dyn Clock>,
     /// Topics, producers, consumers: a snapshot swapped whole by the admin API.
     registry: std::sync::RwLock<Arc<registry::Registry>>,
     /// Serializes registry changes (each awaits the store).
@@ -202,13 +200,6 @@ struct Inner {
     consume_streams: Arc<tokio::sync::Semaphore>,
 }
 
-pub(crate) fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 impl Engine {
     /// Builds the engine over its message store and consumer state store; `request_id_keys`
     /// sign and check requestIds.
@@ -221,6 +212,25 @@ impl Engine {
         request_id_keys: request_id::RequestIdKeys,
         registry_store: Arc<dyn RegistryStore>,
     ) -> Self {
+        Self::with_clock(
+            config,
+            messages,
+            state,
+            request_id_keys,
+            registry_store,
+            Arc::new(SystemClock),
+        )
+    }
+
+    /// [`Engine::new`] on a clock of the caller's (tests: a [`ManualClock`]).
+    pub fn with_clock(
+        config: EngineConfig,
+        messages: Arc<dyn MessageStore>,
+        state: Arc<dyn ConsumerStateStore>,
+        request_id_keys: request_id::RequestIdKeys,
+        registry_store: Arc<dyn RegistryStore>,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
         let registry = registry::Registry::new(&config.topics, &config.producers, &config.consumers);
         let ids = MsgIdGenerator::new(messages.identity());
         let consume_streams = Arc::new(tokio::sync::Semaphore::new(config.limits.max_consume_streams as usize));
@@ -229,7 +239,8 @@ impl Engine {
                 state,
                 request_id_keys,
                 metrics: metrics::Metrics::new(),
-                rate_limiters: RateLimiters::default(),
+                rate_limiters: RateLimiters::new(clock.clone()),
+                clock,
                 config,
                 registry: std::sync::RwLock::new(Arc::new(registry)),
                 registry_writes: tokio::sync::Mutex::new(()),
@@ -241,6 +252,11 @@ impl Engine {
                 consume_streams,
             }),
         }
+    }
+
+    /// The engine's time, epoch ms.
+    pub(crate) fn now_ms(&self) -> u64 {
+        self.inner.clock.now_ms()
     }
 
     /// Wakes streaming consumers: a lock was released or settings changed.
@@ -259,19 +275,6 @@ impl Engine {
     /// The store's failure.
     pub async fn ready(&self) -> Result<(), EngineError> {
         Ok(self.inner.messages.probe().await?)
-    }
-
-    fn producer_topic(&self, producer: &str) -> Result<Arc<TopicSpec>, EngineError> {
-        let registry = self.snapshot();
-        let spec = registry
-            .producers
-            .get(producer)
-            .ok_or_else(|| EngineError::UnknownProducer(producer.to_owned()))?;
-        registry
-            .topics
-            .get(&spec.topic)
-            .cloned()
-            .ok_or_else(|| EngineError::invalid(format!("producer:{producer} has unknown topic {}", spec.topic)))
     }
 
     fn check_body(body: &[u8]) -> Result<(), EngineError> {
@@ -420,26 +423,22 @@ impl Engine {
         })
     }
 
-    /// Produces one message; answered once it is durable.
-    ///
-    /// # Errors
-    /// Unknown producer, bad parameters (body size, delay), or a store failure.
-    pub async fn produce(&self, req: ProduceRequest) -> Result<SendReceipt, EngineError> {
-        let producer = req.producer.clone();
-        let (topic, result) = match self.producer_topic(&req.producer) {
-            Ok(topic) => (topic.name.clone(), self.produce_one(&topic, req).await),
-            Err(e) => (String::new(), Err(e)),
-        };
-        self.count_produced(topic, &producer, result.as_ref().err(), 1);
+    /// Produces one message to the producer's topic; answered once it is durable.
+    pub(crate) async fn produce(
+        &self,
+        topic: &TopicSpec,
+        producer: &str,
+        req: ProduceRequest,
+    ) -> Result<SendReceipt, EngineError> {
+        let result = self.produce_one(topic, req).await;
+        self.count_produced(&topic.name, producer, result.as_ref().err(), 1);
         result
     }
 
     /// Counts produced messages by topic, producer and status (200, or the error's status).
-    /// `topic` is empty when the registry does not know the producer: it is counted as
-    /// [`UNREGISTERED`].
-    fn count_produced(&self, topic: String, producer: &str, error: Option<&EngineError>, n: u64) {
+    fn count_produced(&self, topic: &str, producer: &str, error: Option<&EngineError>, n: u64) {
         let status = error.map_or("200", |e| e.kind().status_label());
-        let producer = if topic.is_empty() { UNREGISTERED } else { producer };
+        let topic = topic.to_owned();
         self.inner
             .metrics
             .produced
@@ -547,7 +546,7 @@ impl Engine {
 
     async fn produce_one(&self, topic: &TopicSpec, req: ProduceRequest) -> Result<SendReceipt, EngineError> {
         Self::check_body(&req.body)?;
-        let now = now_ms();
+        let now = self.now_ms();
         let delivery = self.delivery(req.delay_level, req.delivery_timestamp_ms, now)?;
         let order_id = req.order_id.as_deref().map(str::trim).filter(|o| !o.is_empty());
         let chosen = self.pick_queue(topic, order_id)?;
@@ -565,34 +564,29 @@ impl Engine {
         self.receipt(topic, &queue, &msg_id, &outcome, 0)
     }
 
-    /// Produces a batch to one queue, in order: in one durable write on the embedded store, in
-    /// as few sends as the backend's batch size allows on RocketMQ. The outer error is
-    /// request-level (unknown producer, empty batch); each element has its own result.
-    ///
-    /// # Errors
-    /// Unknown producer or an empty batch.
-    pub async fn produce_batch(
+    /// Produces a batch to one queue of the producer's topic, in order: in one durable write on
+    /// the embedded store, in as few sends as the backend's batch size allows on RocketMQ. The
+    /// outer error is request-level (an empty batch); each element has its own result.
+    pub(crate) async fn produce_batch(
         &self,
+        topic: &TopicSpec,
         producer: &str,
         bodies: Vec<Vec<u8>>,
     ) -> Result<Vec<Result<SendReceipt, EngineError>>, EngineError> {
         let count = bodies.len() as u64;
-        let (topic, results) = match self.producer_topic(producer) {
-            Ok(topic) => (topic.name.clone(), self.produce_batch_elements(&topic, bodies).await),
-            Err(e) => (String::new(), Err(e)),
-        };
+        let results = self.produce_batch_elements(topic, bodies).await;
         match &results {
             Ok(elements) => {
                 // One counter update per status, not per element.
                 let ok = elements.iter().filter(|e| e.is_ok()).count() as u64;
                 if ok > 0 {
-                    self.count_produced(topic.clone(), producer, None, ok);
+                    self.count_produced(&topic.name, producer, None, ok);
                 }
                 for failed in elements.iter().filter_map(|e| e.as_ref().err()) {
-                    self.count_produced(topic.clone(), producer, Some(failed), 1);
+                    self.count_produced(&topic.name, producer, Some(failed), 1);
                 }
             }
-            Err(e) => self.count_produced(topic, producer, Some(e), count.max(1)),
+            Err(e) => self.count_produced(&topic.name, producer, Some(e), count.max(1)),
         }
         results
     }
@@ -605,7 +599,7 @@ impl Engine {
         if bodies.is_empty() {
             return Err(EngineError::invalid("messages is an empty array"));
         }
-        let now = now_ms();
+        let now = self.now_ms();
         let mut chosen = self.pick_queue(topic, None)?;
         let mut results: Vec<Option<Result<SendReceipt, EngineError>>> = Vec::with_capacity(bodies.len());
         // Groups of (element index, record), each within the backend's batch size.

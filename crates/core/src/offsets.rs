@@ -164,7 +164,7 @@ impl Engine {
         client_id: Option<&str>,
         page: Option<ClientPage>,
     ) -> Result<ConsumerOffsets, EngineError> {
-        let spec = self.consumer_spec(consumer)?;
+        let spec = self.registered_consumer(consumer)?;
         let keys = self.operator_contexts(&spec, client_id).await?;
         let context_count = keys.len();
         let (skip, take) = page.map_or((0, usize::MAX), |p| {
@@ -261,7 +261,7 @@ impl Engine {
         to: OffsetReset,
         only: Option<QueueSelector>,
     ) -> Result<ConsumerOffsets, EngineError> {
-        let spec = self.consumer_spec(consumer)?;
+        let spec = self.registered_consumer(consumer)?;
         let keys = self.operator_contexts(&spec, client_id).await?;
         let refs = self.inner.messages.queues(&spec.topic);
         let chosen: Vec<u32> = (0..u32::try_from(refs.len()).unwrap_or(u32::MAX))

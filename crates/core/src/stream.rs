@@ -4,9 +4,11 @@
 //! instead of polling: the store signals visible messages, the engine signals released locks
 //! and settings changes, and a timer covers the next lock expiry.
 
-use super::{ConsumeTarget, Delivered, Engine, EngineError, FetchRequest, FetchStatus, now_ms};
+use super::consume::{Issued, PullContext};
+use super::{ConsumeTarget, ConsumerSpec, Delivered, Engine, EngineError, FetchStatus, limits};
 use mqproxy_store::ContextKey;
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -15,10 +17,9 @@ use tokio_stream::{Stream, StreamExt};
 /// How soon a rate-limited stream asks again (the bucket refills continuously).
 const RATE_LIMITED_RETRY_MS: u64 = 50;
 
-/// What a streaming consumer subscribes to.
-#[derive(Debug, Clone)]
+/// What a streaming consumer subscribes to (the consumer is the [`super::ConsumerCall`]'s).
+#[derive(Debug, Clone, Default)]
 pub struct Subscription {
-    pub target: ConsumeTarget,
     /// 0 means [`super::limits::DEFAULT_IN_FLIGHT`].
     pub max_in_flight: u32,
     pub max_pull_size: Option<u32>,
@@ -35,34 +36,44 @@ pub enum ConsumeCommand {
 }
 
 /// What a stream delivers.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub enum ConsumeEvent {
     Batch {
         request_id: String,
         messages: Vec<Delivered>,
         retry_messages: Vec<Delivered>,
     },
-    /// The outcome of an ack or unlock sent on the stream (refused ones too: not fatal).
-    CommandResult { ok: bool, message: String },
+    /// The outcome of an ack or unlock sent on the stream: what it did, or why it failed (a
+    /// failure is reported, not fatal).
+    CommandResult(Result<String, EngineError>),
 }
 
 type EventSender = mpsc::Sender<Result<ConsumeEvent, EngineError>>;
 
+/// The events of an open Consume stream; dropping it ends the stream.
+pub type ConsumeStream = ReceiverStream<Result<ConsumeEvent, EngineError>>;
+
+/// A batch the stream handed out and holds until it is acknowledged or its lock expires.
+struct InFlight {
+    issued: Issued,
+    /// When its lock expires (then the batch is someone's to take again).
+    expires_ms: u64,
+}
+
 impl Engine {
-    /// Opens a consume stream. The subscription is checked at once (unknown consumer, topic,
-    /// clientId rules); the stream then runs until the returned receiver is dropped.
-    ///
-    /// # Errors
-    /// The subscription names no registered consumer, or breaks its rules.
-    pub fn consume<C>(
+    /// Opens a consume stream for `spec`'s consumer. The subscription is checked at once
+    /// (topic, clientId rules); the stream then runs until the returned receiver is dropped.
+    pub(super) fn consume<C>(
         &self,
+        spec: &ConsumerSpec,
+        target: ConsumeTarget,
         sub: Subscription,
         commands: C,
-    ) -> Result<ReceiverStream<Result<ConsumeEvent, EngineError>>, EngineError>
+    ) -> Result<ConsumeStream, EngineError>
     where
         C: Stream<Item = ConsumeCommand> + Send + Unpin + 'static,
     {
-        let (_, key) = self.resolve(&sub.target)?;
+        let key = self.resolve(spec, &target)?;
         let permit = self.inner.consume_streams.clone().try_acquire_owned().map_err(|_| {
             EngineError::LimitReached(format!(
                 "{} Consume streams are open, the most max_consume_streams allows",
@@ -74,93 +85,118 @@ impl Engine {
         let (tx, rx) = mpsc::channel(1);
         let engine = self.clone();
         tokio::spawn(async move {
-            engine.run_stream(sub, key, commands, tx).await;
+            engine.run_stream(target, key, sub, commands, tx).await;
             drop(permit);
         });
         Ok(ReceiverStream::new(rx))
     }
 
-    async fn run_stream<C>(self, sub: Subscription, key: ContextKey, mut commands: C, tx: EventSender)
-    where
+    /// One round's view of the consumer: its entry as the registry has it now (an operator may
+    /// change or remove it while the stream runs) and its settings, read once.
+    async fn stream_round(&self, target: &ConsumeTarget) -> Result<(Arc<ConsumerSpec>, PullContext), EngineError> {
+        let spec = self.registered_consumer(&target.consumer)?;
+        let key = self.resolve(&spec, target)?;
+        let ctx = self.pull_context(&spec, key).await?;
+        Ok((spec, ctx))
+    }
+
+    async fn run_stream<C>(
+        self,
+        target: ConsumeTarget,
+        key: ContextKey,
+        sub: Subscription,
+        mut commands: C,
+        tx: EventSender,
+    ) where
         C: Stream<Item = ConsumeCommand> + Send + Unpin + 'static,
     {
         let mut visible = self.inner.messages.visible_changes();
         let mut released = self.inner.consumer_changes.subscribe();
         let max_in_flight = match sub.max_in_flight {
-            0 => u64::from(super::limits::DEFAULT_IN_FLIGHT),
-            n => super::limits::IN_FLIGHT.clamp(u64::from(n)),
+            0 => u64::from(limits::DEFAULT_IN_FLIGHT),
+            n => limits::IN_FLIGHT.clamp(u64::from(n)),
         } as usize;
-        // request_id -> when its lock expires (then the batch is someone's to take again).
-        let mut in_flight: HashMap<String, u64> = HashMap::new();
+        // Keyed by requestId: what a client acknowledges on the stream is found here, with no
+        // signature to check.
+        let mut in_flight: HashMap<String, InFlight> = HashMap::new();
         let mut commands_open = true;
         // A broadcast stream pulls at least this often, so a quiet but live client is never
         // taken for an idle one and forgotten.
         let keep_known =
             (key.client_id.is_some()).then(|| (self.inner.config.limits.broadcast_client_idle_ms / 4).max(250));
-        tracing::debug!(consumer = %sub.target.consumer, client = ?sub.target.client_id, "consume stream opened");
+        tracing::debug!(consumer = %target.consumer, client = ?target.client_id, "consume stream opened");
+        // The last round's view: commands are applied with it.
+        let mut round: Option<(Arc<ConsumerSpec>, PullContext)> = None;
         'stream: loop {
-            // Read each round: an operator may change it while the stream runs.
-            let timeout_ms = match self.consume_timeout(&sub.target.consumer).await {
-                Ok(t) => t,
+            let (spec, ctx) = match self.stream_round(&target).await {
+                Ok(r) => &*round.insert(r),
                 Err(e) => {
                     let _ = tx.send(Err(e)).await;
                     break 'stream;
                 }
             };
-            let now = now_ms();
-            in_flight.retain(|_, expires| *expires > now);
-            let mut wake_at = in_flight.values().min().copied();
+            let timeout_ms = ctx.spec.consume_timeout_ms;
+            let now = self.now_ms();
+            in_flight.retain(|_, b| b.expires_ms > now);
+            let mut wake_at = in_flight.values().map(|b| b.expires_ms).min();
             if in_flight.len() < max_in_flight {
                 // Seen before fetching, so a change during the fetch wakes the wait below.
                 visible.borrow_and_update();
                 released.borrow_and_update();
-                let request = FetchRequest {
-                    target: sub.target.clone(),
-                    request_id: None,
-                    client_ip: sub.client_ip.clone(),
-                    max_pull_size: sub.max_pull_size,
-                };
-                let outcome = match self.fetch(request).await {
-                    Ok(o) => o,
+                let (outcome, issued) = match self.pull(ctx, None, sub.client_ip.clone(), sub.max_pull_size).await {
+                    Ok(pulled) => {
+                        self.count_pull(spec, Ok(&pulled.0));
+                        pulled
+                    }
                     Err(e) => {
+                        self.count_pull(spec, Err(&e));
                         let _ = tx.send(Err(e)).await;
                         break 'stream;
                     }
                 };
-                match (outcome.status, outcome.request_id) {
-                    (FetchStatus::Found, Some(request_id)) => {
-                        let lock_time = outcome.queue.and_then(|q| q.lock_time).unwrap_or(now);
+                match (outcome.status, outcome.request_id, issued) {
+                    (FetchStatus::Found, Some(request_id), Some(issued)) => {
+                        let lock_time = issued.token.lock_time;
                         let event = ConsumeEvent::Batch {
                             request_id: request_id.clone(),
                             messages: outcome.messages,
                             retry_messages: outcome.retry_messages,
                         };
                         let Ok(permit) = tx.reserve().await else {
-                            let _ = self.unlock(&sub.target, &request_id).await;
+                            let _ = self.unlock_issued(&ctx.key, &issued).await;
                             break 'stream;
                         };
                         permit.send(Ok(event));
                         if sub.auto_ack {
-                            if let Err(e) = self.ack(&sub.target, &request_id).await {
+                            let acked = self.ack_issued(&ctx.spec, &ctx.key, &issued).await;
+                            self.count_ack(spec, acked.as_ref().map(|a| a.committed).map_err(|_| ()));
+                            if let Err(e) = acked {
                                 tracing::warn!(error = %e, "auto-ack failed; the batch will come again");
                             }
                         } else {
-                            in_flight.insert(request_id, lock_time + timeout_ms + 1);
+                            in_flight.insert(
+                                request_id,
+                                InFlight {
+                                    issued,
+                                    expires_ms: lock_time + timeout_ms + 1,
+                                },
+                            );
                         }
                         continue 'stream;
                     }
-                    (FetchStatus::OffsetIllegal, Some(request_id)) => {
+                    (FetchStatus::OffsetIllegal, Some(_), Some(issued)) => {
                         // Nothing to hand out: apply the forced reset at once and go on.
-                        let _ = self.ack(&sub.target, &request_id).await;
+                        let acked = self.ack_issued(&ctx.spec, &ctx.key, &issued).await;
+                        self.count_ack(spec, acked.as_ref().map(|a| a.committed).map_err(|_| ()));
                         continue 'stream;
                     }
-                    (FetchStatus::RateLimited, _) => {
+                    (FetchStatus::RateLimited, _, _) => {
                         wake_at =
                             Some(wake_at.map_or(now + RATE_LIMITED_RETRY_MS, |w| w.min(now + RATE_LIMITED_RETRY_MS)));
                     }
                     // PAUSED waits for a settings change; NO_NEW_MSG for messages, a released
                     // lock, or the next lock expiry.
-                    _ => match self.next_lock_expiry(&key, timeout_ms).await {
+                    _ => match self.next_lock_expiry(&ctx.key, timeout_ms).await {
                         Ok(Some(expiry)) => wake_at = Some(wake_at.map_or(expiry, |w| w.min(expiry))),
                         Ok(None) => {}
                         Err(e) => {
@@ -175,14 +211,14 @@ impl Engine {
             }
             let sleep = async {
                 match wake_at {
-                    Some(at) => tokio::time::sleep(Duration::from_millis(at.saturating_sub(now_ms()))).await,
+                    Some(at) => tokio::time::sleep(Duration::from_millis(at.saturating_sub(self.now_ms()))).await,
                     None => std::future::pending().await,
                 }
             };
             tokio::select! {
                 command = commands.next(), if commands_open => match command {
                     Some(command) => {
-                        let event = self.apply_command(&sub.target, &mut in_flight, command).await;
+                        let event = self.apply_command(spec, ctx, &mut in_flight, command).await;
                         tokio::select! {
                             sent = tx.send(Ok(event)) => if sent.is_err() { break 'stream },
                             () = tx.closed() => break 'stream,
@@ -199,32 +235,39 @@ impl Engine {
         }
         // The stream is gone: its unacknowledged batches go back at once, not at lock expiry.
         let unlocked = in_flight.len();
-        for request_id in in_flight.into_keys() {
-            if let Err(e) = self.unlock(&sub.target, &request_id).await {
+        for batch in in_flight.into_values() {
+            if let Err(e) = self.unlock_issued(&key, &batch.issued).await {
                 tracing::warn!(error = %e, "cannot unlock a batch of a closed stream; it comes back at lock expiry");
             }
         }
-        tracing::debug!(consumer = %sub.target.consumer, unlocked, "consume stream closed");
+        tracing::debug!(consumer = %target.consumer, unlocked, "consume stream closed");
     }
 
+    /// An ack or unlock sent on the stream: of a batch this stream holds, from what it kept;
+    /// of any other (a requestId from elsewhere), once its signature is checked.
     async fn apply_command(
         &self,
-        target: &ConsumeTarget,
-        in_flight: &mut HashMap<String, u64>,
+        spec: &ConsumerSpec,
+        ctx: &PullContext,
+        in_flight: &mut HashMap<String, InFlight>,
         command: ConsumeCommand,
     ) -> ConsumeEvent {
-        let outcome = match &command {
-            ConsumeCommand::Ack(request_id) => self.ack(target, request_id).await.map(|o| o.message),
-            ConsumeCommand::Unlock(request_id) => self.unlock(target, request_id).await.map(|o| o.message),
+        let (ConsumeCommand::Ack(request_id) | ConsumeCommand::Unlock(request_id)) = &command;
+        let held = in_flight.remove(request_id.trim());
+        let outcome = match (&command, held) {
+            (ConsumeCommand::Ack(_), Some(b)) => {
+                let acked = self.ack_issued(&ctx.spec, &ctx.key, &b.issued).await;
+                self.count_ack(spec, acked.as_ref().map(|a| a.committed).map_err(|_| ()));
+                acked.map(|o| o.message)
+            }
+            (ConsumeCommand::Unlock(_), Some(b)) => self.unlock_issued(&ctx.key, &b.issued).await.map(|o| o.message),
+            (ConsumeCommand::Ack(rid), None) => {
+                let acked = self.ack_in_context(&ctx.spec, &ctx.key, rid.trim()).await;
+                self.count_ack(spec, acked.as_ref().map(|a| a.committed).map_err(|_| ()));
+                acked.map(|o| o.message)
+            }
+            (ConsumeCommand::Unlock(rid), None) => self.unlock_in_context(&ctx.key, rid).await.map(|o| o.message),
         };
-        let (ConsumeCommand::Ack(request_id) | ConsumeCommand::Unlock(request_id)) = command;
-        in_flight.remove(&request_id);
-        match outcome {
-            Ok(message) => ConsumeEvent::CommandResult { ok: true, message },
-            Err(e) => ConsumeEvent::CommandResult {
-                ok: false,
-                message: e.to_string(),
-            },
-        }
+        ConsumeEvent::CommandResult(outcome)
     }
 }
