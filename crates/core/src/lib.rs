@@ -8,6 +8,8 @@
 pub mod auth;
 pub mod clock;
 mod consume;
+#[cfg(test)]
+mod engine_tests;
 mod error;
 pub mod ids;
 pub mod limits;

@@ -1,0 +1,295 @@
+//! The engine's rules on its injected clock: lock expiry, redelivery, retry messages, rate
+//! limits and stream credit, over the real embedded store in a temporary directory. Time moves
+//! only when a test moves it, so a 10 s lock expires in no time at all.
+
+use super::*;
+use crate::clock::ManualClock;
+use crate::request_id::RequestIdKeys;
+use mqproxy_store::consumer_state::LocalConsumerState;
+use mqproxy_store::embedded::{EmbeddedConfig, EmbeddedStore, FlushPolicy};
+use mqproxy_store::registry_file::RegistryFile;
+use std::time::Duration;
+use tokio_stream::StreamExt;
+
+const TOPIC: &str = "t";
+const PRODUCER: &str = "p";
+const CONSUMER: &str = "c";
+const LOCK_MS: u64 = 10_000;
+
+struct Harness {
+    engine: Engine,
+    clock: Arc<ManualClock>,
+    store: EmbeddedStore,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        self.store.close();
+    }
+}
+
+fn harness(queues: u32) -> Harness {
+    let dir = tempfile::tempdir().expect("tmp dir");
+    let store = EmbeddedStore::open(EmbeddedConfig {
+        data_dir: dir.path().to_owned(),
+        flush: FlushPolicy::Async,
+        flush_timeout: Duration::from_secs(5),
+        group_commit_max: 64,
+        cache_bytes: 1 << 20,
+        async_flush_interval: Duration::from_secs(60),
+        retention: Duration::from_secs(86_400),
+        retention_check_interval: Duration::from_secs(3_600),
+        topics: vec![(TOPIC.into(), queues)],
+        broker_name: "b".into(),
+        min_free_disk_bytes: 0,
+        max_pending_write_bytes: 1 << 24,
+    })
+    .expect("store opens");
+    let state = LocalConsumerState::load(Arc::new(store.clone())).expect("state loads");
+    let config = EngineConfig {
+        region_id: "r".into(),
+        store_host: [127, 0, 0, 1, 0, 0, 0, 1],
+        max_delivery_delay_ms: 86_400_000,
+        default_rate_limit: 1_000,
+        limits: ClientLimits {
+            broadcast_client_idle_ms: 60_000,
+            max_broadcast_clients: 16,
+            metrics_max_client_series: 4,
+            max_consume_streams: 4,
+        },
+        topics: vec![TopicSpec {
+            name: TOPIC.into(),
+            queues,
+        }],
+        producers: vec![ProducerSpec {
+            name: PRODUCER.into(),
+            topic: TOPIC.into(),
+            token: None,
+        }],
+        consumers: vec![ConsumerSpec {
+            name: CONSUMER.into(),
+            topic: TOPIC.into(),
+            mode: ConsumeMode::Clustering,
+            consume_timeout_ms: LOCK_MS,
+            max_pull_size: 32,
+            token: None,
+        }],
+    };
+    let clock = ManualClock::starting_at(1_700_000_000_000);
+    let engine = Engine::with_clock(
+        config,
+        Arc::new(store.clone()),
+        Arc::new(state),
+        RequestIdKeys::new([7; 32], None),
+        Arc::new(RegistryFile::new(dir.path())),
+        clock.clone(),
+    );
+    Harness {
+        engine,
+        clock,
+        store,
+        _dir: dir,
+    }
+}
+
+fn target() -> ConsumeTarget {
+    ConsumeTarget {
+        topic: TOPIC.into(),
+        consumer: CONSUMER.into(),
+        client_id: None,
+    }
+}
+
+impl Harness {
+    async fn produce(&self, body: &str) -> SendReceipt {
+        self.engine
+            .producer(PRODUCER, None)
+            .expect("producer")
+            .produce(ProduceRequest {
+                body: body.as_bytes().to_vec(),
+                ..Default::default()
+            })
+            .await
+            .expect("produced")
+    }
+
+    async fn fetch(&self) -> FetchOutcome {
+        self.engine
+            .consumer(target(), None)
+            .expect("consumer")
+            .fetch(FetchRequest::default())
+            .await
+            .expect("fetched")
+    }
+
+    async fn ack(&self, request_id: &str) -> AckOutcome {
+        self.engine
+            .consumer(target(), None)
+            .expect("consumer")
+            .ack(request_id)
+            .await
+            .expect("acked")
+    }
+}
+
+fn bodies(o: &FetchOutcome) -> Vec<String> {
+    o.messages
+        .iter()
+        .chain(&o.retry_messages)
+        .map(|m| String::from_utf8_lossy(&m.body).into_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn an_unacknowledged_batch_comes_again_once_its_lock_expires() {
+    let h = harness(1);
+    for i in 0..3 {
+        h.produce(&format!("m{i}")).await;
+    }
+    let first = h.fetch().await;
+    assert_eq!(first.status, FetchStatus::Found);
+    assert_eq!(bodies(&first), ["m0", "m1", "m2"]);
+    let first_rid = first.request_id.clone().expect("requestId");
+
+    // The only queue is locked for the lock time, to the millisecond.
+    h.clock.advance(LOCK_MS);
+    assert_eq!(
+        h.fetch().await.status,
+        FetchStatus::NoNewMsg,
+        "still locked at the lock time"
+    );
+    h.clock.advance(1);
+    let again = h.fetch().await;
+    assert_eq!(again.status, FetchStatus::Found, "redelivered once the lock expired");
+    assert_eq!(bodies(&again), ["m0", "m1", "m2"]);
+
+    // The first batch's ack comes too late: the queue was locked again since.
+    let late = h.ack(&first_rid).await;
+    assert!(!late.committed, "{late:?}");
+    assert!(late.message.contains("locked again"), "{late:?}");
+    let acked = h.ack(again.request_id.as_deref().expect("requestId")).await;
+    assert!(acked.committed, "{acked:?}");
+    assert_eq!(h.fetch().await.status, FetchStatus::NoNewMsg, "nothing left");
+}
+
+#[tokio::test]
+async fn an_ack_after_expiry_still_commits_when_nobody_took_the_queue() {
+    let h = harness(1);
+    h.produce("m").await;
+    let batch = h.fetch().await;
+    h.clock.advance(LOCK_MS + 1);
+    let acked = h.ack(batch.request_id.as_deref().expect("requestId")).await;
+    assert!(acked.committed, "{acked:?}");
+    assert!(acked.message.starts_with("lock expired, ok"), "{acked:?}");
+    assert_eq!(h.fetch().await.status, FetchStatus::NoNewMsg);
+}
+
+#[tokio::test]
+async fn a_retry_message_rides_with_pulls_until_acknowledged() {
+    let h = harness(1);
+    let receipt = h.produce("old").await;
+    let batch = h.fetch().await;
+    assert!(h.ack(batch.request_id.as_deref().expect("rid")).await.committed);
+
+    let view = h
+        .engine
+        .configure_consumer(
+            CONSUMER,
+            SettingsChange {
+                retry_msg_id: Some(receipt.msg_id.clone()),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("retry queued");
+    assert_eq!(view.retry_queued, 1);
+    let retried = h.fetch().await;
+    assert_eq!(retried.status, FetchStatus::Found);
+    assert!(retried.messages.is_empty());
+    assert_eq!(bodies(&retried), ["old"]);
+    // Not acknowledged: it comes back after the lock time, not before. (The clock has not
+    // moved since the first pull, so this lock was taken 1 ms "later": lock times strictly
+    // increase per queue, or an old batch's ack could match a new lock.)
+    assert_eq!(h.fetch().await.status, FetchStatus::NoNewMsg);
+    h.clock.advance(LOCK_MS + 2);
+    let again = h.fetch().await;
+    assert_eq!(bodies(&again), ["old"], "{again:?}");
+    // The batch carried no new offset: the ack moves none, but its retry message is done.
+    let acked = h.ack(again.request_id.as_deref().expect("rid")).await;
+    assert!(acked.message.contains("offset has committed"), "{acked:?}");
+    h.clock.advance(LOCK_MS + 2);
+    assert_eq!(h.fetch().await.status, FetchStatus::NoNewMsg, "done once acknowledged");
+}
+
+#[tokio::test]
+async fn the_pull_rate_limit_refills_on_the_engine_clock() {
+    let h = harness(1);
+    h.engine
+        .configure_consumer(
+            CONSUMER,
+            SettingsChange {
+                limit_rate: Some(2),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("rate set");
+    assert_eq!(h.fetch().await.status, FetchStatus::NoNewMsg);
+    assert_eq!(h.fetch().await.status, FetchStatus::NoNewMsg);
+    assert_eq!(h.fetch().await.status, FetchStatus::RateLimited, "a burst of 2");
+    h.clock.advance(499);
+    assert_eq!(h.fetch().await.status, FetchStatus::RateLimited, "one pull per 500 ms");
+    h.clock.advance(1);
+    assert_eq!(h.fetch().await.status, FetchStatus::NoNewMsg);
+}
+
+async fn next_batch(events: &mut ConsumeStream) -> (String, usize) {
+    match events.next().await.expect("event").expect("no error") {
+        ConsumeEvent::Batch {
+            request_id, messages, ..
+        } => (request_id, messages.len()),
+        ConsumeEvent::CommandResult(r) => panic!("unexpected command result {r:?}"),
+    }
+}
+
+/// A stream holds at most `max_in_flight` unacknowledged batches: the next comes only when
+/// one is acknowledged on the stream. Tokio's clock is paused, so "nothing more comes" is
+/// observed as the stream going idle, not waited out.
+#[tokio::test(start_paused = true)]
+async fn a_stream_holds_at_most_its_credit_of_batches() {
+    let h = harness(4);
+    for i in 0..4 {
+        h.produce(&format!("m{i}")).await;
+    }
+    let (commands, command_rx) = tokio::sync::mpsc::channel(4);
+    let mut events = h
+        .engine
+        .consumer(target(), None)
+        .expect("consumer")
+        .consume(
+            Subscription {
+                max_in_flight: 2,
+                ..Default::default()
+            },
+            tokio_stream::wrappers::ReceiverStream::new(command_rx),
+        )
+        .expect("stream opens");
+    let (first, n1) = next_batch(&mut events).await;
+    let (_second, n2) = next_batch(&mut events).await;
+    assert_eq!((n1, n2), (1, 1), "one message per queue");
+    let idle = tokio::time::timeout(Duration::from_secs(60), events.next()).await;
+    assert!(idle.is_err(), "a third batch beyond the credit: {idle:?}");
+
+    commands.send(ConsumeCommand::Ack(first)).await.expect("command");
+    match events.next().await.expect("event").expect("no error") {
+        ConsumeEvent::CommandResult(Ok(message)) => assert!(message.starts_with("ok"), "{message}"),
+        other => panic!("expected the ack's result, got {other:?}"),
+    }
+    match events.next().await.expect("event").expect("no error") {
+        ConsumeEvent::Batch { messages, .. } => assert_eq!(messages.len(), 1),
+        other => panic!("expected a third batch, got {other:?}"),
+    }
+    let idle = tokio::time::timeout(Duration::from_secs(60), events.next()).await;
+    assert!(idle.is_err(), "credit spent again: {idle:?}");
+}
