@@ -144,8 +144,12 @@ fn run() -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         "info,tower_http=warn,rocketmq_client_rust=warn,rocketmq_runtime=warn,rocketmq_transport=warn".into()
     });
+    // Colour only for a person at a terminal: a log redirected to a file or collected by a
+    // service manager gets plain text (and NO_COLOR is honoured).
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none();
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour)
         .with_writer(std::io::stderr);
     match args.log_format {
         LogFormat::Text => logs.init(),

@@ -369,17 +369,9 @@ pub async fn run(
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
-    let admin_rule = if config.admin_token.as_deref().is_some_and(|t| !t.is_empty()) {
-        "admin_token required on every listener"
-    } else {
-        "no admin_token: refused on the public listener; the admin listener serves loopback clients without a forwarding header"
-    };
-    match &admin_listener {
-        Some(admin) => {
-            tracing::info!(admin = %admin.local_addr()?, rule = admin_rule, "admin API and console on the admin listener");
-        }
-        None => tracing::info!(rule = admin_rule, "admin listener off (admin_listen = \"off\")"),
-    }
+    let admin_addr = admin_listener.as_ref().map(TcpListener::local_addr).transpose()?;
+    let has_token = config.admin_token.as_deref().is_some_and(|t| !t.is_empty());
+    tracing::info!("{}", http::admin_auth::describe_rule(has_token, admin_addr));
     let admin_stop = stop_rx.clone();
     let admin_tls = tls.clone();
     let admin_server = async {

@@ -18,6 +18,20 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use subtle::ConstantTimeEq;
 
+/// What the rule above means for this server, in one sentence for the start-up log.
+pub fn describe_rule(has_token: bool, admin_listener: Option<SocketAddr>) -> String {
+    match (has_token, admin_listener) {
+        (true, Some(addr)) => {
+            format!("admin access: the admin API and console on the public listener and on the admin listener {addr}, admin_token required on both")
+        }
+        (true, None) => "admin access: the admin API and console on the public listener, admin_token required (admin_listen = \"off\")".into(),
+        (false, Some(addr)) => format!(
+            "admin access: the admin API and console only on the admin listener {addr}, for loopback clients whose request has no forwarding header; the public listener refuses them (set admin_token to serve them there)"
+        ),
+        (false, None) => "admin access: the admin API and console are unreachable (admin_listen = \"off\" and no admin_token; set admin_token to serve them on the public listener)".into(),
+    }
+}
+
 /// Which listener a router serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ListenerRole {
@@ -117,15 +131,6 @@ impl AdminAccess {
             (None, _) => Err(Refusal::NotLoopback),
         }
     }
-
-    /// What the start-up log says of this rule.
-    pub fn describe(&self) -> &'static str {
-        match (&self.token, self.role) {
-            (Some(_), _) => "every admin request needs admin_token",
-            (None, ListenerRole::Public) => "admin requests refused (no admin_token): use the admin listener",
-            (None, ListenerRole::Admin) => "loopback clients without a forwarding header; others need admin_token",
-        }
-    }
 }
 
 /// The token a request presents: the bearer header first, then the `token` query parameter.
@@ -161,6 +166,47 @@ pub async fn guard(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The start-up sentence says what `check` does: where a token is needed, which listener
+    /// serves, and that nothing does when neither a token nor an admin listener is there.
+    #[test]
+    fn the_described_rule_is_the_checked_rule() {
+        let addr: SocketAddr = "127.0.0.1:9081".parse().expect("addr");
+        let loopback = peer("127.0.0.1");
+        let public = |token: Option<&str>| AdminAccess::new(token.map(str::to_owned), ListenerRole::Public);
+        let admin = |token: Option<&str>| AdminAccess::new(token.map(str::to_owned), ListenerRole::Admin);
+
+        let text = describe_rule(true, Some(addr));
+        assert!(
+            text.contains("public listener and on the admin listener 127.0.0.1:9081"),
+            "{text}"
+        );
+        assert!(text.contains("admin_token required"), "{text}");
+        assert_eq!(public(Some("t")).check(Some("t"), loopback, true), Ok(()));
+        assert_eq!(
+            admin(Some("t")).check(None, loopback, false),
+            Err(Refusal::MissingToken)
+        );
+
+        let text = describe_rule(false, Some(addr));
+        assert!(text.contains("only on the admin listener 127.0.0.1:9081"), "{text}");
+        assert!(text.contains("public listener refuses"), "{text}");
+        assert_eq!(admin(None).check(None, loopback, false), Ok(()));
+        assert_eq!(admin(None).check(None, loopback, true), Err(Refusal::Forwarded));
+        assert_eq!(
+            admin(None).check(None, peer("10.0.0.1"), false),
+            Err(Refusal::NotLoopback)
+        );
+        assert_eq!(public(None).check(None, loopback, false), Err(Refusal::PublicListener));
+
+        let text = describe_rule(false, None);
+        assert!(text.contains("unreachable"), "{text}");
+        assert_eq!(
+            public(None).check(Some("anything"), loopback, false),
+            Err(Refusal::PublicListener)
+        );
+        assert!(describe_rule(true, None).contains("on the public listener, admin_token required"));
+    }
 
     fn peer(ip: &str) -> SocketAddr {
         SocketAddr::new(ip.parse().expect("ip"), 40000)

@@ -260,3 +260,40 @@ fn json_logs_are_one_object_per_line() {
         assert!(v["level"].is_string() && v["fields"]["message"].is_string(), "{l}");
     }
 }
+
+/// Text logs that go to a pipe or a file carry no ANSI colour codes, and the start-up log
+/// states the admin rule this server runs with.
+#[test]
+fn redirected_text_logs_are_plain_and_state_the_admin_rule() {
+    use std::io::{BufRead, BufReader, Read};
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut child = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .env("RUST_LOG", "info")
+        .env_remove("NO_COLOR")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut line = String::new();
+    let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+    stdout.read_line(&mut line).expect("listening line");
+    assert!(line.contains("listening"), "{line}");
+    signal(&child, libc::SIGTERM);
+    let status = child.wait().expect("wait");
+    let mut logs = String::new();
+    child
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut logs)
+        .expect("logs");
+    assert!(status.success(), "{status}: {logs}");
+    drop(stdout);
+    assert!(!logs.contains('\u{1b}'), "colour codes in a redirected log: {logs:?}");
+    assert!(
+        logs.contains("admin access: the admin API and console only on the admin listener 127.0.0.1:"),
+        "{logs}"
+    );
+}
