@@ -225,50 +225,15 @@ fn kill_9_loses_no_acknowledged_message() {
     let _ = p.child.wait();
 }
 
-/// `--log-format json`: every log line on stderr is one JSON object.
-#[test]
-fn json_logs_are_one_object_per_line() {
+/// Runs the binary on a fresh data dir with `extra` arguments and `RUST_LOG=info`, its
+/// stderr piped, until SIGTERM after its "listening" line: what it logged.
+fn logs_of_a_short_run(extra: &[&str]) -> String {
     use std::io::{BufRead, BufReader, Read};
     let dir = tempfile::tempdir().expect("tmp");
     let mut child = Command::new(BIN)
-        .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json", "--data-dir"])
-        .arg(dir.path())
-        .env("RUST_LOG", "info")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let mut line = String::new();
-    let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
-    stdout.read_line(&mut line).expect("listening line");
-    assert!(line.contains("listening"), "{line}");
-    signal(&child, libc::SIGTERM);
-    let status = child.wait().expect("wait");
-    let mut logs = String::new();
-    child
-        .stderr
-        .take()
-        .expect("stderr")
-        .read_to_string(&mut logs)
-        .expect("logs");
-    assert!(status.success(), "{status}: {logs}");
-    drop(stdout);
-    let lines: Vec<&str> = logs.lines().collect();
-    assert!(lines.len() >= 2, "{logs}");
-    for l in lines {
-        let v: Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"));
-        assert!(v["level"].is_string() && v["fields"]["message"].is_string(), "{l}");
-    }
-}
-
-/// Text logs that go to a pipe or a file carry no ANSI colour codes, and the start-up log
-/// states the admin rule this server runs with.
-#[test]
-fn redirected_text_logs_are_plain_and_state_the_admin_rule() {
-    use std::io::{BufRead, BufReader, Read};
-    let dir = tempfile::tempdir().expect("tmp");
-    let mut child = Command::new(BIN)
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .args(extra)
+        .arg("--data-dir")
         .arg(dir.path())
         .env("RUST_LOG", "info")
         .env_remove("NO_COLOR")
@@ -290,7 +255,26 @@ fn redirected_text_logs_are_plain_and_state_the_admin_rule() {
         .read_to_string(&mut logs)
         .expect("logs");
     assert!(status.success(), "{status}: {logs}");
-    drop(stdout);
+    logs
+}
+
+/// `--log-format json`: every log line on stderr is one JSON object.
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let logs = logs_of_a_short_run(&["--log-format", "json"]);
+    let lines: Vec<&str> = logs.lines().collect();
+    assert!(lines.len() >= 2, "{logs}");
+    for l in lines {
+        let v: Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"));
+        assert!(v["level"].is_string() && v["fields"]["message"].is_string(), "{l}");
+    }
+}
+
+/// Text logs that go to a pipe or a file carry no ANSI colour codes, and the start-up log
+/// states the admin rule this server runs with.
+#[test]
+fn redirected_text_logs_are_plain_and_state_the_admin_rule() {
+    let logs = logs_of_a_short_run(&[]);
     assert!(!logs.contains('\u{1b}'), "colour codes in a redirected log: {logs:?}");
     assert!(
         logs.contains("admin access: the admin API and console only on the admin listener 127.0.0.1:"),
