@@ -125,11 +125,10 @@ impl Engine {
         let keep_known =
             (key.client_id.is_some()).then(|| (self.inner.config.limits.broadcast_client_idle_ms / 4).max(250));
         tracing::debug!(consumer = %target.consumer, client = ?target.client_id, "consume stream opened");
-        // The last round's view: commands are applied with it.
-        let mut round: Option<(Arc<ConsumerSpec>, PullContext)> = None;
         'stream: loop {
-            let (spec, ctx) = match self.stream_round(&target).await {
-                Ok(r) => &*round.insert(r),
+            // This round's view; a command that arrives in the round is applied with it.
+            let (spec, ctx) = &match self.stream_round(&target).await {
+                Ok(r) => r,
                 Err(e) => {
                     let _ = tx.send(Err(e)).await;
                     break 'stream;
