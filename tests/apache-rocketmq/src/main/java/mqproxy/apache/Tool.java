@@ -8,6 +8,7 @@ import java.util.List;
 import java.util.Map;
 import java.util.TreeSet;
 import org.apache.rocketmq.client.consumer.DefaultLitePullConsumer;
+import org.apache.rocketmq.client.consumer.DefaultMQPullConsumer;
 import org.apache.rocketmq.client.producer.DefaultMQProducer;
 import org.apache.rocketmq.client.producer.SendResult;
 import org.apache.rocketmq.client.producer.selector.SelectMessageQueueByHash;
@@ -214,23 +215,42 @@ public final class Tool {
                 }
             }
             consumer.commitSync();
-            // commitSync keeps the offsets in memory; shutdown sends them with one-way requests
-            // that a busy machine can lose as the process exits. Persist them now and read them
-            // back from the brokers.
+            // commitSync keeps the offsets in memory, and persisting sends them with one-way
+            // requests that a busy machine can lose; this consumer's committed() answers from
+            // that memory. So a second client of the group, whose memory is empty, reads them
+            // from the brokers, and they are sent again until the brokers hold them.
+            if (!next.isEmpty() && !brokersHold(args[1], args[3], consumer, next)) {
+                return 1;
+            }
+            return 0;
+        } finally {
+            consumer.shutdown();
+        }
+    }
+
+    /** Persists NEXT (per queue, the offset to commit) until the brokers answer it back. */
+    @SuppressWarnings("deprecation")
+    private static boolean brokersHold(String namesrv, String group, DefaultLitePullConsumer consumer,
+        Map<MessageQueue, Long> next) throws Exception {
+        DefaultMQPullConsumer reader = new DefaultMQPullConsumer(group);
+        reader.setNamesrvAddr(namesrv);
+        reader.setInstanceName("offsets-" + ProcessHandle.current().pid());
+        reader.start();
+        try {
             long persistBy = System.currentTimeMillis() + 15_000;
             for (Map.Entry<MessageQueue, Long> q : next.entrySet()) {
-                while (consumer.committed(q.getKey()) < q.getValue()) {
+                while (reader.fetchConsumeOffset(q.getKey(), true) < q.getValue()) {
                     if (System.currentTimeMillis() > persistBy) {
                         System.err.println("offset of " + q.getKey() + " not on the broker: " + q.getValue());
-                        return 1;
+                        return false;
                     }
                     consumer.commitSync(Map.of(q.getKey(), q.getValue()), true);
                     Thread.sleep(50);
                 }
             }
-            return 0;
+            return true;
         } finally {
-            consumer.shutdown();
+            reader.shutdown();
         }
     }
 
