@@ -5,7 +5,7 @@
 #                               50M messages: ~25 GiB free disk under MQPROXY_BENCH_DIR)
 #   scripts/bench.sh --quick --debug   every scenario once with small counts on the debug
 #                               binaries `cargo test` built: a smoke test (CI), no figures
-# Extra arguments go to `mqproxy-bench all` (e.g. --server-toml 'group_commit_max = 256').
+# Extra arguments go to `mqproxy-bench all` (e.g. --server-toml 'store.group_commit_max = 256').
 # With MQPROXY_BENCH_NAMESRV=host:port (a cluster from scripts/rocketmq-local.sh) it also
 # compares mqproxy on the RocketMQ backend with the direct client on the same broker.
 set -euo pipefail

@@ -52,7 +52,7 @@ def _call(path, **params):
     try:
         with urllib.request.urlopen(req, timeout=10) as resp:
             return json.loads(resp.read())
-    except urllib.error.HTTPError as refused:  # http_status = "mirror": the envelope still says why
+    except urllib.error.HTTPError as refused:  # [http] status = "mirror": the envelope still says why
         return json.loads(refused.read())
 
 

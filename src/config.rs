@@ -1,10 +1,26 @@
 //! The configuration: a TOML file (or the demo registry when there is none), then command-line
-//! flags. Every value is checked here; an error names the file, the key and the reason.
+//! flags. The server's own keys sit at the top level; each part's settings are a section
+//! that deserializes straight into the struct its module defines and checks its own ranges
+//! (`[store]`, `[listener]`, `[http]`, `[request_id]`, `[produce]`, `[consume]`, `[rocketmq]`,
+//! `[consumer_state]`). Keys of the flat layout before the sections still work (see
+//! [`MOVED_KEYS`]), each named in a warning. An error names the file, the key and the reason.
 
-use crate::engine::{AccessToken, ConsumeMode, ConsumerSpec, ProducerSpec, TopicSpec, limits};
+use crate::engine::request_id::RequestIdSecrets;
+use crate::engine::{
+    AccessToken, ConsumeMode, ConsumeSettings, ConsumerSpec, ProduceSettings, ProducerSpec, SettingError, TopicSpec,
+    limits,
+};
+use crate::http::HttpSettings;
+use crate::listener::ListenerSettings;
+use crate::store::consumer_state::ConsumerStateSettings;
+use crate::store::embedded::EmbeddedSettings;
+use crate::store::rocketmq::RocketMqSettings;
 use serde::Deserialize;
+use std::borrow::Cow;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use toml::Spanned;
+use toml::de::{DeTable, DeValue};
 
 /// A configuration error: which file, which key, why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -13,24 +29,6 @@ pub struct ConfigError {
     pub file: String,
     pub key: String,
     pub reason: String,
-}
-
-/// The answer policy of the HTTP status.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum HttpStatusPolicy {
-    /// Always 200, the outcome in the body's `status` (the Java proxy's behaviour).
-    Body,
-    /// The HTTP status follows the body's `status` (400, 500).
-    Mirror,
-}
-
-/// When a produce is answered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Flush {
-    Sync,
-    Async,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -53,20 +51,13 @@ pub struct ProducerConfig {
     pub token_sha256: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Mode {
-    Clustering,
-    Broadcast,
-}
-
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConsumerConfig {
     pub name: String,
     pub topic: String,
-    #[serde(default = "default_mode")]
-    pub mode: Mode,
+    #[serde(default = "clustering")]
+    pub mode: ConsumeMode,
     #[serde(default = "default_consume_timeout_ms")]
     pub consume_timeout_ms: u64,
     #[serde(default = "default_max_pull_size")]
@@ -77,6 +68,16 @@ pub struct ConsumerConfig {
     /// The same, given as the hex SHA-256 of the token.
     #[serde(default)]
     pub token_sha256: Option<String>,
+}
+
+fn clustering() -> ConsumeMode {
+    ConsumeMode::Clustering
+}
+fn default_consume_timeout_ms() -> u64 {
+    limits::DEFAULT_CONSUME_TIMEOUT_MS
+}
+fn default_max_pull_size() -> u32 {
+    limits::DEFAULT_PULL_SIZE
 }
 
 /// The access token of a registry entry from its two config keys (checked by `validate`).
@@ -112,380 +113,175 @@ pub enum Backend {
     Rocketmq,
 }
 
-/// The RocketMQ cluster behind `backend = "rocketmq"`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RocketmqConfig {
-    /// Name server address(es), `host:port[;host:port]`.
-    #[serde(default = "default_namesrv_addr")]
-    pub namesrv_addr: String,
-    /// A send that takes longer answers 300 (outcome unknown).
-    #[serde(default = "default_send_timeout_ms")]
-    pub send_timeout_ms: u64,
-    /// A pull or offset query that takes longer fails (500).
-    #[serde(default = "default_pull_timeout_ms")]
-    pub pull_timeout_ms: u64,
-    /// How often every topic's queue offsets are re-read from the brokers (messages produced
-    /// by other clients, due delayed messages): the longest a new message waits unseen.
-    #[serde(default = "default_offset_refresh_ms")]
-    pub offset_refresh_ms: u64,
-    /// Create registered topics missing on the cluster (with the configured queue count);
-    /// otherwise start-up fails naming them.
-    #[serde(default)]
-    pub auto_create_topics: bool,
-    /// Where topics mqproxy creates go (`auto_create_topics`, the admin API): a cluster name
-    /// (each of its master brokers gets the topic's `queues`) or one broker's name.
-    #[serde(default = "default_cluster")]
-    pub cluster: String,
-    /// Prefix of every topic name on the cluster (many environments on one cluster).
-    #[serde(default)]
-    pub topic_prefix: String,
-    /// Group name of the proxy's own producer and pull consumer (never used for offsets).
-    #[serde(default = "default_client_group")]
-    pub client_group: String,
-    /// ACL credentials, when the cluster requires them.
-    #[serde(default)]
-    pub access_key: Option<String>,
-    #[serde(default)]
-    pub secret_key: Option<String>,
-}
-
-impl Default for RocketmqConfig {
-    fn default() -> Self {
-        Self {
-            namesrv_addr: default_namesrv_addr(),
-            send_timeout_ms: default_send_timeout_ms(),
-            pull_timeout_ms: default_pull_timeout_ms(),
-            offset_refresh_ms: default_offset_refresh_ms(),
-            auto_create_topics: false,
-            cluster: default_cluster(),
-            topic_prefix: String::new(),
-            client_group: default_client_group(),
-            access_key: None,
-            secret_key: None,
-        }
-    }
-}
-
-fn default_backend() -> Backend {
-    Backend::Embedded
-}
-fn default_namesrv_addr() -> String {
-    "127.0.0.1:9876".into()
-}
-fn default_send_timeout_ms() -> u64 {
-    3_000
-}
-fn default_pull_timeout_ms() -> u64 {
-    10_000
-}
-fn default_offset_refresh_ms() -> u64 {
-    500
-}
-fn default_cluster() -> String {
-    "DefaultCluster".into()
-}
-fn default_client_group() -> String {
-    "mqproxy".into()
-}
-
-/// Where consumer offsets, locks and retry entries live.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ConsumerStateKind {
-    /// In the embedded store (one proxy).
-    Embedded,
-    /// In Redis, shared by several proxies.
-    Redis,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ConsumerStateConfig {
-    #[serde(default = "default_state_kind")]
-    pub kind: ConsumerStateKind,
-    /// `redis://host:port[/db]` when `kind = "redis"`.
-    #[serde(default)]
-    pub url: Option<String>,
-    /// Prefix of every Redis key (keeps mqproxy's keys apart from other users of the server).
-    #[serde(default = "default_state_prefix")]
-    pub prefix: String,
-    /// How long one Redis call may take before it fails (the request then answers 500).
-    #[serde(default = "default_state_timeout_ms")]
-    pub timeout_ms: u64,
-}
-
-impl Default for ConsumerStateConfig {
-    fn default() -> Self {
-        Self {
-            kind: default_state_kind(),
-            url: None,
-            prefix: default_state_prefix(),
-            timeout_ms: default_state_timeout_ms(),
-        }
-    }
-}
-
-fn default_state_kind() -> ConsumerStateKind {
-    ConsumerStateKind::Embedded
-}
-fn default_state_prefix() -> String {
-    "mqproxy:".into()
-}
-/// The redis crate's own default (500 ms) failed calls on a loaded 2-core machine.
-fn default_state_timeout_ms() -> u64 {
-    3_000
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CorsConfig {
-    /// `["*"]` (the default) allows any origin; `[]` turns CORS off.
-    #[serde(default = "default_cors_origins")]
-    pub allowed_origins: Vec<String>,
-}
-
-impl Default for CorsConfig {
-    fn default() -> Self {
-        Self {
-            allowed_origins: default_cors_origins(),
-        }
-    }
-}
-
-/// TLS on the listener (both files PEM).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TlsConfig {
-    /// The certificate chain, leaf first.
-    pub cert: PathBuf,
-    /// The private key (PKCS#8, PKCS#1 or SEC1).
-    pub key: PathBuf,
-}
-
 /// The whole configuration, with its defaults.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct Config {
-    #[serde(default = "default_listen")]
     pub listen: String,
-    #[serde(default = "default_data_dir")]
-    pub data_dir: PathBuf,
-    /// Where messages live: `"embedded"` (default) or `"rocketmq"`.
-    #[serde(default = "default_backend")]
-    pub backend: Backend,
-    #[serde(default)]
-    pub rocketmq: RocketmqConfig,
-    /// The broker name in answers and requestIds.
-    #[serde(default = "default_broker_name")]
-    pub broker_name: String,
-    #[serde(default = "default_region_id")]
-    pub region_id: String,
-    #[serde(default = "default_http_status")]
-    pub http_status: HttpStatusPolicy,
-    #[serde(default = "default_flush")]
-    pub flush: Flush,
-    /// A flush slower than this answers FLUSH_DISK_TIMEOUT (the message is kept).
-    #[serde(default = "default_flush_timeout_ms")]
-    pub flush_timeout_ms: u64,
-    /// With `flush = "async"`: how often the data is made durable.
-    #[serde(default = "default_async_flush_interval_ms")]
-    pub async_flush_interval_ms: u64,
-    /// Memory the embedded store may use to cache its pages (MiB); the OS page cache holds
-    /// the rest of the hot data.
-    #[serde(default = "default_store_cache_mib")]
-    pub store_cache_mib: u64,
-    /// Free disk space (MiB) below which produce is refused (507) and, below a quarter of it,
-    /// every write; 0 turns the check off.
-    #[serde(default = "default_min_free_disk_mib")]
-    pub min_free_disk_mib: u64,
-    /// Messages (MiB) that may wait for the store's writer; past it produce answers 503 with
-    /// Retry-After instead of queueing without end.
-    #[serde(default = "default_max_pending_write_mib")]
-    pub max_pending_write_mib: u64,
-    /// Most writes one commit takes (1 turns group commit off).
-    #[serde(default = "default_group_commit_max")]
-    pub group_commit_max: usize,
-    /// Messages older than this are deleted.
-    #[serde(default = "default_retention_ms")]
-    pub retention_ms: u64,
-    /// How often expired messages are looked for.
-    #[serde(default = "default_retention_check_interval_ms")]
-    pub retention_check_interval_ms: u64,
-    /// How far ahead a `deliveryTimestamp` may be (default 3 days).
-    #[serde(default = "default_max_delivery_delay_ms")]
-    pub max_delivery_delay_ms: u64,
-    /// Largest request body (above 4 MiB so an oversize message gets the documented answer).
-    #[serde(default = "default_max_request_bytes")]
-    pub max_request_bytes: usize,
-    /// Pulls per second per consumer until an operator sets another rate.
-    #[serde(default = "default_rate_limit")]
-    pub default_rate_limit: u64,
-    /// Seconds in-flight requests get to finish after SIGTERM/SIGINT.
-    #[serde(default = "default_shutdown_grace_ms")]
-    pub shutdown_grace_ms: u64,
-    #[serde(default)]
-    pub cors: CorsConfig,
-    /// Serve HTTPS (and gRPC over TLS) instead of plain text.
-    #[serde(default)]
-    pub tls: Option<TlsConfig>,
-    /// Connections open at once; more are closed on arrival.
-    #[serde(default = "default_max_connections")]
-    pub max_connections: usize,
-    /// Time a client has for the TLS handshake and for each HTTP/1.1 request head, and a REST
-    /// request for its body (slow clients cannot hold connections).
-    #[serde(default = "default_header_timeout_ms")]
-    pub header_timeout_ms: u64,
-    /// A connection with no traffic either way for this long is closed (idle gRPC streams
-    /// are pinged four times per period, so they live on).
-    #[serde(default = "default_idle_timeout_ms")]
-    pub idle_timeout_ms: u64,
-    /// Token of the admin API (`Authorization: Bearer TOKEN` or `token=TOKEN`); without one
-    /// the admin API answers loopback clients only.
-    #[serde(default)]
-    pub admin_token: Option<String>,
     /// The admin listener: the admin API and the console for loopback clients without a token
     /// (a reverse proxy of the public port never reaches it). `"off"` turns it off; unset, it
     /// is `127.0.0.1` on the port after `listen`'s (an ephemeral port when that one is 0).
-    #[serde(default)]
     pub admin_listen: Option<String>,
-    /// A broadcast clientId with no pull for this long is forgotten (offsets, locks, retry
-    /// entries); coming back, it starts where a new client starts.
-    #[serde(default = "default_broadcast_client_idle_ms")]
-    pub broadcast_client_idle_ms: u64,
-    /// ClientIds one broadcast consumer may have; a new one past it is refused (429) until a
-    /// client has been idle for `broadcast_client_idle_ms`.
-    #[serde(default = "default_max_broadcast_clients")]
-    pub max_broadcast_clients: u32,
-    /// Broadcast clientIds per consumer with their own lag series in `/metrics` (the most
-    /// lagging); every broadcast consumer also has sum / max / client-count series.
-    #[serde(default = "default_metrics_max_client_series")]
-    pub metrics_max_client_series: u32,
-    /// Concurrent HTTP/2 streams (gRPC calls) per connection.
-    #[serde(default = "default_max_h2_streams")]
-    pub max_h2_streams: u32,
-    /// Largest request head: an HTTP/1.1 head, or an HTTP/2 header list (431 past it).
-    #[serde(default = "default_max_header_bytes")]
-    pub max_header_bytes: u32,
-    /// gRPC Consume streams open at once on this proxy (ResourceExhausted past it).
-    #[serde(default = "default_max_consume_streams")]
-    pub max_consume_streams: u32,
-    /// Secret of the requestId MAC (any text, 16+ characters); without it the key is made at
-    /// first start and kept in the data directory (or shared through Redis).
-    #[serde(default)]
-    pub request_id_secret: Option<String>,
-    /// The secret before a rotation: requestIds it signed are still accepted. Defaults, when
-    /// `request_id_secret` is set, to the key kept in the data directory (or Redis), so the
-    /// first configured secret is a rotation too.
-    #[serde(default)]
-    pub request_id_previous_secret: Option<String>,
-    #[serde(default)]
-    pub consumer_state: ConsumerStateConfig,
-    #[serde(default, rename = "topic")]
+    /// Token of the admin API (`Authorization: Bearer TOKEN` or `token=TOKEN`); without one
+    /// the admin API answers loopback clients of the admin listener only.
+    pub admin_token: Option<String>,
+    pub data_dir: PathBuf,
+    /// Where messages live: `"embedded"` (default) or `"rocketmq"`.
+    pub backend: Backend,
+    /// The broker name in answers and requestIds.
+    pub broker_name: String,
+    pub region_id: String,
+    /// Milliseconds in-flight requests get to finish after SIGTERM/SIGINT.
+    pub shutdown_grace_ms: u64,
+    pub store: EmbeddedSettings,
+    pub listener: ListenerSettings,
+    pub http: HttpSettings,
+    pub request_id: RequestIdSecrets,
+    pub produce: ProduceSettings,
+    pub consume: ConsumeSettings,
+    pub rocketmq: RocketMqSettings,
+    pub consumer_state: ConsumerStateSettings,
+    #[serde(rename = "topic")]
     pub topics: Vec<TopicConfig>,
-    #[serde(default, rename = "producer")]
+    #[serde(rename = "producer")]
     pub producers: Vec<ProducerConfig>,
-    #[serde(default, rename = "consumer")]
+    #[serde(rename = "consumer")]
     pub consumers: Vec<ConsumerConfig>,
+    /// Keys this file gave in their old place, `(old, new)`: the server warns about each.
+    #[serde(skip)]
+    pub moved_keys: Vec<(&'static str, &'static str)>,
 }
 
-fn default_listen() -> String {
-    "127.0.0.1:8080".into()
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            admin_listen: None,
+            admin_token: None,
+            data_dir: PathBuf::from("./data"),
+            backend: Backend::Embedded,
+            broker_name: "mqproxy".into(),
+            region_id: "DefaultRegion".into(),
+            shutdown_grace_ms: 10_000,
+            store: EmbeddedSettings::default(),
+            listener: ListenerSettings::default(),
+            http: HttpSettings::default(),
+            request_id: RequestIdSecrets::default(),
+            produce: ProduceSettings::default(),
+            consume: ConsumeSettings::default(),
+            rocketmq: RocketMqSettings::default(),
+            consumer_state: ConsumerStateSettings::default(),
+            topics: Vec::new(),
+            producers: Vec::new(),
+            consumers: Vec::new(),
+            moved_keys: Vec::new(),
+        }
+    }
 }
-fn default_data_dir() -> PathBuf {
-    PathBuf::from("./data")
+
+/// Keys of the flat layout (before the sections) and where each lives now, as dotted paths.
+/// A file may still give the old one: it is read as the new one, with a warning at start-up;
+/// giving both is an error naming them.
+pub const MOVED_KEYS: &[(&str, &str)] = &[
+    ("flush", "store.flush"),
+    ("flush_timeout_ms", "store.flush_timeout_ms"),
+    ("async_flush_interval_ms", "store.async_flush_interval_ms"),
+    ("store_cache_mib", "store.cache_mib"),
+    ("min_free_disk_mib", "store.min_free_disk_mib"),
+    ("max_pending_write_mib", "store.max_pending_write_mib"),
+    ("group_commit_max", "store.group_commit_max"),
+    ("retention_ms", "store.retention_ms"),
+    ("retention_check_interval_ms", "store.retention_check_interval_ms"),
+    ("max_connections", "listener.max_connections"),
+    ("header_timeout_ms", "listener.header_timeout_ms"),
+    ("idle_timeout_ms", "listener.idle_timeout_ms"),
+    ("max_h2_streams", "listener.max_h2_streams"),
+    ("max_header_bytes", "listener.max_header_bytes"),
+    ("tls", "listener.tls"),
+    ("http_status", "http.status"),
+    ("max_request_bytes", "http.max_request_bytes"),
+    ("cors.allowed_origins", "http.cors_allowed_origins"),
+    ("request_id_secret", "request_id.secret"),
+    ("request_id_previous_secret", "request_id.previous_secret"),
+    ("max_delivery_delay_ms", "produce.max_delivery_delay_ms"),
+    ("default_rate_limit", "consume.default_rate_limit"),
+    ("broadcast_client_idle_ms", "consume.broadcast_client_idle_ms"),
+    ("max_broadcast_clients", "consume.max_broadcast_clients"),
+    ("metrics_max_client_series", "consume.metrics_max_client_series"),
+    ("max_consume_streams", "consume.max_consume_streams"),
+];
+
+/// A key path as it reads in a file: `store.flush` is `flush` under `[store]`.
+fn spelled(path: &str) -> String {
+    match path.rsplit_once('.') {
+        Some((section, key)) => format!("`{key}` under [{section}]"),
+        None => format!("`{path}` at the top"),
+    }
 }
-fn default_broker_name() -> String {
-    "mqproxy".into()
+
+/// The table at `path` (its parent sections), created on the way when `create`.
+fn table_at<'t, 'i>(root: &'t mut DeTable<'i>, path: &[&str], create: bool) -> Option<&'t mut DeTable<'i>> {
+    let Some((first, rest)) = path.split_first() else {
+        return Some(root);
+    };
+    if create && !root.contains_key(*first) {
+        root.insert(
+            Spanned::new(0..0, Cow::Owned((*first).to_owned())),
+            Spanned::new(0..0, DeValue::Table(DeTable::new())),
+        );
+    }
+    match root.get_mut(*first).map(Spanned::get_mut) {
+        Some(DeValue::Table(t)) => table_at(t, rest, create),
+        _ => None,
+    }
 }
-fn default_region_id() -> String {
-    "DefaultRegion".into()
-}
-fn default_http_status() -> HttpStatusPolicy {
-    HttpStatusPolicy::Body
-}
-fn default_flush() -> Flush {
-    Flush::Sync
-}
-fn default_flush_timeout_ms() -> u64 {
-    5_000
-}
-fn default_async_flush_interval_ms() -> u64 {
-    // Each durable checkpoint stalls the writer in proportion to what piled up: 1 s gave a
-    // p99.9 of ~80-100 ms at 64 producers, 200 ms ~40 ms (BENCHMARKS.md).
-    200
-}
-fn default_store_cache_mib() -> u64 {
-    64
-}
-fn default_min_free_disk_mib() -> u64 {
-    256
-}
-fn default_max_pending_write_mib() -> u64 {
-    256
-}
-fn default_group_commit_max() -> usize {
-    4_096
-}
-fn default_retention_ms() -> u64 {
-    72 * 3_600_000
-}
-fn default_retention_check_interval_ms() -> u64 {
-    60_000
-}
-fn default_max_delivery_delay_ms() -> u64 {
-    3 * 24 * 3_600_000
-}
-fn default_max_request_bytes() -> usize {
-    64 * 1024 * 1024
-}
-fn default_max_connections() -> usize {
-    10_000
-}
-fn default_header_timeout_ms() -> u64 {
-    10_000
-}
-fn default_idle_timeout_ms() -> u64 {
-    120_000
-}
-fn default_broadcast_client_idle_ms() -> u64 {
-    // A day: a client gone that long is gone (an app instance replaced, a browser closed); a
-    // client that pulls even once a day keeps its offsets.
-    86_400_000
-}
-fn default_max_broadcast_clients() -> u32 {
-    10_000
-}
-fn default_metrics_max_client_series() -> u32 {
-    100
-}
-fn default_max_h2_streams() -> u32 {
-    // hyper's own default, made explicit.
-    200
-}
-fn default_max_header_bytes() -> u32 {
-    64 * 1024
-}
-fn default_max_consume_streams() -> u32 {
-    10_000
-}
-fn default_rate_limit() -> u64 {
-    1_024
-}
-fn default_shutdown_grace_ms() -> u64 {
-    10_000
-}
-fn default_cors_origins() -> Vec<String> {
-    vec!["*".into()]
-}
-fn default_mode() -> Mode {
-    Mode::Clustering
-}
-fn default_consume_timeout_ms() -> u64 {
-    limits::DEFAULT_CONSUME_TIMEOUT_MS
-}
-fn default_max_pull_size() -> u32 {
-    limits::DEFAULT_PULL_SIZE
+
+/// Moves each old key of [`MOVED_KEYS`] the document gives to its new path (keeping its span,
+/// so later errors still point at the line written). Returns the moves made.
+///
+/// # Errors
+/// A key is given at both its old and its new path: `(old key, reason)`.
+fn move_old_keys(root: &mut DeTable<'_>) -> Result<Vec<(&'static str, &'static str)>, (String, String)> {
+    let mut moved = Vec::new();
+    for &(old, new) in MOVED_KEYS {
+        let old_path: Vec<&str> = old.split('.').collect();
+        let Some((old_key, old_parents)) = old_path.split_last() else {
+            continue;
+        };
+        let Some(parent) = table_at(root, old_parents, false) else {
+            continue;
+        };
+        let Some((key, value)) = parent.remove_entry(*old_key) else {
+            continue;
+        };
+        // An old section left empty (`[cors]`) goes too: today's layout has no such section.
+        if parent.is_empty()
+            && let Some((last, grand)) = old_parents.split_last()
+            && let Some(g) = table_at(root, grand, false)
+        {
+            g.remove(*last);
+        }
+        let new_path: Vec<&str> = new.split('.').collect();
+        let Some((new_key, new_parents)) = new_path.split_last() else {
+            continue;
+        };
+        let Some(section) = table_at(root, new_parents, true) else {
+            return Err((new_parents.join("."), "must be a table (a [section])".into()));
+        };
+        if section.contains_key(*new_key) {
+            return Err((
+                old.to_owned(),
+                format!(
+                    "given twice: as {} (the old name) and as {}; keep the second",
+                    spelled(old),
+                    spelled(new)
+                ),
+            ));
+        }
+        section.insert(Spanned::new(key.span(), Cow::Owned((*new_key).to_owned())), value);
+        moved.push((old, new));
+    }
+    Ok(moved)
 }
 
 /// The demo topic, producer and consumers the seed's examples use.
@@ -494,17 +290,6 @@ pub const DEMO_TOPIC: &str = "mqcloud-http-test-topic";
 impl Config {
     /// The configuration without a file: the demo registry of the seed's examples.
     pub fn demo() -> Self {
-        let mut config: Config = toml::from_str("").unwrap_or_else(|e| unreachable!("empty config parses: {e}"));
-        config.topics = vec![TopicConfig {
-            name: DEMO_TOPIC.into(),
-            queues: 4,
-        }];
-        config.producers = vec![ProducerConfig {
-            name: format!("{DEMO_TOPIC}-producer"),
-            topic: DEMO_TOPIC.into(),
-            token: None,
-            token_sha256: None,
-        }];
         let consumer = |name: &str, mode| ConsumerConfig {
             name: name.into(),
             topic: DEMO_TOPIC.into(),
@@ -514,11 +299,23 @@ impl Config {
             token: None,
             token_sha256: None,
         };
-        config.consumers = vec![
-            consumer("http-clustering-consumer", Mode::Clustering),
-            consumer("http-broadcast-consumer", Mode::Broadcast),
-        ];
-        config
+        Self {
+            topics: vec![TopicConfig {
+                name: DEMO_TOPIC.into(),
+                queues: 4,
+            }],
+            producers: vec![ProducerConfig {
+                name: format!("{DEMO_TOPIC}-producer"),
+                topic: DEMO_TOPIC.into(),
+                token: None,
+                token_sha256: None,
+            }],
+            consumers: vec![
+                consumer("http-clustering-consumer", ConsumeMode::Clustering),
+                consumer("http-broadcast-consumer", ConsumeMode::Broadcast),
+            ],
+            ..Self::default()
+        }
     }
 
     /// Reads and checks a config file.
@@ -538,18 +335,41 @@ impl Config {
     /// Parses and checks TOML text; `file` names it in errors.
     ///
     /// # Errors
-    /// TOML syntax, unknown key, wrong type, or a value out of range.
+    /// TOML syntax, unknown key, wrong type, a key given at its old and new place, or a value
+    /// out of range.
     pub fn from_toml(text: &str, file: &str) -> Result<Self, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| ConfigError {
+        let toml_error = |e: toml::de::Error| ConfigError {
             file: file.to_owned(),
             key: key_of(&e, text),
             reason: match unquoted_string_hint(&e, text) {
                 Some(hint) => format!("{} ({hint})", e.message()),
                 None => e.message().to_owned(),
             },
+        };
+        let mut document = DeTable::parse(text).map_err(toml_error)?;
+        let moved = move_old_keys(document.get_mut()).map_err(|(key, reason)| ConfigError {
+            file: file.to_owned(),
+            key,
+            reason,
         })?;
+        let mut config = Config::deserialize(toml::de::Deserializer::from(document)).map_err(toml_error)?;
+        config.moved_keys = moved;
         config.validate(file)?;
         Ok(config)
+    }
+
+    /// One sentence per key this file gave at its old place (logged as warnings at start).
+    pub fn moved_key_notes(&self) -> Vec<String> {
+        self.moved_keys
+            .iter()
+            .map(|(old, new)| {
+                format!(
+                    "config key {} has moved to {}; the old name still works, but write the new one",
+                    spelled(old),
+                    spelled(new)
+                )
+            })
+            .collect()
     }
 
     /// Checks ranges and cross references.
@@ -564,20 +384,14 @@ impl Config {
                 reason,
             })
         };
-        for (key, secret) in [
-            ("request_id_secret", &self.request_id_secret),
-            ("request_id_previous_secret", &self.request_id_previous_secret),
-        ] {
-            if secret.as_ref().is_some_and(|s| s.chars().count() < 16) {
-                return err(key.into(), "must be at least 16 characters".into());
-            }
-        }
-        if self.request_id_previous_secret.is_some() && self.request_id_secret.is_none() {
-            return err(
-                "request_id_previous_secret".into(),
-                "needs request_id_secret (the secret now in use)".into(),
-            );
-        }
+        // A refused setting is named as the file wrote it (an old key: also its new name).
+        let refused = |e: SettingError| {
+            let key = match self.moved_keys.iter().find(|(_, new)| *new == e.key) {
+                Some((old, new)) => format!("{old} (now {new})"),
+                None => e.key,
+            };
+            err(key, e.reason)
+        };
         if self.listen.parse::<std::net::SocketAddr>().is_err() {
             return err(
                 "listen".into(),
@@ -590,108 +404,29 @@ impl Config {
         if self.broker_name.is_empty() || self.broker_name.contains(',') {
             return err("broker_name".into(), "must be non-empty and contain no comma".into());
         }
-        for (key, value, min, max) in [
-            ("flush_timeout_ms", self.flush_timeout_ms, 1, 600_000),
-            ("async_flush_interval_ms", self.async_flush_interval_ms, 1, 600_000),
-            ("group_commit_max", self.group_commit_max as u64, 1, 1_000_000),
-            ("store_cache_mib", self.store_cache_mib, 1, 1 << 20),
-            ("min_free_disk_mib", self.min_free_disk_mib, 0, 1 << 30),
-            ("max_pending_write_mib", self.max_pending_write_mib, 1, 1 << 20),
-            ("retention_ms", self.retention_ms, 1_000, 10 * 365 * 86_400_000),
-            (
-                "retention_check_interval_ms",
-                self.retention_check_interval_ms,
-                100,
-                86_400_000,
-            ),
-            (
-                "max_delivery_delay_ms",
-                self.max_delivery_delay_ms,
-                1_000,
-                365 * 86_400_000,
-            ),
-            (
-                "max_request_bytes",
-                self.max_request_bytes as u64,
-                8 * 1024 * 1024,
-                1 << 31,
-            ),
-            (
-                "default_rate_limit",
-                self.default_rate_limit,
-                limits::RATE_LIMIT.min,
-                limits::RATE_LIMIT.max,
-            ),
-            ("shutdown_grace_ms", self.shutdown_grace_ms, 0, 600_000),
-            ("max_connections", self.max_connections as u64, 1, 1_000_000),
-            ("header_timeout_ms", self.header_timeout_ms, 100, 600_000),
-            ("idle_timeout_ms", self.idle_timeout_ms, 1_000, 86_400_000),
-            (
-                "broadcast_client_idle_ms",
-                self.broadcast_client_idle_ms,
-                1_000,
-                365 * 86_400_000,
-            ),
-            (
-                "max_broadcast_clients",
-                u64::from(self.max_broadcast_clients),
-                1,
-                10_000_000,
-            ),
-            (
-                "metrics_max_client_series",
-                u64::from(self.metrics_max_client_series),
-                0,
-                100_000,
-            ),
-            ("max_h2_streams", u64::from(self.max_h2_streams), 1, 100_000),
-            ("consumer_state.timeout_ms", self.consumer_state.timeout_ms, 100, 60_000),
-            ("max_header_bytes", u64::from(self.max_header_bytes), 8_192, 16 << 20),
-            (
-                "max_consume_streams",
-                u64::from(self.max_consume_streams),
-                1,
-                10_000_000,
-            ),
-        ] {
-            if value < min || value > max {
-                return err(key.into(), format!("must be between {min} and {max}, got {value}"));
-            }
+        if let Err(e) = limits::Bounds::new(0, 600_000).setting("shutdown_grace_ms", self.shutdown_grace_ms) {
+            return refused(e);
         }
-        if self.consumer_state.kind == ConsumerStateKind::Redis
-            && !self
-                .consumer_state
-                .url
-                .as_deref()
-                .is_some_and(|u| u.starts_with("redis://") || u.starts_with("rediss://"))
-        {
-            return err(
-                "consumer_state.url".into(),
-                "kind = \"redis\" needs url = \"redis://host:port\"".into(),
-            );
-        }
-        if self.backend == Backend::Rocketmq {
-            let r = &self.rocketmq;
-            if r.namesrv_addr.trim().is_empty() {
-                return err(
-                    "rocketmq.namesrv_addr".into(),
-                    "must name the name server, like 127.0.0.1:9876".into(),
-                );
-            }
-            for (key, value, min, max) in [
-                ("rocketmq.send_timeout_ms", r.send_timeout_ms, 10, 600_000),
-                ("rocketmq.pull_timeout_ms", r.pull_timeout_ms, 10, 600_000),
-                ("rocketmq.offset_refresh_ms", r.offset_refresh_ms, 10, 600_000),
-            ] {
-                if value < min || value > max {
-                    return err(key.into(), format!("must be between {min} and {max}, got {value}"));
-                }
-            }
-            if r.access_key.is_some() != r.secret_key.is_some() {
-                return err(
-                    "rocketmq.access_key".into(),
-                    "access_key and secret_key go together".into(),
-                );
+        let sections = [
+            ("store", self.store.check()),
+            ("listener", self.listener.check()),
+            ("http", self.http.check()),
+            ("request_id", self.request_id.check()),
+            ("produce", self.produce.check()),
+            ("consume", self.consume.check()),
+            ("consumer_state", self.consumer_state.check()),
+            (
+                "rocketmq",
+                if self.backend == Backend::Rocketmq {
+                    self.rocketmq.check()
+                } else {
+                    Ok(())
+                },
+            ),
+        ];
+        for (section, checked) in sections {
+            if let Err(e) = checked {
+                return refused(e.in_section(section));
             }
         }
         let mut topics = HashSet::new();
@@ -813,10 +548,7 @@ impl Config {
             .map(|c| ConsumerSpec {
                 name: c.name.clone(),
                 topic: c.topic.clone(),
-                mode: match c.mode {
-                    Mode::Clustering => ConsumeMode::Clustering,
-                    Mode::Broadcast => ConsumeMode::Broadcast,
-                },
+                mode: c.mode,
                 consume_timeout_ms: c.consume_timeout_ms,
                 max_pull_size: c.max_pull_size,
                 token: access_token(c.token.as_ref(), c.token_sha256.as_ref()),
@@ -875,6 +607,90 @@ mod tests {
         assert!(!e.reason.contains("needs quotes"), "{e}");
         let e = Config::from_toml("listen = \"127.0.0.1:0", "f.toml").expect_err("syntax");
         assert!(!e.reason.contains("needs quotes"), "{e}");
+    }
+
+    #[test]
+    fn sections_deserialize_into_their_owners_settings() {
+        let c = Config::from_toml(
+            "[store]\nflush = \"async\"\ncache_mib = 8\n[listener]\nmax_connections = 7\n\
+             [http]\nstatus = \"mirror\"\ncors_allowed_origins = []\n[request_id]\nsecret = \"0123456789abcdef\"\n\
+             [produce]\nmax_delivery_delay_ms = 5000\n[consume]\nmax_consume_streams = 3\n",
+            "f.toml",
+        )
+        .expect("valid");
+        assert_eq!(c.store.flush, crate::store::embedded::FlushPolicy::Async);
+        assert_eq!(c.store.cache_mib, 8);
+        assert_eq!(c.store.retention_ms, EmbeddedSettings::default().retention_ms);
+        assert_eq!(c.listener.max_connections, 7);
+        assert_eq!(c.http.status, crate::http::HttpStatusPolicy::Mirror);
+        assert!(c.http.cors_allowed_origins.is_empty());
+        assert_eq!(c.request_id.secret.as_deref(), Some("0123456789abcdef"));
+        assert_eq!(c.produce.max_delivery_delay_ms, 5000);
+        assert_eq!(c.consume.max_consume_streams, 3);
+        assert!(c.moved_keys.is_empty());
+        let e = Config::from_toml("[store]\ncache_mib = 0\n", "f.toml").expect_err("range");
+        assert_eq!(e.key, "store.cache_mib");
+        assert!(e.reason.contains("between 1 and"), "{e}");
+        let e = Config::from_toml("[listener]\nmax_conections = 1\n", "f.toml").expect_err("typo");
+        assert!(e.reason.contains("max_conections"), "{e}");
+        assert!(e.key.starts_with("line 2"), "{e}");
+    }
+
+    #[test]
+    fn old_flat_keys_still_work_and_are_named() {
+        let old = "flush = \"async\"\nstore_cache_mib = 8\nmax_connections = 7\nhttp_status = \"mirror\"\n\
+                   request_id_secret = \"0123456789abcdef\"\ndefault_rate_limit = 5\n\
+                   [cors]\nallowed_origins = []\n[tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\n";
+        let c = Config::from_toml(old, "f.toml").expect("old layout");
+        assert_eq!(c.store.flush, crate::store::embedded::FlushPolicy::Async);
+        assert_eq!(c.store.cache_mib, 8);
+        assert_eq!(c.listener.max_connections, 7);
+        assert_eq!(c.http.status, crate::http::HttpStatusPolicy::Mirror);
+        assert!(c.http.cors_allowed_origins.is_empty());
+        assert_eq!(c.request_id.secret.as_deref(), Some("0123456789abcdef"));
+        assert_eq!(c.consume.default_rate_limit, 5);
+        assert_eq!(
+            c.listener.tls.as_ref().map(|t| t.cert.clone()),
+            Some(PathBuf::from("c.pem"))
+        );
+        assert_eq!(c.moved_keys.len(), 8);
+        let notes = c.moved_key_notes();
+        assert!(
+            notes.contains(&"config key `store_cache_mib` at the top has moved to `cache_mib` under [store]; the old name still works, but write the new one".to_owned()),
+            "{notes:?}"
+        );
+        // Every old key maps to a key the sections have: none is silently dropped.
+        for (old, new) in MOVED_KEYS {
+            let value = match *old {
+                "flush" => "\"sync\"".to_owned(),
+                "http_status" => "\"body\"".to_owned(),
+                "cors.allowed_origins" => "[\"*\"]".to_owned(),
+                "tls" => "{ cert = \"c\", key = \"k\" }".to_owned(),
+                "max_request_bytes" => "8388608".to_owned(),
+                k if k.contains("secret") => "\"0123456789abcdef0\"".to_owned(),
+                _ => "10000".to_owned(),
+            };
+            let text = match old.split_once('.') {
+                Some((section, key)) => {
+                    format!("request_id.secret = \"0123456789abcdef\"\n[{section}]\n{key} = {value}\n")
+                }
+                None => format!("request_id.secret = \"0123456789abcdef\"\n{old} = {value}\n"),
+            };
+            let text = if *old == "request_id_secret" {
+                format!("{old} = {value}\n")
+            } else {
+                text
+            };
+            let c = Config::from_toml(&text, "f.toml").unwrap_or_else(|e| panic!("{old} -> {new}: {e}"));
+            assert_eq!(c.moved_keys, vec![(*old, *new)], "{text}");
+        }
+        // An old key's value out of range is named as written, with its new name.
+        let e = Config::from_toml("retention_ms = 5\n", "f.toml").expect_err("range");
+        assert_eq!(e.key, "retention_ms (now store.retention_ms)");
+        // Both places: refused, naming both.
+        let e = Config::from_toml("flush = \"sync\"\n[store]\nflush = \"async\"\n", "f.toml").expect_err("twice");
+        assert_eq!(e.key, "flush");
+        assert!(e.reason.contains("`flush` under [store]"), "{e}");
     }
 
     #[test]

@@ -5,6 +5,8 @@
 //! within `header_timeout`; a connection with no traffic either way for `idle_timeout` is
 //! closed (h2 connections are pinged meanwhile, so a live idle gRPC stream is traffic).
 
+use crate::engine::SettingError;
+use crate::engine::limits::Bounds;
 use axum::Router;
 use axum::extract::ConnectInfo;
 use hyper::body::Incoming;
@@ -15,7 +17,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -27,21 +29,74 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls;
 use tower::Service;
 
-/// How connections are accepted and served.
-#[derive(Clone)]
+/// The `[listener]` section: how connections are accepted and served.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct ListenerSettings {
-    /// Terminate TLS with this configuration (None: plain text).
-    pub tls: Option<Arc<rustls::ServerConfig>>,
-    /// Connections open at once; more are closed at once (and logged).
-    pub max_connections: usize,
-    /// Time for the first byte, the TLS handshake and each HTTP/1.1 request head.
-    pub header_timeout: Duration,
-    /// A connection without a byte read or written for this long is closed.
-    pub idle_timeout: Duration,
-    /// Concurrent HTTP/2 streams per connection.
+    /// Connections open at once; more are closed on arrival (and logged).
+    pub max_connections: u64,
+    /// Time for the first byte, the TLS handshake, each HTTP/1.1 request head, and a REST
+    /// request's body (slow clients cannot hold connections).
+    pub header_timeout_ms: u64,
+    /// A connection without a byte read or written for this long is closed (idle gRPC
+    /// streams are pinged four times per period, so they live on).
+    pub idle_timeout_ms: u64,
+    /// Concurrent HTTP/2 streams (gRPC calls) per connection.
     pub max_h2_streams: u32,
-    /// Largest HTTP/1.1 request head (hyper's read buffer) and HTTP/2 header list.
+    /// Largest request head: an HTTP/1.1 head (hyper's read buffer), or an HTTP/2 header list
+    /// (431 past it).
     pub max_header_bytes: u32,
+    /// Serve HTTPS (and gRPC over TLS) instead of plain text.
+    pub tls: Option<TlsFiles>,
+}
+
+impl Default for ListenerSettings {
+    fn default() -> Self {
+        Self {
+            max_connections: 10_000,
+            header_timeout_ms: 10_000,
+            idle_timeout_ms: 120_000,
+            // hyper's own default, made explicit.
+            max_h2_streams: 200,
+            max_header_bytes: 64 * 1024,
+            tls: None,
+        }
+    }
+}
+
+impl ListenerSettings {
+    /// # Errors
+    /// The first value out of its range, named by its key in the section.
+    pub fn check(&self) -> Result<(), SettingError> {
+        Bounds::new(1, 1_000_000).setting("max_connections", self.max_connections)?;
+        Bounds::new(100, 600_000).setting("header_timeout_ms", self.header_timeout_ms)?;
+        Bounds::new(1_000, 86_400_000).setting("idle_timeout_ms", self.idle_timeout_ms)?;
+        Bounds::new(1, 100_000).setting("max_h2_streams", u64::from(self.max_h2_streams))?;
+        // hyper's floor for its HTTP/1.1 read buffer is 8 KiB (it panics below).
+        Bounds::new(8_192, 16 << 20).setting("max_header_bytes", u64::from(self.max_header_bytes))
+    }
+
+    pub fn header_timeout(&self) -> Duration {
+        Duration::from_millis(self.header_timeout_ms)
+    }
+
+    fn idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.idle_timeout_ms)
+    }
+
+    fn max_connections(&self) -> usize {
+        usize::try_from(self.max_connections).unwrap_or(usize::MAX)
+    }
+}
+
+/// TLS on the listener (both files PEM).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    /// The certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// The private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
 }
 
 /// Why the TLS configuration cannot be built.
@@ -104,7 +159,7 @@ impl RefusalLog {
             tracing::warn!(
                 max_connections = max,
                 refused_total = total,
-                "connection refused: max_connections are open"
+                "connection refused: [listener] max_connections are open"
             );
         }
     }
@@ -119,19 +174,20 @@ impl RefusalLog {
 pub async fn serve(
     listener: TcpListener,
     app: Router,
-    settings: ListenerSettings,
+    settings: &ListenerSettings,
+    tls: Option<Arc<rustls::ServerConfig>>,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     let local = listener.local_addr()?;
     let mut http = auto::Builder::new(TokioExecutor::new());
     http.http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(settings.header_timeout)
-        // hyper's floor for its read buffer is 8 KiB (it panics below).
+        .header_read_timeout(settings.header_timeout())
+        // hyper's floor for its read buffer is 8 KiB (it panics below; the check refuses less).
         .max_buf_size((settings.max_header_bytes as usize).max(8192));
     // Pings keep a quiet but live h2 connection (a Consume stream waiting for messages) above
     // the idle timeout: four per idle period.
-    let ping = (settings.idle_timeout / 4).max(Duration::from_millis(100));
+    let ping = (settings.idle_timeout() / 4).max(Duration::from_millis(100));
     http.http2()
         .timer(TokioTimer::new())
         .keep_alive_interval(Some(ping))
@@ -139,12 +195,12 @@ pub async fn serve(
         .max_concurrent_streams(settings.max_h2_streams)
         .max_header_list_size(settings.max_header_bytes);
     let graceful = GracefulShutdown::new();
-    let open = Arc::new(Semaphore::new(settings.max_connections));
+    let open = Arc::new(Semaphore::new(settings.max_connections()));
     let refusals = Arc::new(RefusalLog {
         refused: AtomicU64::new(0),
         last_logged_s: AtomicU64::new(0),
     });
-    let acceptor = settings.tls.clone().map(TlsAcceptor::from);
+    let acceptor = tls.map(TlsAcceptor::from);
     tokio::pin!(shutdown);
     loop {
         let (tcp, peer) = tokio::select! {
@@ -160,7 +216,7 @@ pub async fn serve(
             () = &mut shutdown => break,
         };
         let Ok(permit) = open.clone().try_acquire_owned() else {
-            refusals.refused(settings.max_connections);
+            refusals.refused(settings.max_connections());
             drop(tcp);
             continue;
         };
@@ -170,7 +226,7 @@ pub async fn serve(
         }
         let (http, watcher, acceptor) = (http.clone(), graceful.watcher(), acceptor.clone());
         let service = connection_service(app.clone(), local, peer);
-        let (header_timeout, idle_timeout) = (settings.header_timeout, settings.idle_timeout);
+        let (header_timeout, idle_timeout) = (settings.header_timeout(), settings.idle_timeout());
         tokio::spawn(async move {
             let _permit = permit;
             // hyper's header timer starts at the first byte: a silent client is cut off here.
@@ -179,7 +235,7 @@ pub async fn serve(
                 Ok(Ok(n)) if n > 0 => {}
                 Ok(_) => return,
                 Err(_) => {
-                    tracing::debug!(%peer, "no request within header_timeout_ms: closed");
+                    tracing::debug!(%peer, "no request within [listener] header_timeout_ms: closed");
                     return;
                 }
             }
@@ -253,7 +309,10 @@ struct IdleTimeout<T> {
 }
 
 fn idle_error() -> std::io::Error {
-    std::io::Error::new(std::io::ErrorKind::TimedOut, "connection idle for idle_timeout_ms")
+    std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        "connection idle for [listener] idle_timeout_ms",
+    )
 }
 
 impl<T: Unpin> IdleTimeout<T> {

@@ -106,6 +106,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .as_ref()
         .map_or("(flags)".to_owned(), |p| p.display().to_string());
     config.validate(&origin)?;
+    for note in config.moved_key_notes() {
+        tracing::warn!(file = %origin, "{note}");
+    }
     let listeners = mqproxy::server::Listeners::bind(&config).await?;
     let addr = listeners.public.local_addr()?;
     tracing::info!(

@@ -1,20 +1,17 @@
 //! Wiring: opens the store, builds the engine and the HTTP app, serves one listener until the
 //! shutdown future resolves, lets in-flight requests finish, then closes the store (flush).
 
-use crate::config::{
-    Backend, Config, ConsumerConfig, ConsumerStateKind, Flush, HttpStatusPolicy, Mode, ProducerConfig, TopicConfig,
-};
-use crate::engine::request_id::RequestIdKeys;
-use crate::engine::{ClientLimits, Engine, EngineConfig, EngineError};
+use crate::config::{Backend, Config, ConsumerConfig, ProducerConfig, TopicConfig};
+use crate::engine::{ConsumeMode, Engine, EngineConfig, EngineError};
+use crate::http;
 use crate::http::admin_auth::ListenerRole;
-use crate::http::{self, HttpSettings};
-use crate::listener::{self, ListenerSettings, TlsError};
-use crate::store::consumer_state::{ConsumerStateStore, LocalConsumerState};
-use crate::store::embedded::{EmbeddedConfig, EmbeddedStore, FlushPolicy};
+use crate::listener::{self, TlsError};
+use crate::store::consumer_state::{ConsumerStateKind, ConsumerStateStore, LocalConsumerState};
+use crate::store::embedded::{EmbeddedConfig, EmbeddedStore};
 use crate::store::redis::RedisConsumerState;
 use crate::store::registry_file::RegistryFile;
 #[cfg(feature = "rocketmq")]
-use crate::store::rocketmq::{RocketMqSettings, RocketMqStartError, RocketMqStore};
+use crate::store::rocketmq::{RocketMqStartError, RocketMqStore};
 use crate::store::{MessageStore, StoreError};
 use std::future::Future;
 use std::net::SocketAddr;
@@ -22,43 +19,19 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 
-/// The embedded store's settings from the configuration.
+/// What the embedded store opens with: the config's `[store]` section, where, and which queues.
 pub fn embedded_config(config: &Config) -> EmbeddedConfig {
     EmbeddedConfig {
         data_dir: config.data_dir.clone(),
-        flush: match config.flush {
-            Flush::Sync => FlushPolicy::Sync,
-            Flush::Async => FlushPolicy::Async,
-        },
-        flush_timeout: Duration::from_millis(config.flush_timeout_ms),
-        group_commit_max: config.group_commit_max,
-        cache_bytes: usize::try_from(config.store_cache_mib.saturating_mul(1 << 20)).unwrap_or(usize::MAX),
-        async_flush_interval: Duration::from_millis(config.async_flush_interval_ms),
-        retention: Duration::from_millis(config.retention_ms),
-        retention_check_interval: Duration::from_millis(config.retention_check_interval_ms),
-        topics: config.topics.iter().map(|t| (t.name.clone(), t.queues)).collect(),
+        topics: topic_queues(config),
         broker_name: config.broker_name.clone(),
-        min_free_disk_bytes: config.min_free_disk_mib.saturating_mul(1 << 20),
-        max_pending_write_bytes: usize::try_from(config.max_pending_write_mib.saturating_mul(1 << 20))
-            .unwrap_or(usize::MAX),
+        settings: config.store.clone(),
     }
 }
 
-/// The requestId MAC keys: the configured secret (the previous one, or else the kept key,
-/// still accepted), or the key kept in the data directory / Redis.
-fn request_id_keys(config: &Config, kept: [u8; 32]) -> RequestIdKeys {
-    match &config.request_id_secret {
-        Some(current) => RequestIdKeys::new(
-            RequestIdKeys::key_of(current),
-            Some(
-                config
-                    .request_id_previous_secret
-                    .as_deref()
-                    .map_or(kept, RequestIdKeys::key_of),
-            ),
-        ),
-        None => RequestIdKeys::new(kept, None),
-    }
+/// The registered topics and their queue counts, as the stores take them.
+fn topic_queues(config: &Config) -> Vec<(String, u32)> {
+    config.topics.iter().map(|t| (t.name.clone(), t.queues)).collect()
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -156,19 +129,9 @@ async fn message_store_unboxed(config: &Config, embedded: &EmbeddedStore) -> Res
         Backend::Rocketmq => {
             let r = &config.rocketmq;
             let store = RocketMqStore::start(
-                RocketMqSettings {
-                    namesrv_addr: r.namesrv_addr.clone(),
-                    send_timeout: Duration::from_millis(r.send_timeout_ms),
-                    pull_timeout: Duration::from_millis(r.pull_timeout_ms),
-                    offset_refresh: Duration::from_millis(r.offset_refresh_ms),
-                    auto_create_topics: r.auto_create_topics,
-                    create_in: r.cluster.clone(),
-                    topic_prefix: r.topic_prefix.clone(),
-                    client_group: r.client_group.clone(),
-                    credentials: r.access_key.clone().zip(r.secret_key.clone()),
-                    topics: config.topics.iter().map(|t| (t.name.clone(), t.queues)).collect(),
-                    max_message_bytes: crate::engine::limits::MAX_MESSAGE_BYTES,
-                },
+                r.clone(),
+                &topic_queues(config),
+                crate::engine::limits::MAX_MESSAGE_BYTES,
                 embedded.identity().clone(),
             )
             .await?;
@@ -210,7 +173,11 @@ fn with_saved_registry(mut config: Config, file: &RegistryFile) -> Result<Config
             config.consumers.push(ConsumerConfig {
                 name: c.name,
                 topic: c.topic,
-                mode: if c.broadcast { Mode::Broadcast } else { Mode::Clustering },
+                mode: if c.broadcast {
+                    ConsumeMode::Broadcast
+                } else {
+                    ConsumeMode::Clustering
+                },
                 consume_timeout_ms: c.consume_timeout_ms,
                 max_pull_size: c.max_pull_size,
                 token: None,
@@ -297,20 +264,14 @@ pub async fn run(
             source,
         })?
         .unwrap_or(store.identity().secret);
-    let keys = request_id_keys(&config, kept_secret);
+    let keys = config.request_id.keys(kept_secret);
     let backend = messages.clone();
     let engine = Engine::new(
         EngineConfig {
             region_id: config.region_id.clone(),
             store_host: store_host(addr),
-            max_delivery_delay_ms: config.max_delivery_delay_ms,
-            default_rate_limit: config.default_rate_limit,
-            limits: ClientLimits {
-                broadcast_client_idle_ms: config.broadcast_client_idle_ms,
-                max_broadcast_clients: config.max_broadcast_clients,
-                metrics_max_client_series: config.metrics_max_client_series,
-                max_consume_streams: config.max_consume_streams,
-            },
+            produce: config.produce,
+            consume: config.consume,
             topics: config.topic_specs(),
             producers: config.producer_specs(),
             consumers: config.consumer_specs(),
@@ -323,14 +284,16 @@ pub async fn run(
     // The config's entries are created at start-up: saved along with the admin API's.
     engine.save_registry().await?;
     let idle_client_sweep = engine.spawn_idle_client_sweep();
-    let grpc =
-        crate::grpc::router(engine.clone(), config.max_request_bytes).map_err(|e| ServeError::Grpc(e.to_string()))?;
-    let http_settings = HttpSettings {
-        mirror_http_status: config.http_status == HttpStatusPolicy::Mirror,
-        max_request_bytes: config.max_request_bytes,
-        cors_allowed_origins: config.cors.allowed_origins.clone(),
-        admin_token: config.admin_token.clone(),
-        body_timeout: Duration::from_millis(config.header_timeout_ms),
+    let grpc = crate::grpc::router(engine.clone(), config.http.max_request_bytes())
+        .map_err(|e| ServeError::Grpc(e.to_string()))?;
+    let http_router = |role| {
+        http::router(
+            engine.clone(),
+            &config.http,
+            config.admin_token.clone(),
+            config.listener.header_timeout(),
+            role,
+        )
     };
     let observed = |app: axum::Router| {
         app.layer(axum::middleware::from_fn_with_state(
@@ -338,19 +301,15 @@ pub async fn run(
             http::metrics::observe,
         ))
     };
-    let app = observed(
-        http::router(engine.clone(), &http_settings, ListenerRole::Public)
-            .merge(grpc)
-            .fallback(unmatched),
-    );
-    let admin_app = observed(http::router(engine.clone(), &http_settings, ListenerRole::Admin).fallback(unmatched));
+    let app = observed(http_router(ListenerRole::Public).merge(grpc).fallback(unmatched));
+    let admin_app = observed(http_router(ListenerRole::Admin).fallback(unmatched));
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         shutdown.await;
         let _ = stop_tx.send(true);
     });
-    let tls = match &config.tls {
+    let tls = match &config.listener.tls {
         Some(t) => {
             let tls = listener::tls_config(&t.cert, &t.key)?;
             tracing::info!(cert = %t.cert.display(), "TLS on: HTTPS and gRPC over TLS on one port");
@@ -358,14 +317,7 @@ pub async fn run(
         }
         None => None,
     };
-    let settings = |tls| ListenerSettings {
-        tls,
-        max_connections: config.max_connections,
-        header_timeout: Duration::from_millis(config.header_timeout_ms),
-        idle_timeout: Duration::from_millis(config.idle_timeout_ms),
-        max_h2_streams: config.max_h2_streams,
-        max_header_bytes: config.max_header_bytes,
-    };
+    let settings = &config.listener;
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
@@ -377,14 +329,14 @@ pub async fn run(
     let admin_server = async {
         match admin_listener {
             // TLS too when configured: admin_listen may be set to a non-loopback address.
-            Some(admin) => listener::serve(admin, admin_app, settings(admin_tls), stopped(admin_stop)).await,
+            Some(admin) => listener::serve(admin, admin_app, settings, admin_tls, stopped(admin_stop)).await,
             None => Ok(()),
         }
     };
     let public_stop = stop_rx.clone();
     let server = async {
         let (public, admin) = tokio::join!(
-            listener::serve(listener, app, settings(tls), stopped(public_stop)),
+            listener::serve(listener, app, settings, tls, stopped(public_stop)),
             admin_server
         );
         public.and(admin)

@@ -11,10 +11,12 @@ pub mod support;
 
 pub use handlers::HttpAdapter;
 
-use crate::engine::Engine;
+use crate::engine::limits::Bounds;
+use crate::engine::{Engine, SettingError};
 use axum::Router;
 use axum::http::HeaderValue;
 use std::sync::Arc;
+use std::time::Duration;
 use support::{RouterSettings, RouterState};
 use tower_http::cors::{AllowOrigin, Any, CorsLayer};
 
@@ -30,17 +32,48 @@ pub fn openapi_json() -> serde_json::Value {
         .unwrap_or_else(|e| unreachable!("openapi/mqproxy.yaml was checked at build time: {e}"))
 }
 
-/// HTTP settings of the adapter.
-#[derive(Debug, Clone)]
+/// The answer policy of the HTTP status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HttpStatusPolicy {
+    /// Always 200, the outcome in the body's `status` (the Java proxy's behaviour).
+    Body,
+    /// The HTTP status follows the body's `status` (400, 500).
+    Mirror,
+}
+
+/// The `[http]` section: REST answers, request sizes (gRPC's too) and CORS.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct HttpSettings {
-    pub mirror_http_status: bool,
-    pub max_request_bytes: usize,
-    /// Allowed CORS origins; `["*"]` allows any, empty turns CORS off.
+    pub status: HttpStatusPolicy,
+    /// Largest request body, a REST body or a gRPC message (above 4 MiB so an oversize message
+    /// gets the documented answer rather than a 413).
+    pub max_request_bytes: u64,
+    /// Allowed CORS origins; `["*"]` (the default) allows any, `[]` turns CORS off.
     pub cors_allowed_origins: Vec<String>,
-    /// The admin API's token; None: loopback clients of the admin listener only.
-    pub admin_token: Option<String>,
-    /// Time a REST request body may take to arrive.
-    pub body_timeout: std::time::Duration,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        Self {
+            status: HttpStatusPolicy::Body,
+            max_request_bytes: 64 * 1024 * 1024,
+            cors_allowed_origins: vec!["*".into()],
+        }
+    }
+}
+
+impl HttpSettings {
+    /// # Errors
+    /// A value out of its range, named by its key in the section.
+    pub fn check(&self) -> Result<(), SettingError> {
+        Bounds::new(8 * 1024 * 1024, 1 << 31).setting("max_request_bytes", self.max_request_bytes)
+    }
+
+    pub fn max_request_bytes(&self) -> usize {
+        usize::try_from(self.max_request_bytes).unwrap_or(usize::MAX)
+    }
 }
 
 fn cors(origins: &[String]) -> Option<CorsLayer> {
@@ -59,21 +92,29 @@ fn cors(origins: &[String]) -> Option<CorsLayer> {
 /// The whole HTTP application, as served on one listener (the admin rule depends on which).
 /// It has no fallback of its own: the server sets one after merging the gRPC routes
 /// ([`support::no_such_endpoint`] for REST requests).
-pub fn router(engine: Engine, settings: &HttpSettings, role: admin_auth::ListenerRole) -> Router {
+/// `admin_token` guards the admin API (None: loopback clients of the admin listener only);
+/// `body_timeout` is the time a REST request body may take to arrive.
+pub fn router(
+    engine: Engine,
+    settings: &HttpSettings,
+    admin_token: Option<String>,
+    body_timeout: Duration,
+    role: admin_auth::ListenerRole,
+) -> Router {
     let metrics = Router::new()
         .route("/metrics", axum::routing::get(metrics::serve))
         .with_state(engine.clone());
     let state = RouterState {
         api: Arc::new(HttpAdapter { engine }),
         settings: Arc::new(RouterSettings {
-            mirror_http_status: settings.mirror_http_status,
-            max_request_bytes: settings.max_request_bytes,
-            body_timeout: settings.body_timeout,
+            mirror_http_status: settings.status == HttpStatusPolicy::Mirror,
+            max_request_bytes: settings.max_request_bytes(),
+            body_timeout,
         }),
     };
     let swagger =
         utoipa_swagger_ui::SwaggerUi::new("/swagger-ui").external_url_unchecked("/openapi.json", openapi_json());
-    let access = Arc::new(admin_auth::AdminAccess::new(settings.admin_token.clone(), role));
+    let access = Arc::new(admin_auth::AdminAccess::new(admin_token, role));
     let app = api::router(state)
         .merge(metrics)
         .merge(assets::router())

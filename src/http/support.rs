@@ -189,7 +189,7 @@ pub async fn read_request(
         Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
             return Err(RequestError {
                 status: 413,
-                message: format!("request body larger than {limit} bytes (max_request_bytes)"),
+                message: format!("request body larger than {limit} bytes ([http] max_request_bytes)"),
             });
         }
         Ok(Err(_)) => {
@@ -202,7 +202,7 @@ pub async fn read_request(
             return Err(RequestError {
                 status: 408,
                 message: format!(
-                    "the request body did not arrive within {} ms (header_timeout_ms)",
+                    "the request body did not arrive within {} ms ([listener] header_timeout_ms)",
                     settings.body_timeout.as_millis()
                 ),
             });

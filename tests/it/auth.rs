@@ -119,10 +119,10 @@ async fn rest_producers_and_consumers_need_their_tokens() {
     assert!(!registry.to_string().contains(PRODUCER_TOKEN), "{registry}");
 }
 
-/// With `http_status = "mirror"` the HTTP status is the body's 401 / 403.
+/// With `[http] status = "mirror"` the HTTP status is the body's 401 / 403.
 #[tokio::test]
 async fn mirror_mode_answers_401_and_403() {
-    let s = TestServer::with_toml(&secured("http_status = \"mirror\"")).await;
+    let s = TestServer::with_toml(&secured("http.status = \"mirror\"")).await;
     let form = [("producer", PRODUCER), ("message", "x")];
     assert_eq!(post_as(&s, "/mq/produce", None, &form).await.0, 401);
     assert_eq!(post_as(&s, "/mq/produce", Some("wrong"), &form).await.0, 403);

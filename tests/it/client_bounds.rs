@@ -46,7 +46,7 @@ async fn known_clients(s: &TestServer) -> Vec<String> {
 #[tokio::test]
 async fn broadcast_clients_are_capped_and_idle_ones_forgotten() {
     let s = TestServer::with_toml(&broadcast_config(
-        "broadcast_client_idle_ms = 1500\nmax_broadcast_clients = 3",
+        "consume.broadcast_client_idle_ms = 1500\nconsume.max_broadcast_clients = 3",
     ))
     .await;
     s.produce("m0").await;
@@ -91,7 +91,7 @@ async fn broadcast_clients_are_capped_and_idle_ones_forgotten() {
 /// aggregates for all; the offsets view pages its clients and counts them.
 #[tokio::test]
 async fn per_client_series_and_the_offsets_view_are_bounded() {
-    let s = TestServer::with_toml(&broadcast_config("metrics_max_client_series = 2")).await;
+    let s = TestServer::with_toml(&broadcast_config("consume.metrics_max_client_series = 2")).await;
     for i in 0..3 {
         s.produce(&format!("m{i}")).await;
     }
@@ -204,7 +204,7 @@ async fn unregistered_names_are_not_metric_labels() {
 /// A request head past `max_header_bytes` is refused (431) before it reaches a handler.
 #[tokio::test]
 async fn request_heads_are_bounded() {
-    let s = TestServer::with_toml(&broadcast_config("max_header_bytes = 16384")).await;
+    let s = TestServer::with_toml(&broadcast_config("listener.max_header_bytes = 16384")).await;
     let resp = s
         .client
         .get(format!("{}/healthz", s.base))
@@ -221,7 +221,7 @@ async fn request_heads_are_bounded() {
 /// closes.
 #[tokio::test]
 async fn consume_streams_are_capped() {
-    let s = TestServer::with_toml(&broadcast_config("max_consume_streams = 1")).await;
+    let s = TestServer::with_toml(&broadcast_config("consume.max_consume_streams = 1")).await;
     let mut grpc = MessagingServiceClient::connect(s.base.clone())
         .await
         .expect("gRPC connect");
@@ -268,7 +268,7 @@ async fn consume_streams_are_capped() {
 /// A gRPC request message is bounded by `max_request_bytes`, as a REST body is.
 #[tokio::test]
 async fn grpc_messages_are_bounded_like_rest_bodies() {
-    let s = TestServer::with_toml(&broadcast_config("max_request_bytes = 8388608")).await;
+    let s = TestServer::with_toml(&broadcast_config("http.max_request_bytes = 8388608")).await;
     let mut grpc = MessagingServiceClient::connect(s.base.clone())
         .await
         .expect("gRPC connect")

@@ -43,7 +43,7 @@ async fn a_flood_of_client_ids_stays_bounded() {
     let cap = 10_000usize; // the default max_broadcast_clients
     let dir = tempfile::tempdir().expect("tmp");
     let mut toml = format!(
-        "data_dir = \"{}\"\ndefault_rate_limit = 1000000\n",
+        "data_dir = \"{}\"\nconsume.default_rate_limit = 1000000\n",
         dir.path().join("data").display()
     );
     if std::env::var("MQPROXY_TEST_STATE").as_deref() == Ok("redis") {

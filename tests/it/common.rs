@@ -48,7 +48,7 @@ impl TestServer {
         config.data_dir = tmp.path().to_path_buf();
         // The same suite runs with the consumer state in Redis when asked (scripts/test does).
         if std::env::var("MQPROXY_TEST_STATE").as_deref() == Ok("redis") {
-            config.consumer_state.kind = mqproxy::config::ConsumerStateKind::Redis;
+            config.consumer_state.kind = mqproxy::store::consumer_state::ConsumerStateKind::Redis;
             config.consumer_state.url = Some(
                 std::env::var("MQPROXY_TEST_REDIS_URL").expect("MQPROXY_TEST_STATE=redis needs MQPROXY_TEST_REDIS_URL"),
             );

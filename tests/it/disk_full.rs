@@ -72,7 +72,7 @@ async fn a_full_disk_refuses_produce_clearly_and_recovers() {
     let data = fs.path().join("data");
     let config = fs.path().join("mqproxy.toml");
     // A 4 MiB reserve on a 48 MiB disk.
-    std::fs::write(&config, format!("min_free_disk_mib = 4\n{}", one_queue(""))).expect("config");
+    std::fs::write(&config, format!("store.min_free_disk_mib = 4\n{}", one_queue(""))).expect("config");
     let args = [
         "--config".to_owned(),
         config.display().to_string(),

@@ -140,7 +140,7 @@ async fn retention_and_offset_illegal_reset() {
         return;
     }
     let s = TestServer::with_toml(&format!(
-        "retention_ms=1500\nretention_check_interval_ms=100\n{}",
+        "store.retention_ms=1500\nstore.retention_check_interval_ms=100\n{}",
         one_queue("max_pull_size=1\n")
     ))
     .await;
@@ -293,11 +293,11 @@ async fn retry_messages_are_durable_and_acknowledged() {
     assert_eq!(bad["status"], 400);
 }
 
-/// `flush = "async"`: answered before fsync, made durable by the periodic flush and at shutdown.
+/// `[store] flush = "async"`: answered before fsync, made durable by the periodic flush and at shutdown.
 #[tokio::test]
 async fn async_flush_keeps_messages_across_a_graceful_restart() {
     let s = TestServer::with_toml(&format!(
-        "flush=\"async\"\nasync_flush_interval_ms=50\n{}",
+        "store.flush=\"async\"\nstore.async_flush_interval_ms=50\n{}",
         one_queue("")
     ))
     .await;
@@ -316,7 +316,7 @@ async fn request_id_secret_rotation_keeps_pulled_batches_ackable() {
     const FIRST: &str = "first-secret-0123456789";
     const SECOND: &str = "second-secret-0123456789";
     let mut config = config(Some(&one_queue("")));
-    config.request_id_secret = Some(FIRST.into());
+    config.request_id.secret = Some(FIRST.into());
     let s = TestServer::with_config(config).await;
     s.produce("before").await;
     let before = s.fetch("c", None).await;
@@ -324,8 +324,8 @@ async fn request_id_secret_rotation_keeps_pulled_batches_ackable() {
 
     let s = s
         .restart_with(|c| {
-            c.request_id_secret = Some(SECOND.into());
-            c.request_id_previous_secret = Some(FIRST.into());
+            c.request_id.secret = Some(SECOND.into());
+            c.request_id.previous_secret = Some(FIRST.into());
         })
         .await;
     let q = [("topic", TOPIC), ("consumer", "c"), ("requestId", &rid(&before))];
@@ -339,8 +339,8 @@ async fn request_id_secret_rotation_keeps_pulled_batches_ackable() {
     // FIRST is two rotations old now: its requestIds are forged as far as the server knows.
     let s = s
         .restart_with(|c| {
-            c.request_id_secret = Some("third-secret-0123456789".into());
-            c.request_id_previous_secret = Some(SECOND.into());
+            c.request_id.secret = Some("third-secret-0123456789".into());
+            c.request_id.previous_secret = Some(SECOND.into());
         })
         .await;
     let stale = s.post("/mq/ack", &q).await;
@@ -358,9 +358,9 @@ async fn request_id_secret_rotation_keeps_pulled_batches_ackable() {
 /// The secrets are checked at start: too short, or a previous secret without a current one.
 #[test]
 fn request_id_secrets_are_validated() {
-    let short = mqproxy::config::Config::from_toml("request_id_secret = \"short\"", "(test)").unwrap_err();
-    assert_eq!(short.key, "request_id_secret", "{short}");
-    let alone =
-        mqproxy::config::Config::from_toml("request_id_previous_secret = \"0123456789abcdef\"", "(test)").unwrap_err();
-    assert_eq!(alone.key, "request_id_previous_secret", "{alone}");
+    let short = mqproxy::config::Config::from_toml("[request_id]\nsecret = \"short\"", "(test)").unwrap_err();
+    assert_eq!(short.key, "request_id.secret", "{short}");
+    let alone = mqproxy::config::Config::from_toml("[request_id]\nprevious_secret = \"0123456789abcdef\"", "(test)")
+        .unwrap_err();
+    assert_eq!(alone.key, "request_id.previous_secret", "{alone}");
 }

@@ -30,7 +30,7 @@ async fn read_until_closed(conn: &mut TcpStream, limit: Duration) -> (String, bo
 /// connection is closed after `header_timeout_ms`, while normal requests go on.
 #[tokio::test]
 async fn slow_request_heads_are_cut_off() {
-    let s = TestServer::with_toml(&format!("header_timeout_ms = 500\n{}", one_queue(""))).await;
+    let s = TestServer::with_toml(&format!("listener.header_timeout_ms = 500\n{}", one_queue(""))).await;
     let mut slow = TcpStream::connect(addr_of(&s)).await.expect("connect");
     slow.write_all(b"POST /mq/produce HTTP/1.1\r\nHost: x\r\n")
         .await
@@ -64,7 +64,7 @@ async fn slow_request_heads_are_cut_off() {
 #[tokio::test]
 async fn stalled_bodies_get_408() {
     let s = TestServer::with_toml(&format!(
-        "header_timeout_ms = 500\nhttp_status = \"mirror\"\n{}",
+        "listener.header_timeout_ms = 500\nhttp.status = \"mirror\"\n{}",
         one_queue("")
     ))
     .await;
@@ -89,7 +89,7 @@ async fn stalled_bodies_get_408() {
 /// room again.
 #[tokio::test]
 async fn connections_above_the_cap_are_closed() {
-    let s = TestServer::with_toml(&format!("max_connections = 2\n{}", one_queue(""))).await;
+    let s = TestServer::with_toml(&format!("listener.max_connections = 2\n{}", one_queue(""))).await;
     let first = TcpStream::connect(addr_of(&s)).await.expect("connect 1");
     let second = TcpStream::connect(addr_of(&s)).await.expect("connect 2");
     // The server takes them in order; a request on the second proves both were accepted.
@@ -128,7 +128,7 @@ async fn connections_above_the_cap_are_closed() {
 async fn bodies_above_the_limit_get_413() {
     let limit = 8 * 1024 * 1024;
     let s = TestServer::with_toml(&format!(
-        "max_request_bytes = {limit}\nhttp_status = \"mirror\"\n{}",
+        "http.max_request_bytes = {limit}\nhttp.status = \"mirror\"\n{}",
         one_queue("")
     ))
     .await;
@@ -155,7 +155,7 @@ async fn bodies_above_the_limit_get_413() {
 async fn idle_connections_close_but_quiet_streams_live() {
     use mqproxy::grpc::pb;
     use pb::messaging_service_client::MessagingServiceClient;
-    let s = TestServer::with_toml(&format!("idle_timeout_ms = 1000\n{}", one_queue(""))).await;
+    let s = TestServer::with_toml(&format!("listener.idle_timeout_ms = 1000\n{}", one_queue(""))).await;
 
     let mut client = MessagingServiceClient::connect(s.base.clone()).await.expect("connect");
     let (commands, rx) = tokio::sync::mpsc::channel(4);
@@ -218,7 +218,7 @@ async fn an_overloaded_store_answers_503_with_retry_after() {
     if embedded_only("the pending-writes bound is the embedded store's") {
         return;
     }
-    let s = TestServer::with_toml(&format!("max_pending_write_mib = 1\n{}", one_queue(""))).await;
+    let s = TestServer::with_toml(&format!("store.max_pending_write_mib = 1\n{}", one_queue(""))).await;
     let body = "o".repeat(1 << 20);
     let mut stored = 0usize;
     let mut overloaded = None;
@@ -286,7 +286,7 @@ where
 /// connection slot for as long as the client likes.
 #[tokio::test]
 async fn clients_that_stop_reading_are_cut_off() {
-    let s = TestServer::with_toml(&format!("idle_timeout_ms = 1000\n{}", one_queue(""))).await;
+    let s = TestServer::with_toml(&format!("listener.idle_timeout_ms = 1000\n{}", one_queue(""))).await;
     let one = reqwest::get(format!("{}/openapi.json", s.base))
         .await
         .expect("GET")

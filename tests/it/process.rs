@@ -281,3 +281,29 @@ fn redirected_text_logs_are_plain_and_state_the_admin_rule() {
         "{logs}"
     );
 }
+
+/// A config file of the flat layout before the sections still starts the server, which names
+/// every old key and its new place in a warning (never silently ignored).
+#[test]
+fn old_config_keys_start_the_server_with_a_warning_naming_the_new_key() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join("old.toml");
+    std::fs::write(
+        &path,
+        "flush = \"sync\"\nmax_connections = 100\n[cors]\nallowed_origins = [\"*\"]\n",
+    )
+    .expect("write");
+    let config = path.to_str().expect("utf-8 path");
+    let logs = logs_of_a_short_run(&["--config", config]);
+    for (old, new) in [
+        ("`flush` at the top", "`flush` under [store]"),
+        ("`max_connections` at the top", "`max_connections` under [listener]"),
+        ("`allowed_origins` under [cors]", "`cors_allowed_origins` under [http]"),
+    ] {
+        assert!(
+            logs.lines()
+                .any(|l| l.contains("WARN") && l.contains(&format!("config key {old} has moved to {new}"))),
+            "{old} -> {new}: {logs}"
+        );
+    }
+}

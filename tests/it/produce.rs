@@ -264,7 +264,7 @@ async fn msg_ids_are_unique_across_restarts() {
     assert_eq!(ids.len(), 10);
 }
 
-/// `http_status = "mirror"`: the HTTP status follows the body; the default keeps 200.
+/// `[http] status = "mirror"`: the HTTP status follows the body; the default keeps 200.
 #[tokio::test]
 async fn http_status_policy() {
     let s = TestServer::start().await;
@@ -277,7 +277,7 @@ async fn http_status_policy() {
         .expect("post");
     assert_eq!(resp.status(), 200);
     let mut cfg = config(None);
-    cfg.http_status = mqproxy::config::HttpStatusPolicy::Mirror;
+    cfg.http.status = mqproxy::http::HttpStatusPolicy::Mirror;
     let m = TestServer::with_config(cfg).await;
     let resp = m
         .client

@@ -23,7 +23,7 @@ fn self_signed(dir: &Path) -> (String, String, String) {
 }
 
 fn tls_toml(cert: &str, key: &str) -> String {
-    format!("[tls]\ncert = \"{cert}\"\nkey = \"{key}\"\n{}", one_queue(""))
+    format!("[listener.tls]\ncert = \"{cert}\"\nkey = \"{key}\"\n{}", one_queue(""))
 }
 
 fn port_of(s: &TestServer) -> String {

@@ -84,7 +84,7 @@ async fn java(env: &Env, peers: &Peers, args: &[String]) -> anyhow::Result<JavaR
 
 /// The server's TOML for the cluster at `namesrv` with topics under `prefix`.
 fn cluster_toml(env: &Env, namesrv: &str, prefix: &str) -> String {
-    // Top-level keys first: the [rocketmq] table ends the top level.
+    // Top-level (and dotted) keys first: the [rocketmq] table ends the top level.
     format!(
         "backend = \"rocketmq\"\n{}\n[rocketmq]\nnamesrv_addr = \"{namesrv}\"\nauto_create_topics = true\ntopic_prefix = \"{prefix}\"\n",
         env.server_toml

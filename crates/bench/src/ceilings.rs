@@ -4,8 +4,9 @@
 //! is `server::serve_http_ceiling`, driven by the same client as mqproxy.
 
 use crate::server::{QUEUES, TOPIC};
-use mqproxy::config::{Config, Flush, TopicConfig};
+use mqproxy::config::{Config, TopicConfig};
 use mqproxy::store::embedded::EmbeddedStore;
+use mqproxy::store::embedded::FlushPolicy;
 use mqproxy::store::{Delivery, MessageStore, NewRecord};
 use std::io::Write;
 use std::path::Path;
@@ -30,10 +31,10 @@ pub fn flush_rate(dir: &Path, duration: Duration) -> anyhow::Result<f64> {
 }
 
 /// The embedded store as the server opens it (same settings), on `dir`, with the bench topic.
-pub fn open_store(dir: &Path, flush: Flush) -> anyhow::Result<EmbeddedStore> {
+pub fn open_store(dir: &Path, flush: FlushPolicy) -> anyhow::Result<EmbeddedStore> {
     let mut config = Config::demo();
     config.data_dir = dir.to_path_buf();
-    config.flush = flush;
+    config.store.flush = flush;
     config.topics = vec![TopicConfig {
         name: TOPIC.into(),
         queues: QUEUES,

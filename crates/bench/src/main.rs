@@ -52,7 +52,8 @@ struct Common {
     /// Runs of each scenario; the report shows the median run.
     #[arg(long, global = true)]
     rounds: Option<usize>,
-    /// Top-level TOML keys added to the server's config, e.g. `async_flush_interval_ms = 200`.
+    /// TOML keys added to the top of the server's config, dotted for a section's key, e.g.
+    /// `store.async_flush_interval_ms = 200`.
     #[arg(long, global = true, default_value = "")]
     server_toml: String,
 }

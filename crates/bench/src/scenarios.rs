@@ -8,8 +8,8 @@ use crate::server::{self, CONSUMER, PRODUCER, ServerSetup, TOPIC};
 use anyhow::{Context, bail};
 use bytes::Bytes;
 use hdrhistogram::Histogram;
-use mqproxy::config::Flush;
 use mqproxy::grpc::pb;
+use mqproxy::store::embedded::FlushPolicy;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -39,8 +39,12 @@ impl Env {
     }
 }
 
-fn flush_of(name: &str) -> Flush {
-    if name == "async" { Flush::Async } else { Flush::Sync }
+fn flush_of(name: &str) -> FlushPolicy {
+    if name == "async" {
+        FlushPolicy::Async
+    } else {
+        FlushPolicy::Sync
+    }
 }
 
 /// One message body of `size` bytes (form-encoded as is: plain ASCII).
@@ -183,7 +187,7 @@ pub async fn produce_batch(env: &Env, connections: usize, per_batch: usize, size
 /// of them with `readers` readers of `per_read` messages.
 async fn preloaded(env: &Env, label: &str, total: u64, size: usize, readers: usize) -> anyhow::Result<(PathBuf, f64)> {
     let dir = server::fresh_dir(&env.data_root, label)?;
-    let store = ceilings::open_store(&dir, Flush::Async)?;
+    let store = ceilings::open_store(&dir, FlushPolicy::Async)?;
     ceilings::fill(&store, total, 1000, size).await?;
     let read_rate = ceilings::store_read_rate(&store, readers, 128).await?;
     store.close();
@@ -509,7 +513,7 @@ pub async fn backlog(env: &Env, stored: u64) -> anyhow::Result<Row> {
     }
     let dir = server::fresh_dir(&env.data_root, "backlog")?;
     let fill_started = Instant::now();
-    let store = ceilings::open_store(&dir, Flush::Async)?;
+    let store = ceilings::open_store(&dir, FlushPolicy::Async)?;
     ceilings::fill(&store, stored, 4096, 128).await?;
     store.close();
     drop(store); // releases the database file for the server

@@ -135,8 +135,8 @@ pub fn start_mqproxy(bin: &Path, data_dir: PathBuf, setup: &ServerSetup) -> anyh
     let config = format!(
         r#"listen = "127.0.0.1:0"
 data_dir = "{data}"
-flush = "{flush}"
-default_rate_limit = 1000000
+store.flush = "{flush}"
+consume.default_rate_limit = 1000000
 {extra}
 
 [[topic]]

@@ -222,7 +222,7 @@ impl Engine {
         if key.client_id.is_none() {
             return Ok(());
         }
-        let limits = &self.inner.config.limits;
+        let limits = &self.inner.config.consume;
         if self
             .inner
             .state
@@ -232,7 +232,7 @@ impl Engine {
             return Ok(());
         }
         Err(EngineError::LimitReached(format!(
-            "consumer:{} has {} broadcast clients, the most max_broadcast_clients allows; a new clientId is accepted once a client has had no pull for broadcast_client_idle_ms ({} ms)",
+            "consumer:{} has {} broadcast clients, the most [consume] max_broadcast_clients allows; a new clientId is accepted once a client has had no pull for broadcast_client_idle_ms ({} ms)",
             spec.name, limits.max_broadcast_clients, limits.broadcast_client_idle_ms
         )))
     }
@@ -241,7 +241,7 @@ impl Engine {
     /// broadcast clients idle longer than that; ends when the engine is dropped.
     pub fn spawn_idle_client_sweep(&self) -> tokio::task::JoinHandle<()> {
         let engine = Arc::downgrade(&self.inner);
-        let idle_ms = self.inner.config.limits.broadcast_client_idle_ms;
+        let idle_ms = self.inner.config.consume.broadcast_client_idle_ms;
         let every = std::time::Duration::from_millis((idle_ms / 10).clamp(100, 60_000));
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
@@ -336,7 +336,7 @@ impl Engine {
         ConsumerSettings {
             paused: false,
             rate_limit_enabled: true,
-            limit_rate: self.inner.config.default_rate_limit,
+            limit_rate: self.inner.config.consume.default_rate_limit,
             consume_timeout_ms: None,
             max_pull_size: None,
         }
@@ -911,10 +911,10 @@ impl Engine {
         };
         let mut settings = self.settings_of(consumer).await?;
         if let Some(t) = change.consume_timeout_ms {
-            limits::CONSUME_TIMEOUT_MS.check("consumeTimeoutMs", t)?;
+            limits::check(limits::CONSUME_TIMEOUT_MS, "consumeTimeoutMs", t)?;
         }
         if let Some(m) = change.max_pull_size {
-            limits::PULL_SIZE.check("maxPullSize", u64::from(m))?;
+            limits::check(limits::PULL_SIZE, "maxPullSize", u64::from(m))?;
         }
         if change.paused.is_some()
             || change.rate_limit_enabled.is_some()

@@ -6,7 +6,7 @@ use super::*;
 use crate::clock::ManualClock;
 use crate::request_id::RequestIdKeys;
 use mqproxy_store::consumer_state::LocalConsumerState;
-use mqproxy_store::embedded::{EmbeddedConfig, EmbeddedStore, FlushPolicy};
+use mqproxy_store::embedded::{EmbeddedConfig, EmbeddedSettings, EmbeddedStore, FlushPolicy};
 use mqproxy_store::registry_file::RegistryFile;
 use std::time::Duration;
 use tokio_stream::StreamExt;
@@ -33,26 +33,27 @@ fn harness(queues: u32) -> Harness {
     let dir = tempfile::tempdir().expect("tmp dir");
     let store = EmbeddedStore::open(EmbeddedConfig {
         data_dir: dir.path().to_owned(),
-        flush: FlushPolicy::Async,
-        flush_timeout: Duration::from_secs(5),
-        group_commit_max: 64,
-        cache_bytes: 1 << 20,
-        async_flush_interval: Duration::from_secs(60),
-        retention: Duration::from_secs(86_400),
-        retention_check_interval: Duration::from_secs(3_600),
         topics: vec![(TOPIC.into(), queues)],
         broker_name: "b".into(),
-        min_free_disk_bytes: 0,
-        max_pending_write_bytes: 1 << 24,
+        settings: EmbeddedSettings {
+            flush: FlushPolicy::Async,
+            async_flush_interval_ms: 60_000,
+            group_commit_max: 64,
+            cache_mib: 1,
+            min_free_disk_mib: 0,
+            ..EmbeddedSettings::default()
+        },
     })
     .expect("store opens");
     let state = LocalConsumerState::load(Arc::new(store.clone())).expect("state loads");
     let config = EngineConfig {
         region_id: "r".into(),
         store_host: [127, 0, 0, 1, 0, 0, 0, 1],
-        max_delivery_delay_ms: 86_400_000,
-        default_rate_limit: 1_000,
-        limits: ClientLimits {
+        produce: ProduceSettings {
+            max_delivery_delay_ms: 86_400_000,
+        },
+        consume: ConsumeSettings {
+            default_rate_limit: 1_000,
             broadcast_client_idle_ms: 60_000,
             max_broadcast_clients: 16,
             metrics_max_client_series: 4,

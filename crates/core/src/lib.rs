@@ -18,6 +18,7 @@ mod offsets;
 mod rate_limit;
 mod registry;
 pub mod request_id;
+mod settings;
 mod stream;
 
 pub use auth::{AccessToken, ConsumerCall, ProducerCall, TokenChange};
@@ -27,8 +28,10 @@ pub use consume::{
     UnlockOutcome,
 };
 pub use error::{EngineError, ErrorCode, ErrorKind, GrpcCode, LogLevel, http_status_of_envelope};
+pub use mqproxy_store::settings::SettingError;
 pub use offsets::{ClientPage, ConnectedClient, ConsumerOffsets, ContextView, OffsetReset, QueueSelector, QueueView};
 pub use registry::RegistryView;
+pub use settings::{ConsumeSettings, ProduceSettings};
 pub use stream::{ConsumeCommand, ConsumeEvent, ConsumeStream, Subscription};
 
 use ids::MsgIdGenerator;
@@ -44,7 +47,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 const BATCH_OVERHEAD_BYTES: usize = 256;
 
 /// Clustering (a group shares the stream) or broadcast (each clientId gets all of it).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum ConsumeMode {
     Clustering,
     Broadcast,
@@ -90,29 +94,11 @@ pub struct EngineConfig {
     pub region_id: String,
     /// IPv4 address and port of this server, the first half of every offsetMsgId.
     pub store_host: [u8; 8],
-    /// How far ahead a `deliveryTimestamp` may be.
-    pub max_delivery_delay_ms: u64,
-    /// Pulls per second per consumer when an operator has not set a rate.
-    pub default_rate_limit: u64,
-    /// Bounds on what clients create (each a config key; see `config.rs`).
-    pub limits: ClientLimits,
+    pub produce: ProduceSettings,
+    pub consume: ConsumeSettings,
     pub topics: Vec<TopicSpec>,
     pub producers: Vec<ProducerSpec>,
     pub consumers: Vec<ConsumerSpec>,
-}
-
-/// Bounds on the state anonymous clients can make the proxy keep (their defaults are the
-/// config's).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ClientLimits {
-    /// A broadcast clientId with no pull for this long is forgotten.
-    pub broadcast_client_idle_ms: u64,
-    /// ClientIds one broadcast consumer may have.
-    pub max_broadcast_clients: u32,
-    /// Broadcast clientIds per consumer with their own lag series in `/metrics`.
-    pub metrics_max_client_series: u32,
-    /// Consume streams open at once.
-    pub max_consume_streams: u32,
 }
 
 /// A message to produce (the producer is the [`ProducerCall`]'s).
@@ -235,7 +221,7 @@ impl Engine {
     ) -> Self {
         let registry = registry::Registry::new(&config.topics, &config.producers, &config.consumers);
         let ids = MsgIdGenerator::new(messages.identity());
-        let consume_streams = Arc::new(tokio::sync::Semaphore::new(config.limits.max_consume_streams as usize));
+        let consume_streams = Arc::new(tokio::sync::Semaphore::new(config.consume.max_consume_streams as usize));
         Self {
             inner: Arc::new(Inner {
                 state,
@@ -306,11 +292,11 @@ impl Engine {
             (None, Some(ts)) => {
                 let ts = u64::try_from(ts)
                     .map_err(|_| EngineError::invalid(format!("deliveryTimestamp must not be negative, got {ts}")))?;
-                let limit = now + self.inner.config.max_delivery_delay_ms;
+                let limit = now + self.inner.config.produce.max_delivery_delay_ms;
                 if ts > limit {
                     return Err(EngineError::invalid(format!(
                         "deliveryTimestamp {ts} is more than {} ms ahead (limit {limit})",
-                        self.inner.config.max_delivery_delay_ms
+                        self.inner.config.produce.max_delivery_delay_ms
                     )));
                 }
                 Ok(if ts > now { Delivery::At(ts) } else { Delivery::Now })
@@ -475,7 +461,7 @@ impl Engine {
         m.lag.clear();
         m.broadcast_clients.clear();
         let registry = self.snapshot();
-        let per_client_series = self.inner.config.limits.metrics_max_client_series as usize;
+        let per_client_series = self.inner.config.consume.metrics_max_client_series as usize;
         for spec in registry.consumers.values() {
             let contexts = match spec.mode {
                 ConsumeMode::Clustering => self.consumer_offsets(&spec.name, None, None).await?.contexts,

@@ -4,38 +4,16 @@
 
 use crate::EngineError;
 
-/// An inclusive range a value must lie in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Bounds {
-    pub min: u64,
-    pub max: u64,
-}
+pub use mqproxy_store::settings::Bounds;
 
-impl Bounds {
-    pub const fn contains(self, value: u64) -> bool {
-        self.min <= value && value <= self.max
-    }
-
-    /// Why `value` is refused, as the config and the API say it: "must be between A and B,
-    /// got V" (None: it is within).
-    pub fn refusal(self, value: u64) -> Option<String> {
-        (!self.contains(value)).then(|| format!("must be between {} and {}, got {value}", self.min, self.max))
-    }
-
-    /// The engine's 400 naming the parameter when `value` is outside.
-    ///
-    /// # Errors
-    /// `value` is outside the range.
-    pub fn check(self, parameter: &str, value: u64) -> Result<(), EngineError> {
-        match self.refusal(value) {
-            Some(reason) => Err(EngineError::invalid(format!("{parameter} {reason}"))),
-            None => Ok(()),
-        }
-    }
-
-    /// `value` brought into the range (for a client's wish that may only lower a setting).
-    pub fn clamp(self, value: u64) -> u64 {
-        value.clamp(self.min, self.max)
+/// The engine's 400 naming the parameter when `value` is outside `bounds`.
+///
+/// # Errors
+/// `value` is outside the range.
+pub fn check(bounds: Bounds, parameter: &str, value: u64) -> Result<(), EngineError> {
+    match bounds.refusal(value) {
+        Some(reason) => Err(EngineError::invalid(format!("{parameter} {reason}"))),
+        None => Ok(()),
     }
 }
 
@@ -91,8 +69,8 @@ mod tests {
 
     #[test]
     fn bounds_check_and_say_why() {
-        assert!(PULL_SIZE.check("maxPullSize", 128).is_ok());
-        let e = PULL_SIZE.check("maxPullSize", 129).expect_err("out of range");
+        assert!(check(PULL_SIZE, "maxPullSize", 128).is_ok());
+        let e = check(PULL_SIZE, "maxPullSize", 129).expect_err("out of range");
         assert_eq!(e.to_string(), "maxPullSize must be between 1 and 128, got 129");
         assert_eq!(PULL_SIZE.clamp(0), 1);
         assert_eq!(CONSUME_TIMEOUT_MS.max, 129_600_000);

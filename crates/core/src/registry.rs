@@ -167,7 +167,7 @@ impl Engine {
     /// A bad name or queue count, fewer queues than before, or a store failure.
     pub async fn put_topic(&self, name: &str, queues: u32) -> Result<RegistryView, EngineError> {
         check_name("topic", name)?;
-        limits::QUEUES.check("queues", u64::from(queues))?;
+        limits::check(limits::QUEUES, "queues", u64::from(queues))?;
         if let Some(old) = self.snapshot().topics.get(name)
             && queues < old.queues
         {
@@ -275,8 +275,8 @@ impl Engine {
     /// A bad name or value, an unknown topic, or a store failure.
     pub async fn put_consumer(&self, mut spec: ConsumerSpec, token: TokenChange) -> Result<RegistryView, EngineError> {
         check_name("consumer", &spec.name)?;
-        limits::CONSUME_TIMEOUT_MS.check("consumeTimeoutMs", spec.consume_timeout_ms)?;
-        limits::PULL_SIZE.check("maxPullSize", u64::from(spec.max_pull_size))?;
+        limits::check(limits::CONSUME_TIMEOUT_MS, "consumeTimeoutMs", spec.consume_timeout_ms)?;
+        limits::check(limits::PULL_SIZE, "maxPullSize", u64::from(spec.max_pull_size))?;
         let (name, topic) = (spec.name.clone(), spec.topic.clone());
         let view = self
             .change_registry(None, |r| {

@@ -8,6 +8,7 @@ use base64::alphabet::URL_SAFE;
 use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 use hmac::{Hmac, Mac};
 use mqproxy_store::ContextKey;
+use mqproxy_store::settings::SettingError;
 use sha2::{Digest, Sha256};
 
 const ENCODER: GeneralPurpose = GeneralPurpose::new(&URL_SAFE, GeneralPurposeConfig::new());
@@ -78,6 +79,57 @@ impl RequestIdKeys {
 
     fn accepted(&self) -> impl Iterator<Item = &[u8; 32]> {
         std::iter::once(&self.current).chain(self.previous.as_ref())
+    }
+}
+
+/// The `[request_id]` section: the secrets of the requestId MAC.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RequestIdSecrets {
+    /// Any text, 16+ characters (give every proxy the same one); without it the key is made at
+    /// first start and kept in the data directory (or shared through Redis).
+    pub secret: Option<String>,
+    /// The secret before a rotation: requestIds it signed are still accepted. Defaults, when
+    /// `secret` is set, to the kept key, so the first configured secret is a rotation too.
+    pub previous_secret: Option<String>,
+}
+
+/// The shortest secret accepted (a MAC key guessable by brute force forges every requestId).
+const MIN_SECRET_CHARS: usize = 16;
+
+impl RequestIdSecrets {
+    /// Checks the secrets' lengths and that a previous secret has a current one.
+    ///
+    /// # Errors
+    /// The first key refused.
+    pub fn check(&self) -> Result<(), SettingError> {
+        for (key, secret) in [("secret", &self.secret), ("previous_secret", &self.previous_secret)] {
+            if secret.as_ref().is_some_and(|s| s.chars().count() < MIN_SECRET_CHARS) {
+                return Err(SettingError::new(
+                    key,
+                    format!("must be at least {MIN_SECRET_CHARS} characters"),
+                ));
+            }
+        }
+        if self.previous_secret.is_some() && self.secret.is_none() {
+            return Err(SettingError::new(
+                "previous_secret",
+                "needs secret (the secret now in use)",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The MAC keys: the configured secret (the previous one, or else the kept key, still
+    /// accepted), or the key kept in the data directory / Redis.
+    pub fn keys(&self, kept: [u8; 32]) -> RequestIdKeys {
+        match &self.secret {
+            Some(current) => RequestIdKeys::new(
+                RequestIdKeys::key_of(current),
+                Some(self.previous_secret.as_deref().map_or(kept, RequestIdKeys::key_of)),
+            ),
+            None => RequestIdKeys::new(kept, None),
+        }
     }
 }
 

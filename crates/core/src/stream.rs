@@ -76,8 +76,8 @@ impl Engine {
         let key = self.resolve(spec, &target)?;
         let permit = self.inner.consume_streams.clone().try_acquire_owned().map_err(|_| {
             EngineError::LimitReached(format!(
-                "{} Consume streams are open, the most max_consume_streams allows",
-                self.inner.config.limits.max_consume_streams
+                "{} Consume streams are open, the most [consume] max_consume_streams allows",
+                self.inner.config.consume.max_consume_streams
             ))
         })?;
         // One batch buffered at most: a slow client holds the task back (HTTP/2 flow control
@@ -123,7 +123,7 @@ impl Engine {
         // A broadcast stream pulls at least this often, so a quiet but live client is never
         // taken for an idle one and forgotten.
         let keep_known =
-            (key.client_id.is_some()).then(|| (self.inner.config.limits.broadcast_client_idle_ms / 4).max(250));
+            (key.client_id.is_some()).then(|| (self.inner.config.consume.broadcast_client_idle_ms / 4).max(250));
         tracing::debug!(consumer = %target.consumer, client = ?target.client_id, "consume stream opened");
         'stream: loop {
             // This round's view; a command that arrives in the round is applied with it.

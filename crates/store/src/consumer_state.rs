@@ -9,9 +9,63 @@
 use super::{
     ConsumerOp, ConsumerSettings, ConsumerStore, ContextKey, MessageLocation, QueueState, RetryEntry, StoreError,
 };
+use crate::settings::{Bounds, SettingError};
 use async_trait::async_trait;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
+
+/// Where consumer offsets, locks and retry entries live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConsumerStateKind {
+    /// In the embedded store (one proxy).
+    Embedded,
+    /// In Redis, shared by several proxies.
+    Redis,
+}
+
+/// The `[consumer_state]` section.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConsumerStateSettings {
+    pub kind: ConsumerStateKind,
+    /// `redis://host:port[/db]` when `kind = "redis"`.
+    pub url: Option<String>,
+    /// Prefix of every Redis key (keeps mqproxy's keys apart from other users of the server).
+    pub prefix: String,
+    /// How long one Redis call may take before it fails (the request then answers 500).
+    pub timeout_ms: u64,
+}
+
+impl Default for ConsumerStateSettings {
+    fn default() -> Self {
+        Self {
+            kind: ConsumerStateKind::Embedded,
+            url: None,
+            prefix: "mqproxy:".into(),
+            // The redis crate's own default (500 ms) failed calls on a loaded 2-core machine.
+            timeout_ms: 3_000,
+        }
+    }
+}
+
+impl ConsumerStateSettings {
+    /// Checks the range and that Redis has an address.
+    ///
+    /// # Errors
+    /// The first value refused, named by its key in the section.
+    pub fn check(&self) -> Result<(), SettingError> {
+        Bounds::new(100, 60_000).setting("timeout_ms", self.timeout_ms)?;
+        let redis_url = |u: &str| u.starts_with("redis://") || u.starts_with("rediss://");
+        if self.kind == ConsumerStateKind::Redis && !self.url.as_deref().is_some_and(redis_url) {
+            return Err(SettingError::new(
+                "url",
+                "kind = \"redis\" needs url = \"redis://host:port\"",
+            ));
+        }
+        Ok(())
+    }
+}
 
 /// A context's state as read at one moment.
 #[derive(Debug, Clone, Default)]
@@ -651,22 +705,18 @@ pub(crate) mod contract {
 
     #[tokio::test]
     async fn local_state_keeps_the_contract_and_survives_reload() {
-        use crate::embedded::{EmbeddedConfig, EmbeddedStore, FlushPolicy};
-        use std::time::Duration;
+        use crate::embedded::{EmbeddedConfig, EmbeddedSettings, EmbeddedStore};
         let dir = tempfile::tempdir().expect("tmp");
         let config = EmbeddedConfig {
             data_dir: dir.path().to_path_buf(),
-            flush: FlushPolicy::Sync,
-            flush_timeout: Duration::from_secs(5),
-            group_commit_max: 64,
-            cache_bytes: 8 << 20,
-            async_flush_interval: Duration::from_secs(1),
-            retention: Duration::from_secs(3600),
-            retention_check_interval: Duration::from_secs(60),
             topics: vec![("t".into(), 2)],
             broker_name: "broker-a".into(),
-            min_free_disk_bytes: 0,
-            max_pending_write_bytes: 64 << 20,
+            settings: EmbeddedSettings {
+                group_commit_max: 64,
+                cache_mib: 8,
+                min_free_disk_mib: 0,
+                ..EmbeddedSettings::default()
+            },
         };
         let store = EmbeddedStore::open(config.clone()).expect("open");
         let state = LocalConsumerState::load(Arc::new(store.clone())).expect("load");

@@ -7,14 +7,14 @@
 //!
 //! The engine keeps the consumer state it works on in memory and writes every change through
 //! [`ConsumerStore::save`], which is ordered: changes enqueued in order are applied in order.
-//! Only `embedded/` imports the database crate; only `rocketmq.rs` imports the RocketMQ client.
+//! Only `embedded/` imports the database crate; only `rocketmq/client.rs` imports the RocketMQ client.
 
 pub mod consumer_state;
 pub mod embedded;
 pub mod redis;
 pub mod registry_file;
-#[cfg(feature = "rocketmq")]
 pub mod rocketmq;
+pub mod settings;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};

@@ -292,6 +292,7 @@ impl Writer {
         counters: Counters,
         pending_bytes: Arc<std::sync::atomic::AtomicUsize>,
     ) -> Result<Self, StoreError> {
+        let settings = &config.settings;
         let ranges = shared_ranges.read().map_err(|_| StoreError::Closed)?.clone();
         let next_due = {
             let txn = db.begin_read().map_err(db_err)?;
@@ -305,18 +306,18 @@ impl Writer {
             visible,
             appended: false,
             counters,
-            flush: config.flush,
-            flush_timeout: config.flush_timeout,
-            group_commit_max: config.group_commit_max.max(1),
-            async_flush_interval: config.async_flush_interval,
-            retention: config.retention,
-            retention_check_interval: config.retention_check_interval,
+            flush: settings.flush,
+            flush_timeout: Duration::from_millis(settings.flush_timeout_ms),
+            group_commit_max: usize::try_from(settings.group_commit_max).unwrap_or(usize::MAX).max(1),
+            async_flush_interval: Duration::from_millis(settings.async_flush_interval_ms),
+            retention: Duration::from_millis(settings.retention_ms),
+            retention_check_interval: Duration::from_millis(settings.retention_check_interval_ms),
             next_due,
             last_purge: Instant::now(),
             last_sync: Instant::now(),
             unsynced: false,
             data_dir: config.data_dir.clone(),
-            min_free_bytes: config.min_free_disk_bytes,
+            min_free_bytes: settings.min_free_disk_mib.saturating_mul(1 << 20),
             room: DiskRoom::Room,
             pending_bytes,
         })
@@ -363,7 +364,7 @@ impl Writer {
 
     fn disk_full_error(&self) -> StoreError {
         StoreError::StorageFull(format!(
-            "the disk of the data directory is full (less than min_free_disk_mib = {} MiB free): nothing was stored; \
+            "the disk of the data directory is full (less than [store] min_free_disk_mib = {} MiB free): nothing was stored; \
              retry when space is freed",
             self.min_free_bytes >> 20
         ))
@@ -458,7 +459,7 @@ impl Writer {
                 if flush_timed_out {
                     tracing::warn!(
                         elapsed_ms = elapsed.as_millis() as u64,
-                        "flush exceeded flush_timeout_ms"
+                        "flush exceeded [store] flush_timeout_ms"
                     );
                 }
                 for reply in replies {

@@ -1,27 +1,5 @@
-//! The RocketMQ cluster backend: a [`MessageStore`] over `rocketmq-client-rust`, the only
-//! module that imports the RocketMQ crates.
-//!
-//! - Sends go to the queue the engine picked (route order: broker name, then queue id, as the
-//!   Java client lists them, so `orderId` lands where the Java proxy would put it), with the
-//!   engine's msgId as the message's `UNIQ_KEY` (what Java consumers see as its msgId).
-//! - Reads are plain pulls at an explicit offset with a group of our own that never commits an
-//!   offset to the broker: consumer offsets live in the proxy's consumer state store, as in
-//!   the Java proxy (its `EmptyOffsetStore`), so the broker's offsets of a group stay untouched.
-//! - Every broker call goes through the producer's client instance (one route table, one
-//!   connection and one circuit breaker per broker). No consumer of the client library is
-//!   started: rocketmq-client-rust 1.0.0's `DefaultMQPullConsumer` subscribes the topic of its
-//!   first pull and then pulls every queue of it in the background, ignoring its own manual
-//!   mode: memory and broker load for nothing, and a dead broker's address hammered until the
-//!   transport's circuit breaker refuses it for 30 s (so its queues were read again only up to
-//!   30 s after it came back).
-//! - The brokers push no "new message" signal, so each queue's min/max offsets are cached:
-//!   updated by our own sends and pulls and re-read every `offset_refresh`; a change of a max
-//!   wakes streaming consumers (messages from other clients, due delayed messages).
-//! - The route of every registered topic is read once at start-up (missing topics are named,
-//!   or created with `auto_create_topics`). The queue list is the engine's queue index space,
-//!   so a route change needs a restart.
-
-use super::{
+use super::RocketMqSettings;
+use crate::{
     AppendOutcome, AppendStatus, Appended, Delivery, MessageLocation, MessageStore, NewRecord, QueueRange, QueueRef,
     ReadOutcome, StoreError, StoreIdentity, StoredMessage,
 };
@@ -67,28 +45,6 @@ const DISPATCH_WAIT_TRIES: u32 = 4;
 const DISPATCH_WAIT: Duration = Duration::from_millis(3);
 /// A batch travels as one message: the broker's `maxMessageSize` (4 MiB by default) bounds it.
 const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
-
-/// Settings of the RocketMQ backend.
-#[derive(Debug, Clone)]
-pub struct RocketMqSettings {
-    pub namesrv_addr: String,
-    pub send_timeout: Duration,
-    pub pull_timeout: Duration,
-    pub offset_refresh: Duration,
-    pub auto_create_topics: bool,
-    /// Where new topics go: a cluster name or a broker name. Every broker registers a topic of
-    /// each name (RocketMQ's `clusterTopicEnable`, `brokerTopicEnable`), and the brokers on
-    /// that topic's route are the ones a topic is created on.
-    pub create_in: String,
-    pub topic_prefix: String,
-    pub client_group: String,
-    pub credentials: Option<(String, String)>,
-    /// The registered topics and the queue count to create them with.
-    pub topics: Vec<(String, u32)>,
-    /// The largest body the proxy accepts (the producer's own check sits above it by the
-    /// headers' room, so the proxy's limit is the one a client meets).
-    pub max_message_bytes: usize,
-}
 
 /// Why the backend could not start.
 #[derive(Debug, thiserror::Error)]
@@ -277,7 +233,12 @@ impl RocketMqStore {
     ///
     /// # Errors
     /// The client cannot start, or a topic is missing (and may not be created).
-    pub async fn start(settings: RocketMqSettings, identity: StoreIdentity) -> Result<Self, RocketMqStartError> {
+    pub async fn start(
+        settings: RocketMqSettings,
+        topics: &[(String, u32)],
+        max_message_bytes: usize,
+        identity: StoreIdentity,
+    ) -> Result<Self, RocketMqStartError> {
         let client_err = |what: &str, e: &dyn std::fmt::Display| RocketMqStartError::Client(format!("{what}: {e}"));
         let context = rocketmq_runtime::RuntimeContext::try_from_current("mqproxy-rocketmq")
             .map_err(|e| client_err("no Tokio runtime", &e))?;
@@ -288,20 +249,17 @@ impl RocketMqStore {
         )
         .map_err(|e| client_err("client runtime", &describe(&e)))?;
         let hook = || {
-            settings.credentials.as_ref().map(|(ak, sk)| {
-                Arc::new(AclClientRPCHook::new(SessionCredentials::with_keys(
-                    ak.as_str(),
-                    sk.as_str(),
-                )))
-            })
+            settings
+                .credentials()
+                .map(|(ak, sk)| Arc::new(AclClientRPCHook::new(SessionCredentials::with_keys(ak, sk))))
         };
-        let send_timeout_ms = u32::try_from(settings.send_timeout.as_millis()).unwrap_or(u32::MAX);
+        let send_timeout_ms = u32::try_from(settings.send_timeout_ms).unwrap_or(u32::MAX);
         let mut producer = DefaultMQProducer::builder(runtime.clone())
             .producer_group(settings.client_group.as_str())
             .name_server_addr(settings.namesrv_addr.as_str())
             .send_msg_timeout(send_timeout_ms)
             .retry_times_when_send_failed(0)
-            .max_message_size(u32::try_from(settings.max_message_bytes + 64 * 1024).unwrap_or(u32::MAX));
+            .max_message_size(u32::try_from(max_message_bytes + 64 * 1024).unwrap_or(u32::MAX));
         if let Some(hook) = hook() {
             producer = producer.rpc_hook(hook);
         }
@@ -310,15 +268,15 @@ impl RocketMqStore {
             .start()
             .await
             .map_err(|e| client_err("producer start", &describe(&e)))?;
-        let mut topics = HashMap::new();
-        for (name, queue_count) in &settings.topics {
+        let mut loaded = HashMap::new();
+        for (name, queue_count) in topics {
             let topic = Self::load_topic(&mut producer, &settings, name, *queue_count, false).await?;
-            topics.insert(name.clone(), Arc::new(topic));
+            loaded.insert(name.clone(), Arc::new(topic));
         }
         let inner = Arc::new(Inner {
             settings,
             producer,
-            topics: std::sync::RwLock::new(topics),
+            topics: std::sync::RwLock::new(loaded),
             identity,
             visible: tokio::sync::watch::Sender::new(0),
             failed_brokers: Arc::new(Mutex::new(HashMap::new())),
@@ -329,7 +287,7 @@ impl RocketMqStore {
         let weak = Arc::downgrade(&inner);
         let refresher = tokio::spawn(async move {
             loop {
-                let Some(every) = weak.upgrade().map(|i| i.settings.offset_refresh) else {
+                let Some(every) = weak.upgrade().map(|i| i.settings.offset_refresh()) else {
                     return;
                 };
                 tokio::time::sleep(every).await;
@@ -390,7 +348,7 @@ impl RocketMqStore {
             reason,
         };
         let wanted = queue_count as usize;
-        let existing = read_queues(producer, remote, settings.pull_timeout).await;
+        let existing = read_queues(producer, remote, settings.pull_timeout()).await;
         // Brokers already holding the topic: a grown topic gets the new queues on each of them.
         let brokers: Vec<CheetahString> = match &existing {
             Ok(queues) => {
@@ -416,7 +374,7 @@ impl RocketMqStore {
         );
         producer
             .create_topic(
-                &settings.create_in,
+                &settings.cluster,
                 remote,
                 i32::try_from(queue_count).unwrap_or(i32::MAX),
                 HashMap::new(),
@@ -425,7 +383,7 @@ impl RocketMqStore {
             .map_err(|e| {
                 missing(format!(
                     "creating it on {:?} ([rocketmq] cluster: a cluster or broker name) failed: {}",
-                    settings.create_in,
+                    settings.cluster,
                     describe(&e)
                 ))
             })?;
@@ -443,7 +401,7 @@ impl RocketMqStore {
         // The broker registers a new topic with the name server at once; wait for the route.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
-            match read_queues(producer, remote, settings.pull_timeout).await {
+            match read_queues(producer, remote, settings.pull_timeout()).await {
                 Ok(queues) if !queues.is_empty() && queues.len() >= wanted => return Ok(queues),
                 Ok(queues) if tokio::time::Instant::now() >= deadline => {
                     return Err(missing(format!(
@@ -576,7 +534,7 @@ impl Inner {
     async fn pull(&self, mq: &MessageQueue, from: u64, max: usize, max_bytes: usize) -> Result<PullResult, StoreError> {
         let failed = |e: &ClientError| backend_error(&format!("pull from broker {}", mq.broker_name()), e);
         let addr = self.master_addr(mq).await?;
-        let timeout = self.settings.pull_timeout;
+        let timeout = self.settings.pull_timeout();
         let header = PullMessageRequestHeader {
             consumer_group: CheetahString::from(self.settings.client_group.as_str()),
             topic: mq.topic().clone(),
@@ -627,7 +585,7 @@ impl Inner {
     /// A queue's min or max offset, or the offset of a time, from its broker.
     async fn offset(&self, mq: &MessageQueue, end: OffsetEnd) -> Result<u64, StoreError> {
         let addr = self.master_addr(mq).await?;
-        let timeout = duration_ms(self.settings.pull_timeout);
+        let timeout = duration_ms(self.settings.pull_timeout());
         let client = client_of!(self.producer);
         let offset = match end {
             OffsetEnd::Min => client.get_min_offset(addr.as_str(), mq, timeout).await,
@@ -851,7 +809,7 @@ impl RocketMqStore {
             self.inner.check_timer_support(&topic.remote, mq.broker_name()).await?;
         }
         let count = records.len() as u64;
-        let timeout = u64::try_from(self.inner.settings.send_timeout.as_millis()).unwrap_or(u64::MAX);
+        let timeout = self.inner.settings.send_timeout_ms;
         let messages = records
             .iter()
             .map(|r| Self::message(topic, delivery, r))
