@@ -115,7 +115,7 @@ pub enum TlsError {
 ///
 /// # Errors
 /// Unreadable or malformed files, or a key that does not match the certificate.
-pub fn tls_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+pub(crate) fn tls_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let certs = CertificateDer::pem_file_iter(cert)
         .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
         .map_err(|e| TlsError::Cert {
@@ -171,7 +171,7 @@ impl RefusalLog {
 /// # Errors
 /// Never for a failed connection (each is logged and dropped); only the listener's own
 /// address lookup.
-pub async fn serve(
+pub(crate) async fn serve(
     listener: TcpListener,
     app: Router,
     settings: &ListenerSettings,

@@ -12,10 +12,10 @@ pub mod pb {
 }
 
 /// The descriptor set of `proto/`, served by reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/mqproxy_descriptor.bin"));
+const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/mqproxy_descriptor.bin"));
 
 /// The answer to a gRPC request for a service or method not served: `UNIMPLEMENTED`.
-pub fn unimplemented(path: &str) -> axum::response::Response {
+pub(crate) fn unimplemented(path: &str) -> axum::response::Response {
     tonic::Status::unimplemented(format!("no such gRPC method: {path}")).into_http()
 }
 
@@ -24,7 +24,10 @@ pub fn unimplemented(path: &str) -> axum::response::Response {
 ///
 /// # Errors
 /// Never for the checked-in descriptor set; reflection refuses a broken one.
-pub fn router(engine: Engine, max_message_bytes: usize) -> Result<axum::Router, tonic_reflection::server::Error> {
+pub(crate) fn router(
+    engine: Engine,
+    max_message_bytes: usize,
+) -> Result<axum::Router, tonic_reflection::server::Error> {
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)

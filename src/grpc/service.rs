@@ -10,7 +10,7 @@ use std::pin::Pin;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
-pub struct GrpcAdapter {
+pub(crate) struct GrpcAdapter {
     pub engine: Engine,
 }
 

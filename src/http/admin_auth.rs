@@ -19,7 +19,7 @@ use std::sync::Arc;
 use subtle::ConstantTimeEq;
 
 /// What the rule above means for this server, in one sentence for the start-up log.
-pub fn describe_rule(has_token: bool, admin_listener: Option<SocketAddr>) -> String {
+pub(crate) fn describe_rule(has_token: bool, admin_listener: Option<SocketAddr>) -> String {
     match (has_token, admin_listener) {
         (true, Some(addr)) => {
             format!("admin access: the admin API and console on the public listener and on the admin listener {addr}, admin_token required on both")
@@ -34,7 +34,7 @@ pub fn describe_rule(has_token: bool, admin_listener: Option<SocketAddr>) -> Str
 
 /// Which listener a router serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ListenerRole {
+pub(crate) enum ListenerRole {
     /// The port clients (and reverse proxies) reach.
     Public,
     /// `admin_listen`: for operators on the machine.
@@ -43,14 +43,14 @@ pub enum ListenerRole {
 
 /// The admin API's access rule on one listener.
 #[derive(Debug, Clone)]
-pub struct AdminAccess {
+pub(crate) struct AdminAccess {
     token: Option<String>,
     role: ListenerRole,
 }
 
 /// Why a request was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refusal {
+pub(crate) enum Refusal {
     /// No token presented where one is required (401).
     MissingToken,
     /// A wrong token (403).
@@ -101,12 +101,12 @@ const FORWARDING_HEADERS: [&str; 6] = [
 ];
 
 /// True when the request says it came through a proxy.
-pub fn is_forwarded(headers: &HeaderMap) -> bool {
+pub(crate) fn is_forwarded(headers: &HeaderMap) -> bool {
     FORWARDING_HEADERS.iter().any(|h| headers.contains_key(*h))
 }
 
 impl AdminAccess {
-    pub fn new(token: Option<String>, role: ListenerRole) -> Self {
+    pub(crate) fn new(token: Option<String>, role: ListenerRole) -> Self {
         Self {
             token: token.filter(|t| !t.is_empty()),
             role,
@@ -115,7 +115,7 @@ impl AdminAccess {
 
     /// The rule itself: `presented` is the token the request carries, `peer` its socket,
     /// `forwarded` whether it carries a forwarding header.
-    pub fn check(&self, presented: Option<&str>, peer: SocketAddr, forwarded: bool) -> Result<(), Refusal> {
+    pub(crate) fn check(&self, presented: Option<&str>, peer: SocketAddr, forwarded: bool) -> Result<(), Refusal> {
         match (&self.token, presented) {
             (Some(_), None) => Err(Refusal::MissingToken),
             (Some(expected), Some(given)) => {
@@ -144,7 +144,7 @@ fn presented_token(req: &Request) -> Option<String> {
 }
 
 /// Middleware: guards the admin paths, passes every other request through.
-pub async fn guard(
+pub(crate) async fn guard(
     State(access): State<Arc<AdminAccess>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     req: Request,

@@ -64,7 +64,7 @@ fn asset(path: &str) -> Response {
 }
 
 /// `/console/...` and `/demo/...`.
-pub fn router() -> Router {
+pub(super) fn router() -> Router {
     Router::new()
         .route("/console", get(|| async { Redirect::permanent("/console/") }))
         .route("/console/", get(|| async { asset("console/index.html") }))

@@ -23,7 +23,7 @@ const RID_COOKIE: &str = "rid";
 
 /// The HTTP adapter: holds the engine, nothing else.
 #[derive(Clone)]
-pub struct HttpAdapter {
+pub(crate) struct HttpAdapter {
     pub engine: Engine,
 }
 

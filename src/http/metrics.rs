@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 use std::time::Instant;
 
 /// `GET /metrics`.
-pub async fn serve(State(engine): State<Engine>) -> Response {
+pub(crate) async fn serve(State(engine): State<Engine>) -> Response {
     match engine.render_metrics().await {
         Ok(text) => (
             [(
@@ -29,7 +29,7 @@ pub async fn serve(State(engine): State<Engine>) -> Response {
 /// Times every request to a known route (the route pattern is the label; any path no route
 /// matched is `(unmatched)`, so clients cannot grow the label set); gRPC calls are told apart
 /// by their content type.
-pub async fn observe(State(engine): State<Engine>, req: Request, next: Next) -> Response {
+pub(crate) async fn observe(State(engine): State<Engine>, req: Request, next: Next) -> Response {
     let operation = req
         .extensions()
         .get::<MatchedPath>()

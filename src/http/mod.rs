@@ -6,10 +6,10 @@ pub mod admin_auth;
 pub mod api;
 mod assets;
 mod handlers;
-pub mod metrics;
+pub(crate) mod metrics;
 pub mod support;
 
-pub use handlers::HttpAdapter;
+pub(crate) use handlers::HttpAdapter;
 
 use crate::engine::limits::Bounds;
 use crate::engine::{Engine, SettingError};
@@ -21,13 +21,13 @@ use support::{RouterSettings, RouterState};
 use tower_http::cors::{AllowOrigin, Any, CorsLayer};
 
 /// The REST contract, exactly as checked in.
-pub const OPENAPI_YAML: &str = include_str!("../../openapi/mqproxy.yaml");
+const OPENAPI_YAML: &str = include_str!("../../openapi/mqproxy.yaml");
 
 /// The contract as JSON (the document served at `/openapi.json`).
 ///
 /// # Panics
 /// Never at run time: `build.rs` parsed the same file, so the build fails first.
-pub fn openapi_json() -> serde_json::Value {
+fn openapi_json() -> serde_json::Value {
     yaml_serde::from_str(OPENAPI_YAML)
         .unwrap_or_else(|e| unreachable!("openapi/mqproxy.yaml was checked at build time: {e}"))
 }
@@ -94,7 +94,7 @@ fn cors(origins: &[String]) -> Option<CorsLayer> {
 /// ([`support::no_such_endpoint`] for REST requests).
 /// `admin_token` guards the admin API (None: loopback clients of the admin listener only);
 /// `body_timeout` is the time a REST request body may take to arrive.
-pub fn router(
+pub(crate) fn router(
     engine: Engine,
     settings: &HttpSettings,
     admin_token: Option<String>,

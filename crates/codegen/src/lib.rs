@@ -1,3 +1,5 @@
+// `pub` only for what another crate uses; the rest is `pub(crate)` (the lint keeps it so).
+#![warn(unreachable_pub)]
 //! Generates the REST contract's Rust side from the OpenAPI document: reply types (from the
 //! schemas the responses use), one `XxxParams` struct per handler with its parsing and
 //! validation (required, integer ranges, booleans; the string rules the document states are

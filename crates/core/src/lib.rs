@@ -1,3 +1,5 @@
+// `pub` only for what another crate uses; the rest is `pub(crate)` (the lint keeps it so).
+#![warn(unreachable_pub)]
 //! THE core: produce, produce_batch, fetch, ack, unlock and the consumer admin settings, with
 //! the MQCloud HTTP proxy's semantics (registry, orderId queue hash, delay levels, queue choice,
 //! queue locks, requestId acks, retry messages, pause and rate limit).

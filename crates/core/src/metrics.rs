@@ -91,7 +91,7 @@ pub(super) struct Metrics {
 }
 
 impl Metrics {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let mut registry = Registry::with_prefix("mqproxy");
         let produced = Family::default();
         registry.register(
@@ -178,7 +178,7 @@ impl Metrics {
         }
     }
 
-    pub fn observe_request(&self, protocol: &str, operation: &str, seconds: f64) {
+    pub(crate) fn observe_request(&self, protocol: &str, operation: &str, seconds: f64) {
         self.requests
             .get_or_create(&RequestLabels {
                 protocol: protocol.to_owned(),
@@ -188,7 +188,7 @@ impl Metrics {
     }
 
     /// The text exposition format.
-    pub fn encode(&self) -> String {
+    pub(crate) fn encode(&self) -> String {
         let mut out = String::new();
         if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
             tracing::error!(error = %e, "metrics encoding failed");

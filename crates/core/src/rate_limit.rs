@@ -20,7 +20,7 @@ pub(super) struct RateLimiters {
 }
 
 impl RateLimiters {
-    pub fn new(clock: Arc<dyn Clock>) -> Self {
+    pub(crate) fn new(clock: Arc<dyn Clock>) -> Self {
         Self {
             clock: GovernorClock(clock),
             limiters: Mutex::new(HashMap::new()),
@@ -28,7 +28,7 @@ impl RateLimiters {
     }
 
     /// Takes one pull from the consumer's allowance at `rate` per second; false when spent.
-    pub fn try_acquire(&self, consumer: &str, rate: u64) -> bool {
+    pub(crate) fn try_acquire(&self, consumer: &str, rate: u64) -> bool {
         // A limiter is plain numbers: a poisoned mutex still holds usable data.
         let mut limiters = self.limiters.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let stale = limiters.get(consumer).is_none_or(|(r, _)| *r != rate);
@@ -48,7 +48,7 @@ impl RateLimiters {
     }
 
     /// Forgets a consumer's allowance (its rate changed: start with a full burst).
-    pub fn reset(&self, consumer: &str) {
+    pub(crate) fn reset(&self, consumer: &str) {
         self.limiters
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)

@@ -36,7 +36,7 @@ fn sorted<T: Clone>(map: &HashMap<String, Arc<T>>) -> Vec<T> {
 }
 
 impl Registry {
-    pub fn new(topics: &[TopicSpec], producers: &[ProducerSpec], consumers: &[ConsumerSpec]) -> Self {
+    pub(crate) fn new(topics: &[TopicSpec], producers: &[ProducerSpec], consumers: &[ConsumerSpec]) -> Self {
         Self {
             topics: topics.iter().map(|t| (t.name.clone(), Arc::new(t.clone()))).collect(),
             producers: producers
@@ -58,7 +58,7 @@ impl Registry {
         }
     }
 
-    pub fn view(&self) -> RegistryView {
+    pub(crate) fn view(&self) -> RegistryView {
         RegistryView {
             topics: sorted(&self.topics),
             producers: sorted(&self.producers),

@@ -1,3 +1,5 @@
+// `pub` only for what another crate uses; the rest is `pub(crate)` (the lint keeps it so).
+#![warn(unreachable_pub)]
 // The RocketMQ client's request futures nest deeply: proving them Send needs a deeper limit.
 #![recursion_limit = "256"]
 

@@ -8,7 +8,7 @@ use serde::de::DeserializeOwned;
 const HEADER: usize = 16 + 8 + 8 + 8 + 4;
 
 /// `msg_id[16] store_ms[8] store_seq[8] born_ms[8] keys_len[4] keys body`, integers big-endian.
-pub fn encode_message(record: &NewRecord, store_ms: u64, store_seq: u64) -> Vec<u8> {
+pub(super) fn encode_message(record: &NewRecord, store_ms: u64, store_seq: u64) -> Vec<u8> {
     let keys = record.keys.as_deref().unwrap_or("").as_bytes();
     let mut out = Vec::with_capacity(HEADER + keys.len() + record.body.len());
     out.extend_from_slice(&record.msg_id);
@@ -34,7 +34,7 @@ fn be_u64(bytes: &[u8], at: usize) -> Result<u64, StoreError> {
 }
 
 /// The record back as it was appended (the inverse of [`encode_message`]).
-pub fn decode_record(bytes: &[u8]) -> Result<(NewRecord, u64), StoreError> {
+pub(super) fn decode_record(bytes: &[u8]) -> Result<(NewRecord, u64), StoreError> {
     let msg_id: [u8; 16] = bytes
         .get(..16)
         .and_then(|s| s.try_into().ok())
@@ -66,7 +66,7 @@ pub fn decode_record(bytes: &[u8]) -> Result<(NewRecord, u64), StoreError> {
     ))
 }
 
-pub fn decode_message(offset: u64, bytes: &[u8]) -> Result<StoredMessage, StoreError> {
+pub(super) fn decode_message(offset: u64, bytes: &[u8]) -> Result<StoredMessage, StoreError> {
     let (record, store_ms) = decode_record(bytes)?;
     Ok(StoredMessage {
         msg_id: record.msg_id,
@@ -79,7 +79,7 @@ pub fn decode_message(offset: u64, bytes: &[u8]) -> Result<StoredMessage, StoreE
 }
 
 /// A scheduled message: `topic_len[2] topic queue[4]` then the message layout.
-pub fn encode_scheduled(topic: &str, queue: u32, record: &NewRecord) -> Vec<u8> {
+pub(super) fn encode_scheduled(topic: &str, queue: u32, record: &NewRecord) -> Vec<u8> {
     let topic = topic.as_bytes();
     let mut out = Vec::with_capacity(2 + topic.len() + 4);
     out.extend_from_slice(&u16::try_from(topic.len()).unwrap_or(u16::MAX).to_be_bytes());
@@ -89,7 +89,7 @@ pub fn encode_scheduled(topic: &str, queue: u32, record: &NewRecord) -> Vec<u8> 
     out
 }
 
-pub fn decode_scheduled(bytes: &[u8]) -> Result<(String, u32, NewRecord), StoreError> {
+pub(super) fn decode_scheduled(bytes: &[u8]) -> Result<(String, u32, NewRecord), StoreError> {
     let topic_len = bytes
         .get(..2)
         .and_then(|s| s.try_into().ok())
@@ -112,11 +112,11 @@ pub fn decode_scheduled(bytes: &[u8]) -> Result<(String, u32, NewRecord), StoreE
     Ok((topic, queue, record))
 }
 
-pub fn to_postcard<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
+pub(super) fn to_postcard<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
     postcard::to_allocvec(value).map_err(|e| StoreError::Corrupt(format!("encode: {e}")))
 }
 
-pub fn from_postcard<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {
+pub(super) fn from_postcard<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {
     postcard::from_bytes(bytes).map_err(|e| StoreError::Corrupt(format!("decode: {e}")))
 }
 
@@ -130,7 +130,7 @@ struct SettingsV1 {
 
 /// Consumer settings, current layout or the first one (postcard has no field names, so a
 /// record without the newer trailing fields fails the current layout and is read as V1).
-pub fn decode_settings(bytes: &[u8]) -> Result<ConsumerSettings, StoreError> {
+pub(super) fn decode_settings(bytes: &[u8]) -> Result<ConsumerSettings, StoreError> {
     from_postcard(bytes).or_else(|e| {
         let v1: SettingsV1 = from_postcard(bytes).map_err(|_| e)?;
         Ok(ConsumerSettings {

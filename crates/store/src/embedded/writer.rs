@@ -17,7 +17,7 @@ use tokio::sync::oneshot;
 /// Most due or expired messages moved in one commit, so one commit stays short.
 const MAINTENANCE_BATCH: usize = 10_000;
 
-pub enum WriteOp {
+pub(super) enum WriteOp {
     Append {
         topic: String,
         queue: u32,
@@ -60,7 +60,7 @@ enum Work {
 impl WriteOp {
     /// Bytes an append adds to the store's queue of pending writes (what the overload bound
     /// counts); 0 for the small bookkeeping writes.
-    pub fn pending_bytes(&self) -> usize {
+    pub(super) fn pending_bytes(&self) -> usize {
         match self {
             Self::Append { records, .. } => records.iter().map(record_bytes).sum(),
             _ => 0,
@@ -92,7 +92,7 @@ impl WriteOp {
 }
 
 /// What one record weighs in the pending-writes bound.
-pub fn record_bytes(r: &NewRecord) -> usize {
+pub(super) fn record_bytes(r: &NewRecord) -> usize {
     r.body.len() + r.keys.as_ref().map_or(0, String::len) + 64
 }
 
@@ -125,12 +125,12 @@ enum DiskRoom {
 }
 
 #[derive(Debug, Clone, Copy)]
-pub struct Counters {
+pub(super) struct Counters {
     store_seq: u64,
     schedule_seq: u64,
 }
 
-pub fn now_ms() -> u64 {
+pub(super) fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -144,7 +144,7 @@ fn meta_u64(txn: &WriteTransaction, key: &str) -> Result<Option<u64>, StoreError
 }
 
 /// Creates the tables, the secret and node id on first open; counts this start.
-pub fn init(db: &Database) -> Result<(StoreIdentity, Counters), StoreError> {
+pub(super) fn init(db: &Database) -> Result<(StoreIdentity, Counters), StoreError> {
     let txn = db.begin_write().map_err(db_err)?;
     for table in [MSG_INDEX, CONSUMER_QUEUES, RETRIES] {
         txn.open_table(table).map_err(db_err)?;
@@ -193,7 +193,7 @@ pub fn init(db: &Database) -> Result<(StoreIdentity, Counters), StoreError> {
     ))
 }
 
-pub fn load_consumer_state(db: &Database) -> Result<ConsumerSnapshot, StoreError> {
+pub(super) fn load_consumer_state(db: &Database) -> Result<ConsumerSnapshot, StoreError> {
     let txn = db.begin_read().map_err(db_err)?;
     let mut snapshot = ConsumerSnapshot::default();
     for entry in txn
@@ -227,7 +227,7 @@ struct Tables<'t> {
     schedule: redb::Table<'t, (u64, u64), &'static [u8]>,
 }
 
-pub struct Writer {
+pub(super) struct Writer {
     db: Arc<Database>,
     shared_ranges: Arc<RwLock<HashMap<(String, u32), QueueRange>>>,
     ranges: HashMap<(String, u32), QueueRange>,
@@ -284,7 +284,7 @@ fn is_disk_full(e: &StoreError) -> bool {
 }
 
 impl Writer {
-    pub fn new(
+    pub(super) fn new(
         db: Arc<Database>,
         shared_ranges: Arc<RwLock<HashMap<(String, u32), QueueRange>>>,
         visible: Arc<tokio::sync::watch::Sender<u64>>,
@@ -754,7 +754,7 @@ fn apply_consumer_ops(txn: &WriteTransaction, ops: Vec<ConsumerOp>) -> Result<()
     Ok(())
 }
 
-pub fn spawn(writer: Writer, rx: mpsc::Receiver<WriteOp>) -> Result<std::thread::JoinHandle<()>, StoreError> {
+pub(super) fn spawn(writer: Writer, rx: mpsc::Receiver<WriteOp>) -> Result<std::thread::JoinHandle<()>, StoreError> {
     Ok(std::thread::Builder::new()
         .name("mqproxy-store-writer".into())
         .spawn(move || writer.run(rx))?)
