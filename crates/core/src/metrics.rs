@@ -2,6 +2,7 @@
 //! state, so several servers in one process — the tests — keep their figures apart).
 //! Counters are bumped by the engine's operations; lag and offsets are computed at scrape time.
 
+use super::{ConsumeMode, Engine, EngineError};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -199,4 +200,91 @@ impl Metrics {
 
 pub(super) fn gauge_value(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+impl Engine {
+    /// Records how long a request took (adapters call it: protocol "http" or "grpc").
+    pub fn observe_request(&self, protocol: &str, operation: &str, seconds: f64) {
+        self.inner.metrics.observe_request(protocol, operation, seconds);
+    }
+
+    /// The Prometheus text exposition: counters, latency histograms, and (computed now) every
+    /// consumer's lag per queue, queue offsets, store size and waiting delayed messages.
+    ///
+    /// # Errors
+    /// A store failure while reading consumer state.
+    pub async fn render_metrics(&self) -> Result<String, EngineError> {
+        let m = &self.inner.metrics;
+        for family in [&m.broadcast_lag_sum, &m.broadcast_lag_max] {
+            family.clear();
+        }
+        m.lag.clear();
+        m.broadcast_clients.clear();
+        let registry = self.snapshot();
+        let per_client_series = self.inner.consuming.settings().metrics_max_client_series as usize;
+        for spec in registry.consumers.values() {
+            let contexts = match spec.mode {
+                ConsumeMode::Clustering => self.consumer_offsets(&spec.name, None, None).await?.contexts,
+                ConsumeMode::Broadcast => {
+                    // Clients choose their ids, so their number must not decide the size of a
+                    // scrape: per clientId only the most lagging, plus aggregates.
+                    let lag = self.broadcast_lag(spec, per_client_series).await?;
+                    let consumer = ConsumerLabels {
+                        topic: spec.topic.clone(),
+                        consumer: spec.name.clone(),
+                    };
+                    m.broadcast_clients
+                        .get_or_create(&consumer)
+                        .set(gauge_value(lag.clients as u64));
+                    for ((broker, queue), (sum, max)) in lag.per_queue {
+                        let labels = ConsumerQueueLabels {
+                            topic: spec.topic.clone(),
+                            consumer: spec.name.clone(),
+                            broker,
+                            queue: queue.to_string(),
+                        };
+                        m.broadcast_lag_sum.get_or_create(&labels).set(gauge_value(sum));
+                        m.broadcast_lag_max.get_or_create(&labels).set(gauge_value(max));
+                    }
+                    lag.top
+                }
+            };
+            for context in &contexts {
+                for q in &context.queues {
+                    m.lag
+                        .get_or_create(&LagLabels {
+                            topic: spec.topic.clone(),
+                            consumer: spec.name.clone(),
+                            client_id: context.client_id.clone().unwrap_or_default(),
+                            broker: q.broker_name.clone(),
+                            queue: q.queue_id.to_string(),
+                        })
+                        .set(gauge_value(q.lag));
+                }
+            }
+        }
+        for topic in registry.topics.keys() {
+            for (i, q) in self.inner.messages.queues(topic).iter().enumerate() {
+                let range = self
+                    .inner
+                    .messages
+                    .queue_range(topic, u32::try_from(i).unwrap_or(u32::MAX));
+                m.max_offset
+                    .get_or_create(&QueueLabels {
+                        topic: topic.clone(),
+                        broker: q.broker_name.clone(),
+                        queue: q.queue_id.to_string(),
+                    })
+                    .set(gauge_value(range.max));
+            }
+        }
+        let stats = self.inner.messages.stats().await;
+        for (family, value) in [(&m.store_bytes, stats.size_bytes), (&m.delayed, stats.delayed)] {
+            family.clear();
+            if let Some(v) = value {
+                family.get_or_create(&Vec::new()).set(gauge_value(v));
+            }
+        }
+        Ok(m.encode())
+    }
 }

@@ -3,9 +3,10 @@
 //! then visible to requests. Changes are serialized; readers take a snapshot.
 
 use super::{
-    AccessToken, ConsumeMode, ConsumerSpec, Engine, EngineError, ProducerSpec, TokenChange, TopicSpec, limits,
+    AccessToken, ConsumeMode, ConsumerSpec, Engine, EngineConfig, EngineError, ProducerSpec, TokenChange, TopicSpec,
+    limits,
 };
-use mqproxy_store::{RegistryEntries, StoredConsumer, StoredProducer, StoredTopic};
+use mqproxy_store::{RegistryEntries, RegistryStore, StoredConsumer, StoredProducer, StoredTopic};
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -36,7 +37,7 @@ fn sorted<T: Clone>(map: &HashMap<String, Arc<T>>) -> Vec<T> {
 }
 
 impl Registry {
-    pub(crate) fn new(topics: &[TopicSpec], producers: &[ProducerSpec], consumers: &[ConsumerSpec]) -> Self {
+    fn new(topics: &[TopicSpec], producers: &[ProducerSpec], consumers: &[ConsumerSpec]) -> Self {
         Self {
             topics: topics.iter().map(|t| (t.name.clone(), Arc::new(t.clone()))).collect(),
             producers: producers
@@ -119,11 +120,33 @@ fn check_name(what: &str, name: &str) -> Result<(), EngineError> {
     }
 }
 
+/// The registry service's state: the snapshot requests read and the serialized writes.
+pub(crate) struct RegistryState {
+    /// Topics, producers, consumers: a snapshot swapped whole by the admin API.
+    current: std::sync::RwLock<Arc<Registry>>,
+    /// Serializes registry changes (each awaits the store).
+    writes: tokio::sync::Mutex<()>,
+    store: Arc<dyn RegistryStore>,
+}
+
+impl RegistryState {
+    /// The config's entries, kept in `store` as the admin API changes them.
+    pub(crate) fn new(config: &EngineConfig, store: Arc<dyn RegistryStore>) -> Self {
+        let registry = Registry::new(&config.topics, &config.producers, &config.consumers);
+        Self {
+            current: std::sync::RwLock::new(Arc::new(registry)),
+            writes: tokio::sync::Mutex::new(()),
+            store,
+        }
+    }
+}
+
 impl Engine {
     /// A snapshot of the registry.
     pub(super) fn snapshot(&self) -> Arc<Registry> {
         self.inner
             .registry
+            .current
             .read()
             .map_or_else(|p| p.into_inner().clone(), |r| r.clone())
     }
@@ -140,23 +163,23 @@ impl Engine {
         topic: Option<(String, u32)>,
         change: impl FnOnce(&mut Registry) -> Result<(), EngineError>,
     ) -> Result<RegistryView, EngineError> {
-        let _writing = self.inner.registry_writes.lock().await;
+        let _writing = self.inner.registry.writes.lock().await;
         let mut next = self.snapshot().copy();
         change(&mut next)?;
         if let Some((name, queues)) = topic {
             self.inner.messages.add_topic(&name, queues).await?;
         }
         let entries = next.entries();
-        let store = self.inner.registry_store.clone();
+        let store = self.inner.registry.store.clone();
         tokio::task::spawn_blocking(move || store.save(&entries))
             .await
             .map_err(|e| EngineError::Store(mqproxy_store::StoreError::Database(format!("registry save: {e}"))))??;
         let view = next.view();
-        match self.inner.registry.write() {
+        match self.inner.registry.current.write() {
             Ok(mut r) => *r = Arc::new(next),
             Err(p) => *p.into_inner() = Arc::new(next),
         }
-        self.notify_consumers();
+        self.inner.consuming.notify();
         Ok(view)
     }
 

@@ -60,6 +60,20 @@ struct InFlight {
     expires_ms: u64,
 }
 
+/// The streams service's state.
+pub(crate) struct StreamState {
+    /// One permit per open Consume stream (`max_consume_streams`).
+    permits: Arc<tokio::sync::Semaphore>,
+}
+
+impl StreamState {
+    pub(crate) fn new(max_streams: u32) -> Self {
+        Self {
+            permits: Arc::new(tokio::sync::Semaphore::new(max_streams as usize)),
+        }
+    }
+}
+
 impl Engine {
     /// Opens a consume stream for `spec`'s consumer. The subscription is checked at once
     /// (topic, clientId rules); the stream then runs until the returned receiver is dropped.
@@ -74,10 +88,10 @@ impl Engine {
         C: Stream<Item = ConsumeCommand> + Send + Unpin + 'static,
     {
         let key = self.resolve(spec, &target)?;
-        let permit = self.inner.consume_streams.clone().try_acquire_owned().map_err(|_| {
+        let permit = self.inner.streams.permits.clone().try_acquire_owned().map_err(|_| {
             EngineError::LimitReached(format!(
                 "{} Consume streams are open, the most [consume] max_consume_streams allows",
-                self.inner.config.consume.max_consume_streams
+                self.inner.consuming.settings().max_consume_streams
             ))
         })?;
         // One batch buffered at most: a slow client holds the task back (HTTP/2 flow control
@@ -111,7 +125,7 @@ impl Engine {
         C: Stream<Item = ConsumeCommand> + Send + Unpin + 'static,
     {
         let mut visible = self.inner.messages.visible_changes();
-        let mut released = self.inner.consumer_changes.subscribe();
+        let mut released = self.inner.consuming.subscribe();
         let max_in_flight = match sub.max_in_flight {
             0 => u64::from(limits::DEFAULT_IN_FLIGHT),
             n => limits::IN_FLIGHT.clamp(u64::from(n)),
@@ -123,7 +137,7 @@ impl Engine {
         // A broadcast stream pulls at least this often, so a quiet but live client is never
         // taken for an idle one and forgotten.
         let keep_known =
-            (key.client_id.is_some()).then(|| (self.inner.config.consume.broadcast_client_idle_ms / 4).max(250));
+            (key.client_id.is_some()).then(|| (self.inner.consuming.settings().broadcast_client_idle_ms / 4).max(250));
         tracing::debug!(consumer = %target.consumer, client = ?target.client_id, "consume stream opened");
         'stream: loop {
             // This round's view; a command that arrives in the round is applied with it.

@@ -1,7 +1,7 @@
 //! Operators' view of consumer offsets (per queue: range, committed offset, lag, lock, last
 //! pull) and their resets (to a time, or to the newest offset: skip the backlog).
 
-use super::{ConsumeMode, ConsumerSpec, Engine, EngineError};
+use crate::{ConsumeMode, ConsumerSpec, Engine, EngineError};
 use mqproxy_store::ContextKey;
 
 /// One queue of one consumer context.
@@ -53,7 +53,7 @@ pub struct ConsumerOffsets {
 
 /// What `/metrics` shows of a broadcast consumer's lag.
 #[derive(Debug, Default)]
-pub(super) struct BroadcastLag {
+pub(crate) struct BroadcastLag {
     pub clients: usize,
     /// (broker, queue id) -> (sum, max) of the clients' lag.
     pub per_queue: std::collections::BTreeMap<(String, u32), (u64, u64)>,
@@ -93,7 +93,7 @@ pub enum OffsetReset {
 impl Engine {
     /// The contexts of a consumer an operator names: the group, one clientId, or every
     /// clientId seen so far.
-    pub(super) async fn operator_contexts(
+    pub(crate) async fn operator_contexts(
         &self,
         spec: &ConsumerSpec,
         client_id: Option<&str>,
@@ -112,6 +112,7 @@ impl Engine {
             (ConsumeMode::Broadcast, Some(c)) => vec![context(Some(c.to_owned()))],
             (ConsumeMode::Broadcast, None) => self
                 .inner
+                .consuming
                 .state
                 .client_ids(&spec.topic, &spec.name)
                 .await?
@@ -124,7 +125,7 @@ impl Engine {
     async fn context_view(&self, key: &ContextKey) -> Result<ContextView, EngineError> {
         let refs = self.inner.messages.queues(&key.topic);
         let n = u32::try_from(refs.len()).unwrap_or(u32::MAX);
-        let snapshot = self.inner.state.snapshot(key, n).await?;
+        let snapshot = self.inner.consuming.state.snapshot(key, n).await?;
         let queues: Vec<QueueView> = refs
             .iter()
             .zip(&snapshot.queues)
@@ -218,7 +219,7 @@ impl Engine {
     /// A broadcast consumer's lag for `/metrics`: its number of clients, per queue the sum and
     /// the max over them, and the `top` most lagging clients' views (in memory one view at a
     /// time plus those, whatever the number of clients).
-    pub(super) async fn broadcast_lag(&self, spec: &ConsumerSpec, top: usize) -> Result<BroadcastLag, EngineError> {
+    pub(crate) async fn broadcast_lag(&self, spec: &ConsumerSpec, top: usize) -> Result<BroadcastLag, EngineError> {
         let keys = self.operator_contexts(spec, None).await?;
         let mut summary = BroadcastLag {
             clients: keys.len(),
@@ -286,7 +287,7 @@ impl Engine {
                 OffsetReset::Timestamp(ts) => self.inner.messages.search_offset(&spec.topic, queue, ts).await?,
             };
             for key in &keys {
-                self.inner.state.set_committed(key, queue, offset).await?;
+                self.inner.consuming.state.set_committed(key, queue, offset).await?;
             }
         }
         tracing::info!(
@@ -296,7 +297,7 @@ impl Engine {
             contexts = keys.len(),
             "consumer offsets reset"
         );
-        self.notify_consumers();
+        self.inner.consuming.notify();
         self.consumer_offsets(consumer, client_id, Some(ClientPage::default()))
             .await
     }

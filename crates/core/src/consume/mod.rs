@@ -5,12 +5,59 @@
 //! only with the lock that handed it out), so the same rules hold for one proxy's memory and
 //! for a state store shared by several proxies.
 
+pub(crate) mod offsets;
+
+use super::rate_limit::RateLimiters;
 use super::registry::Registry;
-use super::request_id::{self, BatchToken};
-use super::{ConsumeMode, ConsumerSpec, Engine, EngineError};
-use mqproxy_store::consumer_state::{ContextSnapshot, LockRequest, RetryFate};
+use super::request_id::{self, BatchToken, RequestIdKeys};
+use super::{Clock, ConsumeMode, ConsumeSettings, ConsumerSpec, Engine, EngineError};
+use mqproxy_store::consumer_state::{ConsumerStateStore, ContextSnapshot, LockRequest, RetryFate};
 use mqproxy_store::{ConsumerSettings, ContextKey, QueueState, ReadOutcome, RetryEntry, StoredMessage};
 use std::sync::Arc;
+
+/// The consuming service's state.
+pub(crate) struct ConsumeState {
+    settings: ConsumeSettings,
+    /// Consumer offsets, locks, retry entries and settings.
+    state: Arc<dyn ConsumerStateStore>,
+    /// Keys of the requestId MAC (shared by every proxy on one consumer state store).
+    request_id_keys: RequestIdKeys,
+    rate_limiters: RateLimiters,
+    /// Bumped when a queue lock is released or consumer settings change: streaming consumers
+    /// waiting for a free queue wake up on it.
+    changes: tokio::sync::watch::Sender<u64>,
+}
+
+impl ConsumeState {
+    pub(crate) fn new(
+        settings: ConsumeSettings,
+        state: Arc<dyn ConsumerStateStore>,
+        request_id_keys: RequestIdKeys,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
+        Self {
+            settings,
+            state,
+            request_id_keys,
+            rate_limiters: RateLimiters::new(clock),
+            changes: tokio::sync::watch::Sender::new(0),
+        }
+    }
+
+    pub(crate) fn settings(&self) -> &ConsumeSettings {
+        &self.settings
+    }
+
+    /// Wakes streaming consumers: a lock was released or settings changed.
+    pub(crate) fn notify(&self) {
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Changes from now on (see [`ConsumeState::notify`]).
+    pub(crate) fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+}
 
 /// Who consumes what, as a request names it.
 #[derive(Debug, Clone)]
@@ -222,9 +269,10 @@ impl Engine {
         if key.client_id.is_none() {
             return Ok(());
         }
-        let limits = &self.inner.config.consume;
+        let limits = &self.inner.consuming.settings;
         if self
             .inner
+            .consuming
             .state
             .admit_client(key, self.now_ms(), limits.max_broadcast_clients)
             .await?
@@ -241,7 +289,7 @@ impl Engine {
     /// broadcast clients idle longer than that; ends when the engine is dropped.
     pub fn spawn_idle_client_sweep(&self) -> tokio::task::JoinHandle<()> {
         let engine = Arc::downgrade(&self.inner);
-        let idle_ms = self.inner.config.consume.broadcast_client_idle_ms;
+        let idle_ms = self.inner.consuming.settings.broadcast_client_idle_ms;
         let every = std::time::Duration::from_millis((idle_ms / 10).clamp(100, 60_000));
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
@@ -260,6 +308,7 @@ impl Engine {
         for spec in registry.consumers.values().filter(|c| c.mode == ConsumeMode::Broadcast) {
             match self
                 .inner
+                .consuming
                 .state
                 .forget_idle_clients(&spec.topic, &spec.name, idle_before)
                 .await
@@ -317,7 +366,12 @@ impl Engine {
 
     /// When the earliest live lock of this context expires (epoch ms), if any.
     pub(super) async fn next_lock_expiry(&self, key: &ContextKey, timeout_ms: u64) -> Result<Option<u64>, EngineError> {
-        let snapshot = self.inner.state.snapshot(key, self.queue_count(&key.topic)).await?;
+        let snapshot = self
+            .inner
+            .consuming
+            .state
+            .snapshot(key, self.queue_count(&key.topic))
+            .await?;
         let now = self.now_ms();
         Ok(snapshot
             .queues
@@ -336,7 +390,7 @@ impl Engine {
         ConsumerSettings {
             paused: false,
             rate_limit_enabled: true,
-            limit_rate: self.inner.config.consume.default_rate_limit,
+            limit_rate: self.inner.consuming.settings.default_rate_limit,
             consume_timeout_ms: None,
             max_pull_size: None,
         }
@@ -364,6 +418,7 @@ impl Engine {
     async fn settings_of(&self, consumer: &str) -> Result<ConsumerSettings, EngineError> {
         Ok(self
             .inner
+            .consuming
             .state
             .settings(consumer)
             .await?
@@ -372,7 +427,7 @@ impl Engine {
 
     /// The batch a requestId names and the index of its queue in the topic's route.
     fn decode_token(&self, request_id: &str, key: &ContextKey) -> Result<(BatchToken, u32), EngineError> {
-        let token = request_id::decode(request_id, &self.inner.request_id_keys, key)
+        let token = request_id::decode(request_id, &self.inner.consuming.request_id_keys, key)
             .map_err(|e| EngineError::invalid(e.to_string()))?;
         let index = self
             .inner
@@ -478,7 +533,13 @@ impl Engine {
             outcome.status = FetchStatus::Paused;
             return Ok((outcome, None));
         }
-        if settings.rate_limit_enabled && !self.inner.rate_limiters.try_acquire(&spec.name, settings.limit_rate) {
+        if settings.rate_limit_enabled
+            && !self
+                .inner
+                .consuming
+                .rate_limiters
+                .try_acquire(&spec.name, settings.limit_rate)
+        {
             outcome.status = FetchStatus::RateLimited;
             return Ok((outcome, None));
         }
@@ -521,7 +582,7 @@ impl Engine {
             }
         };
         outcome.queue = Some(chosen.snapshot.clone());
-        let keys = &self.inner.request_id_keys;
+        let keys = &self.inner.consuming.request_id_keys;
         // The batch's requestId, and the batch as its issuer keeps it.
         let issue = |outcome: &mut FetchOutcome, start: u64, next: u64, force_ack: bool| {
             let token = BatchToken {
@@ -551,7 +612,7 @@ impl Engine {
             // reset, as when the committed offset is out of the queue's range.
             tracing::warn!(consumer = %spec.name, queue = chosen.queue, from = chosen.start, to = skip_to, "offset illegal at the backend, resetting");
             if !missing_retries.is_empty() {
-                self.inner.state.drop_retries(key, &missing_retries).await?;
+                self.inner.consuming.state.drop_retries(key, &missing_retries).await?;
             }
             outcome.status = FetchStatus::OffsetIllegal;
             let issued = issue(&mut outcome, chosen.start, skip_to, true);
@@ -566,7 +627,7 @@ impl Engine {
             return Ok((outcome, None));
         }
         if !missing_retries.is_empty() {
-            self.inner.state.drop_retries(key, &missing_retries).await?;
+            self.inner.consuming.state.drop_retries(key, &missing_retries).await?;
         }
         let next = messages.last().map_or(chosen.start, |m| m.offset + 1);
         outcome.status = FetchStatus::Found;
@@ -605,7 +666,7 @@ impl Engine {
         let queues = self.queue_count(&spec.topic);
         let now = self.now_ms();
         let timeout = spec.consume_timeout_ms;
-        let snapshot = self.inner.state.snapshot(key, queues).await?;
+        let snapshot = self.inner.consuming.state.snapshot(key, queues).await?;
         let refs = self.inner.messages.queues(&spec.topic);
         let ranges: Vec<_> = (0..queues)
             .map(|q| self.inner.messages.queue_range(&spec.topic, q))
@@ -667,7 +728,11 @@ impl Engine {
             };
             if reset_to.is_none() && start >= range.max && !any_free_retry {
                 // Nothing to hand out: no lock and no store write, so idle polling costs no I/O.
-                self.inner.state.touch(key, queue, now, client_ip.clone()).await?;
+                self.inner
+                    .consuming
+                    .state
+                    .touch(key, queue, now, client_ip.clone())
+                    .await?;
                 let mut seen = qs.clone();
                 seen.lock_time = None;
                 if client_ip.is_some() {
@@ -695,7 +760,7 @@ impl Engine {
                 client_ip: client_ip.clone(),
                 claim_retries,
             };
-            if let Some(grant) = self.inner.state.try_lock(key, request).await? {
+            if let Some(grant) = self.inner.consuming.state.try_lock(key, request).await? {
                 let (start, reset_to) = offsets(grant.state.committed);
                 return Ok(Choice::Locked(Chosen {
                     queue,
@@ -754,13 +819,14 @@ impl Engine {
     /// Unlocks a queue chosen for a pull that delivers nothing.
     async fn release(&self, key: &ContextKey, chosen: &Chosen, missing_retries: &[u64]) -> Result<(), EngineError> {
         if !missing_retries.is_empty() {
-            self.inner.state.drop_retries(key, missing_retries).await?;
+            self.inner.consuming.state.drop_retries(key, missing_retries).await?;
         }
         self.inner
+            .consuming
             .state
             .finish(key, chosen.queue, chosen.lock_time, None, RetryFate::Free)
             .await?;
-        self.notify_consumers();
+        self.inner.consuming.notify();
         Ok(())
     }
 
@@ -802,7 +868,7 @@ impl Engine {
         let queues = self.queue_count(&spec.topic);
         let (token, queue) = (&issued.token, issued.queue);
         let info = token.info();
-        let snapshot = self.inner.state.snapshot(key, queues).await?;
+        let snapshot = self.inner.consuming.state.snapshot(key, queues).await?;
         let qs = &snapshot.queues[queue as usize];
         let outcome = match qs.lock_time {
             None => AckOutcome {
@@ -828,6 +894,7 @@ impl Engine {
                 let commit_to = commit.then_some(token.next_offset);
                 if self
                     .inner
+                    .consuming
                     .state
                     .finish(key, queue, t, commit_to, RetryFate::Done)
                     .await?
@@ -844,7 +911,7 @@ impl Engine {
                 }
             }
         };
-        self.notify_consumers();
+        self.inner.consuming.notify();
         Ok(outcome)
     }
 
@@ -877,11 +944,12 @@ impl Engine {
         let token = &issued.token;
         let unlocked = self
             .inner
+            .consuming
             .state
             .finish(key, issued.queue, token.lock_time, None, RetryFate::Free)
             .await?;
         if unlocked {
-            self.notify_consumers();
+            self.inner.consuming.notify();
         }
         Ok(UnlockOutcome {
             unlocked,
@@ -936,11 +1004,15 @@ impl Engine {
             }
             if let Some(r) = change.limit_rate {
                 settings.limit_rate = r;
-                self.inner.rate_limiters.reset(consumer);
+                self.inner.consuming.rate_limiters.reset(consumer);
             }
-            self.inner.state.put_settings(consumer, settings.clone()).await?;
+            self.inner
+                .consuming
+                .state
+                .put_settings(consumer, settings.clone())
+                .await?;
         }
-        self.notify_consumers();
+        self.inner.consuming.notify();
         let effective = Self::effective(&spec, &settings);
         Ok(ConsumerView {
             consumer: spec.name.clone(),
@@ -984,10 +1056,10 @@ impl Engine {
         let queues = self.queue_count(&spec.topic);
         let mut count = 0usize;
         for key in contexts {
-            let waiting = self.inner.state.snapshot(key, queues).await?.retries;
+            let waiting = self.inner.consuming.state.snapshot(key, queues).await?.retries;
             count += waiting.len();
             if !waiting.iter().any(|r| r.msg_id == id && r.in_flight.is_none()) {
-                self.inner.state.add_retry(key, id, location.clone()).await?;
+                self.inner.consuming.state.add_retry(key, id, location.clone()).await?;
                 count += 1;
             }
         }
@@ -999,7 +1071,7 @@ impl Engine {
         let queues = self.queue_count(&spec.topic);
         let mut count = 0usize;
         for key in contexts {
-            count += self.inner.state.snapshot(key, queues).await?.retries.len();
+            count += self.inner.consuming.state.snapshot(key, queues).await?.retries.len();
         }
         Ok(u32::try_from(count).unwrap_or(u32::MAX))
     }
