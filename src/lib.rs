@@ -15,10 +15,11 @@
 //!
 //! What is `pub` has a user outside this crate: the `mqproxy` binary (`config`, `server`),
 //! the integration tests (`tests/it`: `config`, `server`, the protobuf types of `grpc`,
-//! `http::api`, `http::admin_auth::is_admin_path`), the bench (`crates/bench`: `config`, `grpc`'s protobuf types,
-//! `server::embedded_config`, `store::embedded`) and the fuzz targets (`http::support`,
-//! `http::api`, `engine::request_id`); the settings types are `pub` as fields of the public
-//! `Config`. Everything else is `pub(crate)` (`unreachable_pub` keeps it so).
+//! `http::api`, `http::admin_auth::is_admin_path`), the bench (`crates/bench`: `config`, the
+//! protobuf types, `server::embedded_config`, `store::embedded`) and the fuzz targets
+//! (`http::support`, `http::api`, `engine::request_id`); the settings types are `pub` as
+//! fields of the public `Config`. Everything else is `pub(crate)` (`unreachable_pub` keeps it
+//! so).
 
 pub mod config;
 pub use mqproxy_core as engine;
