@@ -1,8 +1,8 @@
-//! A flood of distinct broadcast clientIds against the real binary (a child process, so its RSS
-//! is its own): the consumer's clients stay capped, `/metrics` and the offsets view stay small,
-//! its anonymous resident memory stays near where it started. Ignored by default; `scripts/test` runs it
-//! (`MQPROXY_FLOOD_CLIENTS`, default 100,000; consumer state in Redis with
-//! `MQPROXY_TEST_STATE=redis`).
+//! A flood of distinct broadcast clientIds against the real binary (a child process, so its
+//! memory is its own): the consumer's clients stay capped, `/metrics` and the offsets view stay
+//! small, its anonymous resident memory stays near where it started. Ignored by default;
+//! `scripts/test` runs it (`MQPROXY_FLOOD_CLIENTS`, default 100,000; consumer state in Redis
+//! with `MQPROXY_TEST_STATE=redis`).
 
 use crate::common::*;
 use std::time::{Duration, Instant};
