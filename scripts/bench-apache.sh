@@ -15,7 +15,8 @@ if [ "${1:-}" = --debug ]; then
   profile=debug
   plan=(--rounds 1 --warmup 0.5 --duration 1 --connections 1,16 --consume-messages 2000 --e2e-count 50)
   shift
-  cargo build --locked --workspace --bins
+  # The debug binaries as the suite's `cargo test` builds them (one feature set).
+  cargo test --workspace --locked --no-run
 else
   cargo build --release --locked --workspace --bins
 fi

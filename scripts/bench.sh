@@ -23,7 +23,8 @@ if [ "${1:-}" = --debug ]; then
   profile=debug
   mode=--smoke
   shift
-  cargo build --locked --workspace --bins
+  # The debug binaries as the suite's `cargo test` builds them (one feature set).
+  cargo test --workspace --locked --no-run
 else
   cargo build --release --locked --workspace --bins
 fi
