@@ -113,8 +113,16 @@ impl EmbeddedSettings {
         Bounds::new(100, DAY_MS).setting("retention_check_interval_ms", self.retention_check_interval_ms)
     }
 
-    fn bytes(mib: u64) -> usize {
-        usize::try_from(mib.saturating_mul(MIB)).unwrap_or(usize::MAX)
+    fn cache_bytes(&self) -> usize {
+        usize::try_from(self.cache_mib.saturating_mul(MIB)).unwrap_or(usize::MAX)
+    }
+
+    fn max_pending_write_bytes(&self) -> usize {
+        usize::try_from(self.max_pending_write_mib.saturating_mul(MIB)).unwrap_or(usize::MAX)
+    }
+
+    pub(crate) fn min_free_disk_bytes(&self) -> u64 {
+        self.min_free_disk_mib.saturating_mul(MIB)
     }
 }
 
@@ -164,7 +172,7 @@ impl EmbeddedStore {
         let path = config.data_dir.join("mqproxy.redb");
         let db = Arc::new(
             redb::Builder::new()
-                .set_cache_size(EmbeddedSettings::bytes(config.settings.cache_mib))
+                .set_cache_size(config.settings.cache_bytes())
                 .create(&path)
                 .map_err(db_err)?,
         );
@@ -199,7 +207,7 @@ impl EmbeddedStore {
         Ok(Self {
             inner: Arc::new(Inner {
                 pending_bytes,
-                max_pending_bytes: EmbeddedSettings::bytes(config.settings.max_pending_write_mib),
+                max_pending_bytes: config.settings.max_pending_write_bytes(),
                 db,
                 ranges,
                 tx: std::sync::Mutex::new(Some(tx)),

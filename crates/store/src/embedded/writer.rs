@@ -317,7 +317,7 @@ impl Writer {
             last_sync: Instant::now(),
             unsynced: false,
             data_dir: config.data_dir.clone(),
-            min_free_bytes: settings.min_free_disk_mib.saturating_mul(1 << 20),
+            min_free_bytes: settings.min_free_disk_bytes(),
             room: DiskRoom::Room,
             pending_bytes,
         })
