@@ -226,9 +226,14 @@ async fn what_mqproxy_produces_a_java_consumer_reads() {
         (4_000..=6_000).contains(&late),
         "delayLevel 2 arrived {late} ms after its send"
     );
+    // The broker's timer wheel has slots of `timerPrecisionMs` (1000 ms, its default, which
+    // scripts/rocketmq-apache.sh keeps as users run it): a message due at T sits in the slot
+    // starting at T rounded down and is dequeued once the clock has passed that slot's end, so
+    // it arrives up to one slot after T, plus the dequeue and the consumer's pull.
+    const TIMER_PRECISION_MS: i64 = 1_000;
     let late = got["timer"]["arrivedAt"].as_i64().expect("arrival") - at;
     assert!(
-        (-100..=1_000).contains(&late),
+        (-100..=TIMER_PRECISION_MS + 500).contains(&late),
         "the timer message arrived {late} ms after its deliveryTimestamp"
     );
 
