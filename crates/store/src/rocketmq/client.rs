@@ -1048,7 +1048,8 @@ impl MessageStore for RocketMqStore {
                 .filter(|(_, q)| (broker.is_empty() || q.broker_name == broker) && q.queue_id == queue_id);
             for (index, _) in candidates {
                 let queue = u32::try_from(index).unwrap_or(u32::MAX);
-                let read = self.read(&topic.local, queue, offset, 1, MAX_BATCH_BYTES).await?;
+                // One message: no byte cap applies (a read always returns its first message).
+                let read = self.read(&topic.local, queue, offset, 1, usize::MAX).await?;
                 if read
                     .messages
                     .first()
