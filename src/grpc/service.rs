@@ -152,7 +152,9 @@ impl pb::messaging_service_server::MessagingService for GrpcAdapter {
             .fetch(FetchRequest {
                 request_id: r.request_id,
                 client_ip: r.client_ip.or(peer),
-                max_pull_size: None,
+                max_pull_size: r.max_pull_size,
+                consume_timeout_s: r.consume_timeout,
+                pull_timeout_s: r.pull_timeout,
             })
             .await
             .map_err(status)?;
@@ -225,6 +227,8 @@ impl pb::messaging_service_server::MessagingService for GrpcAdapter {
                 Subscription {
                     max_in_flight: sub.max_in_flight.unwrap_or(0),
                     max_pull_size: sub.max_pull_size,
+                    consume_timeout_s: sub.consume_timeout,
+                    pull_timeout_s: sub.pull_timeout,
                     auto_ack: sub.auto_ack,
                     client_ip: peer,
                 },

@@ -385,6 +385,8 @@ impl MqApi for HttpAdapter {
             request_id: request_id(p.request_id, use_cookie, &ctx),
             client_ip: client_ip(p.client_ip, &ctx),
             max_pull_size: p.max_pull_size.and_then(|m| u32::try_from(m).ok()),
+            consume_timeout_s: p.consume_timeout.and_then(|t| u64::try_from(t).ok()),
+            pull_timeout_s: p.pull_timeout.and_then(|t| u64::try_from(t).ok()),
         };
         let mut reply = match consumer.fetch(req).await {
             Ok(o) => {

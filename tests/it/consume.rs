@@ -476,3 +476,54 @@ async fn max_pull_size_parameter() {
         "{bad}"
     );
 }
+
+/// `consumeTimeout` (seconds, the newer MQCloud parameter) sets this pull's lock time: a batch
+/// pulled with 10 s comes back after 10 s although the consumer's own lock time is 5 minutes;
+/// out of range, and `pullTimeout` out of range, are 400s naming the parameter and its range.
+#[tokio::test]
+async fn consume_timeout_parameter_sets_the_batch_s_lock_time() {
+    let s = TestServer::with_toml(&one_queue("")).await;
+    s.produce("a").await;
+    let q = |timeout: &'static str| [("topic", TOPIC), ("consumer", "c"), ("consumeTimeout", timeout)];
+    let first = s.get("/mq/message", &q("10")).await;
+    assert_eq!(bodies_of(&first), ["a"], "{first}");
+    let started = std::time::Instant::now();
+    let again = eventually(
+        Duration::from_secs(20),
+        "redelivery after the pull's own lock time",
+        || async {
+            let v = s.fetch("c", None).await;
+            (v["result"]["status"] == "FOUND").then_some(v)
+        },
+    )
+    .await;
+    assert!(
+        started.elapsed() >= Duration::from_secs(9),
+        "not before the 10 s lock expired"
+    );
+    assert_eq!(bodies_of(&again), ["a"]);
+    for (name, value, range) in [
+        ("consumeTimeout", "9", "10"),
+        ("consumeTimeout", "129601", "129600"),
+        ("pullTimeout", "0", "1"),
+        ("pullTimeout", "61", "60"),
+        ("maxPullSize", "0", "128"),
+    ] {
+        let bad = s
+            .post("/mq/message", &[("topic", TOPIC), ("consumer", "c"), (name, value)])
+            .await;
+        assert_eq!(bad["status"], 400, "{name}={value}: {bad}");
+        let message = bad["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains(name) && message.contains(range),
+            "{name}={value}: {bad}"
+        );
+    }
+    let within = s
+        .get(
+            "/mq/message",
+            &[("topic", TOPIC), ("consumer", "c"), ("pullTimeout", "1")],
+        )
+        .await;
+    assert_eq!(within["status"], 200, "{within}");
+}

@@ -317,6 +317,8 @@ fn documented_ranges_are_the_engine_limits() {
     for (name, bounds) in [
         ("maxPullSize", limits::PULL_SIZE),
         ("consumeTimeoutMs", limits::CONSUME_TIMEOUT_MS),
+        ("consumeTimeout", limits::CONSUME_TIMEOUT_S),
+        ("pullTimeout", limits::PULL_TIMEOUT_S),
         ("queues", limits::QUEUES),
         ("limitRate", limits::RATE_LIMIT),
         ("delayLevel", limits::DELAY_LEVEL),

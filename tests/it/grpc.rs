@@ -118,6 +118,7 @@ fn sub(consumer: &str, client_id: Option<&str>, max_in_flight: u32, max_pull: Op
         max_in_flight: Some(max_in_flight),
         max_pull_size: max_pull,
         auto_ack: false,
+        ..Default::default()
     }
 }
 
@@ -581,4 +582,110 @@ async fn health_service_reports_serving() {
         .check(tonic_health::pb::HealthCheckRequest { service: String::new() })
         .await
         .expect("overall");
+}
+
+/// Fetch takes the newer pull parameters (max_pull_size, consume_timeout, pull_timeout) with
+/// the REST ranges: a smaller batch, a lock of its own, INVALID_ARGUMENT naming the parameter
+/// and its range; a Consume subscription out of range is refused at once too.
+#[tokio::test]
+async fn fetch_takes_the_newer_pull_parameters() {
+    let s = TestServer::with_toml(&one_queue("")).await;
+    let mut c = client(&s).await;
+    for body in ["a", "b", "c"] {
+        s.produce(body).await;
+    }
+    let f = c
+        .fetch(pb::FetchRequest {
+            target: target("c", None),
+            max_pull_size: Some(2),
+            consume_timeout: Some(10),
+            pull_timeout: Some(1),
+            ..Default::default()
+        })
+        .await
+        .expect("fetch")
+        .into_inner();
+    assert_eq!(f.messages.len(), 2, "{f:?}");
+    let started = Instant::now();
+    let again = eventually(
+        Duration::from_secs(20),
+        "redelivery after the fetch's own lock time",
+        || {
+            let mut c = c.clone();
+            async move {
+                let f = c
+                    .fetch(pb::FetchRequest {
+                        target: target("c", None),
+                        ..Default::default()
+                    })
+                    .await
+                    .expect("fetch")
+                    .into_inner();
+                (f.status == "FOUND").then_some(f)
+            }
+        },
+    )
+    .await;
+    assert!(
+        started.elapsed() >= Duration::from_secs(9),
+        "not before the 10 s lock expired"
+    );
+    assert_eq!(again.messages.len(), 3, "the whole queue from the uncommitted offset");
+    for (req, name, range) in [
+        (
+            pb::FetchRequest {
+                consume_timeout: Some(9),
+                ..Default::default()
+            },
+            "consumeTimeout",
+            "between 10 and 129600",
+        ),
+        (
+            pb::FetchRequest {
+                pull_timeout: Some(61),
+                ..Default::default()
+            },
+            "pullTimeout",
+            "between 1 and 60",
+        ),
+        (
+            pb::FetchRequest {
+                max_pull_size: Some(0),
+                ..Default::default()
+            },
+            "maxPullSize",
+            "between 1 and 128",
+        ),
+    ] {
+        let refused = c
+            .fetch(pb::FetchRequest {
+                target: target("c", None),
+                ..req
+            })
+            .await
+            .expect_err("refused");
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+        assert!(
+            refused.message().contains(name) && refused.message().contains(range),
+            "{refused:?}"
+        );
+    }
+    let (tx, rx) = mpsc::channel(1);
+    tx.send(pb::ConsumeRequest {
+        command: Some(Command::Subscribe(pb::Subscribe {
+            consume_timeout: Some(200_000),
+            ..sub("c", None, 1, None)
+        })),
+    })
+    .await
+    .expect("subscribe");
+    let refused = match c.consume(ReceiverStream::new(rx)).await {
+        Err(status) => status,
+        Ok(stream) => {
+            let mut stream = stream.into_inner();
+            stream.next().await.expect("an answer").expect_err("refused")
+        }
+    };
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    assert!(refused.message().contains("consumeTimeout"), "{refused:?}");
 }

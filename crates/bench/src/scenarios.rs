@@ -394,6 +394,7 @@ fn subscribe(max_in_flight: u32) -> pb::ConsumeRequest {
             max_in_flight: Some(max_in_flight),
             max_pull_size: None,
             auto_ack: false,
+            ..Default::default()
         })),
     }
 }

@@ -294,3 +294,99 @@ async fn a_stream_holds_at_most_its_credit_of_batches() {
     let idle = tokio::time::timeout(Duration::from_secs(60), events.next()).await;
     assert!(idle.is_err(), "credit spent again: {idle:?}");
 }
+
+impl Harness {
+    async fn fetch_with(&self, req: FetchRequest) -> Result<FetchOutcome, EngineError> {
+        self.engine.consumer(target(), None).expect("consumer").fetch(req).await
+    }
+}
+
+#[tokio::test]
+async fn a_pull_s_own_consume_timeout_sets_its_lock_time() {
+    let h = harness(2);
+    h.produce("a").await;
+    h.produce("b").await;
+    // A short lock (20 s) and a long one (60 s) on a consumer whose own lock time is 10 s.
+    let short = h
+        .fetch_with(FetchRequest {
+            consume_timeout_s: Some(20),
+            ..Default::default()
+        })
+        .await
+        .expect("fetched");
+    let long = h
+        .fetch_with(FetchRequest {
+            consume_timeout_s: Some(60),
+            ..Default::default()
+        })
+        .await
+        .expect("fetched");
+    assert_eq!(bodies(&short).len() + bodies(&long).len(), 2, "one message per queue");
+
+    // Past the consumer's 10 s, both are still locked.
+    h.clock.advance(LOCK_MS + 1);
+    assert_eq!(h.fetch().await.status, FetchStatus::NoNewMsg, "both locks still held");
+    // Past 20 s, the short one comes again, the long one stays.
+    h.clock.advance(20_000 - LOCK_MS);
+    let again = h.fetch().await;
+    assert_eq!(bodies(&again), bodies(&short), "the short lock expired");
+    assert_eq!(h.fetch().await.status, FetchStatus::NoNewMsg, "the long lock holds");
+    // The long one's ack at 21 s is in time; the short one's was overtaken.
+    let acked = h.ack(long.request_id.as_deref().expect("requestId")).await;
+    assert!(acked.committed && !acked.message.contains("expired"), "{acked:?}");
+    let late = h.ack(short.request_id.as_deref().expect("requestId")).await;
+    assert!(!late.committed, "{late:?}");
+    // Past 60 s nothing of the long one comes back: it was acknowledged.
+    h.clock.advance(60_000);
+    let after = h.fetch().await;
+    assert_eq!(bodies(&after), bodies(&short), "only the unacknowledged one: {after:?}");
+}
+
+#[tokio::test]
+async fn pull_parameters_out_of_range_are_refused_naming_their_range() {
+    let h = harness(1);
+    h.produce("m").await;
+    for (req, expected) in [
+        (
+            FetchRequest {
+                consume_timeout_s: Some(9),
+                ..Default::default()
+            },
+            "consumeTimeout must be between 10 and 129600, got 9",
+        ),
+        (
+            FetchRequest {
+                consume_timeout_s: Some(129_601),
+                ..Default::default()
+            },
+            "consumeTimeout must be between 10 and 129600, got 129601",
+        ),
+        (
+            FetchRequest {
+                pull_timeout_s: Some(0),
+                ..Default::default()
+            },
+            "pullTimeout must be between 1 and 60, got 0",
+        ),
+        (
+            FetchRequest {
+                pull_timeout_s: Some(61),
+                ..Default::default()
+            },
+            "pullTimeout must be between 1 and 60, got 61",
+        ),
+        (
+            FetchRequest {
+                max_pull_size: Some(0),
+                ..Default::default()
+            },
+            "maxPullSize must be between 1 and 128, got 0",
+        ),
+    ] {
+        let e = h.fetch_with(req).await.expect_err("refused");
+        assert_eq!(e.kind(), ErrorKind::InvalidArgument);
+        assert_eq!(e.to_string(), expected);
+    }
+    // Nothing was locked by the refused pulls.
+    assert_eq!(h.fetch().await.status, FetchStatus::Found);
+}

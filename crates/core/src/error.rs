@@ -14,7 +14,7 @@ pub enum ErrorKind {
     NotFound,
     /// The server failed.
     Internal,
-    /// The server is shutting down or its store is closed.
+    /// The server is shutting down, its store is closed, or a backend did not answer in time.
     Unavailable,
     /// A send timed out after it may have been stored: retry if every message must arrive.
     OutcomeUnknown,
@@ -154,6 +154,9 @@ pub enum EngineError {
     PermissionDenied(String),
     #[error("{0}")]
     LimitReached(String),
+    /// A backend did not answer within the time the request allowed (`pullTimeout`).
+    #[error("{0}")]
+    Unavailable(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -166,7 +169,7 @@ impl EngineError {
             Self::Unauthenticated(_) => ErrorKind::Unauthenticated,
             Self::PermissionDenied(_) => ErrorKind::PermissionDenied,
             Self::LimitReached(_) => ErrorKind::LimitReached,
-            Self::Store(StoreError::Closed) => ErrorKind::Unavailable,
+            Self::Unavailable(_) | Self::Store(StoreError::Closed) => ErrorKind::Unavailable,
             Self::Store(StoreError::Rejected(_)) => ErrorKind::InvalidArgument,
             Self::Store(StoreError::OutcomeUnknown(_)) => ErrorKind::OutcomeUnknown,
             Self::Store(StoreError::StorageFull(_)) => ErrorKind::StorageFull,

@@ -37,6 +37,16 @@ pub const CONSUME_TIMEOUT_MS: Bounds = Bounds {
 };
 pub const DEFAULT_CONSUME_TIMEOUT_MS: u64 = 300_000;
 
+/// A pull's own `consumeTimeout`, in seconds (the newer MQCloud contract): the same range.
+pub const CONSUME_TIMEOUT_S: Bounds = Bounds {
+    min: CONSUME_TIMEOUT_MS.min / 1000,
+    max: CONSUME_TIMEOUT_MS.max / 1000,
+};
+
+/// A pull's `pullTimeout`, in seconds: how long its read of the message store may take.
+pub const PULL_TIMEOUT_S: Bounds = Bounds { min: 1, max: 60 };
+pub const DEFAULT_PULL_TIMEOUT_S: u64 = 10;
+
 /// Queues of a topic (the consumer state store ignores saved state beyond them).
 pub const QUEUES: Bounds = Bounds {
     min: 1,
@@ -74,6 +84,7 @@ mod tests {
         assert_eq!(e.to_string(), "maxPullSize must be between 1 and 128, got 129");
         assert_eq!(PULL_SIZE.clamp(0), 1);
         assert_eq!(CONSUME_TIMEOUT_MS.max, 129_600_000);
+        assert_eq!((CONSUME_TIMEOUT_S.min, CONSUME_TIMEOUT_S.max), (10, 129_600));
         assert!(QUEUES.contains(1024) && !QUEUES.contains(1025));
         assert!(CONSUME_TIMEOUT_MS.contains(DEFAULT_CONSUME_TIMEOUT_MS));
         assert!(PULL_SIZE.contains(u64::from(DEFAULT_PULL_SIZE)));

@@ -4,7 +4,7 @@
 //! instead of polling: the store signals visible messages, the engine signals released locks
 //! and settings changes, and a timer covers the next lock expiry.
 
-use super::consume::{Issued, PullContext};
+use super::consume::{Issued, PullContext, PullOptions};
 use super::{ConsumeTarget, ConsumerSpec, Delivered, Engine, EngineError, FetchStatus, limits};
 use mqproxy_store::ContextKey;
 use std::collections::HashMap;
@@ -23,6 +23,10 @@ pub struct Subscription {
     /// 0 means [`super::limits::DEFAULT_IN_FLIGHT`].
     pub max_in_flight: u32,
     pub max_pull_size: Option<u32>,
+    /// Each batch's lock time in seconds instead of the consumer's (`consumeTimeout`).
+    pub consume_timeout_s: Option<u64>,
+    /// How long each pull's read of the message store may take, in seconds (`pullTimeout`).
+    pub pull_timeout_s: Option<u64>,
     /// Acknowledge each batch as soon as the transport took it (at-most-once).
     pub auto_ack: bool,
     pub client_ip: Option<String>,
@@ -88,6 +92,12 @@ impl Engine {
         C: Stream<Item = ConsumeCommand> + Send + Unpin + 'static,
     {
         let key = self.resolve(spec, &target)?;
+        let options = PullOptions::checked(
+            sub.client_ip.clone(),
+            sub.max_pull_size,
+            sub.consume_timeout_s,
+            sub.pull_timeout_s,
+        )?;
         let permit = self.inner.streams.permits.clone().try_acquire_owned().map_err(|_| {
             EngineError::LimitReached(format!(
                 "{} Consume streams are open, the most [consume] max_consume_streams allows",
@@ -99,7 +109,7 @@ impl Engine {
         let (tx, rx) = mpsc::channel(1);
         let engine = self.clone();
         tokio::spawn(async move {
-            engine.run_stream(target, key, sub, commands, tx).await;
+            engine.run_stream(target, key, sub, options, commands, tx).await;
             drop(permit);
         });
         Ok(ReceiverStream::new(rx))
@@ -119,6 +129,7 @@ impl Engine {
         target: ConsumeTarget,
         key: ContextKey,
         sub: Subscription,
+        options: PullOptions,
         mut commands: C,
         tx: EventSender,
     ) where
@@ -148,7 +159,9 @@ impl Engine {
                     break 'stream;
                 }
             };
+            // The consumer's lock time (for others' locks) and this stream's (for its batches).
             let timeout_ms = ctx.spec.consume_timeout_ms;
+            let own_timeout_ms = options.lock_timeout(&ctx.spec);
             let now = self.now_ms();
             in_flight.retain(|_, b| b.expires_ms > now);
             let mut wake_at = in_flight.values().map(|b| b.expires_ms).min();
@@ -156,7 +169,7 @@ impl Engine {
                 // Seen before fetching, so a change during the fetch wakes the wait below.
                 visible.borrow_and_update();
                 released.borrow_and_update();
-                let (outcome, issued) = match self.pull(ctx, None, sub.client_ip.clone(), sub.max_pull_size).await {
+                let (outcome, issued) = match self.pull(ctx, None, &options).await {
                     Ok(pulled) => {
                         self.count_pull(spec, Ok(&pulled.0));
                         pulled
@@ -191,7 +204,7 @@ impl Engine {
                                 request_id,
                                 InFlight {
                                     issued,
-                                    expires_ms: lock_time + timeout_ms + 1,
+                                    expires_ms: lock_time + own_timeout_ms + 1,
                                 },
                             );
                         }

@@ -86,6 +86,8 @@ pub struct LockRequest {
     /// reused, even after lock and unlock in between).
     pub lock_time: u64,
     pub client_ip: Option<String>,
+    /// The lock's own timeout (a pull's `consumeTimeout`), kept with it until it is released.
+    pub timeout_ms: Option<u64>,
     /// Retry entries to deliver with the batch: (seq, the in-flight mark the caller saw). Each
     /// is claimed only if its mark is unchanged.
     pub claim_retries: Vec<(u64, Option<(u32, u64)>)>,
@@ -311,6 +313,7 @@ impl ConsumerStateStore for LocalConsumerState {
             return Ok(None);
         }
         qs.lock_time = Some(request.lock_time);
+        qs.lock_timeout_ms = request.timeout_ms;
         qs.last_pull_ms = request.lock_time;
         if request.client_ip.is_some() {
             qs.client_ip = request.client_ip;
@@ -374,6 +377,7 @@ impl ConsumerStateStore for LocalConsumerState {
                 qs.committed = commit;
             }
             qs.lock_time = None;
+            qs.lock_timeout_ms = None;
             let mut ops = vec![Self::put_queue(ctx, queue, qs)];
             let delivered: Vec<u64> = st
                 .retries
@@ -562,6 +566,7 @@ pub(crate) mod contract {
             seen,
             lock_time,
             client_ip: None,
+            timeout_ms: None,
             claim_retries: Vec::new(),
         }
     }
@@ -660,6 +665,34 @@ pub(crate) mod contract {
             (Some(40), Some(30))
         );
         assert!(state.finish(&c, 1, 30, None, RetryFate::Free).await.expect("unlock"));
+        // A lock's own timeout is kept with it, read back with it, and goes when it is released;
+        // the next lock without one has none.
+        let mut timed = request(1, None, 31);
+        timed.timeout_ms = Some(15_000);
+        let grant = state.try_lock(&c, timed).await.expect("lock").expect("granted");
+        assert_eq!(grant.state.lock_timeout_ms, Some(15_000));
+        let snap = state.snapshot(&c, 2).await.expect("snapshot");
+        assert_eq!(
+            (snap.queues[1].lock_time, snap.queues[1].lock_timeout_ms),
+            (Some(31), Some(15_000))
+        );
+        assert!(state.finish(&c, 1, 31, None, RetryFate::Free).await.expect("unlock"));
+        assert_eq!(
+            state.snapshot(&c, 2).await.expect("snapshot").queues[1].lock_timeout_ms,
+            None
+        );
+        let grant = state
+            .try_lock(&c, request(1, None, 32))
+            .await
+            .expect("lock")
+            .expect("granted");
+        assert_eq!(grant.state.lock_timeout_ms, None);
+        let snap = state.snapshot(&c, 2).await.expect("snapshot");
+        assert_eq!(
+            (snap.queues[1].lock_time, snap.queues[1].lock_timeout_ms),
+            (Some(32), None)
+        );
+        assert!(state.finish(&c, 1, 32, None, RetryFate::Free).await.expect("unlock"));
         // Settings and broadcast clients.
         let s = ConsumerSettings {
             paused: true,

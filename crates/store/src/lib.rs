@@ -206,6 +206,23 @@ pub struct QueueState {
     pub last_pull_ms: u64,
     /// The client that last pulled it.
     pub client_ip: Option<String>,
+    /// How long the held lock lasts (ms), when the pull that took it named its own
+    /// `consumeTimeout`; None: the consumer's setting at the time it is checked.
+    pub lock_timeout_ms: Option<u64>,
+}
+
+impl QueueState {
+    /// The held lock's time, if it has not expired by `now_ms`; `default_timeout_ms` is the
+    /// consumer's setting, for a lock that named no timeout of its own.
+    pub fn live_lock(&self, now_ms: u64, default_timeout_ms: u64) -> Option<u64> {
+        let lock = self.lock_time?;
+        (now_ms.saturating_sub(lock) <= self.lock_timeout(default_timeout_ms)).then_some(lock)
+    }
+
+    /// How long the held lock lasts: its own timeout, or the consumer's setting.
+    pub fn lock_timeout(&self, default_timeout_ms: u64) -> u64 {
+        self.lock_timeout_ms.unwrap_or(default_timeout_ms)
+    }
 }
 
 /// A message re-sent to a consumer context by an operator.

@@ -73,8 +73,56 @@ pub struct FetchRequest {
     /// The previous batch's requestId: acknowledged before pulling.
     pub request_id: Option<String>,
     pub client_ip: Option<String>,
-    /// Fewer messages per batch than the consumer's `max_pull_size` (at most 128).
+    /// Messages per batch instead of the consumer's `max_pull_size` (`limits::PULL_SIZE`).
     pub max_pull_size: Option<u32>,
+    /// This batch's lock time in seconds instead of the consumer's (`consumeTimeout`,
+    /// `limits::CONSUME_TIMEOUT_S`).
+    pub consume_timeout_s: Option<u64>,
+    /// How long this pull's read of the message store may take, in seconds (`pullTimeout`,
+    /// `limits::PULL_TIMEOUT_S`; default `limits::DEFAULT_PULL_TIMEOUT_S`).
+    pub pull_timeout_s: Option<u64>,
+}
+
+/// How one pull runs, as its request (or a stream's subscription) asked, checked.
+#[derive(Debug, Clone)]
+pub(super) struct PullOptions {
+    pub client_ip: Option<String>,
+    pub max_pull_size: Option<u32>,
+    /// The lock's own timeout; None: the consumer's setting.
+    pub lock_timeout_ms: Option<u64>,
+    pub read_timeout: std::time::Duration,
+}
+
+impl PullOptions {
+    /// Checks each value against its limit (a 400 naming the parameter and its range).
+    pub(super) fn checked(
+        client_ip: Option<String>,
+        max_pull_size: Option<u32>,
+        consume_timeout_s: Option<u64>,
+        pull_timeout_s: Option<u64>,
+    ) -> Result<Self, EngineError> {
+        if let Some(m) = max_pull_size {
+            limits::check(limits::PULL_SIZE, "maxPullSize", u64::from(m))?;
+        }
+        if let Some(t) = consume_timeout_s {
+            limits::check(limits::CONSUME_TIMEOUT_S, "consumeTimeout", t)?;
+        }
+        if let Some(t) = pull_timeout_s {
+            limits::check(limits::PULL_TIMEOUT_S, "pullTimeout", t)?;
+        }
+        Ok(Self {
+            // Kept with the queue's state (the last client that pulled it): bounded like a clientId.
+            client_ip: client_ip.map(|ip| ip.chars().take(limits::MAX_CLIENT_ID_CHARS).collect()),
+            max_pull_size,
+            lock_timeout_ms: consume_timeout_s.map(|s| s * 1000),
+            read_timeout: std::time::Duration::from_secs(pull_timeout_s.unwrap_or(limits::DEFAULT_PULL_TIMEOUT_S)),
+        })
+    }
+
+    /// The lock time of a batch this pull hands out for `spec`'s consumer.
+    pub(super) fn lock_timeout(&self, spec: &ConsumerSpec) -> u64 {
+        self.lock_timeout_ms.unwrap_or(spec.consume_timeout_ms)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -177,12 +225,6 @@ pub struct ConsumerView {
     pub retry_queued: u32,
 }
 
-/// The lock of a queue if it is held and not expired.
-fn live_lock(q: &QueueState, now: u64, timeout_ms: u64) -> Option<u64> {
-    let lock = q.lock_time?;
-    (now.saturating_sub(lock) <= timeout_ms).then_some(lock)
-}
-
 /// A retry entry not delivered with a live batch.
 fn retry_is_free(e: &RetryEntry, snapshot: &ContextSnapshot, now: u64, timeout_ms: u64) -> bool {
     match e.in_flight {
@@ -191,7 +233,7 @@ fn retry_is_free(e: &RetryEntry, snapshot: &ContextSnapshot, now: u64, timeout_m
             snapshot
                 .queues
                 .get(q as usize)
-                .and_then(|qs| live_lock(qs, now, timeout_ms))
+                .and_then(|qs| qs.live_lock(now, timeout_ms))
                 != Some(l)
         }
     }
@@ -376,8 +418,7 @@ impl Engine {
         Ok(snapshot
             .queues
             .iter()
-            .filter_map(|q| q.lock_time)
-            .map(|l| l + timeout_ms + 1)
+            .filter_map(|q| Some(q.lock_time? + q.lock_timeout(timeout_ms) + 1))
             .filter(|&expiry| expiry > now)
             .min())
     }
@@ -449,13 +490,19 @@ impl Engine {
     ) -> Result<FetchOutcome, EngineError> {
         let result = async {
             let key = self.resolve(spec, target)?;
+            let options = PullOptions::checked(
+                req.client_ip,
+                req.max_pull_size,
+                req.consume_timeout_s,
+                req.pull_timeout_s,
+            )?;
             // Settings once per pull: they gate the pull and set the lock time the ack checks.
             let ctx = self.pull_context(spec, key).await?;
             let ack = match req.request_id.as_deref().map(str::trim).filter(|r| !r.is_empty()) {
                 Some(rid) => Some(self.ack_in_context(&ctx.spec, &ctx.key, rid).await),
                 None => None,
             };
-            let (outcome, _) = self.pull(&ctx, ack, req.client_ip, req.max_pull_size).await?;
+            let (outcome, _) = self.pull(&ctx, ack, &options).await?;
             Ok(outcome)
         }
         .await;
@@ -517,8 +564,7 @@ impl Engine {
         &self,
         ctx: &PullContext,
         ack: Option<Result<AckOutcome, EngineError>>,
-        client_ip: Option<String>,
-        max_pull_size: Option<u32>,
+        options: &PullOptions,
     ) -> Result<(FetchOutcome, Option<Issued>), EngineError> {
         let (spec, key, settings) = (&ctx.spec, &ctx.key, &ctx.settings);
         let mut outcome = FetchOutcome {
@@ -545,17 +591,14 @@ impl Engine {
         }
 
         self.admit(spec, key).await?;
-        let max_pull = max_pull_size.map_or(spec.max_pull_size, |m| limits::PULL_SIZE.clamp(u64::from(m)) as u32);
-        // Kept with the queue's state (the last client that pulled it): bounded like a clientId.
-        let client_ip = client_ip.map(|ip| ip.chars().take(limits::MAX_CLIENT_ID_CHARS).collect::<String>());
+        let max_pull = options
+            .max_pull_size
+            .map_or(spec.max_pull_size, |m| limits::PULL_SIZE.clamp(u64::from(m)) as u32);
         // A queue whose broker fails the read is left for this pull, once, when another
         // broker's queue can be tried: one dead broker does not fail the pulls of the others.
         let mut failed_queue = None;
         let (chosen, (read, retry_messages, missing_retries)) = loop {
-            let chosen = match self
-                .choose_and_lock(spec, key, client_ip.clone(), max_pull, failed_queue)
-                .await?
-            {
+            let chosen = match self.choose_and_lock(spec, key, options, max_pull, failed_queue).await? {
                 Choice::Locked(chosen) => chosen,
                 Choice::Idle(snapshot) => {
                     outcome.queue = Some(snapshot);
@@ -566,7 +609,14 @@ impl Engine {
             if chosen.reset_to.is_some() {
                 break (chosen, Default::default());
             }
-            match self.read_batch(spec, &chosen, max_pull).await {
+            let read = tokio::time::timeout(options.read_timeout, self.read_batch(spec, &chosen, max_pull)).await;
+            let read = read.unwrap_or_else(|_| {
+                Err(EngineError::Unavailable(format!(
+                    "the pull's read of the message store took longer than pullTimeout ({} s)",
+                    options.read_timeout.as_secs()
+                )))
+            });
+            match read {
                 Ok(v) => break (chosen, v),
                 Err(e) => {
                     self.release(key, &chosen, &[]).await?;
@@ -659,10 +709,11 @@ impl Engine {
         &self,
         spec: &ConsumerSpec,
         key: &ContextKey,
-        client_ip: Option<String>,
+        options: &PullOptions,
         max_pull: u32,
         failed: Option<u32>,
     ) -> Result<Choice, EngineError> {
+        let client_ip = &options.client_ip;
         let queues = self.queue_count(&spec.topic);
         let now = self.now_ms();
         let timeout = spec.consume_timeout_ms;
@@ -692,7 +743,7 @@ impl Engine {
             .any(|e| retry_is_free(e, &snapshot, now, timeout));
         for queue in order {
             let qs = &snapshot.queues[queue as usize];
-            if live_lock(qs, now, timeout).is_some() {
+            if qs.live_lock(now, timeout).is_some() {
                 continue;
             }
             let range = ranges[queue as usize];
@@ -736,7 +787,7 @@ impl Engine {
                 let mut seen = qs.clone();
                 seen.lock_time = None;
                 if client_ip.is_some() {
-                    seen.client_ip.clone_from(&client_ip);
+                    seen.client_ip.clone_from(client_ip);
                 }
                 return Ok(Choice::Idle(queue_snapshot(&seen)));
             }
@@ -758,6 +809,7 @@ impl Engine {
                 seen: qs.lock_time,
                 lock_time,
                 client_ip: client_ip.clone(),
+                timeout_ms: options.lock_timeout_ms,
                 claim_retries,
             };
             if let Some(grant) = self.inner.consuming.state.try_lock(key, request).await? {
@@ -880,7 +932,7 @@ impl Engine {
                 message: format!("ack ignored: the queue was locked again since (lockTime {t}) {info}"),
             },
             Some(t) => {
-                let expired = self.now_ms().saturating_sub(t) > spec.consume_timeout_ms;
+                let expired = self.now_ms().saturating_sub(t) > qs.lock_timeout(spec.consume_timeout_ms);
                 let prefix = if expired { "lock expired, " } else { "" };
                 let (commit, what) = match qs.committed {
                     None => (true, "ok"),

@@ -1,7 +1,7 @@
 //! Byte layouts of stored values. Message records are laid out by hand (the body is copied
 //! once, not element by element); small structured records use postcard.
 
-use crate::{ConsumerSettings, NewRecord, StoreError, StoredMessage};
+use crate::{ConsumerSettings, NewRecord, QueueState, StoreError, StoredMessage};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -120,6 +120,29 @@ pub(super) fn from_postcard<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Stor
     postcard::from_bytes(bytes).map_err(|e| StoreError::Corrupt(format!("decode: {e}")))
 }
 
+/// A queue's consumer state as written before a lock could carry its own timeout.
+#[derive(serde::Deserialize)]
+struct QueueStateV1 {
+    committed: Option<u64>,
+    lock_time: Option<u64>,
+    last_pull_ms: u64,
+    client_ip: Option<String>,
+}
+
+/// A queue's consumer state, current layout or the first one (as [`decode_settings`]).
+pub(super) fn decode_queue_state(bytes: &[u8]) -> Result<QueueState, StoreError> {
+    from_postcard(bytes).or_else(|e| {
+        let v1: QueueStateV1 = from_postcard(bytes).map_err(|_| e)?;
+        Ok(QueueState {
+            committed: v1.committed,
+            lock_time: v1.lock_time,
+            last_pull_ms: v1.last_pull_ms,
+            client_ip: v1.client_ip,
+            lock_timeout_ms: None,
+        })
+    })
+}
+
 /// Consumer settings as written before the timeout / pull size overrides existed.
 #[derive(serde::Deserialize)]
 struct SettingsV1 {
@@ -196,6 +219,38 @@ mod settings_tests {
         };
         assert_eq!(
             decode_settings(&to_postcard(&new).expect("encode")).expect("decode"),
+            new
+        );
+    }
+
+    #[test]
+    fn queue_state_written_before_lock_timeouts_still_reads() {
+        #[derive(serde::Serialize)]
+        struct Old {
+            committed: Option<u64>,
+            lock_time: Option<u64>,
+            last_pull_ms: u64,
+            client_ip: Option<String>,
+        }
+        let old = to_postcard(&Old {
+            committed: Some(7),
+            lock_time: Some(11),
+            last_pull_ms: 11,
+            client_ip: Some("10.0.0.1".into()),
+        })
+        .expect("encode");
+        let read = decode_queue_state(&old).expect("decode");
+        assert_eq!(
+            (read.committed, read.lock_time, read.last_pull_ms, read.lock_timeout_ms),
+            (Some(7), Some(11), 11, None)
+        );
+        assert_eq!(read.client_ip.as_deref(), Some("10.0.0.1"));
+        let new = QueueState {
+            lock_timeout_ms: Some(60_000),
+            ..read
+        };
+        assert_eq!(
+            decode_queue_state(&to_postcard(&new).expect("encode")).expect("decode"),
             new
         );
     }

@@ -204,7 +204,9 @@ pub(super) fn load_consumer_state(db: &Database) -> Result<ConsumerSnapshot, Sto
     {
         let (k, v) = entry.map_err(db_err)?;
         let (context, queue): (ContextKey, u32) = codec::from_postcard(k.value())?;
-        snapshot.queues.push((context, queue, codec::from_postcard(v.value())?));
+        snapshot
+            .queues
+            .push((context, queue, codec::decode_queue_state(v.value())?));
     }
     for entry in txn.open_table(RETRIES).map_err(db_err)?.iter().map_err(db_err)? {
         let (k, v) = entry.map_err(db_err)?;

@@ -1,6 +1,8 @@
 //! Consumer state in Redis, shared by several proxies (the Java proxy's layout): one hash per
 //! consumption context, key `<prefix><group>` or `<prefix><group>:<clientId>`, fields
-//! `<broker>:<queue>:cmt` (committed offset), `:l` (lock time), `:t` (last pull), `:ip`.
+//! `<broker>:<queue>:cmt` (committed offset), `:l` (lock time), `:t` (last pull), `:ip`, and
+//! `:lto` (`<lockTime>,<ms>`: a lock's own timeout, honoured only beside that lock time, so a
+//! proxy that does not know the field cannot leave one behind for a lock it takes).
 //! Retry entries live in `<ctx>:retry` (field = seq, value = `mark|msgId,queue,offset,topic`
 //! with mark empty or `queue,lockTime`), settings in `<prefix>consumer_config`
 //! (`<consumer>:p`, `:rl`, `:rt`), broadcast clientIds with their last pull in the sorted set
@@ -30,8 +32,9 @@ local last = tonumber(redis.call('HGET', KEYS[1], ARGV[2]) or '0')
 if tonumber(ARGV[5]) <= last then return nil end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[5], ARGV[2], ARGV[5])
 if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], ARGV[3], ARGV[6]) end
+if ARGV[10] ~= '' then redis.call('HSET', KEYS[1], ARGV[9], ARGV[10]) else redis.call('HDEL', KEYS[1], ARGV[9]) end
 local claimed = {redis.call('HGET', KEYS[1], ARGV[8]) or '', redis.call('HGET', KEYS[1], ARGV[3]) or ''}
-for i = 9, #ARGV, 2 do
+for i = 11, #ARGV, 2 do
   local v = redis.call('HGET', KEYS[2], ARGV[i])
   if v then
     local sep = string.find(v, '|', 1, true)
@@ -52,7 +55,7 @@ const FINISH: &str = r"
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
 if cur ~= ARGV[3] then return 0 end
 if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], ARGV[2], ARGV[4]) end
-redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[1], ARGV[1], ARGV[7])
 local all = redis.call('HGETALL', KEYS[2])
 for i = 1, #all, 2 do
   local v = all[i + 1]
@@ -195,6 +198,12 @@ fn mark(in_flight: Option<(u32, u64)>) -> String {
     in_flight.map(|(q, l)| format!("{q},{l}")).unwrap_or_default()
 }
 
+/// A `:lto` value (`<lockTime>,<ms>`): the timeout, when it belongs to `lock_time`.
+fn parse_lock_timeout(value: &str, lock_time: u64) -> Option<u64> {
+    let (lock, timeout) = value.split_once(',')?;
+    (lock.parse::<u64>().ok()? == lock_time).then(|| timeout.parse().ok())?
+}
+
 fn parse_mark(s: &str) -> Option<(u32, u64)> {
     let (q, l) = s.split_once(',')?;
     Some((q.parse().ok()?, l.parse().ok()?))
@@ -259,11 +268,16 @@ impl ConsumerStateStore for RedisConsumerState {
                 .and_then(|v| v.parse::<u64>().ok())
         };
         let queues = (0..queues)
-            .map(|q| QueueState {
-                committed: number(q, "cmt"),
-                lock_time: number(q, "l"),
-                last_pull_ms: number(q, "t").unwrap_or(0),
-                client_ip: fields.get(&self.field(ctx, q, "ip")).cloned(),
+            .map(|q| {
+                let lock_time = number(q, "l");
+                QueueState {
+                    committed: number(q, "cmt"),
+                    lock_time,
+                    last_pull_ms: number(q, "t").unwrap_or(0),
+                    client_ip: fields.get(&self.field(ctx, q, "ip")).cloned(),
+                    lock_timeout_ms: lock_time
+                        .and_then(|l| parse_lock_timeout(fields.get(&self.field(ctx, q, "lto"))?, l)),
+                }
             })
             .collect();
         let retry_fields: HashMap<String, String> = con.hgetall(self.retry_key(ctx)).await.map_err(redis_err)?;
@@ -288,7 +302,14 @@ impl ConsumerStateStore for RedisConsumerState {
             .arg(request.lock_time)
             .arg(request.client_ip.clone().unwrap_or_default())
             .arg(&new_mark)
-            .arg(self.field(ctx, request.queue, "cmt"));
+            .arg(self.field(ctx, request.queue, "cmt"))
+            .arg(self.field(ctx, request.queue, "lto"))
+            .arg(
+                request
+                    .timeout_ms
+                    .map(|t| format!("{},{t}", request.lock_time))
+                    .unwrap_or_default(),
+            );
         for (seq, seen) in &request.claim_retries {
             invocation.arg(seq).arg(mark(*seen));
         }
@@ -302,6 +323,7 @@ impl ConsumerStateStore for RedisConsumerState {
             lock_time: Some(request.lock_time),
             last_pull_ms: request.lock_time,
             client_ip: (!ip.is_empty()).then(|| ip.clone()),
+            lock_timeout_ms: request.timeout_ms,
         };
         let retries = claimed
             .chunks_exact(2)
@@ -359,6 +381,7 @@ impl ConsumerStateStore for RedisConsumerState {
             .arg(commit.map(|c| c.to_string()).unwrap_or_default())
             .arg(if retries == RetryFate::Done { "done" } else { "free" })
             .arg(mark(Some((queue, lock_time))))
+            .arg(self.field(ctx, queue, "lto"))
             .invoke_async(&mut con)
             .await
             .map_err(redis_err)?;
