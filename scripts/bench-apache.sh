@@ -15,9 +15,8 @@ if [ "${1:-}" = --debug ]; then
   profile=debug
   plan=(--rounds 1 --warmup 0.5 --duration 1 --connections 1,16 --consume-messages 2000 --e2e-count 50)
   shift
-  # `cargo test` does not build mqproxy-bench (no test of the root package runs it), so this
-  # is a second feature set of the debug build (the dev-dependencies' features off).
-  cargo build --locked --workspace --bins
+  # The suite's one debug build (crates/bench/tests makes it build mqproxy-bench too).
+  cargo test --workspace --locked --tests --no-run
 else
   cargo build --release --locked --workspace --bins
 fi

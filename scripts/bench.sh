@@ -23,9 +23,8 @@ if [ "${1:-}" = --debug ]; then
   profile=debug
   mode=--smoke
   shift
-  # `cargo test` does not build mqproxy-bench (no test of the root package runs it), so this
-  # is a second feature set of the debug build (the dev-dependencies' features off).
-  cargo build --locked --workspace --bins
+  # The suite's one debug build (crates/bench/tests makes it build mqproxy-bench too).
+  cargo test --workspace --locked --tests --no-run
 else
   cargo build --release --locked --workspace --bins
 fi
