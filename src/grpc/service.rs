@@ -105,6 +105,7 @@ impl pb::messaging_service_server::MessagingService for GrpcAdapter {
                 order_id: r.order_id,
                 delay_level: r.delay_level,
                 delivery_timestamp_ms: r.delivery_timestamp,
+                round_robin: r.round_robin,
             })
             .await
             .map_err(status)?;
@@ -155,6 +156,7 @@ impl pb::messaging_service_server::MessagingService for GrpcAdapter {
                 max_pull_size: r.max_pull_size,
                 consume_timeout_s: r.consume_timeout,
                 pull_timeout_s: r.pull_timeout,
+                wait_ms: r.wait_ms,
             })
             .await
             .map_err(status)?;

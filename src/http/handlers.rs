@@ -311,6 +311,7 @@ impl MqApi for HttpAdapter {
             order_id: p.order_id,
             delay_level: p.delay_level,
             delivery_timestamp_ms: p.delivery_timestamp,
+            round_robin: p.round_robin.unwrap_or(false),
         };
         match producer.produce(req).await {
             Ok(r) => Reply::new(ProduceReply {
@@ -387,6 +388,7 @@ impl MqApi for HttpAdapter {
             max_pull_size: p.max_pull_size.and_then(|m| u32::try_from(m).ok()),
             consume_timeout_s: p.consume_timeout.and_then(|t| u64::try_from(t).ok()),
             pull_timeout_s: p.pull_timeout.and_then(|t| u64::try_from(t).ok()),
+            wait_ms: p.wait_ms.and_then(|t| u64::try_from(t).ok()),
         };
         let mut reply = match consumer.fetch(req).await {
             Ok(o) => {

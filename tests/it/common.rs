@@ -46,8 +46,10 @@ impl TestServer {
     pub async fn with_config(mut config: Config) -> Self {
         let tmp = tempfile::tempdir().expect("tempdir");
         config.data_dir = tmp.path().to_path_buf();
-        // The same suite runs with the consumer state in Redis when asked (scripts/test does).
-        if std::env::var("MQPROXY_TEST_STATE").as_deref() == Ok("redis") {
+        // The same suite runs with the consumer state in Redis when asked (scripts/test does);
+        // a test that set its own Redis state (proxies sharing one) keeps it.
+        let own_redis = config.consumer_state.kind == mqproxy::store::consumer_state::ConsumerStateKind::Redis;
+        if std::env::var("MQPROXY_TEST_STATE").as_deref() == Ok("redis") && !own_redis {
             config.consumer_state.kind = mqproxy::store::consumer_state::ConsumerStateKind::Redis;
             config.consumer_state.url = Some(
                 std::env::var("MQPROXY_TEST_REDIS_URL").expect("MQPROXY_TEST_STATE=redis needs MQPROXY_TEST_REDIS_URL"),
@@ -380,12 +382,28 @@ impl Proc {
         Self::spawn_logging(bin, args, "warn", std::process::Stdio::null())
     }
 
+    /// [`Proc::spawn`] with these environment variables set for the server.
+    pub fn spawn_with_env(bin: &str, args: &[String], env: &[(&str, &str)]) -> Self {
+        Self::start(bin, args, env, "warn", std::process::Stdio::null())
+    }
+
     /// [`Proc::spawn`] with the server's log (stderr, `RUST_LOG=level`) sent to `log`.
     pub fn spawn_logging(bin: &str, args: &[String], level: &str, log: impl Into<std::process::Stdio>) -> Self {
+        Self::start(bin, args, &[], level, log)
+    }
+
+    fn start(
+        bin: &str,
+        args: &[String],
+        env: &[(&str, &str)],
+        level: &str,
+        log: impl Into<std::process::Stdio>,
+    ) -> Self {
         use std::io::{BufRead, BufReader};
         let mut child = std::process::Command::new(bin)
             .args(["serve", "--listen", "127.0.0.1:0"])
             .args(args)
+            .envs(env.iter().copied())
             .env("RUST_LOG", level)
             .stdout(std::process::Stdio::piped())
             .stderr(log)

@@ -508,6 +508,7 @@ async fn consume_timeout_parameter_sets_the_batch_s_lock_time() {
         ("pullTimeout", "0", "1"),
         ("pullTimeout", "61", "60"),
         ("maxPullSize", "0", "128"),
+        ("waitMs", "30001", "30000"),
     ] {
         let bad = s
             .post("/mq/message", &[("topic", TOPIC), ("consumer", "c"), (name, value)])
@@ -526,4 +527,71 @@ async fn consume_timeout_parameter_sets_the_batch_s_lock_time() {
         )
         .await;
     assert_eq!(within["status"], 200, "{within}");
+}
+
+/// Long polling (`waitMs`): a pull that finds nothing waits and answers as soon as a message
+/// is produced (not at the end of its wait); with nothing produced it answers `NO_NEW_MSG` once
+/// its time is up.
+#[tokio::test]
+async fn long_polling_answers_when_a_message_arrives() {
+    let s = TestServer::with_toml(&one_queue("")).await;
+    let q = [("topic", TOPIC), ("consumer", "c"), ("waitMs", "1000")];
+    let started = std::time::Instant::now();
+    let empty = s.get("/mq/message", &q).await;
+    assert_eq!(empty["result"]["status"], "NO_NEW_MSG", "{empty}");
+    assert!(started.elapsed() >= Duration::from_millis(1000), "waited its time out");
+
+    let q = [("topic", TOPIC), ("consumer", "c"), ("waitMs", "20000")];
+    let started = std::time::Instant::now();
+    let (pulled, _) = tokio::join!(s.get("/mq/message", &q), async {
+        // The producer comes a moment after the pull started waiting.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        s.produce("late").await
+    });
+    assert_eq!(bodies_of(&pulled), ["late"], "{pulled}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "answered when the message came, not at the end of the wait: {:?}",
+        started.elapsed()
+    );
+}
+
+/// Two pulls wait on one queue: one message wakes both, one takes it (no lock is held while
+/// waiting), the other waits on and answers `NO_NEW_MSG` at its time; the ack that rode on a
+/// long-polling pull is answered with it.
+#[tokio::test]
+async fn waiting_pulls_hold_no_lock_and_one_message_goes_once() {
+    let s = TestServer::with_toml(&one_queue("")).await;
+    s.produce("first").await;
+    let first = s.fetch("c", None).await;
+    let waiting = |rid: Option<String>| {
+        let s = &s;
+        async move {
+            let mut q = vec![
+                ("topic", TOPIC.to_owned()),
+                ("consumer", "c".into()),
+                ("waitMs", "3000".into()),
+            ];
+            if let Some(rid) = rid {
+                q.push(("requestId", rid));
+            }
+            let q: Vec<(&str, &str)> = q.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            s.get("/mq/message", &q).await
+        }
+    };
+    let (a, b, _) = tokio::join!(waiting(Some(rid(&first))), waiting(None), async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        s.produce("second").await
+    });
+    let got: Vec<Vec<String>> = [&a, &b].iter().map(|v| bodies_of(v)).collect();
+    assert!(
+        got.contains(&vec!["second".to_owned()]) && got.contains(&vec![]),
+        "one pull gets the message, the other nothing: {a} {b}"
+    );
+    assert!(
+        a["result"]["ackInfo"]["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("ok")),
+        "the first batch's ack rode on the waiting pull: {a}"
+    );
 }

@@ -319,6 +319,7 @@ fn documented_ranges_are_the_engine_limits() {
         ("consumeTimeoutMs", limits::CONSUME_TIMEOUT_MS),
         ("consumeTimeout", limits::CONSUME_TIMEOUT_S),
         ("pullTimeout", limits::PULL_TIMEOUT_S),
+        ("waitMs", limits::WAIT_MS),
         ("queues", limits::QUEUES),
         ("limitRate", limits::RATE_LIMIT),
         ("delayLevel", limits::DELAY_LEVEL),

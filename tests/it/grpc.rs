@@ -689,3 +689,38 @@ async fn fetch_takes_the_newer_pull_parameters() {
     assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
     assert!(refused.message().contains("consumeTimeout"), "{refused:?}");
 }
+
+/// Fetch with `wait_ms` long-polls: it answers with a message produced while it waits.
+#[tokio::test]
+async fn fetch_long_polls_with_wait_ms() {
+    let s = TestServer::with_toml(&one_queue("")).await;
+    let mut c = client(&s).await;
+    let started = Instant::now();
+    let (fetched, _) = tokio::join!(
+        c.fetch(pb::FetchRequest {
+            target: target("c", None),
+            wait_ms: Some(20_000),
+            ..Default::default()
+        }),
+        async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            s.produce("late").await
+        }
+    );
+    let fetched = fetched.expect("fetch").into_inner();
+    assert_eq!(fetched.status, "FOUND", "{fetched:?}");
+    assert_eq!(fetched.messages.len(), 1);
+    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+    let refused = c
+        .fetch(pb::FetchRequest {
+            target: target("c", None),
+            wait_ms: Some(30_001),
+            ..Default::default()
+        })
+        .await
+        .expect_err("refused");
+    assert!(
+        refused.message().contains("waitMs must be between 0 and 30000"),
+        "{refused:?}"
+    );
+}

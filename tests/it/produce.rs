@@ -324,3 +324,105 @@ async fn health_endpoints() {
     assert_eq!(s.get("/healthz", &[]).await, serde_json::json!({"status": 200}));
     assert_eq!(s.get("/readyz", &[]).await, serde_json::json!({"status": 200}));
 }
+
+/// The queue each produce of `server` answered, as (brokerName, queueId).
+async fn produce_in_turn(server: &TestServer, n: usize) -> Vec<(String, i64)> {
+    let mut queues = Vec::new();
+    for i in 0..n {
+        let v = server
+            .post(
+                "/mq/produce",
+                &[
+                    ("producer", PRODUCER),
+                    ("message", &format!("m{i}")),
+                    ("roundRobin", "true"),
+                ],
+            )
+            .await;
+        assert_eq!(v["status"], 200, "{v}");
+        let q = &v["result"]["messageQueue"];
+        queues.push((
+            q["brokerName"].as_str().unwrap_or_default().to_owned(),
+            q["queueId"].as_i64().unwrap_or(-1),
+        ));
+    }
+    queues
+}
+
+/// `roundRobin=true` sends strictly in turn over the topic's queues: the first round visits
+/// every queue once, in route order, and the next rounds repeat it exactly; with `orderId` it
+/// is a 400.
+#[tokio::test]
+async fn round_robin_sends_strictly_in_turn() {
+    let s = TestServer::start().await;
+    // Unordered sends without roundRobin take turns too: start this topic's strict turn after
+    // a few of those, which must not shift it.
+    for _ in 0..3 {
+        s.produce("plain").await;
+    }
+    let sent = produce_in_turn(&s, 24).await;
+    let queues = sent.iter().collect::<std::collections::HashSet<_>>().len();
+    assert!(queues >= 2, "{sent:?}");
+    let mut first_round = sent[..queues].to_vec();
+    first_round.sort();
+    first_round.dedup();
+    assert_eq!(
+        first_round.len(),
+        queues,
+        "the first round visits every queue once: {sent:?}"
+    );
+    for (i, q) in sent.iter().enumerate() {
+        assert_eq!(q, &sent[i % queues], "message {i} breaks the turn: {sent:?}");
+    }
+    let refused = s
+        .post(
+            "/mq/produce",
+            &[
+                ("producer", PRODUCER),
+                ("message", "m"),
+                ("roundRobin", "true"),
+                ("orderId", "o"),
+            ],
+        )
+        .await;
+    assert_eq!(refused["status"], 400, "{refused}");
+    assert!(
+        refused["message"].as_str().is_some_and(|m| m.contains("roundRobin")),
+        "{refused}"
+    );
+}
+
+/// Two proxies on one Redis consumer state share the topic's turn (as the Java proxy's Redis
+/// counter): produces alternating between them still go strictly in turn.
+#[tokio::test]
+async fn proxies_sharing_redis_share_the_round_robin_turn() {
+    let Ok(url) = std::env::var("MQPROXY_TEST_REDIS_URL") else {
+        eprintln!("skipped: set MQPROXY_TEST_REDIS_URL to run");
+        return;
+    };
+    let prefix = format!("rr-{}:", unique_suffix());
+    let shared = |mut config: mqproxy::config::Config| {
+        config.consumer_state.kind = mqproxy::store::consumer_state::ConsumerStateKind::Redis;
+        config.consumer_state.url = Some(url.clone());
+        config.consumer_state.prefix = prefix.clone();
+        config
+    };
+    let a = TestServer::with_config(shared(config(None))).await;
+    let b = TestServer::with_config(shared(config(None))).await;
+    let mut sent = Vec::new();
+    for _ in 0..6 {
+        sent.extend(produce_in_turn(&a, 1).await);
+        sent.extend(produce_in_turn(&b, 1).await);
+    }
+    // On the embedded store each proxy has its own queues (same names): the turn is what they
+    // share, so the queue ids go 0, 1, 2, 3, 0, ... across both.
+    let ids: Vec<i64> = sent.iter().map(|(_, q)| *q).collect();
+    if !rocketmq_backend() {
+        assert_eq!(ids, [0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3], "{sent:?}");
+    } else {
+        let queues = sent.iter().collect::<std::collections::HashSet<_>>().len();
+        for (i, q) in sent.iter().enumerate() {
+            assert_eq!(q, &sent[i % queues], "message {i} breaks the shared turn: {sent:?}");
+        }
+    }
+}

@@ -113,6 +113,9 @@ pub struct ProduceRequest {
     pub order_id: Option<String>,
     pub delay_level: Option<i32>,
     pub delivery_timestamp_ms: Option<i64>,
+    /// Strictly in turn over the topic's queues (`roundRobin`), one turn per topic shared by
+    /// the proxies of one consumer-state store; not with `order_id`.
+    pub round_robin: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -214,7 +217,7 @@ impl Engine {
         Self {
             inner: Arc::new(Inner {
                 registry: registry::RegistryState::new(&config, registry_store),
-                producing: produce::ProduceState::new(&config, messages.identity()),
+                producing: produce::ProduceState::new(&config, messages.identity(), state.clone()),
                 consuming: consume::ConsumeState::new(config.consume, state, request_id_keys, clock.clone()),
                 streams: stream::StreamState::new(config.consume.max_consume_streams),
                 metrics: metrics::Metrics::new(),

@@ -47,6 +47,10 @@ pub const CONSUME_TIMEOUT_S: Bounds = Bounds {
 pub const PULL_TIMEOUT_S: Bounds = Bounds { min: 1, max: 60 };
 pub const DEFAULT_PULL_TIMEOUT_S: u64 = 10;
 
+/// A pull's `waitMs`: how long a pull that finds nothing waits for a message (long polling);
+/// 0, the default, answers at once.
+pub const WAIT_MS: Bounds = Bounds { min: 0, max: 30_000 };
+
 /// Queues of a topic (the consumer state store ignores saved state beyond them).
 pub const QUEUES: Bounds = Bounds {
     min: 1,

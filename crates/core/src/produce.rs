@@ -4,7 +4,9 @@
 use super::{Engine, EngineConfig, EngineError, ProduceRequest, ProduceSettings, SendReceipt, TopicSpec};
 use super::{ids, limits, metrics};
 use ids::MsgIdGenerator;
+use mqproxy_store::consumer_state::ConsumerStateStore;
 use mqproxy_store::{AppendOutcome, Delivery, NewRecord, QueueRef, StoreIdentity};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 /// What one message adds to a batch besides its body (RocketMQ's batch encoding: sizes, flag,
@@ -20,16 +22,19 @@ pub(crate) struct ProduceState {
     ids: MsgIdGenerator,
     /// The turn of unordered sends over a topic's queues.
     round_robin: AtomicU32,
+    /// Where `roundRobin` produces take their turn (per topic, shared by proxies on Redis).
+    turns: Arc<dyn ConsumerStateStore>,
 }
 
 impl ProduceState {
-    pub(crate) fn new(config: &EngineConfig, identity: &StoreIdentity) -> Self {
+    pub(crate) fn new(config: &EngineConfig, identity: &StoreIdentity, turns: Arc<dyn ConsumerStateStore>) -> Self {
         Self {
             settings: config.produce,
             region_id: config.region_id.clone(),
             store_host: config.store_host,
             ids: MsgIdGenerator::new(identity),
             round_robin: AtomicU32::new(0),
+            turns,
         }
     }
 }
@@ -73,6 +78,19 @@ impl Engine {
             }
             (None, None) => Ok(Delivery::Now),
         }
+    }
+
+    /// The queue of a `roundRobin` produce: the topic's next turn, strictly (a queue of a broker
+    /// that just failed is not skipped: the failover of the send still applies).
+    async fn strict_turn_queue(&self, topic: &TopicSpec) -> Result<(u32, QueueRef), EngineError> {
+        let queues = self.inner.messages.queues(&topic.name);
+        let n = queues.len() as u64;
+        if n == 0 {
+            return self.pick_queue(topic, None);
+        }
+        let turn = self.inner.producing.turns.next_turn(&topic.name).await?;
+        let index = u32::try_from(turn % n).unwrap_or(0);
+        Ok((index, queues[index as usize].clone()))
     }
 
     /// The queues of a topic (route order) and the one to send to.
@@ -213,7 +231,15 @@ impl Engine {
         let now = self.now_ms();
         let delivery = self.delivery(req.delay_level, req.delivery_timestamp_ms, now)?;
         let order_id = req.order_id.as_deref().map(str::trim).filter(|o| !o.is_empty());
-        let chosen = self.pick_queue(topic, order_id)?;
+        let chosen = match (req.round_robin, order_id) {
+            (true, Some(_)) => {
+                return Err(EngineError::invalid(
+                    "roundRobin and orderId cannot be used together: orderId picks the queue",
+                ));
+            }
+            (true, None) => self.strict_turn_queue(topic).await?,
+            (false, _) => self.pick_queue(topic, order_id)?,
+        };
         let msg_id = self.inner.producing.ids.next();
         let keys = req.keys.filter(|k| !k.is_empty());
         let record = NewRecord {

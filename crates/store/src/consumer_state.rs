@@ -176,6 +176,11 @@ pub trait ConsumerStateStore: Send + Sync + 'static {
 
     /// Saves a consumer's settings (durably).
     async fn put_settings(&self, consumer: &str, settings: ConsumerSettings) -> Result<(), StoreError>;
+
+    /// The next turn of a topic's strict round robin (`roundRobin=true` produces): 0, 1, 2, ...
+    /// per topic, one sequence for every proxy sharing this store (kept here because this is
+    /// the state proxies share; it is not durable on one proxy, where a restart starts again).
+    async fn next_turn(&self, topic: &str) -> Result<u64, StoreError>;
 }
 
 use crate::MAX_QUEUES_PER_TOPIC as MAX_QUEUES;
@@ -189,8 +194,13 @@ struct ContextState {
 
 impl ContextState {
     fn ensure_queues(&mut self, n: u32) {
-        if self.queues.len() < n as usize {
-            self.queues.resize_with(n as usize, QueueState::default);
+        let n = n as usize;
+        if self.queues.len() < n {
+            // Room for exactly the queues used: a broadcast client that polled one empty queue
+            // keeps one queue's state, not the four a growing Vec reserves (a flood of clientIds
+            // made that a quarter of the state it kept).
+            self.queues.reserve_exact(n - self.queues.len());
+            self.queues.resize_with(n, QueueState::default);
         }
     }
 
@@ -215,6 +225,7 @@ type ClientIndex = HashMap<(String, String), HashMap<String, u64>>;
 /// behind (losing one in a crash only brings a batch back sooner).
 pub struct LocalConsumerState {
     contexts: Mutex<HashMap<ContextKey, Arc<Mutex<ContextState>>>>,
+    turns: Mutex<HashMap<String, u64>>,
     clients: Mutex<ClientIndex>,
     settings: Mutex<HashMap<String, ConsumerSettings>>,
     durable: Arc<dyn ConsumerStore>,
@@ -262,6 +273,7 @@ impl LocalConsumerState {
                     .map(|(k, v)| (k, Arc::new(Mutex::new(v))))
                     .collect(),
             ),
+            turns: Mutex::new(HashMap::new()),
             clients: Mutex::new(clients),
             settings: Mutex::new(snapshot.settings.into_iter().collect()),
             durable,
@@ -545,6 +557,14 @@ impl ConsumerStateStore for LocalConsumerState {
         };
         pending.await
     }
+
+    async fn next_turn(&self, topic: &str) -> Result<u64, StoreError> {
+        let mut turns = lock(&self.turns);
+        let turn = turns.entry(topic.to_owned()).or_insert(0);
+        let this = *turn;
+        *turn += 1;
+        Ok(this)
+    }
 }
 
 /// The contract every [`ConsumerStateStore`] must keep (run against each implementation).
@@ -693,6 +713,11 @@ pub(crate) mod contract {
             (Some(32), None)
         );
         assert!(state.finish(&c, 1, 32, None, RetryFate::Free).await.expect("unlock"));
+        // Round-robin turns: one sequence per topic.
+        assert_eq!(state.next_turn("t").await.expect("turn"), 0);
+        assert_eq!(state.next_turn("t").await.expect("turn"), 1);
+        assert_eq!(state.next_turn("u").await.expect("turn"), 0);
+        assert_eq!(state.next_turn("t").await.expect("turn"), 2);
         // Settings and broadcast clients.
         let s = ConsumerSettings {
             paused: true,

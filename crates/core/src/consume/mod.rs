@@ -81,6 +81,9 @@ pub struct FetchRequest {
     /// How long this pull's read of the message store may take, in seconds (`pullTimeout`,
     /// `limits::PULL_TIMEOUT_S`; default `limits::DEFAULT_PULL_TIMEOUT_S`).
     pub pull_timeout_s: Option<u64>,
+    /// Long polling: how long a pull that finds nothing waits for a message, in ms (`waitMs`,
+    /// `limits::WAIT_MS`; 0 or None answers at once).
+    pub wait_ms: Option<u64>,
 }
 
 /// How one pull runs, as its request (or a stream's subscription) asked, checked.
@@ -91,6 +94,9 @@ pub(super) struct PullOptions {
     /// The lock's own timeout; None: the consumer's setting.
     pub lock_timeout_ms: Option<u64>,
     pub read_timeout: std::time::Duration,
+    /// False for the pulls a long-polling request repeats after its first: the consumer's rate
+    /// limit counts requests, not wake-ups.
+    pub charge_rate_limit: bool,
 }
 
 impl PullOptions {
@@ -116,6 +122,7 @@ impl PullOptions {
             max_pull_size,
             lock_timeout_ms: consume_timeout_s.map(|s| s * 1000),
             read_timeout: std::time::Duration::from_secs(pull_timeout_s.unwrap_or(limits::DEFAULT_PULL_TIMEOUT_S)),
+            charge_rate_limit: true,
         })
     }
 
@@ -294,6 +301,12 @@ pub(super) struct PullContext {
     pub spec: ConsumerSpec,
     pub key: ContextKey,
     pub settings: ConsumerSettings,
+}
+
+/// What a long-polling pull waits on (see [`Engine::pull_changes`]).
+struct PullChanges {
+    visible: tokio::sync::watch::Receiver<u64>,
+    released: tokio::sync::watch::Receiver<u64>,
 }
 
 /// A batch handed out, as the engine knows it: the fields its requestId carries, and the
@@ -496,6 +509,10 @@ impl Engine {
                 req.consume_timeout_s,
                 req.pull_timeout_s,
             )?;
+            let wait_ms = req.wait_ms.unwrap_or(0);
+            limits::check(limits::WAIT_MS, "waitMs", wait_ms)?;
+            // Seen before the first pull, so what happens during it ends a wait at once.
+            let mut changes = (wait_ms > 0).then(|| self.pull_changes());
             // Settings once per pull: they gate the pull and set the lock time the ack checks.
             let ctx = self.pull_context(spec, key).await?;
             let ack = match req.request_id.as_deref().map(str::trim).filter(|r| !r.is_empty()) {
@@ -503,11 +520,68 @@ impl Engine {
                 None => None,
             };
             let (outcome, _) = self.pull(&ctx, ack, &options).await?;
-            Ok(outcome)
+            match changes.as_mut() {
+                Some(changes) if outcome.status == FetchStatus::NoNewMsg => {
+                    self.long_poll(spec, ctx, options, outcome, changes, wait_ms).await
+                }
+                _ => Ok(outcome),
+            }
         }
         .await;
         self.count_pull(spec, result.as_ref());
         result
+    }
+
+    /// The signals that can make a pull that found nothing find something: messages became
+    /// visible (any topic: the store has one signal), or a lock was released or settings changed.
+    fn pull_changes(&self) -> PullChanges {
+        PullChanges {
+            visible: self.inner.messages.visible_changes(),
+            released: self.inner.consuming.subscribe(),
+        }
+    }
+
+    /// Long polling: after a first pull found nothing (`first`), pulls again whenever something
+    /// may have changed (a signal, or a lock of this context expiring) until a pull finds
+    /// something or `wait_ms` passes. It holds no lock while it waits, and costs nothing while
+    /// nothing happens. The answer carries the first pull's ack outcome.
+    async fn long_poll(
+        &self,
+        spec: &ConsumerSpec,
+        mut ctx: PullContext,
+        mut options: PullOptions,
+        first: FetchOutcome,
+        changes: &mut PullChanges,
+        wait_ms: u64,
+    ) -> Result<FetchOutcome, EngineError> {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(wait_ms);
+        let ack = first.ack;
+        let mut outcome = FetchOutcome { ack: None, ..first };
+        options.charge_rate_limit = false;
+        loop {
+            let expiry = self.next_lock_expiry(&ctx.key, ctx.spec.consume_timeout_ms).await?;
+            let wake_at = expiry.map_or(deadline, |at| {
+                let in_ms = at.saturating_sub(self.now_ms());
+                deadline.min(tokio::time::Instant::now() + std::time::Duration::from_millis(in_ms))
+            });
+            tokio::select! {
+                changed = changes.visible.changed() => if changed.is_err() { break },
+                changed = changes.released.changed() => if changed.is_err() { break },
+                () = tokio::time::sleep_until(wake_at) => {}
+            }
+            // Marked seen before pulling, so a change during the pull wakes the next wait.
+            changes.visible.borrow_and_update();
+            changes.released.borrow_and_update();
+            // An operator may have paused the consumer or changed its settings meanwhile.
+            ctx = self.pull_context(spec, ctx.key).await?;
+            let (again, _) = self.pull(&ctx, None, &options).await?;
+            outcome = again;
+            if outcome.status != FetchStatus::NoNewMsg || tokio::time::Instant::now() >= deadline {
+                break;
+            }
+        }
+        outcome.ack = ack;
+        Ok(outcome)
     }
 
     /// Counts a pull by its status, the messages it delivered and the ack that rode on it.
@@ -580,6 +654,7 @@ impl Engine {
             return Ok((outcome, None));
         }
         if settings.rate_limit_enabled
+            && options.charge_rate_limit
             && !self
                 .inner
                 .consuming

@@ -7,7 +7,8 @@
 //! with mark empty or `queue,lockTime`), settings in `<prefix>consumer_config`
 //! (`<consumer>:p`, `:rl`, `:rt`), broadcast clientIds with their last pull in the sorted set
 //! `<prefix>@clients:<group>` (the set `<prefix><group>:clients` of older versions is folded in
-//! on first use; `@` keeps the key apart from every context key).
+//! on first use; `@` keeps the key apart from every context key); a topic's strict round-robin
+//! counter in `<prefix>@rr:<topic>` (INCR, as the Java proxy keeps one per topic).
 //!
 //! Each step of [`ConsumerStateStore`] that must be atomic is one Lua script, so two proxies
 //! never take the same lock or finish each other's batch. Durability is Redis's own (AOF).
@@ -509,6 +510,17 @@ impl ConsumerStateStore for RedisConsumerState {
             };
         }
         Ok(())
+    }
+
+    async fn next_turn(&self, topic: &str) -> Result<u64, StoreError> {
+        // INCR answers the count after this turn; turns count from 0 ('@' keeps the key apart
+        // from every context key).
+        let mut con = self.connection.clone();
+        let after: u64 = con
+            .incr(format!("{}@rr:{topic}", self.prefix), 1)
+            .await
+            .map_err(redis_err)?;
+        Ok(after.saturating_sub(1))
     }
 }
 
