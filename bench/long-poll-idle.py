@@ -4,8 +4,8 @@
 
     bench/long-poll-idle.py MQPROXY_BINARY [--pulls 1000] [--seconds 10]
 
-Starts the binary on a fresh data dir (demo registry, rate limit raised so the N first pulls
-are not refused), measures its CPU time (utime + stime from /proc) over SECONDS idle, then
+Starts the binary on a fresh data dir (the demo's names, rate limit raised so the N first
+pulls are not refused), measures its CPU time (utime + stime from /proc) over SECONDS idle, then
 opens N HTTP connections each sending one `GET /mq/message?...&waitMs=30000`, checks that all
 of them are still waiting, measures again over SECONDS, and checks that each answers
 NO_NEW_MSG or (after one produce) that exactly one pull got the message. Loopback only.
@@ -20,9 +20,13 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def request(port, path):
+def request(port, path, form=None):
     s = socket.create_connection(("127.0.0.1", port))
-    s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    if form is None:
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    else:
+        s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                  f"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {len(form)}\r\n\r\n{form}".encode())
     return s
 
 
@@ -43,7 +47,9 @@ def main():
     work = tempfile.mkdtemp(prefix="mqproxy-long-poll-")
     config = os.path.join(work, "config.toml")
     with open(config, "w") as f:
-        f.write('listen = "127.0.0.1:0"\nadmin_listen = "off"\n[consume]\ndefault_rate_limit = 1000000\n')
+        f.write('listen = "127.0.0.1:0"\nadmin_listen = "off"\nconsume.default_rate_limit = 1000000\n'
+                f'[[topic]]\nname = "{TOPIC}"\nqueues = 4\n[[producer]]\nname = "{PRODUCER}"\ntopic = "{TOPIC}"\n'
+                f'[[consumer]]\nname = "{CONSUMER}"\ntopic = "{TOPIC}"\n')
     proc = subprocess.Popen([args.binary, "serve", "--config", config, "--data-dir", os.path.join(work, "data")],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
@@ -62,13 +68,16 @@ def main():
         for s in socks:
             s.setblocking(False)
             try:
-                if s.recv(1):
-                    sys.exit("a waiting pull answered early")
+                early = s.recv(4096)
+                if early:
+                    sys.exit(f"a waiting pull answered early: {early[-300:]!r}")
             except BlockingIOError:
                 pass
             s.setblocking(True)
         t0 = time.monotonic()
-        answer(request(port, f"/mq/produce?producer={PRODUCER}&message=wake"))
+        produced = answer(request(port, "/mq/produce", f"producer={PRODUCER}&message=wake"))
+        if produced.get("status") != 200:
+            sys.exit(f"produce failed: {produced}")
         answers = [answer(s) for s in socks]
         found = sum(1 for a in answers if a["result"]["status"] == "FOUND")
         print(f"mqproxy with {args.pulls} pulls waiting (waitMs=30000), {args.seconds:.0f} s each:")
