@@ -105,6 +105,17 @@ impl Stream {
     }
 }
 
+/// A unary Fetch of `consumer` with no options.
+async fn fetch_plain(c: &mut MessagingServiceClient<Channel>, consumer: &str) -> pb::FetchResponse {
+    c.fetch(pb::FetchRequest {
+        target: target(consumer, None),
+        ..Default::default()
+    })
+    .await
+    .expect("fetch")
+    .into_inner()
+}
+
 fn bodies(b: &pb::Batch) -> Vec<String> {
     b.messages
         .iter()
@@ -151,14 +162,7 @@ async fn unary_calls() {
         .expect("batch")
         .into_inner();
     assert_eq!(batch.results.iter().map(|r| r.status).collect::<Vec<_>>(), [200, 400]);
-    let f = c
-        .fetch(pb::FetchRequest {
-            target: target("c", None),
-            ..Default::default()
-        })
-        .await
-        .expect("fetch")
-        .into_inner();
+    let f = fetch_plain(&mut c, "c").await;
     assert_eq!(f.status, "FOUND");
     assert_eq!(
         f.messages.iter().map(|m| m.body.clone()).collect::<Vec<_>>(),
@@ -175,14 +179,7 @@ async fn unary_calls() {
         .expect("unlock")
         .into_inner();
     assert!(u.unlocked, "{u:?}");
-    let again = c
-        .fetch(pb::FetchRequest {
-            target: target("c", None),
-            ..Default::default()
-        })
-        .await
-        .expect("fetch")
-        .into_inner();
+    let again = fetch_plain(&mut c, "c").await;
     assert_eq!(again.messages.len(), 2);
     let a = c
         .ack(pb::AckRequest {
@@ -193,14 +190,7 @@ async fn unary_calls() {
         .expect("ack")
         .into_inner();
     assert!(a.committed, "{a:?}");
-    let empty = c
-        .fetch(pb::FetchRequest {
-            target: target("c", None),
-            ..Default::default()
-        })
-        .await
-        .expect("fetch")
-        .into_inner();
+    let empty = fetch_plain(&mut c, "c").await;
     assert_eq!(empty.status, "NO_NEW_MSG");
 }
 
@@ -422,14 +412,7 @@ async fn cross_protocol() {
         .as_str()
         .expect("id")
         .to_owned();
-    let f = c
-        .fetch(pb::FetchRequest {
-            target: target("c", None),
-            ..Default::default()
-        })
-        .await
-        .expect("fetch")
-        .into_inner();
+    let f = fetch_plain(&mut c, "c").await;
     assert_eq!(
         (f.messages[0].message_id.as_str(), f.messages[0].body.as_slice()),
         (id.as_str(), b"from rest".as_slice())
@@ -613,14 +596,7 @@ async fn fetch_takes_the_newer_pull_parameters() {
         || {
             let mut c = c.clone();
             async move {
-                let f = c
-                    .fetch(pb::FetchRequest {
-                        target: target("c", None),
-                        ..Default::default()
-                    })
-                    .await
-                    .expect("fetch")
-                    .into_inner();
+                let f = fetch_plain(&mut c, "c").await;
                 (f.status == "FOUND").then_some(f)
             }
         },

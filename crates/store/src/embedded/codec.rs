@@ -129,17 +129,23 @@ struct QueueStateV1 {
     client_ip: Option<String>,
 }
 
-/// A queue's consumer state, current layout or the first one (as [`decode_settings`]).
+/// A record in the current layout, or in its first one, converted (postcard has no field
+/// names, so a record without the newer trailing fields fails the current layout).
+fn current_or_first<T: DeserializeOwned, First: DeserializeOwned>(
+    bytes: &[u8],
+    from_first: impl FnOnce(First) -> T,
+) -> Result<T, StoreError> {
+    from_postcard(bytes).or_else(|e| from_postcard::<First>(bytes).map(from_first).map_err(|_| e))
+}
+
+/// A queue's consumer state, current layout or the first one.
 pub(super) fn decode_queue_state(bytes: &[u8]) -> Result<QueueState, StoreError> {
-    from_postcard(bytes).or_else(|e| {
-        let v1: QueueStateV1 = from_postcard(bytes).map_err(|_| e)?;
-        Ok(QueueState {
-            committed: v1.committed,
-            lock_time: v1.lock_time,
-            last_pull_ms: v1.last_pull_ms,
-            client_ip: v1.client_ip,
-            lock_timeout_ms: None,
-        })
+    current_or_first(bytes, |v1: QueueStateV1| QueueState {
+        committed: v1.committed,
+        lock_time: v1.lock_time,
+        last_pull_ms: v1.last_pull_ms,
+        client_ip: v1.client_ip,
+        lock_timeout_ms: None,
     })
 }
 
@@ -151,18 +157,14 @@ struct SettingsV1 {
     limit_rate: u64,
 }
 
-/// Consumer settings, current layout or the first one (postcard has no field names, so a
-/// record without the newer trailing fields fails the current layout and is read as V1).
+/// Consumer settings, current layout or the first one.
 pub(super) fn decode_settings(bytes: &[u8]) -> Result<ConsumerSettings, StoreError> {
-    from_postcard(bytes).or_else(|e| {
-        let v1: SettingsV1 = from_postcard(bytes).map_err(|_| e)?;
-        Ok(ConsumerSettings {
-            paused: v1.paused,
-            rate_limit_enabled: v1.rate_limit_enabled,
-            limit_rate: v1.limit_rate,
-            consume_timeout_ms: None,
-            max_pull_size: None,
-        })
+    current_or_first(bytes, |v1: SettingsV1| ConsumerSettings {
+        paused: v1.paused,
+        rate_limit_enabled: v1.rate_limit_enabled,
+        limit_rate: v1.limit_rate,
+        consume_timeout_ms: None,
+        max_pull_size: None,
     })
 }
 
