@@ -409,3 +409,47 @@ async fn one_of_two_brokers_killed_under_load() {
     drain.await.expect("drain");
     eprintln!("{} messages answered 200, all consumed", ok_all.len());
 }
+
+/// `pullTimeout` bounds a pull's broker call: with the broker hung (SIGSTOP) and the backend's
+/// own pull timeout far away, a pull with `pullTimeout=1` answers 500 naming it within a few
+/// seconds, and gives its queue back: once the broker runs again the same message comes at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "stops the shared cluster's broker: run alone (scripts/test does)"]
+async fn a_pull_on_a_hung_broker_answers_within_its_pull_timeout() {
+    if !rocketmq_backend() {
+        eprintln!("skipped: set MQPROXY_TEST_BACKEND=rocketmq with a running cluster (scripts/test does)");
+        return;
+    }
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let mut config = config(Some(&one_queue("")));
+    use_rocketmq(&mut config, &format!("pull-timeout-{}-", unique_suffix()));
+    config.rocketmq.pull_timeout_ms = 30_000;
+    let s = TestServer::with_config(config).await;
+    s.produce("before").await;
+    let _back = BrokerBack;
+
+    signal(broker_pid(), libc::SIGSTOP);
+    let started = Instant::now();
+    let v = s
+        .get(
+            "/mq/message",
+            &[("topic", TOPIC), ("consumer", "c"), ("pullTimeout", "1")],
+        )
+        .await;
+    let took = started.elapsed();
+    signal(broker_pid(), libc::SIGCONT);
+    assert_eq!(v["status"], 500, "{v}");
+    assert!(v["message"].as_str().unwrap_or_default().contains("pullTimeout"), "{v}");
+    assert!(took < Duration::from_secs(5), "answered after {took:?}");
+    // The queue was given back: the message comes with the next pull, not after a lock time.
+    let again = eventually(
+        Duration::from_secs(15),
+        "the message after the broker runs again",
+        || async {
+            let v = s.get("/mq/message", &[("topic", TOPIC), ("consumer", "c")]).await;
+            (v["result"]["status"] == "FOUND").then_some(v)
+        },
+    )
+    .await;
+    assert_eq!(bodies_of(&again), ["before"], "{again}");
+}
