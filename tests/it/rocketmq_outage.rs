@@ -61,24 +61,40 @@ impl Drop for BrokerBack {
     }
 }
 
+/// A server on a one-queue topic of the cluster (named with `prefix`, `tune` its backend
+/// settings), one message produced; then the turn of this module's cluster, and the guard that
+/// brings the broker back. None when the suite is not on RocketMQ.
+async fn server_with_a_broker_to_stop(
+    prefix: &str,
+    tune: impl FnOnce(&mut mqproxy::store::rocketmq::RocketMqSettings),
+) -> Option<(tokio::sync::MutexGuard<'static, ()>, TestServer, BrokerBack)> {
+    if !rocketmq_backend() {
+        eprintln!("skipped: set MQPROXY_TEST_BACKEND=rocketmq with a running cluster (scripts/test does)");
+        return None;
+    }
+    let turn = ONE_AT_A_TIME.lock().await;
+    let mut config = config(Some(&one_queue("")));
+    use_rocketmq(&mut config, &format!("{prefix}-{}-", unique_suffix()));
+    tune(&mut config.rocketmq);
+    let s = TestServer::with_config(config).await;
+    s.produce("before").await;
+    Some((turn, s, BrokerBack))
+}
+
 /// A hung broker: the send times out, and since it may have been stored the answer is 300
 /// (outcome unknown) within the send timeout. A dead broker: 500 with the reason, fast. The
 /// server stays up all along and works again once the broker is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "stops the shared cluster's broker: run alone (scripts/test does)"]
 async fn broker_outage_answers_300_or_500_and_recovers() {
-    if !rocketmq_backend() {
-        eprintln!("skipped: set MQPROXY_TEST_BACKEND=rocketmq with a running cluster (scripts/test does)");
+    let Some((_turn, s, _back)) = server_with_a_broker_to_stop("outage", |rocketmq| {
+        rocketmq.send_timeout_ms = 1_000;
+        rocketmq.pull_timeout_ms = 1_000;
+    })
+    .await
+    else {
         return;
-    }
-    let _turn = ONE_AT_A_TIME.lock().await;
-    let mut config = config(Some(&one_queue("")));
-    use_rocketmq(&mut config, &format!("outage-{}-", unique_suffix()));
-    config.rocketmq.send_timeout_ms = 1_000;
-    config.rocketmq.pull_timeout_ms = 1_000;
-    let s = TestServer::with_config(config).await;
-    s.produce("before").await;
-    let _back = BrokerBack;
+    };
 
     // Hung broker (SIGSTOP): 300 within the send timeout (plus scheduling slack).
     signal(broker_pid(), libc::SIGSTOP);
@@ -416,17 +432,13 @@ async fn one_of_two_brokers_killed_under_load() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "stops the shared cluster's broker: run alone (scripts/test does)"]
 async fn a_pull_on_a_hung_broker_answers_within_its_pull_timeout() {
-    if !rocketmq_backend() {
-        eprintln!("skipped: set MQPROXY_TEST_BACKEND=rocketmq with a running cluster (scripts/test does)");
+    let Some((_turn, s, _back)) = server_with_a_broker_to_stop("pull-timeout", |rocketmq| {
+        rocketmq.pull_timeout_ms = 30_000;
+    })
+    .await
+    else {
         return;
-    }
-    let _turn = ONE_AT_A_TIME.lock().await;
-    let mut config = config(Some(&one_queue("")));
-    use_rocketmq(&mut config, &format!("pull-timeout-{}-", unique_suffix()));
-    config.rocketmq.pull_timeout_ms = 30_000;
-    let s = TestServer::with_config(config).await;
-    s.produce("before").await;
-    let _back = BrokerBack;
+    };
 
     signal(broker_pid(), libc::SIGSTOP);
     let started = Instant::now();
