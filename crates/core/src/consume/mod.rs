@@ -666,9 +666,8 @@ impl Engine {
         }
 
         self.admit(spec, key).await?;
-        let max_pull = options
-            .max_pull_size
-            .map_or(spec.max_pull_size, |m| limits::PULL_SIZE.clamp(u64::from(m)) as u32);
+        // Within limits::PULL_SIZE: PullOptions::checked refused anything else.
+        let max_pull = options.max_pull_size.unwrap_or(spec.max_pull_size);
         // A queue whose broker fails the read is left for this pull, once, when another
         // broker's queue can be tried: one dead broker does not fail the pulls of the others.
         let mut failed_queue = None;
