@@ -40,6 +40,7 @@ const ASSETS: &[(&str, &str, &[u8])] = &[
         HTML,
         include_bytes!("../../assets/demo/broadcast.html"),
     ),
+    ("demo/push.html", HTML, include_bytes!("../../assets/demo/push.html")),
     (
         "demo/console-mirror.js",
         JS,

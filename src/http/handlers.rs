@@ -8,13 +8,13 @@ use super::api::{
     DeleteTopicParams, FetchParams, FetchReply, FetchResult, HealthzParams, Message, MessageQueue, MqApi,
     ProduceBatchParams, ProduceParams, ProduceReply, ProducerEntry, PutConsumerParams, PutProducerParams,
     PutTopicParams, QueueInfo, QueueOffset, QueueOffsetsReply, ReadyzParams, Registry, RegistryParams, RegistryReply,
-    ResetOffsetsParams, SendResult, StatusReply, TopicEntry, UnlockParams,
+    ResetOffsetsParams, SendResult, StatusReply, StreamParams, TopicEntry, UnlockParams,
 };
 use super::support::{Envelope, Reply, RequestContext, batch_bodies, bearer_token};
 use crate::engine::{
     AccessToken, ClientPage, ConsumeMode, ConsumeTarget, ConsumerCall, ConsumerSpec, Delivered, Engine, EngineError,
     ErrorKind, FetchRequest, OffsetReset, ProduceRequest, ProducerCall, QueueSelector, QueueView, RegistryView,
-    SendReceipt, SettingsChange, TokenChange, limits,
+    SendReceipt, SettingsChange, Subscription, TokenChange, limits,
 };
 use axum::http::header;
 
@@ -456,6 +456,58 @@ impl MqApi for HttpAdapter {
             }),
             Err(e) => fail(&e),
         }
+    }
+
+    async fn stream(
+        &self,
+        p: StreamParams,
+        ctx: RequestContext,
+    ) -> Result<axum::response::Response, Reply<StatusReply>> {
+        let consumer = self
+            .consumer(target(p.topic, p.consumer, p.client_id), p.token.as_deref(), &ctx)
+            .map_err(|e| fail(&e))?;
+        // An EventSource reconnecting names the last batch it received: acknowledge it first.
+        let last_event_id = ctx
+            .headers
+            .get("last-event-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+            .filter(|v| !v.is_empty());
+        let last_event_ack = match last_event_id {
+            Some(rid) => Some(match consumer.ack(rid).await {
+                Ok(o) => StatusReply {
+                    status: 200,
+                    message: Some(o.message),
+                },
+                Err(e) => {
+                    e.log_answered("http", "Last-Event-ID ack");
+                    StatusReply {
+                        status: error_status(&e),
+                        message: Some(e.to_string()),
+                    }
+                }
+            }),
+            None => None,
+        };
+        let sub = Subscription {
+            max_in_flight: p.max_in_flight.and_then(|m| u32::try_from(m).ok()).unwrap_or(0),
+            max_pull_size: p.max_pull_size.and_then(|m| u32::try_from(m).ok()),
+            consume_timeout_s: p.consume_timeout.and_then(|t| u64::try_from(t).ok()),
+            pull_timeout_s: p.pull_timeout.and_then(|t| u64::try_from(t).ok()),
+            auto_ack: p.auto_ack.unwrap_or(false),
+            client_ip: client_ip(p.client_ip, &ctx),
+        };
+        let stream = consumer.consume(sub, tokio_stream::empty()).map_err(|e| fail(&e))?;
+        let heartbeat = p
+            .heartbeat
+            .and_then(|h| u64::try_from(h).ok())
+            .unwrap_or(limits::DEFAULT_HEARTBEAT_S);
+        Ok(super::sse::respond(
+            stream,
+            last_event_ack,
+            std::time::Duration::from_secs(heartbeat),
+            message,
+        ))
     }
 
     async fn unlock(&self, p: UnlockParams, ctx: RequestContext) -> Reply<StatusReply> {

@@ -7,6 +7,7 @@ pub mod api;
 mod assets;
 mod handlers;
 pub(crate) mod metrics;
+mod sse;
 pub mod support;
 
 pub(crate) use handlers::HttpAdapter;

@@ -2,7 +2,8 @@
 // playwright-core) against a running mqproxy with the demo registry:
 // - demo/produce.html logs "send ok"; demo/clustering.html receives what was produced;
 // - the console shows the clustering consumer's lag go to 0, and its Pause button makes a pull
-//   answer PAUSED (Resume undoes it).
+//   answer PAUSED (Resume undoes it);
+// - demo/push.html (EventSource on /mq/stream) receives a message as it is produced and acks it.
 // Usage: node console-and-demos.mjs http://127.0.0.1:PORT http://127.0.0.1:ADMIN_PORT
 // (the public listener, then the admin listener the console is served on; screenshots into
 // $ARTIFACTS). The console on the public listener is refused its admin calls without a token.
@@ -91,6 +92,35 @@ try {
     null, { timeout: 10000 });
   const resumed = await pull();
   check('Resume in the console lets pulls through again', resumed !== 'PAUSED', resumed);
+
+  // The push demo: a plain EventSource on /mq/stream gets what is produced after it opened,
+  // acknowledges it with /mq/ack, and the console's lag goes back to 0.
+  const push = await context.newPage();
+  const pushed = consoleMessage(push, /^PUSHED,\d+/, 15000);
+  const acked = consoleMessage(push, /^ack ok$/, 15000);
+  await push.goto(`${base}/demo/push.html`);
+  await push.waitForFunction(() => typeof source !== 'undefined' && source.readyState === EventSource.OPEN, null, { timeout: 15000 });
+  const sentAt = Date.now();
+  const produced = await push.evaluate(async () => {
+    const r = await fetch('/mq/produce', {
+      method: 'POST',
+      headers: { 'content-type': 'application/x-www-form-urlencoded' },
+      body: 'producer=mqcloud-http-test-topic-producer&message=pushed-to-the-browser',
+    });
+    return (await r.json()).status;
+  });
+  check('a message produced for the push demo', produced === 200, produced);
+  const pushedLine = await pushed.catch((e) => e.message);
+  check('demo/push.html receives it through EventSource', /^PUSHED,1/.test(pushedLine), pushedLine);
+  console.log(`     (produce -> EventSource event: ${Date.now() - sentAt} ms, including the produce call)`);
+  const ackLine = await acked.catch((e) => e.message);
+  check('demo/push.html acknowledges it with /mq/ack', ackLine === 'ack ok', ackLine);
+  await push.screenshot({ path: `${artifacts}/demo-push.png`, fullPage: true });
+  const drained = await consolePage.waitForFunction(
+    () => document.querySelector('tr[data-consumer="http-clustering-consumer"] .lag')?.textContent === '0',
+    null, { timeout: 20000 }).then(() => true, (e) => e.message);
+  check('console shows the lag at 0 after the pushed batch was acknowledged', drained === true, drained);
+  await push.close();
 } catch (e) {
   check('browser run', false, e.message);
 } finally {

@@ -320,6 +320,8 @@ fn documented_ranges_are_the_engine_limits() {
         ("consumeTimeout", limits::CONSUME_TIMEOUT_S),
         ("pullTimeout", limits::PULL_TIMEOUT_S),
         ("waitMs", limits::WAIT_MS),
+        ("maxInFlight", limits::IN_FLIGHT),
+        ("heartbeat", limits::HEARTBEAT_S),
         ("queues", limits::QUEUES),
         ("limitRate", limits::RATE_LIMIT),
         ("delayLevel", limits::DELAY_LEVEL),

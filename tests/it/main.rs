@@ -27,4 +27,5 @@ mod produce;
 mod reverse_proxy;
 mod rocketmq;
 mod rocketmq_outage;
+mod sse;
 mod tls;

@@ -25,6 +25,10 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// The stock server's `proxy_read_timeout` (nginx's default is 60 s): an upstream silent this
+/// long is cut off, so a stream lives past it only on its heartbeats.
+const READ_TIMEOUT_S: u64 = 2;
+
 struct Nginx {
     child: Child,
     /// The stock recipe: Host, X-Real-IP, X-Forwarded-For, X-Forwarded-Proto.
@@ -48,7 +52,7 @@ impl Nginx {
              server {{\n    listen 127.0.0.1:{stock_port};\n    location / {{\n      proxy_pass http://{upstream};\n      \
              proxy_set_header Host $host;\n      proxy_set_header X-Real-IP $remote_addr;\n      \
              proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n      \
-             proxy_set_header X-Forwarded-Proto $scheme;\n    }}\n  }}\n  \
+             proxy_set_header X-Forwarded-Proto $scheme;\n      proxy_read_timeout {READ_TIMEOUT_S}s;\n    }}\n  }}\n  \
              server {{\n    listen 127.0.0.1:{bare_port};\n    location / {{\n      proxy_pass http://{upstream};\n    }}\n  }}\n}}\n"
         );
         let conf_path = dir.path().join("nginx.conf");
@@ -216,4 +220,23 @@ async fn with_the_admin_token_proxied_admin_calls_work() {
     }
     // With a token configured the admin listener needs it as well.
     assert_eq!(admin_call(&client, &s.admin_base, None).await, (401, 401));
+}
+
+/// `/mq/stream` through nginx with a read timeout of 2 s: heartbeats (every second) keep it
+/// open past that, and events are not held in nginx's buffers (`X-Accel-Buffering: no`).
+#[tokio::test]
+async fn an_event_stream_lives_through_nginx_on_its_heartbeats() {
+    let Some(binary) = nginx_or_skip() else { return };
+    let s = TestServer::with_toml(&one_queue("")).await;
+    let nginx = Nginx::start(&binary, &s.base).await;
+    let client = reqwest::Client::new();
+    let query = [("topic", TOPIC), ("consumer", "c"), ("heartbeat", "1")];
+    let mut stream = crate::sse::EventStream::open_at(&client, &nginx.stock, &query, None).await;
+    let quiet_since = std::time::Instant::now();
+    while quiet_since.elapsed() < Duration::from_secs(READ_TIMEOUT_S + 1) {
+        stream.heartbeat_without_batch().await;
+    }
+    s.produce("after a quiet spell").await;
+    let (_, bodies) = stream.batch(Duration::from_secs(10)).await;
+    assert_eq!(bodies, ["after a quiet spell"]);
 }

@@ -66,7 +66,12 @@ struct Operation {
     handler: String,
     summary: String,
     params: Vec<Param>,
+    /// The JSON envelope answered (the 200's; for an event stream, the failure's).
     reply: String,
+    /// For a `text/event-stream` 200: the schema of its events' data. The handler answers the
+    /// stream itself, or a failure envelope with the HTTP status mirrored (an `EventSource`
+    /// sees only the status).
+    event: Option<String>,
 }
 
 struct Generator<'a> {
@@ -184,11 +189,24 @@ impl Generator<'_> {
                         ));
                     }
                 }
-                let reply = Self::ref_name(
+                let event = op
+                    .pointer("/responses/200/content/text~1event-stream/schema")
+                    .map(|s| Self::ref_name(s).unwrap_or_else(|| panic!("{at}: the event schema must be a $ref")));
+                let reply_schema = if event.is_some() {
+                    self.resolve(
+                        op.pointer("/responses/default")
+                            .unwrap_or_else(|| panic!("{at}: an event stream needs a default (failure) response")),
+                    )
+                    .pointer("/content/application~1json/schema")
+                    .unwrap_or_else(|| panic!("{at}: the failure response must be application/json"))
+                } else {
                     op.pointer("/responses/200/content/application~1json/schema")
-                        .unwrap_or_else(|| panic!("{at}: a 200 application/json response is required")),
-                )
-                .unwrap_or_else(|| panic!("{at}: the 200 response must be a $ref"));
+                        .unwrap_or_else(|| {
+                            panic!("{at}: a 200 application/json or text/event-stream response is required")
+                        })
+                };
+                let reply =
+                    Self::ref_name(reply_schema).unwrap_or_else(|| panic!("{at}: the reply schema must be a $ref"));
                 ops.push(Operation {
                     method: method.clone(),
                     path: path.clone(),
@@ -203,6 +221,7 @@ impl Generator<'_> {
                     summary: op["summary"].as_str().unwrap_or_default().to_owned(),
                     params,
                     reply,
+                    event,
                 });
             }
         }
@@ -215,7 +234,11 @@ impl Generator<'_> {
 
         // Reply types: every schema reachable from a 200 response.
         let mut types = Vec::new();
-        let mut pending: Vec<String> = ops.iter().map(|o| o.reply.clone()).collect();
+        let mut pending: Vec<String> = ops
+            .iter()
+            .flat_map(|o| [Some(o.reply.clone()), o.event.clone()])
+            .flatten()
+            .collect();
         let mut seen = BTreeSet::new();
         while let Some(name) = pending.pop() {
             if !seen.insert(name.clone()) {
@@ -245,7 +268,8 @@ impl Generator<'_> {
                         op.operation_id
                     );
                     assert_eq!(
-                        first.reply, op.reply,
+                        (&first.reply, &first.event),
+                        (&op.reply, &op.event),
                         "{}: one handler, one reply type",
                         op.operation_id
                     );
@@ -260,6 +284,13 @@ impl Generator<'_> {
             let name = ident(&snake(&h.handler), &h.operation_id);
             let params = ident(&params_name(&h.handler), &h.operation_id);
             let reply = ident(&h.reply, &h.operation_id);
+            if h.event.is_some() {
+                return quote! {
+                    #doc
+                    fn #name(&self, params: #params, ctx: #support::RequestContext)
+                        -> impl std::future::Future<Output = Result<axum::response::Response, #support::Reply<#reply>>> + Send;
+                };
+            }
             quote! {
                 #doc
                 fn #name(&self, params: #params, ctx: #support::RequestContext)
@@ -272,6 +303,36 @@ impl Generator<'_> {
             let handle = format_ident!("handle_{}", name);
             let params = ident(&params_name(&h.handler), &h.operation_id);
             let reply = ident(&h.reply, &h.operation_id);
+            if h.event.is_some() {
+                // Failures keep their HTTP status whatever the policy: an EventSource reads no body.
+                return quote! {
+                    async fn #handle<A: MqApi>(
+                        axum::extract::State(state): axum::extract::State<#support::RouterState<A>>,
+                        req: axum::extract::Request,
+                    ) -> axum::response::Response {
+                        let fail = |status: i32, message: String| {
+                            let mut reply = #support::Reply::new(<#reply as #support::Envelope>::error(status, message));
+                            reply.always_mirror = true;
+                            #support::respond(&state.settings, reply)
+                        };
+                        let (pairs, ctx) = match #support::read_request(req, &state.settings).await {
+                            Ok(v) => v,
+                            Err(e) => return fail(e.status, e.message),
+                        };
+                        let params = match #params::from_pairs(&pairs) {
+                            Ok(params) => params,
+                            Err(e) => return fail(400, e.to_string()),
+                        };
+                        match state.api.#name(params, ctx).await {
+                            Ok(stream) => stream,
+                            Err(mut reply) => {
+                                reply.always_mirror = true;
+                                #support::respond(&state.settings, reply)
+                            }
+                        }
+                    }
+                };
+            }
             quote! {
                 async fn #handle<A: MqApi>(
                     axum::extract::State(state): axum::extract::State<#support::RouterState<A>>,
@@ -606,6 +667,37 @@ mod tests {
         );
         // Deterministic: the build's output does not change between runs.
         assert_eq!(code, rest_api(&small_doc(), "crate::support"));
+    }
+
+    #[test]
+    fn generates_an_event_stream_handler_answering_failures_with_their_status() {
+        let mut doc = small_doc();
+        doc["paths"]["/mq/watch"] = json!({"get": {
+            "operationId": "watch", "x-handler": "watchQueue",
+            "parameters": [{"in": "query", "name": "topic", "required": true, "schema": {"type": "string"}}],
+            "responses": {
+                "default": {"$ref": "#/components/responses/Failure"},
+                "200": {"content": {"text/event-stream": {"schema": {"$ref": "#/components/schemas/Peeked"}}}}
+            }
+        }});
+        doc["components"]["responses"] =
+            json!({"Failure": {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Failed"}}}}});
+        doc["components"]["schemas"]["Failed"] = json!({"type": "object", "required": ["status"], "properties": {"status": {"type": "integer", "format": "int32"}, "message": {"type": "string"}}});
+        let code = rest_api(&doc, "crate::support");
+        let c = compact(&code);
+        assert!(
+            c.contains("fnwatch_queue(&self,params:WatchQueueParams,ctx:crate::support::RequestContext,)->implstd::future::Future<Output=Result<axum::response::Response,crate::support::Reply<Failed>>,>+Send;"),
+            "{code}"
+        );
+        assert!(c.contains("implcrate::support::EnvelopeforFailed"), "{code}");
+        assert!(c.contains("reply.always_mirror=true;"), "{code}");
+        assert!(
+            c.contains(r#".route("/mq/watch",axum::routing::get(handle_watch_queue::<A>))"#),
+            "{code}"
+        );
+        // The events' schema is generated (serialized into each event's data), not an envelope.
+        assert!(c.contains("pubstructPeeked{"), "{code}");
+        assert!(!c.contains("implcrate::support::EnvelopeforPeeked"), "{code}");
     }
 
     #[test]

@@ -64,6 +64,10 @@ pub const RATE_LIMIT: Bounds = Bounds { min: 1, max: 1_000_000 };
 pub const IN_FLIGHT: Bounds = Bounds { min: 1, max: 1024 };
 pub const DEFAULT_IN_FLIGHT: u32 = 4;
 
+/// Seconds between heartbeats of an idle Server-Sent Events stream (`/mq/stream`).
+pub const HEARTBEAT_S: Bounds = Bounds { min: 1, max: 300 };
+pub const DEFAULT_HEARTBEAT_S: u64 = 15;
+
 /// The longest clientId (it names state the proxy keeps, so its size is bounded too), and of
 /// the client address kept with a queue's state.
 pub const MAX_CLIENT_ID_CHARS: usize = 128;
@@ -93,6 +97,7 @@ mod tests {
         assert!(CONSUME_TIMEOUT_MS.contains(DEFAULT_CONSUME_TIMEOUT_MS));
         assert!(PULL_SIZE.contains(u64::from(DEFAULT_PULL_SIZE)));
         assert!(IN_FLIGHT.contains(u64::from(DEFAULT_IN_FLIGHT)));
+        assert!(HEARTBEAT_S.contains(DEFAULT_HEARTBEAT_S));
         assert_eq!(DELAY_LEVEL.max, 18);
     }
 }

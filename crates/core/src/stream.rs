@@ -17,6 +17,10 @@ use tokio_stream::{Stream, StreamExt};
 /// How soon a rate-limited stream asks again (the bucket refills continuously).
 const RATE_LIMITED_RETRY_MS: u64 = 50;
 
+/// How often a stream with all its batches out looks whether one was acknowledged elsewhere
+/// (`/mq/ack`, perhaps on another proxy sharing Redis: no local signal reaches it).
+const FULL_RECHECK_MS: u64 = 1_000;
+
 /// What a streaming consumer subscribes to (the consumer is the [`super::ConsumerCall`]'s).
 #[derive(Debug, Clone, Default)]
 pub struct Subscription {
@@ -164,7 +168,16 @@ impl Engine {
             let own_timeout_ms = options.lock_timeout(&ctx.spec);
             let now = self.now_ms();
             in_flight.retain(|_, b| b.expires_ms > now);
+            if in_flight.len() >= max_in_flight
+                && let Err(e) = self.forget_finished(&ctx.key, &mut in_flight).await
+            {
+                let _ = tx.send(Err(e)).await;
+                break 'stream;
+            }
             let mut wake_at = in_flight.values().map(|b| b.expires_ms).min();
+            if in_flight.len() >= max_in_flight {
+                wake_at = Some(wake_at.map_or(now + FULL_RECHECK_MS, |w| w.min(now + FULL_RECHECK_MS)));
+            }
             if in_flight.len() < max_in_flight {
                 // Seen before fetching, so a change during the fetch wakes the wait below.
                 visible.borrow_and_update();
@@ -267,6 +280,18 @@ impl Engine {
             }
         }
         tracing::debug!(consumer = %target.consumer, unlocked, "consume stream closed");
+    }
+
+    /// Forgets the batches whose lock is no longer theirs: acknowledged or unlocked by a call
+    /// that did not come through this stream (`/mq/ack` with its requestId), or taken again.
+    async fn forget_finished(
+        &self,
+        key: &ContextKey,
+        in_flight: &mut HashMap<String, InFlight>,
+    ) -> Result<(), EngineError> {
+        let locks = self.lock_times(key).await?;
+        in_flight.retain(|_, b| locks.get(b.issued.queue as usize) == Some(&Some(b.issued.token.lock_time)));
+        Ok(())
     }
 
     /// An ack or unlock sent on the stream: of a batch this stream holds, from what it kept;

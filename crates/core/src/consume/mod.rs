@@ -436,6 +436,17 @@ impl Engine {
             .min())
     }
 
+    /// The lock time of each queue of this context (None: unlocked), expired locks included.
+    pub(super) async fn lock_times(&self, key: &ContextKey) -> Result<Vec<Option<u64>>, EngineError> {
+        let snapshot = self
+            .inner
+            .consuming
+            .state
+            .snapshot(key, self.queue_count(&key.topic))
+            .await?;
+        Ok(snapshot.queues.iter().map(|q| q.lock_time).collect())
+    }
+
     pub(super) fn queue_count(&self, topic: &str) -> u32 {
         u32::try_from(self.inner.messages.queues(topic).len()).unwrap_or(u32::MAX)
     }
