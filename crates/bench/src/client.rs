@@ -59,6 +59,24 @@ impl HttpConn {
         self.send(request).await
     }
 
+    /// GET an event stream (`/mq/stream`): its events as they come.
+    pub async fn event_stream(mut self, path_and_query: &str) -> anyhow::Result<EventStream> {
+        let request = Request::get(path_and_query)
+            .header(hyper::header::HOST, &self.host)
+            .body(Full::new(Bytes::new()))?;
+        self.sender.ready().await?;
+        let response = self.sender.send_request(request).await?;
+        if !response.status().is_success() {
+            let status = response.status();
+            let body = response.into_body().collect().await?.to_bytes();
+            bail!("HTTP {status}: {}", String::from_utf8_lossy(&body));
+        }
+        Ok(EventStream {
+            body: response.into_body(),
+            buffer: Vec::new(),
+        })
+    }
+
     async fn send(&mut self, request: Request<Full<Bytes>>) -> anyhow::Result<Bytes> {
         self.sender.ready().await?;
         let response = self.sender.send_request(request).await?;
@@ -68,6 +86,33 @@ impl HttpConn {
             bail!("HTTP {status}: {}", String::from_utf8_lossy(&body));
         }
         Ok(body)
+    }
+}
+
+/// A Server-Sent Events answer read as it arrives.
+pub struct EventStream {
+    body: hyper::body::Incoming,
+    buffer: Vec<u8>,
+}
+
+impl EventStream {
+    /// The id of the next `batch` event (other events and comments are skipped).
+    pub async fn next_batch_id(&mut self) -> anyhow::Result<String> {
+        loop {
+            while let Some(end) = self.buffer.windows(2).position(|w| w == b"\n\n") {
+                let block: Vec<u8> = self.buffer.drain(..end + 2).collect();
+                let block = String::from_utf8_lossy(&block);
+                if block.lines().any(|l| l == "event: batch")
+                    && let Some(id) = block.lines().find_map(|l| l.strip_prefix("id: "))
+                {
+                    return Ok(id.to_owned());
+                }
+            }
+            let frame = self.body.frame().await.context("the event stream ended")??;
+            if let Ok(data) = frame.into_data() {
+                self.buffer.extend_from_slice(&data);
+            }
+        }
     }
 }
 

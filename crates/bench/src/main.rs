@@ -120,7 +120,7 @@ enum Command {
         #[command(flatten)]
         common: Common,
     },
-    /// Produce over REST, delivered on a gRPC stream: latency.
+    /// Produce over REST, delivered on a gRPC stream and on `/mq/stream` (SSE): latency.
     E2eLatency {
         #[arg(long, default_value_t = 2_000)]
         count: usize,

@@ -440,18 +440,89 @@ pub async fn stream_run(addr: SocketAddr, streams: usize, total: u64) -> anyhow:
 /// Produce one message at a time over REST; the time until a waiting gRPC Consume stream
 /// delivers it.
 pub async fn e2e_latency(env: &Env, count: usize, size: usize) -> anyhow::Result<Vec<Row>> {
-    use pb::consume_request::Command;
-    use pb::consume_response::Event;
+    let mut rows = Vec::new();
+    for push in [Push::Grpc, Push::Sse] {
+        rows.push(e2e_latency_of(env, push, count, size).await?);
+    }
+    Ok(rows)
+}
+
+/// How the e2e scenario receives what it produced.
+#[derive(Clone, Copy)]
+enum Push {
+    /// A gRPC Consume stream, acked on the stream.
+    Grpc,
+    /// `/mq/stream` (Server-Sent Events), acked with `/mq/ack`.
+    Sse,
+}
+
+/// The open receiving side of one e2e run.
+enum Receiver {
+    Grpc {
+        events: tonic::Streaming<pb::ConsumeResponse>,
+        acks: tokio::sync::mpsc::Sender<pb::ConsumeRequest>,
+    },
+    Sse {
+        events: client::EventStream,
+        acks: HttpConn,
+    },
+}
+
+impl Receiver {
+    async fn open(push: Push, addr: SocketAddr) -> anyhow::Result<Self> {
+        Ok(match push {
+            Push::Grpc => {
+                let mut grpc =
+                    pb::messaging_service_client::MessagingServiceClient::connect(format!("http://{addr}")).await?;
+                let (acks, rx) = tokio::sync::mpsc::channel(16);
+                acks.send(subscribe(4)).await?;
+                let events = grpc
+                    .consume(tokio_stream::wrappers::ReceiverStream::new(rx))
+                    .await?
+                    .into_inner();
+                Self::Grpc { events, acks }
+            }
+            Push::Sse => Self::Sse {
+                events: HttpConn::connect(addr)
+                    .await?
+                    .event_stream(&format!("/mq/stream?topic={TOPIC}&consumer={CONSUMER}&maxInFlight=4"))
+                    .await?,
+                acks: HttpConn::connect(addr).await?,
+            },
+        })
+    }
+
+    /// Waits for the next batch; returns once it arrived, after sending its ack.
+    async fn delivered(&mut self, latency: &mut Histogram<u64>, sent: Instant) -> anyhow::Result<()> {
+        match self {
+            Self::Grpc { events, acks } => loop {
+                let event = events.message().await?.context("stream ended")?;
+                if let Some(pb::consume_response::Event::Batch(batch)) = event.event {
+                    record(latency, sent.elapsed());
+                    let ack = pb::consume_request::Command::Ack(batch.request_id);
+                    acks.send(pb::ConsumeRequest { command: Some(ack) }).await?;
+                    return Ok(());
+                }
+            },
+            Self::Sse { events, acks } => {
+                let request_id = events.next_batch_id().await?;
+                record(latency, sent.elapsed());
+                let ack = form(&[("topic", TOPIC), ("consumer", CONSUMER), ("requestId", &request_id)]);
+                let reply = acks.post_form("/mq/ack", ack).await?;
+                if client::body_status(&reply)? != 200 {
+                    bail!("ack: {}", String::from_utf8_lossy(&reply));
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Produce one message at a time over REST and time until `push` delivers it.
+async fn e2e_latency_of(env: &Env, push: Push, count: usize, size: usize) -> anyhow::Result<Row> {
     let proc = server::start_mqproxy(&env.server_bin, server::fresh_dir(&env.data_root, "e2e")?, &env.setup())?;
     let idle_rss = proc.rss_mib().0;
-    let mut grpc =
-        pb::messaging_service_client::MessagingServiceClient::connect(format!("http://{}", proc.addr)).await?;
-    let (tx, rx) = tokio::sync::mpsc::channel(16);
-    tx.send(subscribe(4)).await?;
-    let mut events = grpc
-        .consume(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await?
-        .into_inner();
+    let mut receiver = Receiver::open(push, proc.addr).await?;
     let mut producer = HttpConn::connect(proc.addr).await?;
     let body = form(&[("producer", PRODUCER), ("message", &message_body(size))]);
     let mut latency = histogram();
@@ -462,34 +533,25 @@ pub async fn e2e_latency(env: &Env, count: usize, size: usize) -> anyhow::Result
         if client::body_status(&reply)? != 200 {
             bail!("produce: {}", String::from_utf8_lossy(&reply));
         }
-        loop {
-            let event = tokio::time::timeout(Duration::from_secs(10), events.message())
-                .await
-                .context("no delivery within 10 s")??
-                .context("stream ended")?;
-            if let Some(Event::Batch(batch)) = event.event {
-                record(&mut latency, sent.elapsed());
-                tx.send(pb::ConsumeRequest {
-                    command: Some(Command::Ack(batch.request_id)),
-                })
-                .await?;
-                break;
-            }
-        }
+        tokio::time::timeout(Duration::from_secs(10), receiver.delivered(&mut latency, sent))
+            .await
+            .context("no delivery within 10 s")??;
     }
     let rate = count as f64 / started.elapsed().as_secs_f64();
     let peak_rss = proc.rss_mib().1;
     drop(proc);
-    Ok(vec![
-        Row::measured(
-            &format!("e2e-latency {} produce -> stream", size_label(size)),
-            rate,
-            Some(latency),
-            vec![],
-        )
-        .with_rss(idle_rss, peak_rss)
-        .with_note(format!("floor: one fdatasync = {:.2} ms", 1000.0 / env.flush_rate)),
-    ])
+    let how = match push {
+        Push::Grpc => "gRPC stream",
+        Push::Sse => "SSE",
+    };
+    Ok(Row::measured(
+        &format!("e2e-latency {} produce -> {how}", size_label(size)),
+        rate,
+        Some(latency),
+        vec![],
+    )
+    .with_rss(idle_rss, peak_rss)
+    .with_note(format!("floor: one fdatasync = {:.2} ms", 1000.0 / env.flush_rate)))
 }
 
 /// Pull latency of one consumer (pull 128 + ack) over a backlog of `stored` 128-byte
