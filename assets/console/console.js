@@ -233,5 +233,25 @@ async function refresh() {
   }
 }
 
+// One stored message by msgId (where it sits, the producer's address, the body).
+$('#find-message').addEventListener('submit', async (e) => {
+  e.preventDefault();
+  const table = $('#message');
+  try {
+    const m = await api('/admin/message?msgId=' + encodeURIComponent($('#find-msg-id').value.trim()));
+    table.querySelector('.m-topic').textContent = m.topic;
+    table.querySelector('.m-queue').textContent = `${m.brokerName}:${m.queueId} offset ${m.queueOffset}`;
+    table.querySelector('.m-stored').textContent = new Date(m.storeTimestamp).toLocaleString();
+    table.querySelector('.m-keys').textContent = m.keys || '–';
+    table.querySelector('.m-client-ip').textContent = m.clientIp || '–';
+    table.querySelector('.m-body').textContent = m.body;
+    table.hidden = false;
+    say('');
+  } catch (err) {
+    table.hidden = true;
+    say(err.message, true);
+  }
+});
+
 refresh();
 setInterval(refresh, 2000);

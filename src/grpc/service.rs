@@ -93,7 +93,7 @@ type ConsumeStream = Pin<Box<dyn Stream<Item = Result<pb::ConsumeResponse, Statu
 #[tonic::async_trait]
 impl pb::messaging_service_server::MessagingService for GrpcAdapter {
     async fn produce(&self, request: Request<pb::ProduceRequest>) -> Result<Response<pb::ProduceResponse>, Status> {
-        let token = presented_token(&request);
+        let (peer, token) = (peer_ip(&request), presented_token(&request));
         let r = request.into_inner();
         let receipt = self
             .engine
@@ -106,6 +106,7 @@ impl pb::messaging_service_server::MessagingService for GrpcAdapter {
                 delay_level: r.delay_level,
                 delivery_timestamp_ms: r.delivery_timestamp,
                 round_robin: r.round_robin,
+                client_ip: r.client_ip.or(peer),
             })
             .await
             .map_err(status)?;
@@ -118,13 +119,13 @@ impl pb::messaging_service_server::MessagingService for GrpcAdapter {
         &self,
         request: Request<pb::ProduceBatchRequest>,
     ) -> Result<Response<pb::ProduceBatchResponse>, Status> {
-        let token = presented_token(&request);
+        let (peer, token) = (peer_ip(&request), presented_token(&request));
         let r = request.into_inner();
         let results = self
             .engine
             .producer(&r.producer, token.as_deref())
             .map_err(status)?
-            .produce_batch(r.bodies)
+            .produce_batch(r.bodies, r.client_ip.or(peer))
             .await
             .map_err(status)?;
         let results = results

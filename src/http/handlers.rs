@@ -5,10 +5,11 @@ use super::api::{
     AckParams, BatchReply, BroadcastQueueOffsetsParams, BroadcastQueueOffsetsReply, ClientOffsets,
     ClusteringQueueOffsetsParams, ConfigureConsumerParams, ConsumerConfigParams, ConsumerConfigReply, ConsumerEntry,
     ConsumerOffsetsParams, ConsumerOffsetsReply, ConsumerSettings, DeleteConsumerParams, DeleteProducerParams,
-    DeleteTopicParams, FetchParams, FetchReply, FetchResult, HealthzParams, Message, MessageQueue, MqApi,
-    ProduceBatchParams, ProduceParams, ProduceReply, ProducerEntry, PutConsumerParams, PutProducerParams,
-    PutTopicParams, QueueInfo, QueueOffset, QueueOffsetsReply, ReadyzParams, Registry, RegistryParams, RegistryReply,
-    ResetOffsetsParams, SendResult, StatusReply, StreamParams, TopicEntry, UnlockParams,
+    DeleteTopicParams, FetchParams, FetchReply, FetchResult, HealthzParams, Message, MessageParams, MessageQueue,
+    MessageReply, MqApi, ProduceBatchParams, ProduceParams, ProduceReply, ProducerEntry, PutConsumerParams,
+    PutProducerParams, PutTopicParams, QueueInfo, QueueOffset, QueueOffsetsReply, ReadyzParams, Registry,
+    RegistryParams, RegistryReply, ResetOffsetsParams, SendResult, StatusReply, StoredMessageInfo, StreamParams,
+    TopicEntry, UnlockParams,
 };
 use super::support::{Envelope, Reply, RequestContext, batch_bodies, bearer_token};
 use crate::engine::{
@@ -74,7 +75,8 @@ fn request_id(param: Option<String>, use_cookie: bool, ctx: &RequestContext) -> 
     })
 }
 
-/// The clientIp parameter, else X-Forwarded-For (first), else X-Real-IP, else the socket.
+/// The clientIp parameter, else X-Forwarded-For (first), else X-Real-IP, else the socket: the
+/// consumer's address kept with its queue, the producer's stored with its message.
 fn client_ip(param: Option<String>, ctx: &RequestContext) -> Option<String> {
     let header_value = |name: &str| {
         ctx.headers
@@ -312,6 +314,7 @@ impl MqApi for HttpAdapter {
             delay_level: p.delay_level,
             delivery_timestamp_ms: p.delivery_timestamp,
             round_robin: p.round_robin.unwrap_or(false),
+            client_ip: client_ip(p.client_ip, &ctx),
         };
         match producer.produce(req).await {
             Ok(r) => Reply::new(ProduceReply {
@@ -334,7 +337,7 @@ impl MqApi for HttpAdapter {
                 "parameter messages: must be a JSON array".into(),
             ));
         };
-        match producer.produce_batch(bodies).await {
+        match producer.produce_batch(bodies, client_ip(p.client_ip, &ctx)).await {
             Ok(results) if results.iter().all(Result::is_ok) => Reply::new(BatchReply {
                 status: 200,
                 message: None,
@@ -542,6 +545,27 @@ impl MqApi for HttpAdapter {
             retry_msg_id: p.retry_msg_id,
         };
         self.configure(&p.consumer, change).await
+    }
+
+    async fn message(&self, p: MessageParams, _ctx: RequestContext) -> Reply<MessageReply> {
+        match self.engine.message(&p.msg_id).await {
+            Ok(m) => Reply::new(MessageReply {
+                status: 200,
+                message: None,
+                result: Some(StoredMessageInfo {
+                    msg_id: m.msg_id,
+                    topic: m.topic,
+                    broker_name: m.broker_name,
+                    queue_id: m.queue_id as i32,
+                    queue_offset: to_i64(m.queue_offset),
+                    store_timestamp: to_i64(m.store_ms),
+                    keys: m.keys,
+                    client_ip: m.client_ip,
+                    body: String::from_utf8_lossy(&m.body).into_owned(),
+                }),
+            }),
+            Err(e) => fail(&e),
+        }
     }
 
     async fn registry(&self, _p: RegistryParams, _ctx: RequestContext) -> Reply<RegistryReply> {

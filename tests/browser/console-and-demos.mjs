@@ -3,7 +3,8 @@
 // - demo/produce.html logs "send ok"; demo/clustering.html receives what was produced;
 // - the console shows the clustering consumer's lag go to 0, and its Pause button makes a pull
 //   answer PAUSED (Resume undoes it);
-// - demo/push.html (EventSource on /mq/stream) receives a message as it is produced and acks it.
+// - demo/push.html (EventSource on /mq/stream) receives a message as it is produced and acks it;
+//   the console finds that message by msgId, with the producer's client IP.
 // Usage: node console-and-demos.mjs http://127.0.0.1:PORT http://127.0.0.1:ADMIN_PORT
 // (the public listener, then the admin listener the console is served on; screenshots into
 // $ARTIFACTS). The console on the public listener is refused its admin calls without a token.
@@ -107,9 +108,9 @@ try {
       headers: { 'content-type': 'application/x-www-form-urlencoded' },
       body: 'producer=mqcloud-http-test-topic-producer&message=pushed-to-the-browser',
     });
-    return (await r.json()).status;
+    return await r.json();
   });
-  check('a message produced for the push demo', produced === 200, produced);
+  check('a message produced for the push demo', produced.status === 200, JSON.stringify(produced));
   const pushedLine = await pushed.catch((e) => e.message);
   check('demo/push.html receives it through EventSource', /^PUSHED,1/.test(pushedLine), pushedLine);
   console.log(`     (produce -> EventSource event: ${Date.now() - sentAt} ms, including the produce call)`);
@@ -121,6 +122,19 @@ try {
     null, { timeout: 20000 }).then(() => true, (e) => e.message);
   check('console shows the lag at 0 after the pushed batch was acknowledged', drained === true, drained);
   await push.close();
+
+  // The console finds that message by its msgId, with the address it was produced from.
+  await consolePage.fill('#find-msg-id', produced.result.msgId);
+  await consolePage.click('#find-message button');
+  const shown = await consolePage.waitForFunction(
+    () => !document.querySelector('#message').hidden && document.querySelector('#message .m-body').textContent,
+    null, { timeout: 10000 }).then(() => consolePage.evaluate(() => ({
+      body: document.querySelector('#message .m-body').textContent,
+      clientIp: document.querySelector('#message .m-client-ip').textContent,
+    })), (e) => ({ error: e.message }));
+  check('console finds the message by msgId, with the producer\'s client IP',
+    shown.body === 'pushed-to-the-browser' && shown.clientIp === '127.0.0.1', JSON.stringify(shown));
+  await consolePage.screenshot({ path: `${artifacts}/console-message.png`, fullPage: true });
 } catch (e) {
   check('browser run', false, e.message);
 } finally {

@@ -160,7 +160,12 @@ async fn what_mqproxy_produces_a_java_consumer_reads() {
     let rest = s
         .post(
             "/mq/produce",
-            &[("producer", PRODUCER), ("message", "rest"), ("keys", "k1 k2")],
+            &[
+                ("producer", PRODUCER),
+                ("message", "rest"),
+                ("keys", "k1 k2"),
+                ("clientIp", "198.51.100.23"),
+            ],
         )
         .await;
     let after = now_ms();
@@ -210,6 +215,8 @@ async fn what_mqproxy_produces_a_java_consumer_reads() {
     let m = &got["rest"];
     assert_eq!(m["msgId"], rest["result"]["msgId"], "{m}");
     assert_eq!(m["keys"], "k1 k2");
+    // The producing client's address, as the documented user property.
+    assert_eq!(m["userProperties"]["CLIENT_IP"], "198.51.100.23", "{m}");
     let born = m["bornTimestamp"].as_i64().expect("born");
     assert!(
         (before..=after).contains(&born),
@@ -220,6 +227,10 @@ async fn what_mqproxy_produces_a_java_consumer_reads() {
     let g = &got["grpc"];
     assert_eq!(g["msgId"].as_str(), Some(via_grpc.msg_id.as_str()), "{g}");
     assert_eq!(g["keys"], "g1");
+    assert_eq!(
+        g["userProperties"]["CLIENT_IP"], "127.0.0.1",
+        "the gRPC caller's address: {g}"
+    );
 
     let late = got["delayLevel 2"]["arrivedAt"].as_i64().expect("arrival") - delayed_sent;
     assert!(

@@ -170,6 +170,7 @@ async fn grpc_calls_need_the_same_tokens() {
             pb::ProduceBatchRequest {
                 producer: PRODUCER.into(),
                 bodies: vec![b"g2".to_vec()],
+                client_ip: None,
             },
             t,
         )

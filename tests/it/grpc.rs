@@ -157,6 +157,7 @@ async fn unary_calls() {
         .produce_batch(pb::ProduceBatchRequest {
             producer: PRODUCER.into(),
             bodies: vec![b"two".to_vec(), vec![]],
+            client_ip: None,
         })
         .await
         .expect("batch")

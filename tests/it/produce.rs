@@ -426,3 +426,122 @@ async fn proxies_sharing_redis_share_the_round_robin_turn() {
         }
     }
 }
+
+/// The admin message view of `msg_id` (on the admin listener).
+async fn stored(s: &TestServer, msg_id: &str) -> Value {
+    let v = s.get("/admin/message", &[("msgId", msg_id)]).await;
+    assert_eq!(v["status"], 200, "{v}");
+    v["result"].clone()
+}
+
+/// `clientIp` is stored with the message and shown by `/admin/message`: the parameter, else
+/// X-Forwarded-For, else the socket; over gRPC the field, else the peer. (On RocketMQ it
+/// travels as the property `CLIENT_IP`; `apache_interop.rs` reads it with the Java client.)
+#[tokio::test]
+async fn client_ip_is_stored_with_the_message() {
+    let s = TestServer::start().await;
+    let given = s
+        .post(
+            "/mq/produce",
+            &[
+                ("producer", PRODUCER),
+                ("message", "from far"),
+                ("keys", "k7"),
+                ("clientIp", " 198.51.100.7 "),
+            ],
+        )
+        .await;
+    assert_eq!(given["status"], 200, "{given}");
+    let msg_id = given["result"]["msgId"].as_str().expect("msgId");
+    let m = stored(&s, msg_id).await;
+    assert_eq!(m["clientIp"], "198.51.100.7", "{m}");
+    assert_eq!(
+        (&m["msgId"], &m["topic"], &m["body"], &m["keys"]),
+        (
+            &given["result"]["msgId"],
+            &Value::from(TOPIC),
+            &Value::from("from far"),
+            &Value::from("k7")
+        )
+    );
+    assert_eq!(m["brokerName"], given["result"]["messageQueue"]["brokerName"]);
+    assert_eq!(m["queueId"], given["result"]["messageQueue"]["queueId"]);
+    assert_eq!(m["queueOffset"], given["result"]["queueOffset"]);
+    assert!(m["storeTimestamp"].as_i64().is_some_and(|t| t > 0), "{m}");
+
+    let forwarded: Value = s
+        .client
+        .post(s.url("/mq/produce"))
+        .header("X-Forwarded-For", "203.0.113.9, 10.0.0.1")
+        .form(&[("producer", PRODUCER), ("message", "forwarded")])
+        .send()
+        .await
+        .expect("produce")
+        .json()
+        .await
+        .expect("JSON");
+    let m = stored(&s, forwarded["result"]["msgId"].as_str().expect("msgId")).await;
+    assert_eq!(m["clientIp"], "203.0.113.9", "{m}");
+    let plain = s.produce("plain").await;
+    let m = stored(&s, plain["result"]["msgId"].as_str().expect("msgId")).await;
+    assert_eq!(m["clientIp"], "127.0.0.1", "{m}");
+    // A long one is kept to its first 128 characters, as a consumer's.
+    let long = "a".repeat(300);
+    let v = s
+        .post(
+            "/mq/produce",
+            &[("producer", PRODUCER), ("message", "long"), ("clientIp", &long)],
+        )
+        .await;
+    let m = stored(&s, v["result"]["msgId"].as_str().expect("msgId")).await;
+    assert_eq!(m["clientIp"].as_str().map(str::len), Some(128), "{m}");
+
+    let mut grpc = mqproxy::grpc::pb::messaging_service_client::MessagingServiceClient::connect(s.base.clone())
+        .await
+        .expect("gRPC");
+    let batch = grpc
+        .produce_batch(mqproxy::grpc::pb::ProduceBatchRequest {
+            producer: PRODUCER.into(),
+            bodies: vec![b"b1".to_vec(), b"b2".to_vec()],
+            client_ip: Some("192.0.2.44".into()),
+        })
+        .await
+        .expect("batch")
+        .into_inner();
+    for item in &batch.results {
+        let m = stored(&s, &item.result.as_ref().expect("result").msg_id).await;
+        assert_eq!(m["clientIp"], "192.0.2.44", "{m}");
+    }
+    let peer = grpc
+        .produce(mqproxy::grpc::pb::ProduceRequest {
+            producer: PRODUCER.into(),
+            body: b"over grpc".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .expect("produce")
+        .into_inner();
+    let m = stored(&s, &peer.result.expect("result").msg_id).await;
+    assert_eq!(m["clientIp"], "127.0.0.1", "the gRPC peer: {m}");
+
+    // A msgId nobody produced, and one that is not a msgId: 400s saying which.
+    let unknown = s
+        .get("/admin/message", &[("msgId", "00000000000000000000000000000001")])
+        .await;
+    assert_eq!(unknown["status"], 400, "{unknown}");
+    assert!(
+        unknown["message"].as_str().is_some_and(|m| m.contains("not found")),
+        "{unknown}"
+    );
+    let bad = s.get("/admin/message", &[("msgId", "xyz")]).await;
+    assert_eq!(bad["status"], 400, "{bad}");
+    assert!(bad["message"].as_str().is_some_and(|m| m.contains("msgId")), "{bad}");
+    // An admin path: refused on the public listener without the admin token.
+    let public = s
+        .client
+        .get(format!("{}/admin/message?msgId={msg_id}", s.base))
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(public.status(), 403);
+}

@@ -59,6 +59,7 @@ pub fn records(n: usize, size: usize) -> Vec<NewRecord> {
                 msg_id,
                 keys: None,
                 born_ms: now_ms(),
+                born_host: None,
                 body: vec![b'x'; size],
             }
         })

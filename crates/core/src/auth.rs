@@ -167,9 +167,10 @@ impl ProducerCall<'_> {
     pub async fn produce_batch(
         &self,
         bodies: Vec<Vec<u8>>,
+        client_ip: Option<String>,
     ) -> Result<Vec<Result<SendReceipt, EngineError>>, EngineError> {
         self.engine
-            .produce_batch(&self.topic, &self.producer.name, bodies)
+            .produce_batch(&self.topic, &self.producer.name, bodies, client_ip)
             .await
     }
 }

@@ -22,6 +22,7 @@ mod engine_tests;
 mod error;
 pub mod ids;
 pub mod limits;
+mod messages;
 mod metrics;
 mod produce;
 mod rate_limit;
@@ -40,6 +41,7 @@ pub use consume::{
     UnlockOutcome,
 };
 pub use error::{EngineError, ErrorCode, ErrorKind, GrpcCode, LogLevel, http_status_of_envelope};
+pub use messages::MessageView;
 pub use mqproxy_store::settings::SettingError;
 pub use registry::RegistryView;
 pub use settings::{ConsumeSettings, ProduceSettings};
@@ -116,6 +118,9 @@ pub struct ProduceRequest {
     /// Strictly in turn over the topic's queues (`roundRobin`), one turn per topic shared by
     /// the proxies of one consumer-state store; not with `order_id`.
     pub round_robin: bool,
+    /// The producing client's address (`clientIp`, else what the transport saw), stored with
+    /// the message.
+    pub client_ip: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -72,6 +72,15 @@ pub const DEFAULT_HEARTBEAT_S: u64 = 15;
 /// the client address kept with a queue's state.
 pub const MAX_CLIENT_ID_CHARS: usize = 128;
 
+/// A client's address as it is kept (a consumer's with its queue, a producer's with its
+/// message): trimmed, blank as none, at most [`MAX_CLIENT_ID_CHARS`] characters (cut, not
+/// refused: it may come from a forwarding header the client does not control).
+pub fn client_address(ip: Option<String>) -> Option<String> {
+    let ip = ip?;
+    let ip = ip.trim();
+    (!ip.is_empty()).then(|| ip.chars().take(MAX_CLIENT_ID_CHARS).collect())
+}
+
 /// The longest topic, producer or consumer name (RocketMQ's).
 pub const MAX_NAME_CHARS: usize = 127;
 

@@ -240,12 +240,14 @@ impl Engine {
             (true, None) => self.strict_turn_queue(topic).await?,
             (false, _) => self.pick_queue(topic, order_id)?,
         };
+        let born_host = limits::client_address(req.client_ip);
         let msg_id = self.inner.producing.ids.next();
         let keys = req.keys.filter(|k| !k.is_empty());
         let record = NewRecord {
             msg_id,
             keys,
             born_ms: now,
+            born_host,
             body: req.body,
         };
         let (_, queue, outcome) = self
@@ -262,9 +264,10 @@ impl Engine {
         topic: &TopicSpec,
         producer: &str,
         bodies: Vec<Vec<u8>>,
+        client_ip: Option<String>,
     ) -> Result<Vec<Result<SendReceipt, EngineError>>, EngineError> {
         let count = bodies.len() as u64;
-        let results = self.produce_batch_elements(topic, bodies).await;
+        let results = self.produce_batch_elements(topic, bodies, client_ip).await;
         match &results {
             Ok(elements) => {
                 // One counter update per status, not per element.
@@ -285,10 +288,12 @@ impl Engine {
         &self,
         topic: &TopicSpec,
         bodies: Vec<Vec<u8>>,
+        client_ip: Option<String>,
     ) -> Result<Vec<Result<SendReceipt, EngineError>>, EngineError> {
         if bodies.is_empty() {
             return Err(EngineError::invalid("messages is an empty array"));
         }
+        let born_host = limits::client_address(client_ip);
         let now = self.now_ms();
         let mut chosen = self.pick_queue(topic, None)?;
         let mut results: Vec<Option<Result<SendReceipt, EngineError>>> = Vec::with_capacity(bodies.len());
@@ -312,6 +317,7 @@ impl Engine {
                         msg_id: self.inner.producing.ids.next(),
                         keys: None,
                         born_ms: now,
+                        born_host: born_host.clone(),
                         body,
                     };
                     if let Some(group) = groups.last_mut() {

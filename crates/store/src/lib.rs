@@ -103,6 +103,8 @@ pub struct NewRecord {
     pub msg_id: [u8; 16],
     pub keys: Option<String>,
     pub born_ms: u64,
+    /// The producing client's address (`clientIp`), as the proxy learned it.
+    pub born_host: Option<String>,
     pub body: Vec<u8>,
 }
 
@@ -117,6 +119,8 @@ pub struct StoredMessage {
     pub offset: u64,
     pub store_ms: u64,
     pub keys: Option<String>,
+    /// The producing client's address, when it was recorded.
+    pub born_host: Option<String>,
     pub body: Vec<u8>,
 }
 

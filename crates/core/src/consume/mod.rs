@@ -117,8 +117,8 @@ impl PullOptions {
             limits::check(limits::PULL_TIMEOUT_S, "pullTimeout", t)?;
         }
         Ok(Self {
-            // Kept with the queue's state (the last client that pulled it): bounded like a clientId.
-            client_ip: client_ip.map(|ip| ip.chars().take(limits::MAX_CLIENT_ID_CHARS).collect()),
+            // Kept with the queue's state (the last client that pulled it).
+            client_ip: limits::client_address(client_ip),
             max_pull_size,
             lock_timeout_ms: consume_timeout_s.map(|s| s * 1000),
             read_timeout: std::time::Duration::from_secs(pull_timeout_s.unwrap_or(limits::DEFAULT_PULL_TIMEOUT_S)),

@@ -7,16 +7,29 @@ use serde::de::DeserializeOwned;
 
 const HEADER: usize = 16 + 8 + 8 + 8 + 4;
 
-/// `msg_id[16] store_ms[8] store_seq[8] born_ms[8] keys_len[4] keys body`, integers big-endian.
+/// Set in `keys_len` when the born host follows the keys. Records written before the born
+/// host existed never have it (keys are far shorter than 2 GiB), so they read as they are.
+const BORN_HOST_FOLLOWS: u32 = 1 << 31;
+
+/// `msg_id[16] store_ms[8] store_seq[8] born_ms[8] keys_len[4] keys [host_len[1] host] body`,
+/// integers big-endian; the host part only with [`BORN_HOST_FOLLOWS`] in `keys_len`.
 pub(super) fn encode_message(record: &NewRecord, store_ms: u64, store_seq: u64) -> Vec<u8> {
     let keys = record.keys.as_deref().unwrap_or("").as_bytes();
-    let mut out = Vec::with_capacity(HEADER + keys.len() + record.body.len());
+    // The engine bounds it far below 255 bytes; a longer one is cut, never a corrupt record.
+    let host = record.born_host.as_deref().map(|h| &h.as_bytes()[..h.len().min(255)]);
+    let mut out = Vec::with_capacity(HEADER + keys.len() + host.map_or(0, |h| 1 + h.len()) + record.body.len());
     out.extend_from_slice(&record.msg_id);
     out.extend_from_slice(&store_ms.to_be_bytes());
     out.extend_from_slice(&store_seq.to_be_bytes());
     out.extend_from_slice(&record.born_ms.to_be_bytes());
-    out.extend_from_slice(&u32::try_from(keys.len()).unwrap_or(u32::MAX).to_be_bytes());
+    let keys_len = u32::try_from(keys.len()).unwrap_or(u32::MAX) & !BORN_HOST_FOLLOWS;
+    let flag = if host.is_some() { BORN_HOST_FOLLOWS } else { 0 };
+    out.extend_from_slice(&(keys_len | flag).to_be_bytes());
     out.extend_from_slice(keys);
+    if let Some(host) = host {
+        out.push(host.len() as u8);
+        out.extend_from_slice(host);
+    }
     out.extend_from_slice(&record.body);
     out
 }
@@ -45,21 +58,29 @@ pub(super) fn decode_record(bytes: &[u8]) -> Result<(NewRecord, u64), StoreError
         .get(40..44)
         .and_then(|s| s.try_into().ok())
         .map(u32::from_be_bytes)
-        .ok_or_else(|| corrupt("short keys length"))? as usize;
-    let keys = bytes
-        .get(HEADER..HEADER + keys_len)
-        .ok_or_else(|| corrupt("short keys"))?;
+        .ok_or_else(|| corrupt("short keys length"))?;
+    let has_host = keys_len & BORN_HOST_FOLLOWS != 0;
+    let keys_end = HEADER + (keys_len & !BORN_HOST_FOLLOWS) as usize;
+    let keys = bytes.get(HEADER..keys_end).ok_or_else(|| corrupt("short keys"))?;
     let keys = String::from_utf8(keys.to_vec()).map_err(|_| corrupt("keys not UTF-8"))?;
-    let body = bytes
-        .get(HEADER + keys_len..)
-        .ok_or_else(|| corrupt("short body"))?
-        .to_vec();
+    let (born_host, body_at) = if has_host {
+        let len = *bytes.get(keys_end).ok_or_else(|| corrupt("short born host length"))? as usize;
+        let host = bytes
+            .get(keys_end + 1..keys_end + 1 + len)
+            .ok_or_else(|| corrupt("short born host"))?;
+        let host = String::from_utf8(host.to_vec()).map_err(|_| corrupt("born host not UTF-8"))?;
+        (Some(host), keys_end + 1 + len)
+    } else {
+        (None, keys_end)
+    };
+    let body = bytes.get(body_at..).ok_or_else(|| corrupt("short body"))?.to_vec();
     let keys = (!keys.is_empty()).then_some(keys);
     Ok((
         NewRecord {
             msg_id,
             keys,
             born_ms,
+            born_host,
             body,
         },
         store_ms,
@@ -74,6 +95,7 @@ pub(super) fn decode_message(offset: u64, bytes: &[u8]) -> Result<StoredMessage,
         offset,
         store_ms,
         keys: record.keys,
+        born_host: record.born_host,
         body: record.body,
     })
 }
@@ -178,6 +200,7 @@ mod tests {
             msg_id: [7; 16],
             keys: Some("k1 k2".into()),
             born_ms: 5,
+            born_host: Some("203.0.113.7".into()),
             body: b"hello".to_vec(),
         };
         let bytes = encode_message(&record, 11, 12);
@@ -186,11 +209,39 @@ mod tests {
             (msg.msg_id, msg.offset, msg.store_ms, msg.keys.as_deref()),
             ([7; 16], 3, 11, Some("k1 k2"))
         );
+        assert_eq!(msg.born_host.as_deref(), Some("203.0.113.7"));
         assert_eq!(msg.body, b"hello");
         let sched = encode_scheduled("t", 2, &record);
         let (topic, queue, back) = decode_scheduled(&sched).expect("decode scheduled");
         assert_eq!((topic.as_str(), queue, back.body), ("t", 2, b"hello".to_vec()));
+        assert_eq!(back.born_host.as_deref(), Some("203.0.113.7"));
         assert!(decode_message(0, &bytes[..10]).is_err());
+        // Cut inside the born host: corrupt, not a shorter host.
+        assert!(decode_message(0, &bytes[..HEADER + 5 + 3]).is_err());
+        let plain = NewRecord {
+            born_host: None,
+            keys: None,
+            ..record
+        };
+        let msg = decode_message(0, &encode_message(&plain, 1, 1)).expect("decode");
+        assert_eq!((msg.born_host, msg.keys, msg.body), (None, None, b"hello".to_vec()));
+    }
+
+    /// A record written before the born host existed (this layout, no flag) reads unchanged.
+    #[test]
+    fn messages_written_before_the_born_host_still_read() {
+        let mut old = Vec::new();
+        old.extend_from_slice(&[9; 16]);
+        old.extend_from_slice(&4u64.to_be_bytes());
+        old.extend_from_slice(&5u64.to_be_bytes());
+        old.extend_from_slice(&6u64.to_be_bytes());
+        old.extend_from_slice(&2u32.to_be_bytes());
+        old.extend_from_slice(b"k1body");
+        let msg = decode_message(1, &old).expect("old layout");
+        assert_eq!(
+            (msg.keys.as_deref(), msg.born_host, msg.body, msg.store_ms),
+            (Some("k1"), None, b"body".to_vec(), 4)
+        );
     }
 }
 

@@ -25,6 +25,9 @@ use std::time::Duration;
 
 /// The message property that carries the client-made msgId (Java's `MessageConst.PROPERTY_UNIQ_CLIENT_MESSAGE_ID_KEYIDX`).
 const UNIQ_KEY: &str = "UNIQ_KEY";
+/// The user property that carries the producing client's address (`clientIp`): the broker's
+/// born host is the proxy's own address, which the client sets and mqproxy cannot.
+const CLIENT_IP_PROPERTY: &str = "CLIENT_IP";
 /// Broker response code of a message the broker refuses as invalid (MESSAGE_ILLEGAL: too big,
 /// a timer too far ahead): the caller's fault, 400. Every other code is the server's, 500.
 const CALLER_FAULT_CODES: [i32; 1] = [13];
@@ -446,6 +449,11 @@ impl RocketMqStore {
             );
         if let Some(keys) = &record.keys {
             builder = builder.key(keys.as_str());
+        }
+        if let Some(host) = &record.born_host {
+            builder = builder
+                .raw_property(CLIENT_IP_PROPERTY, host.as_str())
+                .map_err(|e| StoreError::Rejected(format!("clientIp not accepted by the RocketMQ client: {e}")))?;
         }
         builder = match delivery {
             Delivery::Now => builder,
@@ -1003,6 +1011,7 @@ impl MessageStore for RocketMqStore {
                 offset: to_u64(m.queue_offset()),
                 store_ms: to_u64(m.store_timestamp()),
                 keys: inner.get_keys().map(|k| k.to_string()).filter(|k| !k.is_empty()),
+                born_host: inner.property(CLIENT_IP_PROPERTY).map(|h| h.to_string()),
                 body,
             });
             if messages.len() >= max {
