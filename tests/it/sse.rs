@@ -328,3 +328,64 @@ async fn refusals_carry_their_http_status() {
     assert_eq!(status, 400);
     assert!(message.contains("consumeTimeout"), "{message}");
 }
+
+/// Empty pulls a consumer made (its `NO_NEW_MSG` count in `/metrics`).
+async fn empty_pulls(s: &TestServer, consumer: &str) -> u64 {
+    let text = s.metrics_text().await;
+    text.lines()
+        .filter(|l| {
+            l.starts_with("mqproxy_pulls_total{")
+                && l.contains(&format!("consumer=\"{consumer}\""))
+                && l.contains("NO_NEW_MSG")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// A stream waits on its own topic: produces and acks on another topic do not wake it (with
+/// one signal for every topic, each produce anywhere cost every open stream an empty pull).
+#[tokio::test]
+async fn a_stream_is_not_woken_by_other_topics() {
+    let s = TestServer::with_toml(
+        "[[topic]]\nname=\"busy\"\nqueues=1\n[[topic]]\nname=\"quiet\"\nqueues=1\n\
+         [[producer]]\nname=\"busy-p\"\ntopic=\"busy\"\n[[producer]]\nname=\"quiet-p\"\ntopic=\"quiet\"\n\
+         [[consumer]]\nname=\"busy-c\"\ntopic=\"busy\"\n[[consumer]]\nname=\"quiet-c\"\ntopic=\"quiet\"\n",
+    )
+    .await;
+    let mut quiet = EventStream::open(
+        &s,
+        &[("topic", "quiet"), ("consumer", "quiet-c"), ("autoAck", "true")],
+        None,
+    )
+    .await;
+    // Its first pull found nothing; from here on it waits.
+    eventually(Duration::from_secs(10), "the quiet stream's first pull", || async {
+        (empty_pulls(&s, "quiet-c").await >= 1).then_some(())
+    })
+    .await;
+    let before = empty_pulls(&s, "quiet-c").await;
+    let mut busy = EventStream::open(
+        &s,
+        &[("topic", "busy"), ("consumer", "busy-c"), ("autoAck", "true")],
+        None,
+    )
+    .await;
+    for i in 0..20 {
+        let v = s
+            .post("/mq/produce", &[("producer", "busy-p"), ("message", &format!("b{i}"))])
+            .await;
+        assert_eq!(v["status"], 200, "{v}");
+        busy.batch(Duration::from_secs(10)).await;
+    }
+    // Its own topic still wakes it at once.
+    let v = s
+        .post("/mq/produce", &[("producer", "quiet-p"), ("message", "q")])
+        .await;
+    assert_eq!(v["status"], 200, "{v}");
+    assert_eq!(quiet.batch(Duration::from_secs(10)).await.1, ["q"]);
+    assert_eq!(
+        empty_pulls(&s, "quiet-c").await,
+        before,
+        "20 produces and acks on another topic woke the quiet stream"
+    );
+}

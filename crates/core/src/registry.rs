@@ -179,7 +179,7 @@ impl Engine {
             Ok(mut r) => *r = Arc::new(next),
             Err(p) => *p.into_inner() = Arc::new(next),
         }
-        self.inner.consuming.notify();
+        self.inner.consuming.notify_all();
         Ok(view)
     }
 

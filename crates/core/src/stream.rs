@@ -139,8 +139,8 @@ impl Engine {
     ) where
         C: Stream<Item = ConsumeCommand> + Send + Unpin + 'static,
     {
-        let mut visible = self.inner.messages.visible_changes();
-        let mut released = self.inner.consuming.subscribe();
+        let mut visible = self.inner.messages.visible_changes(&key.topic);
+        let mut released = self.inner.consuming.subscribe(&key.topic);
         let max_in_flight = match sub.max_in_flight {
             0 => u64::from(limits::DEFAULT_IN_FLIGHT),
             n => limits::IN_FLIGHT.clamp(u64::from(n)),

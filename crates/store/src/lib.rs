@@ -416,9 +416,68 @@ pub trait MessageStore: Send + Sync + 'static {
     /// embedded store is closed by its owner instead (it flushes on close).
     async fn shutdown(&self) {}
 
-    /// Changes (to a new count) whenever messages become visible in some queue: appended, or a
-    /// delayed message fell due. Streaming consumers wait on it instead of polling.
-    fn visible_changes(&self) -> tokio::sync::watch::Receiver<u64>;
+    /// Changes (to a new count) whenever messages become visible in a queue of `topic`:
+    /// appended, or a delayed message fell due. Streaming and long-polling consumers wait on it
+    /// instead of polling; a topic's signal wakes only its own consumers.
+    fn visible_changes(&self, topic: &str) -> tokio::sync::watch::Receiver<u64>;
+}
+
+/// One signal per topic ("messages became visible", "a lock was released"), made when a
+/// consumer first waits on it and dropped once nobody does, so thousands of idle topics cost
+/// nothing and a produce or an ack wakes only the waiters of its topic.
+#[derive(Debug, Default)]
+pub struct TopicSignals {
+    topics: std::sync::Mutex<std::collections::HashMap<String, tokio::sync::watch::Sender<u64>>>,
+}
+
+impl TopicSignals {
+    fn topics(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, tokio::sync::watch::Sender<u64>>> {
+        // Every change under it is an insert or a remove: a poisoned lock still holds a map.
+        self.topics.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Changes of `topic` from now on.
+    pub fn subscribe(&self, topic: &str) -> tokio::sync::watch::Receiver<u64> {
+        let mut topics = self.topics();
+        match topics.get(topic) {
+            Some(sender) => sender.subscribe(),
+            None => {
+                let (sender, receiver) = tokio::sync::watch::channel(0);
+                topics.insert(topic.to_owned(), sender);
+                receiver
+            }
+        }
+    }
+
+    /// Messages became visible in `topic`: wakes its waiters (if it has none, forgets it).
+    pub fn notify(&self, topic: &str) {
+        let mut topics = self.topics();
+        if let Some(sender) = topics.get(topic) {
+            if sender.receiver_count() == 0 {
+                topics.remove(topic);
+            } else {
+                sender.send_modify(|n| *n = n.wrapping_add(1));
+            }
+        }
+    }
+
+    /// Wakes the waiters of every topic (a change that concerns them all: the registry).
+    pub fn notify_all(&self) {
+        let mut topics = self.topics();
+        topics.retain(|_, sender| sender.receiver_count() > 0);
+        for sender in topics.values() {
+            sender.send_modify(|n| *n = n.wrapping_add(1));
+        }
+    }
+
+    /// How many topics have a signal (waiters, or had some since the last notify).
+    pub fn len(&self) -> usize {
+        self.topics().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// Durable consumer state.
@@ -427,4 +486,26 @@ pub trait ConsumerStore: Send + Sync + 'static {
     fn load(&self) -> Result<ConsumerSnapshot, StoreError>;
     /// Enqueues changes now (in call order) and returns a future that resolves when durable.
     fn save(&self, ops: Vec<ConsumerOp>) -> PendingWrite;
+}
+
+#[cfg(test)]
+mod topic_signal_tests {
+    use super::TopicSignals;
+
+    #[test]
+    fn a_topic_wakes_only_its_waiters_and_is_forgotten_without_them() {
+        let signals = TopicSignals::default();
+        let mut a = signals.subscribe("a");
+        let b = signals.subscribe("b");
+        signals.notify("a");
+        assert!(a.has_changed().expect("open"));
+        assert!(!b.has_changed().expect("open"));
+        a.borrow_and_update();
+        drop(b);
+        signals.notify("b");
+        assert_eq!(signals.len(), 1, "b had no waiter left");
+        signals.notify("never-waited-on");
+        assert_eq!(signals.len(), 1);
+        assert!(!a.has_changed().expect("open"));
+    }
 }

@@ -23,9 +23,9 @@ pub(crate) struct ConsumeState {
     /// Keys of the requestId MAC (shared by every proxy on one consumer state store).
     request_id_keys: RequestIdKeys,
     rate_limiters: RateLimiters,
-    /// Bumped when a queue lock is released or consumer settings change: streaming consumers
-    /// waiting for a free queue wake up on it.
-    changes: tokio::sync::watch::Sender<u64>,
+    /// Per topic, bumped when a queue lock is released or consumer settings change: streaming
+    /// and long-polling consumers waiting for a free queue wake up on it.
+    changes: mqproxy_store::TopicSignals,
 }
 
 impl ConsumeState {
@@ -40,7 +40,7 @@ impl ConsumeState {
             state,
             request_id_keys,
             rate_limiters: RateLimiters::new(clock),
-            changes: tokio::sync::watch::Sender::new(0),
+            changes: mqproxy_store::TopicSignals::default(),
         }
     }
 
@@ -48,14 +48,19 @@ impl ConsumeState {
         &self.settings
     }
 
-    /// Wakes streaming consumers: a lock was released or settings changed.
-    pub(crate) fn notify(&self) {
-        self.changes.send_modify(|n| *n = n.wrapping_add(1));
+    /// Wakes the streaming consumers of `topic`: a lock was released or settings changed.
+    pub(crate) fn notify(&self, topic: &str) {
+        self.changes.notify(topic);
     }
 
-    /// Changes from now on (see [`ConsumeState::notify`]).
-    pub(crate) fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.changes.subscribe()
+    /// Wakes every streaming consumer (the registry changed: each looks at its entry again).
+    pub(crate) fn notify_all(&self) {
+        self.changes.notify_all();
+    }
+
+    /// Changes of `topic` from now on (see [`ConsumeState::notify`]).
+    pub(crate) fn subscribe(&self, topic: &str) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe(topic)
     }
 }
 
@@ -523,7 +528,7 @@ impl Engine {
             let wait_ms = req.wait_ms.unwrap_or(0);
             limits::check(limits::WAIT_MS, "waitMs", wait_ms)?;
             // Seen before the first pull, so what happens during it ends a wait at once.
-            let mut changes = (wait_ms > 0).then(|| self.pull_changes());
+            let mut changes = (wait_ms > 0).then(|| self.pull_changes(&spec.topic));
             // Settings once per pull: they gate the pull and set the lock time the ack checks.
             let ctx = self.pull_context(spec, key).await?;
             let ack = match req.request_id.as_deref().map(str::trim).filter(|r| !r.is_empty()) {
@@ -544,11 +549,11 @@ impl Engine {
     }
 
     /// The signals that can make a pull that found nothing find something: messages became
-    /// visible (any topic: the store has one signal), or a lock was released or settings changed.
-    fn pull_changes(&self) -> PullChanges {
+    /// visible in `topic`, or a lock was released or settings changed.
+    fn pull_changes(&self, topic: &str) -> PullChanges {
         PullChanges {
-            visible: self.inner.messages.visible_changes(),
-            released: self.inner.consuming.subscribe(),
+            visible: self.inner.messages.visible_changes(topic),
+            released: self.inner.consuming.subscribe(topic),
         }
     }
 
@@ -963,7 +968,7 @@ impl Engine {
             .state
             .finish(key, chosen.queue, chosen.lock_time, None, RetryFate::Free)
             .await?;
-        self.inner.consuming.notify();
+        self.inner.consuming.notify(&key.topic);
         Ok(())
     }
 
@@ -1048,7 +1053,7 @@ impl Engine {
                 }
             }
         };
-        self.inner.consuming.notify();
+        self.inner.consuming.notify(&key.topic);
         Ok(outcome)
     }
 
@@ -1086,7 +1091,7 @@ impl Engine {
             .finish(key, issued.queue, token.lock_time, None, RetryFate::Free)
             .await?;
         if unlocked {
-            self.inner.consuming.notify();
+            self.inner.consuming.notify(&key.topic);
         }
         Ok(UnlockOutcome {
             unlocked,
@@ -1149,7 +1154,7 @@ impl Engine {
                 .put_settings(consumer, settings.clone())
                 .await?;
         }
-        self.inner.consuming.notify();
+        self.inner.consuming.notify(&spec.topic);
         let effective = Self::effective(&spec, &settings);
         Ok(ConsumerView {
             consumer: spec.name.clone(),

@@ -297,7 +297,7 @@ impl Engine {
             contexts = keys.len(),
             "consumer offsets reset"
         );
-        self.inner.consuming.notify();
+        self.inner.consuming.notify(&spec.topic);
         self.consumer_offsets(consumer, client_id, Some(ClientPage::default()))
             .await
     }

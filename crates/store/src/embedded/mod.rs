@@ -152,7 +152,7 @@ struct Inner {
     tx: std::sync::Mutex<Option<mpsc::Sender<WriteOp>>>,
     identity: StoreIdentity,
     thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
-    visible: Arc<tokio::sync::watch::Sender<u64>>,
+    visible: Arc<crate::TopicSignals>,
     queues: RwLock<HashMap<String, Arc<[QueueRef]>>>,
     path: PathBuf,
     broker_name: String,
@@ -179,7 +179,7 @@ impl EmbeddedStore {
         let (identity, counters) = writer::init(&db)?;
         let ranges = Arc::new(RwLock::new(load_ranges(&db, &config.topics)?));
         let (tx, rx) = mpsc::channel();
-        let visible = Arc::new(tokio::sync::watch::Sender::new(0));
+        let visible = Arc::new(crate::TopicSignals::default());
         let pending_bytes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let writer = writer::Writer::new(
             db.clone(),
@@ -473,8 +473,8 @@ impl MessageStore for EmbeddedStore {
         &self.inner.identity
     }
 
-    fn visible_changes(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.inner.visible.subscribe()
+    fn visible_changes(&self, topic: &str) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.visible.subscribe(topic)
     }
 }
 

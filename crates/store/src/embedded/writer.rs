@@ -234,9 +234,10 @@ pub(super) struct Writer {
     shared_ranges: Arc<RwLock<HashMap<(String, u32), QueueRange>>>,
     ranges: HashMap<(String, u32), QueueRange>,
     /// Bumped after a commit that made messages visible.
-    visible: Arc<tokio::sync::watch::Sender<u64>>,
+    visible: Arc<crate::TopicSignals>,
     /// The commit being built appends to a queue.
-    appended: bool,
+    /// Topics with messages appended in the commit under way (their waiters are woken after it).
+    appended: std::collections::HashSet<String>,
     counters: Counters,
     flush: FlushPolicy,
     flush_timeout: Duration,
@@ -289,7 +290,7 @@ impl Writer {
     pub(super) fn new(
         db: Arc<Database>,
         shared_ranges: Arc<RwLock<HashMap<(String, u32), QueueRange>>>,
-        visible: Arc<tokio::sync::watch::Sender<u64>>,
+        visible: Arc<crate::TopicSignals>,
         config: &EmbeddedConfig,
         counters: Counters,
         pending_bytes: Arc<std::sync::atomic::AtomicUsize>,
@@ -306,7 +307,7 @@ impl Writer {
             shared_ranges,
             ranges,
             visible,
-            appended: false,
+            appended: std::collections::HashSet::new(),
             counters,
             flush: settings.flush,
             flush_timeout: Duration::from_millis(settings.flush_timeout_ms),
@@ -454,8 +455,8 @@ impl Writer {
                 if let Ok(mut shared) = self.shared_ranges.write() {
                     shared.clone_from(&self.ranges);
                 }
-                if std::mem::take(&mut self.appended) {
-                    self.visible.send_modify(|n| *n = n.wrapping_add(1));
+                for topic in self.appended.drain() {
+                    self.visible.notify(&topic);
                 }
                 let flush_timed_out = sync_now && elapsed > self.flush_timeout;
                 if flush_timed_out {
@@ -487,7 +488,7 @@ impl Writer {
             Err(e) => {
                 tracing::error!(error = %e, "store commit failed; its writes are answered with an error");
                 self.counters = saved_counters;
-                self.appended = false;
+                self.appended.clear();
                 self.ranges = saved_ranges;
                 self.next_due = saved_due;
                 let error = if is_disk_full(&e) { self.disk_full_error() } else { e };
@@ -635,7 +636,9 @@ impl Writer {
             range.max - 1
         };
         let store_seq = self.next_store_seq();
-        self.appended = true;
+        if !self.appended.contains(topic) {
+            self.appended.insert(topic.to_owned());
+        }
         tables
             .messages
             .insert(

@@ -82,7 +82,7 @@ struct Inner {
     /// Registry name -> topic (topics are added at run time by the admin API).
     topics: std::sync::RwLock<HashMap<String, Arc<Topic>>>,
     identity: StoreIdentity,
-    visible: tokio::sync::watch::Sender<u64>,
+    visible: crate::TopicSignals,
     /// Brokers whose last call failed (probed by `probe_failed_brokers`).
     failed_brokers: Arc<Mutex<HashMap<String, FailedBroker>>>,
 }
@@ -281,7 +281,7 @@ impl RocketMqStore {
             producer,
             topics: std::sync::RwLock::new(loaded),
             identity,
-            visible: tokio::sync::watch::Sender::new(0),
+            visible: crate::TopicSignals::default(),
             failed_brokers: Arc::new(Mutex::new(HashMap::new())),
         });
         let prober = tokio::spawn(probe_failed_brokers(Arc::downgrade(&inner.failed_brokers)));
@@ -746,8 +746,8 @@ impl Inner {
 
     /// Re-reads every queue's min and max offset; wakes streams when a max grew.
     async fn refresh_offsets(&self) {
-        let mut grew = false;
         for topic in self.all_topics() {
+            let mut grew = false;
             for (mq, range) in topic.queues.iter().zip(&topic.ranges) {
                 // A failed broker is left to the prober: every failed call would count
                 // towards the client's circuit breaker for its address.
@@ -770,9 +770,9 @@ impl Inner {
                 self.broker_answered(mq.broker_name(), &Ok(()));
                 grew |= update_range(range, Some(min), max);
             }
-        }
-        if grew {
-            self.visible.send_modify(|n| *n = n.wrapping_add(1));
+            if grew {
+                self.visible.notify(&topic.local);
+            }
         }
     }
 }
@@ -849,7 +849,7 @@ impl RocketMqStore {
             })
             .collect();
         if delivery == Delivery::Now && update_range(range, None, result.queue_offset + count) {
-            self.inner.visible.send_modify(|n| *n = n.wrapping_add(1));
+            self.inner.visible.notify(&topic.local);
         }
         Ok(AppendOutcome {
             appended,
@@ -970,7 +970,7 @@ impl MessageStore for RocketMqStore {
             tokio::time::sleep(DISPATCH_WAIT).await;
         };
         if update_range(range, Some(result.min_offset()), result.max_offset()) {
-            self.inner.visible.send_modify(|n| *n = n.wrapping_add(1));
+            self.inner.visible.notify(&topic.local);
         }
         match result.pull_status() {
             PullStatus::Found => {}
@@ -1101,8 +1101,8 @@ impl MessageStore for RocketMqStore {
         }
     }
 
-    fn visible_changes(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.inner.visible.subscribe()
+    fn visible_changes(&self, topic: &str) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.visible.subscribe(topic)
     }
 }
 
