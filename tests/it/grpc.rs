@@ -248,6 +248,19 @@ async fn errors_map_to_grpc_codes() {
     .expect("send");
     let e = c.consume(ReceiverStream::new(rx)).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::NotFound);
+    // A subscription outside its ranges is refused, naming the field's range (not clamped).
+    for (in_flight, pull) in [(1025, None), (1, Some(129))] {
+        let (tx, rx) = mpsc::channel(1);
+        tx.send(pb::ConsumeRequest {
+            command: Some(Command::Subscribe(sub(CLUSTERING, None, in_flight, pull))),
+        })
+        .await
+        .expect("send");
+        let e = c.consume(ReceiverStream::new(rx)).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{in_flight} {pull:?}");
+        let named = if pull.is_some() { "maxPullSize" } else { "maxInFlight" };
+        assert!(e.message().contains(named), "{}", e.message());
+    }
 }
 
 /// gRPC clients asking for a service or method the server lacks get `UNIMPLEMENTED`, also

@@ -24,7 +24,7 @@ const FULL_RECHECK_MS: u64 = 1_000;
 /// What a streaming consumer subscribes to (the consumer is the [`super::ConsumerCall`]'s).
 #[derive(Debug, Clone, Default)]
 pub struct Subscription {
-    /// 0 means [`super::limits::DEFAULT_IN_FLIGHT`].
+    /// 0 means [`super::limits::DEFAULT_IN_FLIGHT`]; else within [`super::limits::IN_FLIGHT`].
     pub max_in_flight: u32,
     pub max_pull_size: Option<u32>,
     /// Each batch's lock time in seconds instead of the consumer's (`consumeTimeout`).
@@ -96,6 +96,9 @@ impl Engine {
         C: Stream<Item = ConsumeCommand> + Send + Unpin + 'static,
     {
         let key = self.resolve(spec, &target)?;
+        if sub.max_in_flight != 0 {
+            limits::check(limits::IN_FLIGHT, "maxInFlight", u64::from(sub.max_in_flight))?;
+        }
         let options = PullOptions::checked(
             sub.client_ip.clone(),
             sub.max_pull_size,
@@ -141,9 +144,10 @@ impl Engine {
     {
         let mut visible = self.inner.messages.visible_changes(&key.topic);
         let mut released = self.inner.consuming.subscribe(&key.topic);
+        // Checked in `consume`: 0 or within limits::IN_FLIGHT.
         let max_in_flight = match sub.max_in_flight {
-            0 => u64::from(limits::DEFAULT_IN_FLIGHT),
-            n => limits::IN_FLIGHT.clamp(u64::from(n)),
+            0 => limits::DEFAULT_IN_FLIGHT,
+            n => n,
         } as usize;
         // Keyed by requestId: what a client acknowledges on the stream is found here, with no
         // signature to check.
