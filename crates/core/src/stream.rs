@@ -142,8 +142,7 @@ impl Engine {
     ) where
         C: Stream<Item = ConsumeCommand> + Send + Unpin + 'static,
     {
-        let mut visible = self.inner.messages.visible_changes(&key.topic);
-        let mut released = self.inner.consuming.subscribe(&key.topic);
+        let mut changes = self.pull_changes(&key.topic);
         // Checked in `consume`: 0 or within limits::IN_FLIGHT.
         let max_in_flight = match sub.max_in_flight {
             0 => limits::DEFAULT_IN_FLIGHT,
@@ -183,9 +182,7 @@ impl Engine {
                 wake_at = Some(wake_at.map_or(now + FULL_RECHECK_MS, |w| w.min(now + FULL_RECHECK_MS)));
             }
             if in_flight.len() < max_in_flight {
-                // Seen before fetching, so a change during the fetch wakes the wait below.
-                visible.borrow_and_update();
-                released.borrow_and_update();
+                changes.mark_seen();
                 let (outcome, issued) = match self.pull(ctx, None, &options).await {
                     Ok(pulled) => {
                         self.count_pull(spec, Ok(&pulled.0));
@@ -270,8 +267,7 @@ impl Engine {
                     // The client stopped sending (half-close): keep delivering until it goes.
                     None => commands_open = false,
                 },
-                Ok(()) = visible.changed() => {}
-                Ok(()) = released.changed() => {}
+                true = changes.changed() => {}
                 () = sleep => {}
                 () = tx.closed() => break 'stream,
             }

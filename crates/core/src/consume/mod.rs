@@ -308,10 +308,27 @@ pub(super) struct PullContext {
     pub settings: ConsumerSettings,
 }
 
-/// What a long-polling pull waits on (see [`Engine::pull_changes`]).
-struct PullChanges {
+/// What a waiting consumer (a long poll, a stream) waits on (see [`Engine::pull_changes`]).
+pub(super) struct PullChanges {
     visible: tokio::sync::watch::Receiver<u64>,
     released: tokio::sync::watch::Receiver<u64>,
+}
+
+impl PullChanges {
+    /// Marks what happened so far as seen: only a later change wakes [`PullChanges::changed`].
+    /// Called before pulling, so a change during the pull wakes the wait after it.
+    pub(super) fn mark_seen(&mut self) {
+        self.visible.borrow_and_update();
+        self.released.borrow_and_update();
+    }
+
+    /// Waits for the next change; false once the signals are gone (the engine is shutting down).
+    pub(super) async fn changed(&mut self) -> bool {
+        tokio::select! {
+            r = self.visible.changed() => r.is_ok(),
+            r = self.released.changed() => r.is_ok(),
+        }
+    }
 }
 
 /// A batch handed out, as the engine knows it: the fields its requestId carries, and the
@@ -550,7 +567,7 @@ impl Engine {
 
     /// The signals that can make a pull that found nothing find something: messages became
     /// visible in `topic`, or a lock was released or settings changed.
-    fn pull_changes(&self, topic: &str) -> PullChanges {
+    pub(super) fn pull_changes(&self, topic: &str) -> PullChanges {
         PullChanges {
             visible: self.inner.messages.visible_changes(topic),
             released: self.inner.consuming.subscribe(topic),
@@ -581,13 +598,10 @@ impl Engine {
                 deadline.min(tokio::time::Instant::now() + std::time::Duration::from_millis(in_ms))
             });
             tokio::select! {
-                changed = changes.visible.changed() => if changed.is_err() { break },
-                changed = changes.released.changed() => if changed.is_err() { break },
+                open = changes.changed() => if !open { break },
                 () = tokio::time::sleep_until(wake_at) => {}
             }
-            // Marked seen before pulling, so a change during the pull wakes the next wait.
-            changes.visible.borrow_and_update();
-            changes.released.borrow_and_update();
+            changes.mark_seen();
             // An operator may have paused the consumer or changed its settings meanwhile.
             ctx = self.pull_context(spec, ctx.key).await?;
             let (again, _) = self.pull(&ctx, None, &options).await?;
