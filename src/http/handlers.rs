@@ -38,6 +38,24 @@ fn fail<T: Envelope>(e: &EngineError) -> Reply<T> {
     Reply::new(T::error(error_status(e), e.to_string()))
 }
 
+/// What an ack or unlock did (200 and its message), or why it failed (its envelope status,
+/// logged as `operation`): the `StatusReply` of an outcome that rides on another answer.
+pub(super) fn outcome_reply(outcome: Result<String, EngineError>, operation: &str) -> StatusReply {
+    match outcome {
+        Ok(message) => StatusReply {
+            status: 200,
+            message: Some(message),
+        },
+        Err(e) => {
+            e.log_answered("http", operation);
+            StatusReply {
+                status: error_status(&e),
+                message: Some(e.to_string()),
+            }
+        }
+    }
+}
+
 fn send_result(r: SendReceipt) -> SendResult {
     SendResult {
         send_status: r.status.as_str().to_owned(),
@@ -395,19 +413,7 @@ impl MqApi for HttpAdapter {
         };
         let mut reply = match consumer.fetch(req).await {
             Ok(o) => {
-                let ack_info = o.ack.map(|a| match a {
-                    Ok(a) => StatusReply {
-                        status: 200,
-                        message: Some(a.message),
-                    },
-                    Err(e) => {
-                        e.log_answered("http", "piggy-backed ack");
-                        StatusReply {
-                            status: error_status(&e),
-                            message: Some(e.to_string()),
-                        }
-                    }
-                });
+                let ack_info = o.ack.map(|a| outcome_reply(a.map(|a| a.message), "piggy-backed ack"));
                 let msg_list: Vec<Message> = o.messages.into_iter().map(message).collect();
                 let retry_list: Vec<Message> = o.retry_messages.into_iter().map(message).collect();
                 Reply::new(FetchReply {
@@ -477,19 +483,10 @@ impl MqApi for HttpAdapter {
             .map(str::trim)
             .filter(|v| !v.is_empty());
         let last_event_ack = match last_event_id {
-            Some(rid) => Some(match consumer.ack(rid).await {
-                Ok(o) => StatusReply {
-                    status: 200,
-                    message: Some(o.message),
-                },
-                Err(e) => {
-                    e.log_answered("http", "Last-Event-ID ack");
-                    StatusReply {
-                        status: error_status(&e),
-                        message: Some(e.to_string()),
-                    }
-                }
-            }),
+            Some(rid) => Some(outcome_reply(
+                consumer.ack(rid).await.map(|o| o.message),
+                "Last-Event-ID ack",
+            )),
             None => None,
         };
         let sub = Subscription {

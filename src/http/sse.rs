@@ -3,7 +3,8 @@
 //! transport's own lines (`retry:`, heartbeat comments).
 
 use super::api::{Message, StatusReply, StreamBatch};
-use crate::engine::{ConsumeEvent, ConsumeStream, EngineError};
+use super::handlers::outcome_reply;
+use crate::engine::{ConsumeEvent, ConsumeStream};
 use axum::http::HeaderValue;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -20,14 +21,6 @@ fn status_event(name: &str, reply: &StatusReply) -> Event {
             .event(name)
             .data(format!("{{\"status\":500,\"message\":\"{e}\"}}"))
     })
-}
-
-fn failure(e: &EngineError) -> StatusReply {
-    e.log_answered("http", "event stream");
-    StatusReply {
-        status: e.kind().status(),
-        message: Some(e.to_string()),
-    }
 }
 
 fn batch_event(request_id: String, messages: Vec<Message>, retry_messages: Vec<Message>) -> Event {
@@ -73,17 +66,8 @@ pub(super) fn respond(
             retry_messages.into_iter().map(message).collect(),
         ),
         // No commands are sent on this stream: acks come as separate requests.
-        Ok(ConsumeEvent::CommandResult(outcome)) => status_event(
-            "ack",
-            &match outcome {
-                Ok(message) => StatusReply {
-                    status: 200,
-                    message: Some(message),
-                },
-                Err(e) => failure(&e),
-            },
-        ),
-        Err(e) => status_event("error", &failure(&e)),
+        Ok(ConsumeEvent::CommandResult(outcome)) => status_event("ack", &outcome_reply(outcome, "stream command")),
+        Err(e) => status_event("error", &outcome_reply(Err(e), "event stream")),
     });
     let all = tokio_stream::iter(opening).chain(events).map(Ok::<_, Infallible>);
     let mut response = Sse::new(all)

@@ -443,12 +443,7 @@ impl Engine {
 
     /// When the earliest live lock of this context expires (epoch ms), if any.
     pub(super) async fn next_lock_expiry(&self, key: &ContextKey, timeout_ms: u64) -> Result<Option<u64>, EngineError> {
-        let snapshot = self
-            .inner
-            .consuming
-            .state
-            .snapshot(key, self.queue_count(&key.topic))
-            .await?;
+        let snapshot = self.context_snapshot(key).await?;
         let now = self.now_ms();
         Ok(snapshot
             .queues
@@ -460,13 +455,21 @@ impl Engine {
 
     /// The lock time of each queue of this context (None: unlocked), expired locks included.
     pub(super) async fn lock_times(&self, key: &ContextKey) -> Result<Vec<Option<u64>>, EngineError> {
-        let snapshot = self
+        let snapshot = self.context_snapshot(key).await?;
+        Ok(snapshot.queues.iter().map(|q| q.lock_time).collect())
+    }
+
+    /// The context's state over every queue of its topic.
+    async fn context_snapshot(
+        &self,
+        key: &ContextKey,
+    ) -> Result<mqproxy_store::consumer_state::ContextSnapshot, EngineError> {
+        Ok(self
             .inner
             .consuming
             .state
             .snapshot(key, self.queue_count(&key.topic))
-            .await?;
-        Ok(snapshot.queues.iter().map(|q| q.lock_time).collect())
+            .await?)
     }
 
     pub(super) fn queue_count(&self, topic: &str) -> u32 {
