@@ -2,6 +2,7 @@
 
 use crate::common::*;
 use serde_json::Value;
+use std::time::Duration;
 
 fn is_hex32(v: &Value) -> bool {
     v.as_str()
@@ -427,11 +428,19 @@ async fn proxies_sharing_redis_share_the_round_robin_turn() {
     }
 }
 
-/// The admin message view of `msg_id` (on the admin listener).
+/// The admin message view of `msg_id` (on the admin listener). A RocketMQ broker finds a
+/// message by its key once it has indexed it, a moment after the send (a 4.9 broker may take
+/// longer than one round trip): the view is asked until it finds it.
 async fn stored(s: &TestServer, msg_id: &str) -> Value {
-    let v = s.get("/admin/message", &[("msgId", msg_id)]).await;
-    assert_eq!(v["status"], 200, "{v}");
-    v["result"].clone()
+    eventually(
+        Duration::from_secs(10),
+        "the message view finds the message",
+        || async {
+            let v = s.get("/admin/message", &[("msgId", msg_id)]).await;
+            (v["status"] == 200).then(|| v["result"].clone())
+        },
+    )
+    .await
 }
 
 /// `clientIp` is stored with the message and shown by `/admin/message`: the parameter, else
