@@ -518,7 +518,16 @@ async fn client_ip_is_stored_with_the_message() {
         .expect("batch")
         .into_inner();
     for item in &batch.results {
-        let m = stored(&s, &item.result.as_ref().expect("result").msg_id).await;
+        let msg_id = &item.result.as_ref().expect("result").msg_id;
+        if !timer_messages() {
+            // A RocketMQ 4.9 broker did not find the elements of a batch by their key within
+            // 10 s in any run (a single message, yes: the same holds for retryMsgId). Stated
+            // here so the day it does, this fails and says so.
+            let v = s.get("/admin/message", &[("msgId", msg_id.as_str())]).await;
+            assert_eq!(v["status"], 400, "a 4.9 broker now finds batch elements: {v}");
+            continue;
+        }
+        let m = stored(&s, msg_id).await;
         assert_eq!(m["clientIp"], "192.0.2.44", "{m}");
     }
     let peer = grpc
