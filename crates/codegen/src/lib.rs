@@ -249,6 +249,10 @@ impl Generator<'_> {
                 if let Some(r) = Self::ref_name(prop).or_else(|| Self::ref_name(&prop["items"])) {
                     pending.push(r);
                 }
+                // A string carrying JSON (an event's `data`): the schemas it may hold.
+                let content = &prop["contentSchema"];
+                let alternatives = content["oneOf"].as_array().into_iter().flatten();
+                pending.extend(std::iter::once(content).chain(alternatives).filter_map(Self::ref_name));
             }
             types.push(name);
         }
