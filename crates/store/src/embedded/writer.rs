@@ -233,9 +233,8 @@ pub(super) struct Writer {
     db: Arc<Database>,
     shared_ranges: Arc<RwLock<HashMap<(String, u32), QueueRange>>>,
     ranges: HashMap<(String, u32), QueueRange>,
-    /// Bumped after a commit that made messages visible.
+    /// Notified, per topic, after a commit that made messages visible there.
     visible: Arc<crate::TopicSignals>,
-    /// The commit being built appends to a queue.
     /// Topics with messages appended in the commit under way (their waiters are woken after it).
     appended: std::collections::HashSet<String>,
     counters: Counters,
