@@ -2,6 +2,11 @@
 //! (store time, keys, the producing client's address).
 
 use crate::{Engine, EngineError, ids};
+use mqproxy_store::MessageLocation;
+
+fn not_found_text(msg_id: &str) -> String {
+    format!("message {msg_id} not found (never stored, not yet due, or expired)")
+}
 
 /// A stored message as operators see it.
 #[derive(Debug, Clone, PartialEq)]
@@ -25,18 +30,8 @@ impl Engine {
     /// Not a msgId, no such message, or a store failure.
     pub async fn message(&self, msg_id: &str) -> Result<MessageView, EngineError> {
         let msg_id = msg_id.trim();
-        if !ids::is_msg_id(msg_id) {
-            return Err(EngineError::invalid(format!(
-                "msgId {msg_id:?} is not a msgId ({})",
-                ids::MSG_ID_RULE
-            )));
-        }
-        let not_found = || {
-            EngineError::invalid(format!(
-                "message {msg_id} not found (never stored, not yet due, or expired)"
-            ))
-        };
-        let (location, id) = self.inner.messages.locate(msg_id).await?.ok_or_else(not_found)?;
+        let (location, id) = self.locate_message("msgId", msg_id).await?;
+        let not_found = || EngineError::invalid(not_found_text(msg_id));
         // One message: no byte cap applies (a read always returns its first message).
         let read = self
             .inner
@@ -66,5 +61,25 @@ impl Engine {
             client_ip: stored.born_host,
             body: stored.body,
         })
+    }
+
+    /// Where the message named by `msg_id` (the request's `parameter`) sits, and its identity
+    /// there: a 400 naming the parameter when it is not a msgId, or when no queue holds it.
+    pub(crate) async fn locate_message(
+        &self,
+        parameter: &str,
+        msg_id: &str,
+    ) -> Result<(MessageLocation, [u8; 16]), EngineError> {
+        if !ids::is_msg_id(msg_id) {
+            return Err(EngineError::invalid(format!(
+                "{parameter} {msg_id:?} is not a msgId ({})",
+                ids::MSG_ID_RULE
+            )));
+        }
+        self.inner
+            .messages
+            .locate(msg_id)
+            .await?
+            .ok_or_else(|| EngineError::invalid(not_found_text(msg_id)))
     }
 }

@@ -171,16 +171,16 @@ impl Engine {
             let own_timeout_ms = options.lock_timeout(&ctx.spec);
             let now = self.now_ms();
             in_flight.retain(|_, b| b.expires_ms > now);
-            if in_flight.len() >= max_in_flight
-                && let Err(e) = self.forget_finished(&ctx.key, &mut in_flight).await
-            {
-                let _ = tx.send(Err(e)).await;
-                break 'stream;
-            }
-            let mut wake_at = in_flight.values().map(|b| b.expires_ms).min();
+            let mut recheck_at = None;
             if in_flight.len() >= max_in_flight {
-                wake_at = Some(wake_at.map_or(now + FULL_RECHECK_MS, |w| w.min(now + FULL_RECHECK_MS)));
+                if let Err(e) = self.forget_finished(&ctx.key, &mut in_flight).await {
+                    let _ = tx.send(Err(e)).await;
+                    break 'stream;
+                }
+                recheck_at = (in_flight.len() >= max_in_flight).then_some(now + FULL_RECHECK_MS);
             }
+            let expiry = in_flight.values().map(|b| b.expires_ms).min();
+            let mut wake_at = [expiry, recheck_at].into_iter().flatten().min();
             if in_flight.len() < max_in_flight {
                 changes.mark_seen();
                 let (outcome, issued) = match self.pull(ctx, None, &options).await {

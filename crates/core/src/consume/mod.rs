@@ -1195,17 +1195,7 @@ impl Engine {
         contexts: &[ContextKey],
     ) -> Result<u32, EngineError> {
         let msg_id = msg_id.trim();
-        if !super::ids::is_msg_id(msg_id) {
-            return Err(EngineError::invalid(format!(
-                "retryMsgId {msg_id:?} is not a msgId ({})",
-                super::ids::MSG_ID_RULE
-            )));
-        }
-        let (location, id) = self.inner.messages.locate(msg_id).await?.ok_or_else(|| {
-            EngineError::invalid(format!(
-                "message {msg_id} not found (never stored, not yet due, or expired)"
-            ))
-        })?;
+        let (location, id) = self.locate_message("retryMsgId", msg_id).await?;
         if location.topic != spec.topic {
             return Err(EngineError::invalid(format!(
                 "message {msg_id} is not in topic {}",
