@@ -7,7 +7,8 @@
 //! batch is finished only by the lock that handed it out.
 
 use super::{
-    ConsumerOp, ConsumerSettings, ConsumerStore, ContextKey, MessageLocation, QueueState, RetryEntry, StoreError,
+    ConsumerOp, ConsumerSettings, ConsumerStore, ContextKey, MessageLocation, PopQueue, PopSegment, QueueState,
+    RetryEntry, StoreError,
 };
 use crate::settings::{Bounds, SettingError};
 use async_trait::async_trait;
@@ -73,6 +74,15 @@ pub struct ContextSnapshot {
     /// One entry per queue of the topic.
     pub queues: Vec<QueueState>,
     pub retries: Vec<RetryEntry>,
+    /// One entry per queue: the POP segments in flight.
+    pub pop: Vec<PopQueue>,
+}
+
+impl ContextSnapshot {
+    /// Whether any POP segment of this context is in flight (acknowledged or not yet).
+    pub fn pop_in_flight(&self) -> usize {
+        self.pop.iter().map(|p| p.segments.len()).sum()
+    }
 }
 
 /// Take a queue's lock.
@@ -112,6 +122,65 @@ pub enum RetryFate {
     Free,
 }
 
+/// Which POP segment a [`PopTake`] hands out.
+#[derive(Debug, Clone)]
+pub enum PopTakeKind {
+    /// The queue's next segment `[offset, next_offset)`, read by the caller from the queue's
+    /// POP end it saw (`expected_next`): taken only if that end is unchanged, so two pulls
+    /// never hand out one segment. `offset == next_offset` carries retry messages only.
+    Next {
+        expected_next: Option<u64>,
+        offset: u64,
+        next_offset: u64,
+    },
+    /// A segment whose time ran out (or was given back), handed out again: taken only if it
+    /// is still in flight under `seen_lock_time`.
+    Again { seen_lock_time: u64 },
+}
+
+/// Hand out a POP segment.
+#[derive(Debug, Clone)]
+pub struct PopTake {
+    pub queue: u32,
+    pub kind: PopTakeKind,
+    /// The segment's lock time: later than the queue's last pull, as a queue lock's.
+    pub lock_time: u64,
+    pub timeout_ms: u64,
+    pub client_ip: Option<String>,
+    /// As [`LockRequest::claim_retries`], marked with this segment's (queue, lock time).
+    pub claim_retries: Vec<(u64, Option<(u32, u64)>)>,
+}
+
+/// A POP segment handed out.
+#[derive(Debug, Clone)]
+pub struct PopGrant {
+    pub segment: PopSegment,
+    pub retries: Vec<RetryEntry>,
+}
+
+/// How a POP segment ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PopFate {
+    /// Acknowledged: forgotten; the committed offset moves to the first segment still in
+    /// flight (or the end of what was handed out); its retry entries are done.
+    Ack,
+    /// Given back: handed out again (as retry messages) by the next POP pull; its retry
+    /// entries are free.
+    Release,
+}
+
+/// What [`ConsumerStateStore::pop_finish`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PopFinished {
+    /// No such segment in flight (acknowledged already, or handed out again since).
+    NotFound,
+    Acked {
+        /// The committed offset moved.
+        committed: bool,
+    },
+    Released,
+}
+
 /// Consumer state in atomic steps.
 #[async_trait]
 pub trait ConsumerStateStore: Send + Sync + 'static {
@@ -127,6 +196,22 @@ pub trait ConsumerStateStore: Send + Sync + 'static {
     /// Takes a lock if the queue's lock is still `seen` and `lock_time` is later than its last
     /// pull; None when another pull was faster.
     async fn try_lock(&self, ctx: &ContextKey, request: LockRequest) -> Result<Option<LockGrant>, StoreError>;
+
+    /// Hands out a POP segment (see [`PopTakeKind`]) and claims retry entries with it; None
+    /// when another pull was faster. A `Next` segment taken while no other non-empty segment
+    /// of the queue is in flight sets the committed offset to its offset (what lies before
+    /// was acknowledged, or is gone from the queue).
+    async fn pop_take(&self, ctx: &ContextKey, take: PopTake) -> Result<Option<PopGrant>, StoreError>;
+
+    /// Ends the POP segment `lock_time` of a queue (see [`PopFate`]); the committed offset is
+    /// durable before this returns.
+    async fn pop_finish(
+        &self,
+        ctx: &ContextKey,
+        queue: u32,
+        lock_time: u64,
+        fate: PopFate,
+    ) -> Result<PopFinished, StoreError>;
 
     /// Records a pull that found nothing to hand out (no lock taken).
     async fn touch(
@@ -150,7 +235,8 @@ pub trait ConsumerStateStore: Send + Sync + 'static {
     ) -> Result<bool, StoreError>;
 
     /// An operator's reset: sets the committed offset whatever it was (durably). A lock stays:
-    /// the batch it holds can no longer commit, since its offset no longer matches.
+    /// the batch it holds can no longer commit, since its offset no longer matches. The
+    /// queue's POP segments are forgotten (POP starts again at the new offset).
     async fn set_committed(&self, ctx: &ContextKey, queue: u32, offset: u64) -> Result<(), StoreError>;
 
     /// Deletes retry entries (their message is gone).
@@ -190,6 +276,9 @@ struct ContextState {
     queues: Vec<QueueState>,
     retries: BTreeMap<u64, RetryEntry>,
     next_retry_seq: u64,
+    /// Memory only: after a restart POP starts again at the committed offset (segments in
+    /// flight then are delivered again: at least once).
+    pop: Vec<PopQueue>,
 }
 
 impl ContextState {
@@ -208,6 +297,82 @@ impl ContextState {
         self.ensure_queues(queue + 1);
         &mut self.queues[queue as usize]
     }
+
+    fn pop_mut(&mut self, queue: u32) -> &mut PopQueue {
+        let n = queue as usize + 1;
+        if self.pop.len() < n {
+            self.pop.resize_with(n, PopQueue::default);
+        }
+        &mut self.pop[queue as usize]
+    }
+
+    /// Applies a retry fate to the entries delivered with (queue, lock_time); the ops to save.
+    fn settle_retries(&mut self, ctx: &ContextKey, queue: u32, lock_time: u64, fate: RetryFate) -> Vec<ConsumerOp> {
+        let delivered: Vec<u64> = self
+            .retries
+            .values()
+            .filter(|e| e.in_flight == Some((queue, lock_time)))
+            .map(|e| e.seq)
+            .collect();
+        let mut ops = Vec::new();
+        for seq in delivered {
+            match fate {
+                RetryFate::Done => {
+                    self.retries.remove(&seq);
+                    ops.push(ConsumerOp::DeleteRetry {
+                        context: ctx.clone(),
+                        seq,
+                    });
+                }
+                RetryFate::Free => {
+                    if let Some(entry) = self.retries.get_mut(&seq) {
+                        entry.in_flight = None;
+                        ops.push(ConsumerOp::PutRetry {
+                            context: ctx.clone(),
+                            entry: entry.clone(),
+                        });
+                    }
+                }
+            }
+        }
+        ops
+    }
+
+    /// Claims the retry entries whose mark is still as seen, for (queue, lock_time).
+    fn claim_retries(
+        &mut self,
+        ctx: &ContextKey,
+        claims: Vec<(u64, Option<(u32, u64)>)>,
+        queue: u32,
+        lock_time: u64,
+        ops: &mut Vec<ConsumerOp>,
+    ) -> Vec<RetryEntry> {
+        let mut claimed = Vec::new();
+        for (seq, seen) in claims {
+            if let Some(entry) = self.retries.get_mut(&seq)
+                && entry.in_flight == seen
+            {
+                entry.in_flight = Some((queue, lock_time));
+                ops.push(ConsumerOp::PutRetry {
+                    context: ctx.clone(),
+                    entry: entry.clone(),
+                });
+                claimed.push(entry.clone());
+            }
+        }
+        claimed
+    }
+}
+
+/// The committed offset POP state implies: the first non-empty segment in flight, else the
+/// end of what was handed out.
+fn pop_committed(pop: &PopQueue) -> Option<u64> {
+    pop.segments
+        .iter()
+        .filter(|s| !s.is_empty())
+        .map(|s| s.offset)
+        .min()
+        .or(pop.next)
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -309,11 +474,13 @@ impl ConsumerStateStore for LocalConsumerState {
                 ContextSnapshot {
                     queues: st.queues.iter().take(queues as usize).cloned().collect(),
                     retries: st.retries.values().cloned().collect(),
+                    pop: st.pop.iter().take(queues as usize).cloned().collect(),
                 }
             }
             None => ContextSnapshot::default(),
         };
         snapshot.queues.resize_with(queues as usize, QueueState::default);
+        snapshot.pop.resize_with(queues as usize, PopQueue::default);
         Ok(snapshot)
     }
 
@@ -332,21 +499,113 @@ impl ConsumerStateStore for LocalConsumerState {
         }
         let state = qs.clone();
         let mut ops = vec![Self::put_queue(ctx, request.queue, &state)];
-        let mut retries = Vec::new();
-        for (seq, seen) in request.claim_retries {
-            if let Some(entry) = st.retries.get_mut(&seq)
-                && entry.in_flight == seen
-            {
-                entry.in_flight = Some((request.queue, request.lock_time));
-                ops.push(ConsumerOp::PutRetry {
-                    context: ctx.clone(),
-                    entry: entry.clone(),
-                });
-                retries.push(entry.clone());
-            }
-        }
+        let retries = st.claim_retries(ctx, request.claim_retries, request.queue, request.lock_time, &mut ops);
         drop(self.durable.save(ops));
         Ok(Some(LockGrant { state, retries }))
+    }
+
+    async fn pop_take(&self, ctx: &ContextKey, take: PopTake) -> Result<Option<PopGrant>, StoreError> {
+        let context = self.context(ctx);
+        let mut st = lock(&context);
+        let queue = take.queue;
+        if take.lock_time <= st.queue_mut(queue).last_pull_ms {
+            return Ok(None);
+        }
+        let mut ops = Vec::new();
+        let pop = st.pop_mut(queue);
+        let segment = match take.kind {
+            PopTakeKind::Next {
+                expected_next,
+                offset,
+                next_offset,
+            } => {
+                if pop.next != expected_next {
+                    return Ok(None);
+                }
+                let starts_committed = pop.segments.iter().all(PopSegment::is_empty);
+                if next_offset > offset {
+                    pop.next = Some(next_offset);
+                }
+                let segment = PopSegment {
+                    lock_time: take.lock_time,
+                    offset,
+                    next_offset,
+                    timeout_ms: take.timeout_ms,
+                    retry_times: 0,
+                    client_ip: take.client_ip.clone(),
+                };
+                let at = pop.segments.partition_point(|s| s.offset <= offset);
+                pop.segments.insert(at, segment.clone());
+                if starts_committed {
+                    st.queue_mut(queue).committed = Some(offset);
+                }
+                segment
+            }
+            PopTakeKind::Again { seen_lock_time } => {
+                let Some(segment) = pop.segments.iter_mut().find(|s| s.lock_time == seen_lock_time) else {
+                    return Ok(None);
+                };
+                segment.lock_time = take.lock_time;
+                segment.timeout_ms = take.timeout_ms;
+                segment.retry_times += 1;
+                segment.client_ip.clone_from(&take.client_ip);
+                segment.clone()
+            }
+        };
+        let qs = st.queue_mut(queue);
+        qs.last_pull_ms = take.lock_time;
+        if take.client_ip.is_some() {
+            qs.client_ip = take.client_ip;
+        }
+        ops.push(Self::put_queue(ctx, queue, qs));
+        let retries = st.claim_retries(ctx, take.claim_retries, queue, take.lock_time, &mut ops);
+        drop(self.durable.save(ops));
+        Ok(Some(PopGrant { segment, retries }))
+    }
+
+    async fn pop_finish(
+        &self,
+        ctx: &ContextKey,
+        queue: u32,
+        lock_time: u64,
+        fate: PopFate,
+    ) -> Result<PopFinished, StoreError> {
+        let Some(context) = self.existing(ctx) else {
+            return Ok(PopFinished::NotFound);
+        };
+        let (finished, pending) = {
+            let mut st = lock(&context);
+            let pop = st.pop_mut(queue);
+            let Some(at) = pop.segments.iter().position(|s| s.lock_time == lock_time) else {
+                return Ok(PopFinished::NotFound);
+            };
+            match fate {
+                PopFate::Release => {
+                    if pop.segments[at].is_empty() {
+                        pop.segments.remove(at);
+                    } else {
+                        pop.segments[at].timeout_ms = 0;
+                    }
+                    let ops = st.settle_retries(ctx, queue, lock_time, RetryFate::Free);
+                    drop(self.durable.save(ops));
+                    return Ok(PopFinished::Released);
+                }
+                PopFate::Ack => {
+                    pop.segments.remove(at);
+                    let committed = pop_committed(pop);
+                    let mut ops = st.settle_retries(ctx, queue, lock_time, RetryFate::Done);
+                    let qs = st.queue_mut(queue);
+                    let moved = committed.is_some() && committed != qs.committed;
+                    if moved {
+                        qs.committed = committed;
+                        ops.push(Self::put_queue(ctx, queue, qs));
+                    }
+                    (PopFinished::Acked { committed: moved }, self.durable.save(ops))
+                }
+            }
+        };
+        pending.await?;
+        Ok(finished)
     }
 
     async fn touch(
@@ -391,32 +650,7 @@ impl ConsumerStateStore for LocalConsumerState {
             qs.lock_time = None;
             qs.lock_timeout_ms = None;
             let mut ops = vec![Self::put_queue(ctx, queue, qs)];
-            let delivered: Vec<u64> = st
-                .retries
-                .values()
-                .filter(|e| e.in_flight == Some((queue, lock_time)))
-                .map(|e| e.seq)
-                .collect();
-            for seq in delivered {
-                match retries {
-                    RetryFate::Done => {
-                        st.retries.remove(&seq);
-                        ops.push(ConsumerOp::DeleteRetry {
-                            context: ctx.clone(),
-                            seq,
-                        });
-                    }
-                    RetryFate::Free => {
-                        if let Some(entry) = st.retries.get_mut(&seq) {
-                            entry.in_flight = None;
-                            ops.push(ConsumerOp::PutRetry {
-                                context: ctx.clone(),
-                                entry: entry.clone(),
-                            });
-                        }
-                    }
-                }
-            }
+            ops.extend(st.settle_retries(ctx, queue, lock_time, retries));
             self.durable.save(ops)
         };
         if commit.is_some() {
@@ -429,6 +663,7 @@ impl ConsumerStateStore for LocalConsumerState {
         let context = self.context(ctx);
         let pending = {
             let mut st = lock(&context);
+            *st.pop_mut(queue) = PopQueue::default();
             let qs = st.queue_mut(queue);
             qs.committed = Some(offset);
             self.durable.save(vec![Self::put_queue(ctx, queue, qs)])
@@ -591,7 +826,162 @@ pub(crate) mod contract {
         }
     }
 
+    fn take(kind: PopTakeKind, lock_time: u64) -> PopTake {
+        PopTake {
+            queue: 0,
+            kind,
+            lock_time,
+            timeout_ms: 60_000,
+            client_ip: Some("10.0.0.9".into()),
+            claim_retries: Vec::new(),
+        }
+    }
+
+    fn next(expected_next: Option<u64>, offset: u64, next_offset: u64) -> PopTakeKind {
+        PopTakeKind::Next {
+            expected_next,
+            offset,
+            next_offset,
+        }
+    }
+
+    /// POP segments: handed out in turn by compare-and-set on the queue's POP end, the
+    /// committed offset at the first segment still in flight, given back and handed out again.
+    async fn check_pop(state: &dyn ConsumerStateStore) {
+        let c = ContextKey {
+            group: "gp".into(),
+            ..ctx()
+        };
+        let committed = |snap: &ContextSnapshot| snap.queues[0].committed;
+        let first = state.pop_take(&c, take(next(None, 0, 3), 100)).await.expect("take");
+        assert_eq!(first.expect("granted").segment.client_ip.as_deref(), Some("10.0.0.9"));
+        assert!(
+            state
+                .pop_take(&c, take(next(None, 0, 3), 101))
+                .await
+                .expect("take")
+                .is_none(),
+            "the POP end moved: another pull was faster"
+        );
+        assert!(
+            state
+                .pop_take(&c, take(next(Some(3), 3, 5), 101))
+                .await
+                .expect("take")
+                .is_some()
+        );
+        assert!(
+            state
+                .pop_take(&c, take(next(Some(5), 5, 6), 101))
+                .await
+                .expect("take")
+                .is_none(),
+            "a lock time not later than the last pull"
+        );
+        let snap = state.snapshot(&c, 1).await.expect("snapshot");
+        assert_eq!(
+            (snap.pop[0].next, snap.pop[0].segments.len(), committed(&snap)),
+            (Some(5), 2, Some(0))
+        );
+        assert_eq!(snap.pop_in_flight(), 2);
+        // Acked out of order: the committed offset waits for the first segment.
+        assert_eq!(
+            state.pop_finish(&c, 0, 101, PopFate::Ack).await.expect("ack"),
+            PopFinished::Acked { committed: false }
+        );
+        assert_eq!(committed(&state.snapshot(&c, 1).await.expect("snapshot")), Some(0));
+        assert_eq!(
+            state.pop_finish(&c, 0, 100, PopFate::Ack).await.expect("ack"),
+            PopFinished::Acked { committed: true }
+        );
+        assert_eq!(committed(&state.snapshot(&c, 1).await.expect("snapshot")), Some(5));
+        assert_eq!(
+            state.pop_finish(&c, 0, 100, PopFate::Ack).await.expect("ack"),
+            PopFinished::NotFound,
+            "twice"
+        );
+        // Given back: expired at once, then handed out again (once) with its retry count.
+        assert!(
+            state
+                .pop_take(&c, take(next(Some(5), 5, 7), 102))
+                .await
+                .expect("take")
+                .is_some()
+        );
+        assert_eq!(
+            state.pop_finish(&c, 0, 102, PopFate::Release).await.expect("release"),
+            PopFinished::Released
+        );
+        let snap = state.snapshot(&c, 1).await.expect("snapshot");
+        assert_eq!(snap.pop[0].segments[0].timeout_ms, 0);
+        assert!(!snap.pop[0].segments[0].is_live(103));
+        let again = state
+            .pop_take(&c, take(PopTakeKind::Again { seen_lock_time: 102 }, 103))
+            .await
+            .expect("take")
+            .expect("granted");
+        assert_eq!(
+            (
+                again.segment.offset,
+                again.segment.next_offset,
+                again.segment.retry_times
+            ),
+            (5, 7, 1)
+        );
+        assert!(
+            state
+                .pop_take(&c, take(PopTakeKind::Again { seen_lock_time: 102 }, 104))
+                .await
+                .expect("take")
+                .is_none(),
+            "handed out again once"
+        );
+        // A segment of retry messages only: claims them, and its ack settles them.
+        let location = MessageLocation {
+            topic: "t".into(),
+            queue: 0,
+            offset: 1,
+        };
+        state.add_retry(&c, [2; 16], location).await.expect("retry");
+        let seq = state.snapshot(&c, 1).await.expect("snapshot").retries[0].seq;
+        let mut carrier = take(next(Some(7), 7, 7), 105);
+        carrier.claim_retries = vec![(seq, None)];
+        let grant = state.pop_take(&c, carrier).await.expect("take").expect("granted");
+        assert_eq!(grant.retries[0].in_flight, Some((0, 105)));
+        assert_eq!(state.snapshot(&c, 1).await.expect("snapshot").pop[0].next, Some(7));
+        assert_eq!(
+            state.pop_finish(&c, 0, 105, PopFate::Ack).await.expect("ack"),
+            PopFinished::Acked { committed: false }
+        );
+        assert!(state.snapshot(&c, 1).await.expect("snapshot").retries.is_empty());
+        assert_eq!(
+            state.pop_finish(&c, 0, 103, PopFate::Ack).await.expect("ack"),
+            PopFinished::Acked { committed: true }
+        );
+        assert_eq!(committed(&state.snapshot(&c, 1).await.expect("snapshot")), Some(7));
+        // An operator's reset forgets the POP state; the next segment starts the offset.
+        assert!(
+            state
+                .pop_take(&c, take(next(Some(7), 7, 9), 106))
+                .await
+                .expect("take")
+                .is_some()
+        );
+        state.set_committed(&c, 0, 2).await.expect("reset");
+        let snap = state.snapshot(&c, 1).await.expect("snapshot");
+        assert_eq!((snap.pop[0].clone(), committed(&snap)), (PopQueue::default(), Some(2)));
+        assert!(
+            state
+                .pop_take(&c, take(next(None, 2, 4), 107))
+                .await
+                .expect("take")
+                .is_some()
+        );
+        assert_eq!(committed(&state.snapshot(&c, 1).await.expect("snapshot")), Some(2));
+    }
+
     pub(crate) async fn check(state: &dyn ConsumerStateStore) {
+        check_pop(state).await;
         let c = ctx();
         // A lock is taken only if it is still what the caller saw.
         assert!(state.try_lock(&c, request(0, None, 10)).await.expect("lock").is_some());

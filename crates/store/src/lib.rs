@@ -229,6 +229,47 @@ impl QueueState {
     }
 }
 
+/// A POP segment: a batch `[offset, next_offset)` of one queue handed out to one client while
+/// others consume the same queue, kept until it is acknowledged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PopSegment {
+    /// When it was handed out (epoch ms); unique per queue, so it names the segment.
+    pub lock_time: u64,
+    pub offset: u64,
+    pub next_offset: u64,
+    /// How long the client has to acknowledge it (ms); 0 once given back (`/mq/unlock`).
+    pub timeout_ms: u64,
+    /// How many times it was handed out again after its time ran out.
+    pub retry_times: u32,
+    pub client_ip: Option<String>,
+}
+
+impl PopSegment {
+    /// Whether its client may still acknowledge it before it is handed out again.
+    pub fn is_live(&self, now_ms: u64) -> bool {
+        self.timeout_ms > 0 && now_ms.saturating_sub(self.lock_time) <= self.timeout_ms
+    }
+
+    /// When it can be handed out again (epoch ms).
+    pub fn expires_ms(&self) -> u64 {
+        self.lock_time + self.timeout_ms
+    }
+
+    /// A segment with no queue messages (it carries only retry messages).
+    pub fn is_empty(&self) -> bool {
+        self.offset >= self.next_offset
+    }
+}
+
+/// The POP state of one queue for one context.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PopQueue {
+    /// The end of what POP pulls have handed out: the next segment starts here.
+    pub next: Option<u64>,
+    /// The segments in flight, by offset.
+    pub segments: Vec<PopSegment>,
+}
+
 /// A message re-sent to a consumer context by an operator.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RetryEntry {

@@ -3,6 +3,8 @@
 //! `<broker>:<queue>:cmt` (committed offset), `:l` (lock time), `:t` (last pull), `:ip`, and
 //! `:lto` (`<lockTime>,<ms>`: a lock's own timeout, honoured only beside that lock time, so a
 //! proxy that does not know the field cannot leave one behind for a lock it takes).
+//! POP segments live in `<ctx>:pop`: `<broker>:<queue>:next` (the end of what POP pulls handed
+//! out) and `<broker>:<queue>:s:<lockTime>` = `offset,nextOffset,timeoutMs,retryTimes,clientIp`.
 //! Retry entries live in `<ctx>:retry` (field = seq, value = `mark|msgId,queue,offset,topic`
 //! with mark empty or `queue,lockTime`), settings in `<prefix>consumer_config`
 //! (`<consumer>:p`, `:rl`, `:rt`), broadcast clientIds with their last pull in the sorted set
@@ -14,8 +16,11 @@
 //! never take the same lock or finish each other's batch. Durability is Redis's own (AOF).
 //! Only this module imports the Redis client.
 
-use super::consumer_state::{ConsumerStateStore, ContextSnapshot, LockGrant, LockRequest, RetryFate};
-use super::{ConsumerSettings, ContextKey, MessageLocation, QueueState, RetryEntry, StoreError};
+use super::consumer_state::{
+    ConsumerStateStore, ContextSnapshot, LockGrant, LockRequest, PopFate, PopFinished, PopGrant, PopTake, PopTakeKind,
+    RetryFate,
+};
+use super::{ConsumerSettings, ContextKey, MessageLocation, PopQueue, PopSegment, QueueState, RetryEntry, StoreError};
 use async_trait::async_trait;
 use redis::AsyncCommands;
 use redis::aio::ConnectionManager;
@@ -35,18 +40,7 @@ redis.call('HSET', KEYS[1], ARGV[1], ARGV[5], ARGV[2], ARGV[5])
 if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], ARGV[3], ARGV[6]) end
 if ARGV[10] ~= '' then redis.call('HSET', KEYS[1], ARGV[9], ARGV[10]) else redis.call('HDEL', KEYS[1], ARGV[9]) end
 local claimed = {redis.call('HGET', KEYS[1], ARGV[8]) or '', redis.call('HGET', KEYS[1], ARGV[3]) or ''}
-for i = 11, #ARGV, 2 do
-  local v = redis.call('HGET', KEYS[2], ARGV[i])
-  if v then
-    local sep = string.find(v, '|', 1, true)
-    if string.sub(v, 1, sep - 1) == ARGV[i + 1] then
-      local claimed_value = ARGV[7] .. '|' .. string.sub(v, sep + 1)
-      redis.call('HSET', KEYS[2], ARGV[i], claimed_value)
-      table.insert(claimed, ARGV[i])
-      table.insert(claimed, claimed_value)
-    end
-  end
-end
+claim(11, ARGV[7], claimed)
 return claimed
 ";
 
@@ -57,17 +51,127 @@ local cur = redis.call('HGET', KEYS[1], ARGV[1])
 if cur ~= ARGV[3] then return 0 end
 if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], ARGV[2], ARGV[4]) end
 redis.call('HDEL', KEYS[1], ARGV[1], ARGV[7])
-local all = redis.call('HGETALL', KEYS[2])
-for i = 1, #all, 2 do
-  local v = all[i + 1]
-  local sep = string.find(v, '|', 1, true)
-  if string.sub(v, 1, sep - 1) == ARGV[6] then
-    if ARGV[5] == 'done' then
-      redis.call('HDEL', KEYS[2], all[i])
-    else
-      redis.call('HSET', KEYS[2], all[i], '|' .. string.sub(v, sep + 1))
+settle(ARGV[6], ARGV[5])
+return 1
+";
+
+/// The claim loop of a take: retry entries in KEYS[2] (pairs from ARGV[first]) whose mark is
+/// still as seen get the mark `mark`; appended to `out` as seq, value.
+const CLAIM_RETRIES: &str = r"
+local function claim(first, mark, out)
+  for i = first, #ARGV, 2 do
+    local v = redis.call('HGET', KEYS[2], ARGV[i])
+    if v then
+      local sep = string.find(v, '|', 1, true)
+      if string.sub(v, 1, sep - 1) == ARGV[i + 1] then
+        local claimed_value = mark .. '|' .. string.sub(v, sep + 1)
+        redis.call('HSET', KEYS[2], ARGV[i], claimed_value)
+        table.insert(out, ARGV[i])
+        table.insert(out, claimed_value)
+      end
     end
   end
+end
+";
+
+/// Settles the retry entries in KEYS[2] marked `mark`: deleted ('done') or freed.
+const SETTLE_RETRIES: &str = r"
+local function settle(mark, fate)
+  local all = redis.call('HGETALL', KEYS[2])
+  for i = 1, #all, 2 do
+    local v = all[i + 1]
+    local sep = string.find(v, '|', 1, true)
+    if string.sub(v, 1, sep - 1) == mark then
+      if fate == 'done' then
+        redis.call('HDEL', KEYS[2], all[i])
+      else
+        redis.call('HSET', KEYS[2], all[i], '|' .. string.sub(v, sep + 1))
+      end
+    end
+  end
+end
+";
+
+/// Hands out a POP segment (KEYS: context hash, retry hash, pop hash). ARGV: 1 queue name,
+/// 2 'next' or 'again', 3 the POP end seen ('' for none) or the lock time seen, 4 offset,
+/// 5 next offset, 6 lock time, 7 timeout ms, 8 client ip, 9 retry mark, 10.. claims.
+/// Returns nil, or {offset, nextOffset, retryTimes, seq1, value1, ...}.
+const POP_TAKE: &str = r"
+local q = ARGV[1]
+local last = tonumber(redis.call('HGET', KEYS[1], q .. ':t') or '0')
+if tonumber(ARGV[6]) <= last then return nil end
+local prefix = q .. ':s:'
+local offset, next_offset, retry_times
+if ARGV[2] == 'next' then
+  local cur = redis.call('HGET', KEYS[3], q .. ':next') or ''
+  if cur ~= ARGV[3] then return nil end
+  offset, next_offset, retry_times = ARGV[4], ARGV[5], '0'
+  local busy = false
+  local all = redis.call('HGETALL', KEYS[3])
+  for i = 1, #all, 2 do
+    if string.sub(all[i], 1, #prefix) == prefix then
+      local o, n = string.match(all[i + 1], '^(%d+),(%d+),')
+      if o ~= n then busy = true end
+    end
+  end
+  if not busy then redis.call('HSET', KEYS[1], q .. ':cmt', offset) end
+  if tonumber(next_offset) > tonumber(offset) then redis.call('HSET', KEYS[3], q .. ':next', next_offset) end
+else
+  local v = redis.call('HGET', KEYS[3], prefix .. ARGV[3])
+  if not v then return nil end
+  local o, n, _, r = string.match(v, '^(%d+),(%d+),(%d+),(%d+),')
+  offset, next_offset, retry_times = o, n, tostring(tonumber(r) + 1)
+  redis.call('HDEL', KEYS[3], prefix .. ARGV[3])
+end
+redis.call('HSET', KEYS[3], prefix .. ARGV[6], offset .. ',' .. next_offset .. ',' .. ARGV[7] .. ',' .. retry_times .. ',' .. ARGV[8])
+redis.call('HSET', KEYS[1], q .. ':t', ARGV[6])
+if ARGV[8] ~= '' then redis.call('HSET', KEYS[1], q .. ':ip', ARGV[8]) end
+local out = {offset, next_offset, retry_times}
+claim(10, ARGV[9], out)
+return out
+";
+
+/// Ends a POP segment (KEYS as POP_TAKE). ARGV: 1 queue name, 2 lock time, 3 'ack' or
+/// 'release', 4 retry mark. Returns 0 (no such segment), 1 (acked), 2 (released), 3 (acked,
+/// and the committed offset moved to the first segment still in flight, or the POP end).
+const POP_FINISH: &str = r"
+local q = ARGV[1]
+local prefix = q .. ':s:'
+local field = prefix .. ARGV[2]
+local v = redis.call('HGET', KEYS[3], field)
+if not v then return 0 end
+local o, n, _, r, ip = string.match(v, '^(%d+),(%d+),(%d+),(%d+),(.*)$')
+if ARGV[3] == 'release' then
+  if o == n then redis.call('HDEL', KEYS[3], field)
+  else redis.call('HSET', KEYS[3], field, o .. ',' .. n .. ',0,' .. r .. ',' .. ip) end
+  settle(ARGV[4], 'free')
+  return 2
+end
+redis.call('HDEL', KEYS[3], field)
+settle(ARGV[4], 'done')
+local low = redis.call('HGET', KEYS[3], q .. ':next')
+local all = redis.call('HGETALL', KEYS[3])
+for i = 1, #all, 2 do
+  if string.sub(all[i], 1, #prefix) == prefix then
+    local so, sn = string.match(all[i + 1], '^(%d+),(%d+),')
+    if so ~= sn and (not low or tonumber(so) < tonumber(low)) then low = so end
+  end
+end
+if low and low ~= redis.call('HGET', KEYS[1], q .. ':cmt') then
+  redis.call('HSET', KEYS[1], q .. ':cmt', low)
+  return 3
+end
+return 1
+";
+
+/// An operator's reset (KEYS: context hash, pop hash; ARGV: queue name, offset): sets the
+/// committed offset and forgets the queue's POP state.
+const SET_COMMITTED: &str = r"
+redis.call('HSET', KEYS[1], ARGV[1] .. ':cmt', ARGV[2])
+local prefix = ARGV[1] .. ':'
+local all = redis.call('HKEYS', KEYS[2])
+for _, f in ipairs(all) do
+  if string.sub(f, 1, #prefix) == prefix then redis.call('HDEL', KEYS[2], f) end
 end
 return 1
 ";
@@ -104,7 +208,7 @@ const FORGET_IDLE: &str = r"
 local idle = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
 for _, c in ipairs(idle) do
   local k = ARGV[2] .. c
-  redis.call('DEL', k, k .. ':retry', k .. ':retry:seq')
+  redis.call('DEL', k, k .. ':retry', k .. ':retry:seq', k .. ':pop')
   redis.call('ZREM', KEYS[1], c)
 end
 return #idle
@@ -128,6 +232,9 @@ pub struct RedisConsumerState {
     queue_names: QueueNames,
     try_lock: redis::Script,
     finish: redis::Script,
+    pop_take: redis::Script,
+    pop_finish: redis::Script,
+    set_committed: redis::Script,
     touch: redis::Script,
     admit: redis::Script,
     forget_idle: redis::Script,
@@ -155,8 +262,11 @@ impl RedisConsumerState {
                 let broker_name = broker_name.to_owned();
                 Arc::new(move |_, queue| format!("{broker_name}:{queue}"))
             },
-            try_lock: redis::Script::new(TRY_LOCK),
-            finish: redis::Script::new(FINISH),
+            try_lock: redis::Script::new(&format!("{CLAIM_RETRIES}{TRY_LOCK}")),
+            finish: redis::Script::new(&format!("{SETTLE_RETRIES}{FINISH}")),
+            pop_take: redis::Script::new(&format!("{CLAIM_RETRIES}{POP_TAKE}")),
+            pop_finish: redis::Script::new(&format!("{SETTLE_RETRIES}{POP_FINISH}")),
+            set_committed: redis::Script::new(SET_COMMITTED),
             touch: redis::Script::new(TOUCH),
             admit: redis::Script::new(ADMIT),
             forget_idle: redis::Script::new(FORGET_IDLE),
@@ -172,6 +282,10 @@ impl RedisConsumerState {
 
     fn retry_key(&self, ctx: &ContextKey) -> String {
         format!("{}:retry", self.key(ctx))
+    }
+
+    fn pop_key(&self, ctx: &ContextKey) -> String {
+        format!("{}:pop", self.key(ctx))
     }
 
     fn clients_key(&self, group: &str) -> String {
@@ -193,6 +307,57 @@ impl RedisConsumerState {
     fn field(&self, ctx: &ContextKey, queue: u32, flag: &str) -> String {
         format!("{}:{flag}", (self.queue_names)(&ctx.topic, queue))
     }
+
+    /// The `<ctx>:pop` hash back to one [`PopQueue`] per queue.
+    fn parse_pop(
+        &self,
+        ctx: &ContextKey,
+        queues: u32,
+        fields: &HashMap<String, String>,
+    ) -> Result<Vec<PopQueue>, StoreError> {
+        let mut pop = vec![PopQueue::default(); queues as usize];
+        if fields.is_empty() {
+            return Ok(pop);
+        }
+        let index: HashMap<String, usize> = (0..queues)
+            .map(|q| ((self.queue_names)(&ctx.topic, q), q as usize))
+            .collect();
+        let corrupt = |f: &str, v: &str| StoreError::Corrupt(format!("POP field {f}: {v:?}"));
+        for (field, value) in fields {
+            if let Some(name) = field.strip_suffix(":next") {
+                if let Some(&q) = index.get(name) {
+                    pop[q].next = Some(value.parse().map_err(|_| corrupt(field, value))?);
+                }
+            } else if let Some((name, lock_time)) = field.rsplit_once(":s:")
+                && let Some(&q) = index.get(name)
+            {
+                let lock_time = lock_time.parse().map_err(|_| corrupt(field, value))?;
+                pop[q]
+                    .segments
+                    .push(parse_segment(lock_time, value).ok_or_else(|| corrupt(field, value))?);
+            }
+        }
+        for p in &mut pop {
+            p.segments.sort_by_key(|s| (s.offset, s.lock_time));
+        }
+        Ok(pop)
+    }
+}
+
+/// `offset,nextOffset,timeoutMs,retryTimes,clientIp` back to a segment.
+fn parse_segment(lock_time: u64, value: &str) -> Option<PopSegment> {
+    let mut parts = value.splitn(5, ',');
+    let mut number = || parts.next()?.parse::<u64>().ok();
+    let (offset, next_offset, timeout_ms, retry_times) = (number()?, number()?, number()?, number()?);
+    let ip = parts.next()?;
+    Some(PopSegment {
+        lock_time,
+        offset,
+        next_offset,
+        timeout_ms,
+        retry_times: u32::try_from(retry_times).ok()?,
+        client_ip: (!ip.is_empty()).then(|| ip.to_owned()),
+    })
 }
 
 fn mark(in_flight: Option<(u32, u64)>) -> String {
@@ -262,13 +427,23 @@ impl ConsumerStateStore for RedisConsumerState {
 
     async fn snapshot(&self, ctx: &ContextKey, queues: u32) -> Result<ContextSnapshot, StoreError> {
         let mut con = self.connection.clone();
-        let fields: HashMap<String, String> = con.hgetall(self.key(ctx)).await.map_err(redis_err)?;
+        let (fields, retry_fields, pop_fields): (
+            HashMap<String, String>,
+            HashMap<String, String>,
+            HashMap<String, String>,
+        ) = redis::pipe()
+            .hgetall(self.key(ctx))
+            .hgetall(self.retry_key(ctx))
+            .hgetall(self.pop_key(ctx))
+            .query_async(&mut con)
+            .await
+            .map_err(redis_err)?;
         let number = |queue: u32, flag: &str| {
             fields
                 .get(&self.field(ctx, queue, flag))
                 .and_then(|v| v.parse::<u64>().ok())
         };
-        let queues = (0..queues)
+        let queue_states = (0..queues)
             .map(|q| {
                 let lock_time = number(q, "l");
                 QueueState {
@@ -281,13 +456,16 @@ impl ConsumerStateStore for RedisConsumerState {
                 }
             })
             .collect();
-        let retry_fields: HashMap<String, String> = con.hgetall(self.retry_key(ctx)).await.map_err(redis_err)?;
         let mut retries = retry_fields
             .iter()
             .map(|(k, v)| parse_retry(k, v))
             .collect::<Result<Vec<_>, _>>()?;
         retries.sort_by_key(|e| e.seq);
-        Ok(ContextSnapshot { queues, retries })
+        Ok(ContextSnapshot {
+            queues: queue_states,
+            retries,
+            pop: self.parse_pop(ctx, queues, &pop_fields)?,
+        })
     }
 
     async fn try_lock(&self, ctx: &ContextKey, request: LockRequest) -> Result<Option<LockGrant>, StoreError> {
@@ -356,11 +534,92 @@ impl ConsumerStateStore for RedisConsumerState {
 
     async fn set_committed(&self, ctx: &ContextKey, queue: u32, offset: u64) -> Result<(), StoreError> {
         let mut con = self.connection.clone();
-        let _: i64 = con
-            .hset(self.key(ctx), self.field(ctx, queue, "cmt"), offset)
+        let _: i64 = self
+            .set_committed
+            .key(self.key(ctx))
+            .key(self.pop_key(ctx))
+            .arg((self.queue_names)(&ctx.topic, queue))
+            .arg(offset)
+            .invoke_async(&mut con)
             .await
             .map_err(redis_err)?;
         Ok(())
+    }
+
+    async fn pop_take(&self, ctx: &ContextKey, take: PopTake) -> Result<Option<PopGrant>, StoreError> {
+        let mut con = self.connection.clone();
+        let mut invocation = self.pop_take.key(self.key(ctx));
+        invocation
+            .key(self.retry_key(ctx))
+            .key(self.pop_key(ctx))
+            .arg((self.queue_names)(&ctx.topic, take.queue));
+        match &take.kind {
+            PopTakeKind::Next {
+                expected_next,
+                offset,
+                next_offset,
+            } => invocation
+                .arg("next")
+                .arg(expected_next.map(|n| n.to_string()).unwrap_or_default())
+                .arg(offset)
+                .arg(next_offset),
+            PopTakeKind::Again { seen_lock_time } => invocation.arg("again").arg(seen_lock_time).arg(0).arg(0),
+        };
+        invocation
+            .arg(take.lock_time)
+            .arg(take.timeout_ms)
+            .arg(take.client_ip.clone().unwrap_or_default())
+            .arg(mark(Some((take.queue, take.lock_time))));
+        for (seq, seen) in &take.claim_retries {
+            invocation.arg(seq).arg(mark(*seen));
+        }
+        let reply: Option<Vec<String>> = invocation.invoke_async(&mut con).await.map_err(redis_err)?;
+        let Some(reply) = reply else { return Ok(None) };
+        let [offset, next_offset, retry_times, claimed @ ..] = reply.as_slice() else {
+            return Err(StoreError::Corrupt("pop_take script answered too few values".into()));
+        };
+        let corrupt = || StoreError::Corrupt(format!("pop_take script answered {reply:?}"));
+        let segment = PopSegment {
+            lock_time: take.lock_time,
+            offset: offset.parse().map_err(|_| corrupt())?,
+            next_offset: next_offset.parse().map_err(|_| corrupt())?,
+            timeout_ms: take.timeout_ms,
+            retry_times: retry_times.parse().map_err(|_| corrupt())?,
+            client_ip: take.client_ip,
+        };
+        let retries = claimed
+            .chunks_exact(2)
+            .map(|pair| parse_retry(&pair[0], &pair[1]))
+            .collect::<Result<_, _>>()?;
+        Ok(Some(PopGrant { segment, retries }))
+    }
+
+    async fn pop_finish(
+        &self,
+        ctx: &ContextKey,
+        queue: u32,
+        lock_time: u64,
+        fate: PopFate,
+    ) -> Result<PopFinished, StoreError> {
+        let mut con = self.connection.clone();
+        let code: i64 = self
+            .pop_finish
+            .key(self.key(ctx))
+            .key(self.retry_key(ctx))
+            .key(self.pop_key(ctx))
+            .arg((self.queue_names)(&ctx.topic, queue))
+            .arg(lock_time)
+            .arg(if fate == PopFate::Ack { "ack" } else { "release" })
+            .arg(mark(Some((queue, lock_time))))
+            .invoke_async(&mut con)
+            .await
+            .map_err(redis_err)?;
+        Ok(match code {
+            0 => PopFinished::NotFound,
+            2 => PopFinished::Released,
+            3 => PopFinished::Acked { committed: true },
+            _ => PopFinished::Acked { committed: false },
+        })
     }
 
     async fn finish(
