@@ -158,6 +158,7 @@ impl pb::messaging_service_server::MessagingService for GrpcAdapter {
                 consume_timeout_s: r.consume_timeout,
                 pull_timeout_s: r.pull_timeout,
                 wait_ms: r.wait_ms,
+                pop: r.pop,
             })
             .await
             .map_err(status)?;
@@ -234,6 +235,7 @@ impl pb::messaging_service_server::MessagingService for GrpcAdapter {
                     pull_timeout_s: sub.pull_timeout,
                     auto_ack: sub.auto_ack,
                     client_ip: peer,
+                    pop: sub.pop,
                 },
                 Box::pin(commands),
             )

@@ -86,7 +86,8 @@ impl Refusal {
 
 /// True for the paths the admin rule guards.
 pub fn is_admin_path(path: &str) -> bool {
-    path.starts_with("/admin/") || path == "/mq/clustering/queue/offset" || path == "/mq/broadcast/queue/offset"
+    // The prefix too: an /admin/ path the spec does not know is refused before it is a 404.
+    path.starts_with("/admin/") || super::api::ADMIN_PATHS.contains(&path)
 }
 
 /// Headers a proxy adds on the way (RFC 7239, the de-facto `X-Forwarded-*`, nginx's
@@ -262,6 +263,7 @@ mod tests {
     fn guarded_paths() {
         assert!(is_admin_path("/admin/consumer/config"));
         assert!(is_admin_path("/mq/clustering/queue/offset"));
+        assert!(is_admin_path("/mq/broadcast/pop/ack"));
         assert!(!is_admin_path("/mq/message"));
         assert!(!is_admin_path("/administrator"));
     }

@@ -2,11 +2,12 @@
 //! parameters to engine requests and engine results to the seed's reply shapes.
 
 use super::api::{
-    AckParams, BatchReply, BroadcastQueueOffsetsParams, BroadcastQueueOffsetsReply, ClientOffsets,
-    ClusteringQueueOffsetsParams, ConfigureConsumerParams, ConsumerConfigParams, ConsumerConfigReply, ConsumerEntry,
-    ConsumerOffsetsParams, ConsumerOffsetsReply, ConsumerSettings, DeleteConsumerParams, DeleteProducerParams,
-    DeleteTopicParams, FetchParams, FetchReply, FetchResult, HealthzParams, Message, MessageParams, MessageQueue,
-    MessageReply, MqApi, ProduceBatchParams, ProduceParams, ProduceReply, ProducerEntry, PutConsumerParams,
+    AckParams, BatchReply, BroadcastPopSegmentsParams, BroadcastQueueOffsetsParams, BroadcastQueueOffsetsReply,
+    ClientOffsets, ClusteringPopSegmentsParams, ClusteringQueueOffsetsParams, ConfigureConsumerParams,
+    ConsumerConfigParams, ConsumerConfigReply, ConsumerEntry, ConsumerOffsetsParams, ConsumerOffsetsReply,
+    ConsumerSettings, DeleteConsumerParams, DeleteProducerParams, DeleteTopicParams, FetchParams, FetchReply,
+    FetchResult, HealthzParams, Message, MessageParams, MessageQueue, MessageReply, MqApi, PopSegment,
+    PopSegmentsReply, ProduceBatchParams, ProduceParams, ProduceReply, ProducerEntry, PutConsumerParams,
     PutProducerParams, PutTopicParams, QueueInfo, QueueOffset, QueueOffsetsReply, ReadyzParams, Registry,
     RegistryParams, RegistryReply, ResetOffsetsParams, SendResult, StatusReply, StoredMessageInfo, StreamParams,
     TopicEntry, UnlockParams,
@@ -14,8 +15,8 @@ use super::api::{
 use super::support::{Envelope, Reply, RequestContext, batch_bodies, bearer_token};
 use crate::engine::{
     AccessToken, ClientPage, ConsumeMode, ConsumeTarget, ConsumerCall, ConsumerSpec, Delivered, Engine, EngineError,
-    ErrorKind, FetchRequest, OffsetReset, ProduceRequest, ProducerCall, QueueSelector, QueueView, RegistryView,
-    SendReceipt, SettingsChange, Subscription, TokenChange, limits,
+    ErrorKind, FetchRequest, OffsetReset, PopSegments, ProduceRequest, ProducerCall, QueueSelector, QueueView,
+    RegistryView, SendReceipt, SettingsChange, Subscription, TokenChange, limits,
 };
 use axum::http::header;
 
@@ -276,12 +277,7 @@ impl HttpAdapter {
         page: Option<ClientPage>,
     ) -> Result<Vec<(Option<String>, Vec<QueueOffset>)>, EngineError> {
         let o = self.engine.consumer_offsets(consumer, None, page).await?;
-        if o.mode != mode {
-            return Err(EngineError::InvalidArgument(format!(
-                "consumer:{consumer} is a {} consumer",
-                o.mode.as_str()
-            )));
-        }
+        expect_mode(consumer, o.mode, mode)?;
         Ok(o.contexts
             .into_iter()
             .map(|c| {
@@ -291,6 +287,51 @@ impl HttpAdapter {
                 )
             })
             .collect())
+    }
+}
+
+/// The Java proxy's views are per mode: a consumer of the other mode is a 400.
+fn expect_mode(consumer: &str, actual: ConsumeMode, wanted: ConsumeMode) -> Result<(), EngineError> {
+    if actual == wanted {
+        Ok(())
+    } else {
+        Err(EngineError::InvalidArgument(format!(
+            "consumer:{consumer} is a {} consumer",
+            actual.as_str()
+        )))
+    }
+}
+
+fn pop_segments_reply(
+    consumer: &str,
+    wanted: ConsumeMode,
+    found: Result<PopSegments, EngineError>,
+) -> Reply<PopSegmentsReply> {
+    let found = found.and_then(|f| expect_mode(consumer, f.mode, wanted).map(|()| f));
+    match found {
+        Ok(f) => Reply::new(PopSegmentsReply {
+            status: 200,
+            message: Some(format!("{} segments in flight", f.total)),
+            result: Some(
+                f.segments
+                    .into_iter()
+                    .map(|s| PopSegment {
+                        client_id: s.client_id,
+                        broker_name: s.broker_name,
+                        queue_id: i32::try_from(s.queue_id).unwrap_or(i32::MAX),
+                        offset: to_i64(s.offset),
+                        next_offset: to_i64(s.next_offset),
+                        lock_time: to_i64(s.lock_time),
+                        force_ack: s.force_ack,
+                        expire_time: to_i64(s.expire_time),
+                        request_id: s.request_id,
+                        retry_times: i32::try_from(s.retry_times).unwrap_or(i32::MAX),
+                        client_ip: s.client_ip,
+                    })
+                    .collect(),
+            ),
+        }),
+        Err(e) => fail(&e),
     }
 }
 
@@ -410,6 +451,7 @@ impl MqApi for HttpAdapter {
             consume_timeout_s: p.consume_timeout.and_then(|t| u64::try_from(t).ok()),
             pull_timeout_s: p.pull_timeout.and_then(|t| u64::try_from(t).ok()),
             wait_ms: p.wait_ms.and_then(|t| u64::try_from(t).ok()),
+            pop: p.pop.unwrap_or(false),
         };
         let mut reply = match consumer.fetch(req).await {
             Ok(o) => {
@@ -496,6 +538,7 @@ impl MqApi for HttpAdapter {
             pull_timeout_s: p.pull_timeout.and_then(|t| u64::try_from(t).ok()),
             auto_ack: p.auto_ack.unwrap_or(false),
             client_ip: client_ip(p.client_ip, &ctx),
+            pop: p.pop.unwrap_or(false),
         };
         let stream = consumer.consume(sub, tokio_stream::empty()).map_err(|e| fail(&e))?;
         let heartbeat = p
@@ -702,6 +745,29 @@ impl MqApi for HttpAdapter {
             }),
             Err(e) => fail(&e),
         }
+    }
+
+    async fn clustering_pop_segments(
+        &self,
+        p: ClusteringPopSegmentsParams,
+        _ctx: RequestContext,
+    ) -> Reply<PopSegmentsReply> {
+        let page = client_page(p.page, p.page_size);
+        let found = self.engine.pop_segments(&p.consumer, None, page).await;
+        pop_segments_reply(&p.consumer, ConsumeMode::Clustering, found)
+    }
+
+    async fn broadcast_pop_segments(
+        &self,
+        p: BroadcastPopSegmentsParams,
+        _ctx: RequestContext,
+    ) -> Reply<PopSegmentsReply> {
+        let page = client_page(p.page, p.page_size);
+        let found = self
+            .engine
+            .pop_segments(&p.consumer, p.client_id.as_deref(), page)
+            .await;
+        pop_segments_reply(&p.consumer, ConsumeMode::Broadcast, found)
     }
 
     async fn healthz(&self, _p: HealthzParams, _ctx: RequestContext) -> Reply<StatusReply> {

@@ -714,3 +714,81 @@ async fn fetch_long_polls_with_wait_ms() {
         "{refused:?}"
     );
 }
+
+/// POP over gRPC: Fetch with `pop` takes consecutive segments of one queue while the first is
+/// in flight; a Consume stream with `pop` holds several batches of that one queue at once.
+#[tokio::test]
+async fn pop_fetch_and_stream_share_one_queue() {
+    let s = TestServer::with_toml(&one_queue("max_pull_size=2\n")).await;
+    for i in 0..8 {
+        s.produce(&format!("m{i}")).await;
+    }
+    let mut c = client(&s).await;
+    let pop_fetch = |c: &mut MessagingServiceClient<Channel>| {
+        let mut c = c.clone();
+        async move {
+            c.fetch(pb::FetchRequest {
+                target: target("c", None),
+                pop: true,
+                ..Default::default()
+            })
+            .await
+            .expect("fetch")
+            .into_inner()
+        }
+    };
+    let text = |m: &[pb::Message]| -> Vec<String> {
+        m.iter()
+            .map(|m| String::from_utf8_lossy(&m.body).into_owned())
+            .collect()
+    };
+    let first = pop_fetch(&mut c).await;
+    let second = pop_fetch(&mut c).await;
+    assert_eq!(text(&first.messages), ["m0", "m1"]);
+    assert_eq!(text(&second.messages), ["m2", "m3"], "not blocked by the first segment");
+    let refused = c
+        .fetch(pb::FetchRequest {
+            target: target("c", None),
+            ..Default::default()
+        })
+        .await
+        .expect_err("no mixing");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused}");
+    for r in [&second, &first] {
+        let a = c
+            .ack(pb::AckRequest {
+                target: target("c", None),
+                request_id: r.request_id.clone().expect("rid"),
+            })
+            .await
+            .expect("ack")
+            .into_inner();
+        assert_eq!(
+            a.committed,
+            std::ptr::eq(r, &first),
+            "the offset moves with the first: {a:?}"
+        );
+    }
+
+    let mut stream = Stream::open(
+        &mut c,
+        pb::Subscribe {
+            pop: true,
+            ..sub("c", None, 2, None)
+        },
+    )
+    .await;
+    let a = stream.batch(Duration::from_secs(10)).await.expect("a batch");
+    let b = stream
+        .batch(Duration::from_secs(10))
+        .await
+        .expect("a second batch of the one queue");
+    assert_eq!(
+        (bodies(&a), bodies(&b)),
+        (vec!["m4".into(), "m5".into()], vec!["m6".into(), "m7".into()])
+    );
+    stream.ack_confirmed(&b.request_id).await;
+    stream.ack_confirmed(&a.request_id).await;
+    let offsets = s.get("/admin/consumer/offsets", &[("consumer", "c")]).await;
+    assert_eq!(offsets["result"]["lag"], 0, "{offsets}");
+}

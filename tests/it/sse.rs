@@ -390,3 +390,42 @@ async fn a_stream_is_not_woken_by_other_topics() {
     assert_eq!(v["status"], 200, "{v}");
     assert_eq!(quiet.batch(Duration::from_secs(10)).await.1, ["q"]);
 }
+
+/// `pop=true`: two pushed batches from the one queue at once (segments, not the queue, are
+/// locked); a dropped stream gives its segments back at once, to come in `retryMsgList`.
+#[tokio::test]
+async fn pop_streams_hold_several_segments_of_one_queue() {
+    let s = TestServer::with_toml(&one_queue("max_pull_size=1\n")).await;
+    s.produce("x").await;
+    s.produce("y").await;
+    let query = [
+        ("topic", TOPIC),
+        ("consumer", "c"),
+        ("pop", "true"),
+        ("maxInFlight", "2"),
+        ("heartbeat", "1"),
+    ];
+    let mut stream = EventStream::open(&s, &query, None).await;
+    let (_, first) = stream.batch(Duration::from_secs(10)).await;
+    let (_, second) = stream.batch(Duration::from_secs(10)).await;
+    assert_eq!((first, second), (vec!["x".to_owned()], vec!["y".to_owned()]));
+    drop(stream);
+    let started = Instant::now();
+    let again = s
+        .get(
+            "/mq/message",
+            &[
+                ("topic", TOPIC),
+                ("consumer", "c"),
+                ("pop", "true"),
+                ("waitMs", "20000"),
+            ],
+        )
+        .await;
+    assert_eq!(again["result"]["retryMsgList"][0]["message"], "x", "{again}");
+    assert_eq!(
+        again["result"]["retryMsgListSize"], 1,
+        "only the first segment, oldest first: {again}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(20), "given back, not expired");
+}

@@ -72,6 +72,8 @@ struct Operation {
     /// stream itself, or a failure envelope with the HTTP status mirrored (an `EventSource`
     /// sees only the status).
     event: Option<String>,
+    /// Its `security` asks for the admin token (and nothing else will do).
+    admin: bool,
 }
 
 struct Generator<'a> {
@@ -222,6 +224,9 @@ impl Generator<'_> {
                     params,
                     reply,
                     event,
+                    admin: op["security"].as_array().is_some_and(|alternatives| {
+                        !alternatives.is_empty() && alternatives.iter().all(|a| a.get("adminToken").is_some())
+                    }),
                 });
             }
         }
@@ -384,6 +389,9 @@ impl Generator<'_> {
             quote! { (#method, #path, #id, #handler) }
         });
 
+        let mut admin_paths: Vec<&str> = ops.iter().filter(|o| o.admin).map(|o| o.path.as_str()).collect();
+        admin_paths.dedup();
+
         quote! {
             #(#structs)*
             #(#envelopes)*
@@ -406,6 +414,9 @@ impl Generator<'_> {
 
             /// Every operation of the spec: (method, path, operationId, handler).
             pub const OPERATIONS: &[(&str, &str, &str, &str)] = &[#(#operations),*];
+
+            /// The paths whose operations need the admin token (`security: [{adminToken: []}]`).
+            pub const ADMIN_PATHS: &[&str] = &[#(#admin_paths),*];
         }
     }
 

@@ -390,3 +390,172 @@ async fn pull_parameters_out_of_range_are_refused_naming_their_range() {
     // Nothing was locked by the refused pulls.
     assert_eq!(h.fetch().await.status, FetchStatus::Found);
 }
+
+impl Harness {
+    async fn pop(&self, max_pull_size: u32) -> FetchOutcome {
+        self.fetch_with(FetchRequest {
+            max_pull_size: Some(max_pull_size),
+            pop: true,
+            ..Default::default()
+        })
+        .await
+        .expect("POP pull")
+    }
+
+    async fn committed(&self) -> Option<u64> {
+        let offsets = self
+            .engine
+            .consumer_offsets(CONSUMER, None, None)
+            .await
+            .expect("offsets");
+        offsets.contexts[0].queues[0].committed
+    }
+}
+
+fn rid(o: &FetchOutcome) -> &str {
+    o.request_id.as_deref().expect("requestId")
+}
+
+#[tokio::test]
+async fn pop_pulls_share_one_queue_and_commit_past_acknowledged_segments_only() {
+    let h = harness(1);
+    for i in 0..10 {
+        h.produce(&format!("m{i}")).await;
+    }
+    let (a, b, c) = (h.pop(3).await, h.pop(3).await, h.pop(3).await);
+    assert_eq!(bodies(&a), ["m0", "m1", "m2"]);
+    assert_eq!(
+        bodies(&b),
+        ["m3", "m4", "m5"],
+        "the next segment, while the first is in flight"
+    );
+    assert_eq!(bodies(&c), ["m6", "m7", "m8"]);
+    let view = h.engine.pop_segments(CONSUMER, None, None).await.expect("segments");
+    let spans: Vec<(u64, u64)> = view.segments.iter().map(|s| (s.offset, s.next_offset)).collect();
+    assert_eq!(spans, [(0, 3), (3, 6), (6, 9)]);
+    assert_eq!(
+        view.segments[1].request_id,
+        rid(&b),
+        "the view's requestId acknowledges it"
+    );
+
+    // Out of order: the offset waits for the first segment.
+    let acked = h.ack(rid(&b)).await;
+    assert!(!acked.committed, "{acked:?}");
+    assert_eq!(h.committed().await, Some(0));
+    assert!(h.ack(rid(&a)).await.committed);
+    assert_eq!(h.committed().await, Some(6), "past a and b, up to c still in flight");
+    assert!(h.ack(rid(&c)).await.committed);
+    assert_eq!(h.committed().await, Some(9));
+    let again = h.ack(rid(&c)).await;
+    assert!(
+        !again.committed && again.message.contains("no longer in flight"),
+        "{again:?}"
+    );
+
+    let last = h.pop(3).await;
+    assert_eq!(bodies(&last), ["m9"]);
+    assert!(h.ack(rid(&last)).await.committed);
+    assert_eq!(h.pop(3).await.status, FetchStatus::NoNewMsg);
+    assert!(
+        h.engine
+            .pop_segments(CONSUMER, None, None)
+            .await
+            .expect("segments")
+            .segments
+            .is_empty()
+    );
+}
+
+#[tokio::test]
+async fn an_expired_pop_segment_comes_back_in_the_retry_list() {
+    let h = harness(1);
+    for i in 0..4 {
+        h.produce(&format!("m{i}")).await;
+    }
+    let first = h.pop(2).await;
+    assert_eq!(bodies(&first), ["m0", "m1"]);
+    h.clock.advance(LOCK_MS);
+    let second = h.pop(2).await;
+    assert_eq!(second.messages.len(), 2, "still in time: the next segment: {second:?}");
+    h.clock.advance(1);
+    let again = h.pop(2).await;
+    assert!(again.messages.is_empty(), "{again:?}");
+    let retried: Vec<_> = again.retry_messages.iter().map(|m| m.body.clone()).collect();
+    assert_eq!(retried, [b"m0".to_vec(), b"m1".to_vec()]);
+    let view = h.engine.pop_segments(CONSUMER, None, None).await.expect("segments");
+    let first_seg = view.segments.iter().find(|s| s.offset == 0).expect("the first segment");
+    assert_eq!(first_seg.retry_times, 1);
+    assert_eq!(first_seg.request_id, rid(&again));
+
+    // The first hand-out's ack is too late: the segment went out again.
+    let late = h.ack(rid(&first)).await;
+    assert!(
+        !late.committed && late.message.contains("no longer in flight"),
+        "{late:?}"
+    );
+    assert!(h.ack(rid(&again)).await.committed);
+    assert_eq!(h.committed().await, Some(2));
+    assert!(h.ack(rid(&second)).await.committed);
+    assert_eq!(h.committed().await, Some(4));
+}
+
+#[tokio::test]
+async fn an_unlocked_pop_segment_is_handed_out_again_at_once() {
+    let h = harness(1);
+    for i in 0..3 {
+        h.produce(&format!("m{i}")).await;
+    }
+    let first = h.pop(2).await;
+    let unlocked = h
+        .engine
+        .consumer(target(), None)
+        .expect("consumer")
+        .unlock(rid(&first))
+        .await
+        .expect("unlocked");
+    assert!(unlocked.unlocked, "{unlocked:?}");
+    let again = h.pop(2).await;
+    assert_eq!(bodies(&again), ["m0", "m1"], "given back, first out: {again:?}");
+    assert!(again.messages.is_empty(), "in the retry list");
+    let next = h.pop(2).await;
+    assert_eq!(bodies(&next), ["m2"]);
+    assert!(
+        !h.ack(rid(&next)).await.committed,
+        "m0..m1 before it are still in flight"
+    );
+    assert_eq!(h.committed().await, Some(0));
+    assert!(h.ack(rid(&again)).await.committed);
+    assert_eq!(h.committed().await, Some(3));
+}
+
+#[tokio::test]
+async fn pulls_with_and_without_pop_do_not_mix_in_one_consumer() {
+    let h = harness(1);
+    for i in 0..4 {
+        h.produce(&format!("m{i}")).await;
+    }
+    let pop = h.pop(2).await;
+    let refused = h.fetch_with(FetchRequest::default()).await.expect_err("refused");
+    assert_eq!(refused.kind(), ErrorKind::InvalidArgument);
+    assert!(refused.to_string().contains("1 POP segments in flight"), "{refused}");
+    assert!(h.ack(rid(&pop)).await.committed);
+
+    let normal = h.fetch().await;
+    assert_eq!(bodies(&normal), ["m2", "m3"], "the queue's committed offset is shared");
+    let refused = h
+        .fetch_with(FetchRequest {
+            pop: true,
+            ..Default::default()
+        })
+        .await
+        .expect_err("refused");
+    assert_eq!(refused.kind(), ErrorKind::InvalidArgument);
+    assert!(refused.to_string().contains("without pop=true"), "{refused}");
+    assert!(h.ack(rid(&normal)).await.committed);
+    assert_eq!(
+        h.pop(2).await.status,
+        FetchStatus::NoNewMsg,
+        "POP starts at the committed offset"
+    );
+}

@@ -34,7 +34,8 @@ mod stream;
 pub use auth::{AccessToken, ConsumerCall, ProducerCall, TokenChange};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use consume::offsets::{
-    ClientPage, ConnectedClient, ConsumerOffsets, ContextView, OffsetReset, QueueSelector, QueueView,
+    ClientPage, ConnectedClient, ConsumerOffsets, ContextView, OffsetReset, PopSegmentView, PopSegments, QueueSelector,
+    QueueView,
 };
 pub use consume::{
     AckOutcome, ConsumeTarget, ConsumerView, Delivered, FetchOutcome, FetchRequest, FetchStatus, SettingsChange,

@@ -64,6 +64,11 @@ pub const RATE_LIMIT: Bounds = Bounds { min: 1, max: 1_000_000 };
 pub const IN_FLIGHT: Bounds = Bounds { min: 1, max: 1024 };
 pub const DEFAULT_IN_FLIGHT: u32 = 4;
 
+/// POP segments in flight per queue of one consumer context: a POP pull passes over a queue
+/// with this many unacknowledged segments (they bound the state one queue keeps, and the work
+/// of each ack on Redis).
+pub const MAX_POP_SEGMENTS_PER_QUEUE: usize = 1024;
+
 /// Seconds between heartbeats of an idle Server-Sent Events stream (`/mq/stream`).
 pub const HEARTBEAT_S: Bounds = Bounds { min: 1, max: 300 };
 pub const DEFAULT_HEARTBEAT_S: u64 = 15;

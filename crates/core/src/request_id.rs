@@ -1,7 +1,8 @@
 //! The requestId: `brokerName,queueId,offset,nextOffset,lockTime,forceAck` as the Java proxy
 //! writes it, plus a seventh field, an HMAC-SHA256 tag (keyed by the store's secret) over
 //! those fields and the consumer context, so a forged or foreign requestId moves nothing.
-//! URL-safe base64 with padding; decoding accepts it with or without padding.
+//! URL-safe base64 with padding; decoding accepts it with or without padding. A POP segment's
+//! requestId has one more field before the tag, `pop` (a normal batch's keeps the six).
 
 use base64::Engine as _;
 use base64::alphabet::URL_SAFE;
@@ -28,6 +29,8 @@ pub struct BatchToken {
     pub next_offset: u64,
     pub lock_time: u64,
     pub force_ack: bool,
+    /// A POP segment (`pop=true`), not a queue lock.
+    pub pop: bool,
 }
 
 impl BatchToken {
@@ -41,8 +44,14 @@ impl BatchToken {
 
     fn fields(&self) -> String {
         format!(
-            "{},{},{},{},{},{}",
-            self.broker_name, self.queue_id, self.offset, self.next_offset, self.lock_time, self.force_ack
+            "{},{},{},{},{},{}{}",
+            self.broker_name,
+            self.queue_id,
+            self.offset,
+            self.next_offset,
+            self.lock_time,
+            self.force_ack,
+            if self.pop { ",pop" } else { "" }
         )
     }
 }
@@ -161,7 +170,11 @@ pub fn decode(request_id: &str, keys: &RequestIdKeys, context: &ContextKey) -> R
     let text = String::from_utf8(bytes).map_err(|_| TokenError::Malformed("not UTF-8"))?;
     let (fields, tag_hex) = text.rsplit_once(',').ok_or(TokenError::Malformed("too few fields"))?;
     let parts: Vec<&str> = fields.split(',').collect();
-    let [broker_name, queue_id, offset, next_offset, lock_time, force_ack] = parts.as_slice() else {
+    let (pop, parts) = match parts.as_slice() {
+        [six @ .., "pop"] => (true, six),
+        all => (false, all),
+    };
+    let [broker_name, queue_id, offset, next_offset, lock_time, force_ack] = parts else {
         return Err(TokenError::Malformed("expected 7 fields"));
     };
     let tag_bytes = hex::decode(tag_hex).map_err(|_| TokenError::Malformed("bad tag"))?;
@@ -179,6 +192,7 @@ pub fn decode(request_id: &str, keys: &RequestIdKeys, context: &ContextKey) -> R
         next_offset: num(next_offset, "nextOffset")?,
         lock_time: num(lock_time, "lockTime")?,
         force_ack: force_ack.eq_ignore_ascii_case("true"),
+        pop,
     })
 }
 
@@ -203,6 +217,7 @@ mod tests {
             next_offset: 42,
             lock_time: 1_655_882_634_054,
             force_ack: false,
+            pop: false,
         };
         let secret = RequestIdKeys::new([9u8; 32], None);
         let id = encode(&token, &secret, &ctx(None));
@@ -219,6 +234,13 @@ mod tests {
         let forged = ENCODER.encode(text.replace(",42,", ",99,"));
         assert_eq!(decode(&forged, &secret, &ctx(None)), Err(TokenError::BadSignature));
         assert_eq!(decode("%%%", &secret, &ctx(None)), Err(TokenError::Encoding));
+        // A POP segment's requestId says so, signed like the rest; dropping the flag breaks it.
+        let segment = BatchToken { pop: true, ..token };
+        let id = encode(&segment, &secret, &ctx(None));
+        assert_eq!(decode(&id, &secret, &ctx(None)), Ok(segment));
+        let text = String::from_utf8(DECODER.decode(&id).expect("b64")).expect("utf8");
+        let unflagged = ENCODER.encode(text.replace(",pop,", ","));
+        assert_eq!(decode(&unflagged, &secret, &ctx(None)), Err(TokenError::BadSignature));
     }
 
     /// After a rotation, requestIds of the previous key still decode; new ones use the new key;
@@ -232,6 +254,7 @@ mod tests {
             next_offset: 2,
             lock_time: 3,
             force_ack: true,
+            pop: false,
         };
         let (a, b, c) = (
             RequestIdKeys::key_of("a-secret"),

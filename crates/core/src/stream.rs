@@ -34,6 +34,8 @@ pub struct Subscription {
     /// Acknowledge each batch as soon as the transport took it (at-most-once).
     pub auto_ack: bool,
     pub client_ip: Option<String>,
+    /// POP consumption: each batch is a segment of a queue (several may come from one queue).
+    pub pop: bool,
 }
 
 /// What a streaming consumer sends after subscribing.
@@ -99,12 +101,15 @@ impl Engine {
         if sub.max_in_flight != 0 {
             limits::check(limits::IN_FLIGHT, "maxInFlight", u64::from(sub.max_in_flight))?;
         }
-        let options = PullOptions::checked(
-            sub.client_ip.clone(),
-            sub.max_pull_size,
-            sub.consume_timeout_s,
-            sub.pull_timeout_s,
-        )?;
+        let options = PullOptions {
+            pop: sub.pop,
+            ..PullOptions::checked(
+                sub.client_ip.clone(),
+                sub.max_pull_size,
+                sub.consume_timeout_s,
+                sub.pull_timeout_s,
+            )?
+        };
         let permit = self.inner.streams.permits.clone().try_acquire_owned().map_err(|_| {
             EngineError::LimitReached(format!(
                 "{} Consume streams are open, the most [consume] max_consume_streams allows",
@@ -289,8 +294,8 @@ impl Engine {
         key: &ContextKey,
         in_flight: &mut HashMap<String, InFlight>,
     ) -> Result<(), EngineError> {
-        let locks = self.lock_times(key).await?;
-        in_flight.retain(|_, b| locks.get(b.issued.queue as usize) == Some(&Some(b.issued.token.lock_time)));
+        let held = self.held_batches(key).await?;
+        in_flight.retain(|_, b| held.contains(&(b.issued.queue, b.issued.token.lock_time)));
         Ok(())
     }
 

@@ -6,6 +6,7 @@
 //! for a state store shared by several proxies.
 
 pub(crate) mod offsets;
+mod pop;
 
 use super::rate_limit::RateLimiters;
 use super::registry::Registry;
@@ -13,6 +14,7 @@ use super::request_id::{self, BatchToken, RequestIdKeys};
 use super::{Clock, ConsumeMode, ConsumeSettings, ConsumerSpec, Engine, EngineError};
 use mqproxy_store::consumer_state::{ConsumerStateStore, ContextSnapshot, LockRequest, RetryFate};
 use mqproxy_store::{ConsumerSettings, ContextKey, QueueState, ReadOutcome, RetryEntry, StoredMessage};
+use std::collections::HashSet;
 use std::sync::Arc;
 
 /// The consuming service's state.
@@ -89,6 +91,8 @@ pub struct FetchRequest {
     /// Long polling: how long a pull that finds nothing waits for a message, in ms (`waitMs`,
     /// `limits::WAIT_MS`; 0 or None answers at once).
     pub wait_ms: Option<u64>,
+    /// POP consumption: a segment of a queue, not the queue, is locked (see `consume::pop`).
+    pub pop: bool,
 }
 
 /// How one pull runs, as its request (or a stream's subscription) asked, checked.
@@ -102,6 +106,8 @@ pub(super) struct PullOptions {
     /// False for the pulls a long-polling request repeats after its first: the consumer's rate
     /// limit counts requests, not wake-ups.
     pub charge_rate_limit: bool,
+    /// POP consumption.
+    pub pop: bool,
 }
 
 impl PullOptions {
@@ -128,6 +134,7 @@ impl PullOptions {
             lock_timeout_ms: consume_timeout_s.map(|s| s * 1000),
             read_timeout: std::time::Duration::from_secs(pull_timeout_s.unwrap_or(limits::DEFAULT_PULL_TIMEOUT_S)),
             charge_rate_limit: true,
+            pop: false,
         })
     }
 
@@ -237,27 +244,29 @@ pub struct ConsumerView {
     pub retry_queued: u32,
 }
 
-/// A retry entry not delivered with a live batch.
+/// A retry entry not delivered with a live batch (a queue lock or a POP segment).
 fn retry_is_free(e: &RetryEntry, snapshot: &ContextSnapshot, now: u64, timeout_ms: u64) -> bool {
-    match e.in_flight {
-        None => true,
-        Some((q, l)) => {
-            snapshot
-                .queues
-                .get(q as usize)
-                .and_then(|qs| qs.live_lock(now, timeout_ms))
-                != Some(l)
-        }
-    }
+    let Some((q, l)) = e.in_flight else { return true };
+    let queue_lock = snapshot
+        .queues
+        .get(q as usize)
+        .and_then(|qs| qs.live_lock(now, timeout_ms))
+        == Some(l);
+    let segment = snapshot
+        .pop
+        .get(q as usize)
+        .is_some_and(|p| p.segments.iter().any(|s| s.lock_time == l && s.is_live(now)));
+    !(queue_lock || segment)
 }
 
 /// What queue choice found.
-enum Choice {
+enum Choice<T> {
     /// Every queue is locked by other pulls (or the topic has none).
     AllLocked,
     /// The best queue has nothing to hand out: not locked.
     Idle(QueueSnapshot),
-    Locked(Chosen),
+    /// What was chosen and locked (a queue), or found to be taken (a POP segment).
+    Locked(T),
 }
 
 use super::limits::{self, MAX_PULL_BYTES};
@@ -441,22 +450,36 @@ impl Engine {
         })
     }
 
-    /// When the earliest live lock of this context expires (epoch ms), if any.
+    /// When the earliest live lock or POP segment of this context expires (epoch ms), if any.
     pub(super) async fn next_lock_expiry(&self, key: &ContextKey, timeout_ms: u64) -> Result<Option<u64>, EngineError> {
         let snapshot = self.context_snapshot(key).await?;
         let now = self.now_ms();
-        Ok(snapshot
+        let locks = snapshot
             .queues
             .iter()
-            .filter_map(|q| Some(q.lock_time? + q.lock_timeout(timeout_ms) + 1))
-            .filter(|&expiry| expiry > now)
-            .min())
+            .filter_map(|q| Some(q.lock_time? + q.lock_timeout(timeout_ms) + 1));
+        let segments = snapshot
+            .pop
+            .iter()
+            .flat_map(|p| p.segments.iter().map(|s| s.expires_ms() + 1));
+        Ok(locks.chain(segments).filter(|&expiry| expiry > now).min())
     }
 
-    /// The lock time of each queue of this context (None: unlocked), expired locks included.
-    pub(super) async fn lock_times(&self, key: &ContextKey) -> Result<Vec<Option<u64>>, EngineError> {
+    /// The batches of this context still held, as (queue, lock time): queue locks (expired ones
+    /// included) and POP segments in flight.
+    pub(super) async fn held_batches(&self, key: &ContextKey) -> Result<HashSet<(u32, u64)>, EngineError> {
         let snapshot = self.context_snapshot(key).await?;
-        Ok(snapshot.queues.iter().map(|q| q.lock_time).collect())
+        let locks = snapshot
+            .queues
+            .iter()
+            .zip(0u32..)
+            .filter_map(|(q, i)| Some((i, q.lock_time?)));
+        let segments = snapshot
+            .pop
+            .iter()
+            .zip(0u32..)
+            .flat_map(|(p, i)| p.segments.iter().map(move |s| (i, s.lock_time)));
+        Ok(locks.chain(segments).collect())
     }
 
     /// The context's state over every queue of its topic.
@@ -539,12 +562,15 @@ impl Engine {
     ) -> Result<FetchOutcome, EngineError> {
         let result = async {
             let key = self.resolve(spec, target)?;
-            let options = PullOptions::checked(
-                req.client_ip,
-                req.max_pull_size,
-                req.consume_timeout_s,
-                req.pull_timeout_s,
-            )?;
+            let options = PullOptions {
+                pop: req.pop,
+                ..PullOptions::checked(
+                    req.client_ip,
+                    req.max_pull_size,
+                    req.consume_timeout_s,
+                    req.pull_timeout_s,
+                )?
+            };
             let wait_ms = req.wait_ms.unwrap_or(0);
             limits::check(limits::WAIT_MS, "waitMs", wait_ms)?;
             // Seen before the first pull, so what happens during it ends a wait at once.
@@ -699,6 +725,9 @@ impl Engine {
         }
 
         self.admit(spec, key).await?;
+        if options.pop {
+            return self.pull_pop(ctx, outcome, options).await;
+        }
         // Within limits::PULL_SIZE: PullOptions::checked refused anything else.
         let max_pull = options.max_pull_size.unwrap_or(spec.max_pull_size);
         // A queue whose broker fails the read is left for this pull, once, when another
@@ -749,6 +778,7 @@ impl Engine {
                 next_offset: next,
                 lock_time: chosen.lock_time,
                 force_ack,
+                pop: false,
             };
             outcome.request_id = Some(request_id::encode(&token, keys, key));
             Issued {
@@ -819,12 +849,16 @@ impl Engine {
         options: &PullOptions,
         max_pull: u32,
         failed: Option<u32>,
-    ) -> Result<Choice, EngineError> {
+    ) -> Result<Choice<Chosen>, EngineError> {
         let client_ip = &options.client_ip;
         let queues = self.queue_count(&spec.topic);
         let now = self.now_ms();
         let timeout = spec.consume_timeout_ms;
         let snapshot = self.inner.consuming.state.snapshot(key, queues).await?;
+        match snapshot.pop_in_flight() {
+            0 => {}
+            segments => return Err(pop::segments_in_flight(&spec.name, segments)),
+        }
         let refs = self.inner.messages.queues(&spec.topic);
         let ranges: Vec<_> = (0..queues)
             .map(|q| self.inner.messages.queue_range(&spec.topic, q))
@@ -954,24 +988,7 @@ impl Engine {
                 MAX_PULL_BYTES,
             )
             .await?;
-        let mut retry_messages = Vec::new();
-        let mut missing = Vec::new();
-        for entry in &chosen.retries {
-            let location = &entry.location;
-            let found = self
-                .inner
-                .messages
-                .read(&location.topic, location.queue, location.offset, 1, MAX_PULL_BYTES)
-                .await?
-                .messages
-                .pop();
-            match found {
-                Some(m) if m.offset == location.offset && m.msg_id == entry.msg_id => {
-                    retry_messages.push(to_delivered(m))
-                }
-                _ => missing.push(entry.seq),
-            }
-        }
+        let (retry_messages, missing) = self.read_retries(&chosen.retries).await?;
         Ok((read, retry_messages, missing))
     }
 
@@ -1024,6 +1041,9 @@ impl Engine {
         key: &ContextKey,
         issued: &Issued,
     ) -> Result<AckOutcome, EngineError> {
+        if issued.token.pop {
+            return self.ack_segment(key, issued).await;
+        }
         let queues = self.queue_count(&spec.topic);
         let (token, queue) = (&issued.token, issued.queue);
         let info = token.info();
@@ -1100,6 +1120,9 @@ impl Engine {
 
     /// Gives back the queue of a batch handed out and not acknowledged.
     pub(super) async fn unlock_issued(&self, key: &ContextKey, issued: &Issued) -> Result<UnlockOutcome, EngineError> {
+        if issued.token.pop {
+            return self.unlock_segment(key, issued).await;
+        }
         let token = &issued.token;
         let unlocked = self
             .inner

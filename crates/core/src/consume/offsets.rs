@@ -81,6 +81,35 @@ pub struct QueueSelector {
     pub queue_id: u32,
 }
 
+/// One POP segment handed out and not yet acknowledged (the console's `pop/ack` views).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PopSegmentView {
+    /// Broadcast consumers: whose segment it is.
+    pub client_id: Option<String>,
+    pub broker_name: String,
+    pub queue_id: u32,
+    pub offset: u64,
+    pub next_offset: u64,
+    pub lock_time: u64,
+    /// Its messages are gone from the queue (retention): acknowledging it only moves the offset.
+    pub force_ack: bool,
+    /// When it is handed out again unless acknowledged (its lock time if it was given back).
+    pub expire_time: u64,
+    /// Acknowledges it (`/mq/ack?pop=true`: the console's "skip").
+    pub request_id: String,
+    /// How often it was handed out again.
+    pub retry_times: u32,
+    pub client_ip: Option<String>,
+}
+
+/// A consumer's POP segments in flight: one page of them, and how many there are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PopSegments {
+    pub mode: ConsumeMode,
+    pub total: usize,
+    pub segments: Vec<PopSegmentView>,
+}
+
 /// Where a reset moves the committed offsets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OffsetReset {
@@ -213,6 +242,65 @@ impl Engine {
             context_count,
             contexts,
             connected,
+        })
+    }
+
+    /// The POP segments in flight of a consumer (or of one broadcast clientId), ordered by
+    /// clientId, queue and offset; `page` picks a page of them (default: the first 100).
+    ///
+    /// # Errors
+    /// Unknown consumer, a clientId for a clustering consumer, or a store failure.
+    pub async fn pop_segments(
+        &self,
+        consumer: &str,
+        client_id: Option<&str>,
+        page: Option<ClientPage>,
+    ) -> Result<PopSegments, EngineError> {
+        let spec = self.registered_consumer(consumer)?;
+        let keys = self.operator_contexts(&spec, client_id).await?;
+        let refs = self.inner.messages.queues(&spec.topic);
+        let queues = u32::try_from(refs.len()).unwrap_or(u32::MAX);
+        let mut segments = Vec::new();
+        for key in &keys {
+            let snapshot = self.inner.consuming.state.snapshot(key, queues).await?;
+            for ((queue, pop), r) in (0u32..).zip(&snapshot.pop).zip(refs.iter()) {
+                let first = self.inner.messages.queue_range(&spec.topic, queue).min;
+                let mut in_order: Vec<_> = pop.segments.iter().collect();
+                in_order.sort_by_key(|s| (s.offset, s.lock_time));
+                for s in in_order {
+                    let force_ack = s.next_offset <= first && s.next_offset > s.offset;
+                    let token = crate::request_id::BatchToken {
+                        broker_name: r.broker_name.clone(),
+                        queue_id: r.queue_id,
+                        offset: s.offset,
+                        next_offset: s.next_offset,
+                        lock_time: s.lock_time,
+                        force_ack,
+                        pop: true,
+                    };
+                    segments.push(PopSegmentView {
+                        client_id: key.client_id.clone(),
+                        broker_name: r.broker_name.clone(),
+                        queue_id: r.queue_id,
+                        offset: s.offset,
+                        next_offset: s.next_offset,
+                        lock_time: s.lock_time,
+                        force_ack,
+                        expire_time: s.expires_ms(),
+                        request_id: crate::request_id::encode(&token, &self.inner.consuming.request_id_keys, key),
+                        retry_times: s.retry_times,
+                        client_ip: s.client_ip.clone(),
+                    });
+                }
+            }
+        }
+        let total = segments.len();
+        let page = page.unwrap_or_default();
+        let skip = (page.page.max(1) as usize - 1).saturating_mul(page.size as usize);
+        Ok(PopSegments {
+            mode: spec.mode,
+            total,
+            segments: segments.into_iter().skip(skip).take(page.size as usize).collect(),
         })
     }
 
