@@ -191,6 +191,52 @@ function showQueues(name, offsets) {
   }
 }
 
+// The segments `pop=true` pulls handed out and nobody acknowledged yet; Skip acknowledges one
+// (as MQCloud's console does: /mq/ack with pop=true and the segment's requestId).
+async function showPopSegments(c) {
+  const path = `/mq/${c.mode}/pop/ack?consumer=${encodeURIComponent(c.name)}`;
+  const resp = await fetch(path, { headers: headers() });
+  const reply = await resp.json();
+  if (reply.status !== 200) throw new Error(`${path}: ${reply.status} ${reply.message || ''}`);
+  $('#pop-summary').textContent = reply.message || '';
+  const body = $('#pop-segments tbody');
+  body.replaceChildren();
+  for (const g of reply.result || []) {
+    const tr = document.createElement('tr');
+    tr.className = 'pop-segment';
+    const skip = document.createElement('button');
+    skip.textContent = 'Skip';
+    skip.className = 'skip';
+    skip.onclick = async () => {
+      const form = { topic: c.topic, consumer: c.name, requestId: g.requestId, pop: 'true' };
+      if (g.clientId) form.clientId = g.clientId;
+      try {
+        const r = await (await fetch('/mq/ack?' + new URLSearchParams(form), { headers: headers() })).json();
+        if (r.status !== 200) throw new Error(`/mq/ack: ${r.status} ${r.message || ''}`);
+        say(`segment ${g.brokerName}:${g.queueId} [${g.offset}, ${g.nextOffset}) skipped: ${r.message}`);
+      } catch (e) {
+        say(e.message, true);
+      }
+      refresh();
+    };
+    const actions = document.createElement('td');
+    actions.append(skip);
+    tr.append(
+      cell(g.clientId || '(group)'),
+      cell(g.brokerName),
+      cell(String(g.queueId), 'num'),
+      cell(String(g.offset), 'num'),
+      cell(String(g.nextOffset), 'num'),
+      cell(time(g.lockTime)),
+      cell(time(g.expireTime)),
+      cell(String(g.retryTimes), 'num'),
+      cell(g.clientIp || '–'),
+      actions,
+    );
+    body.append(tr);
+  }
+}
+
 function showTopics(registry, metricsText) {
   const body = $('#topics tbody');
   body.replaceChildren();
@@ -220,7 +266,10 @@ async function refresh() {
         api('/admin/consumer/config?consumer=' + encodeURIComponent(c.name)),
       ]);
       rows.push(consumerRow(c, offsets, settings));
-      if (state.selected === c.name) showQueues(c.name, offsets);
+      if (state.selected === c.name) {
+        showQueues(c.name, offsets);
+        await showPopSegments(c);
+      }
     }
     // Do not wipe what an operator is typing.
     const focused = document.activeElement;

@@ -135,6 +135,32 @@ try {
   check('console finds the message by msgId, with the producer\'s client IP',
     shown.body === 'pushed-to-the-browser' && shown.clientIp === '127.0.0.1', JSON.stringify(shown));
   await consolePage.screenshot({ path: `${artifacts}/console-message.png`, fullPage: true });
+
+  // POP: a segment pulled with pop=true and not acknowledged shows in the consumer's "POP
+  // segments in flight"; its Skip button acknowledges it and the lag goes back to 0.
+  // The name cell: the row's middle is its Pause button.
+  await row.locator('td').first().click();
+  const popped = await consolePage.evaluate(async () => {
+    await fetch('/mq/produce', {
+      method: 'POST',
+      headers: { 'content-type': 'application/x-www-form-urlencoded' },
+      body: 'producer=mqcloud-http-test-topic-producer&message=popped',
+    });
+    const r = await fetch('/mq/message?topic=mqcloud-http-test-topic&consumer=http-clustering-consumer&pop=true');
+    return await r.json();
+  });
+  check('a pop=true pull gets the message', popped.result?.msgList?.[0]?.message === 'popped', JSON.stringify(popped));
+  const listed = await consolePage.waitForFunction(
+    () => document.querySelectorAll('#pop-segments tr.pop-segment').length === 1,
+    null, { timeout: 10000 }).then(() => true, (e) => e.message);
+  check('console lists the POP segment in flight', listed === true, listed);
+  await consolePage.screenshot({ path: `${artifacts}/console-pop.png`, fullPage: true });
+  await consolePage.locator('#pop-segments button.skip').click();
+  const skipped = await consolePage.waitForFunction(
+    () => document.querySelectorAll('#pop-segments tr.pop-segment').length === 0
+      && document.querySelector('tr[data-consumer="http-clustering-consumer"] .lag')?.textContent === '0',
+    null, { timeout: 10000 }).then(() => true, (e) => e.message);
+  check('Skip in the console acknowledges the segment (lag 0)', skipped === true, skipped);
 } catch (e) {
   check('browser run', false, e.message);
 } finally {
