@@ -72,6 +72,44 @@ fn msg_bodies(v: &Value) -> Vec<String> {
         .collect()
 }
 
+/// One POP consumer at `base` until three long polls in a row find nothing: each pull's new
+/// messages (acknowledged with `/mq/ack?pop=true` before the next pull).
+async fn pop_until_drained(base: String) -> Vec<Vec<String>> {
+    let client = reqwest::Client::new();
+    let mut got = Vec::new();
+    let mut empty = 0;
+    while empty < 3 {
+        let v: Value = get_json(
+            &client,
+            &format!("{base}/mq/message"),
+            &[("topic", TOPIC), ("consumer", "c"), ("pop", "true"), ("waitMs", "300")],
+        )
+        .await;
+        assert_eq!(v["status"], 200, "{v}");
+        assert!(retry_bodies(&v).is_empty(), "nothing was given back: {v}");
+        let bodies = msg_bodies(&v);
+        if bodies.is_empty() {
+            empty += 1;
+            continue;
+        }
+        empty = 0;
+        let ack: Value = get_json(
+            &client,
+            &format!("{base}/mq/ack"),
+            &[
+                ("topic", TOPIC),
+                ("consumer", "c"),
+                ("pop", "true"),
+                ("requestId", &rid(&v)),
+            ],
+        )
+        .await;
+        assert_eq!(ack["status"], 200, "{ack}");
+        got.push(bodies);
+    }
+    got
+}
+
 /// Message number `i` of the run, zero-padded so order is visible in the text.
 fn numbered(i: usize) -> String {
     format!("m{i:04}")
@@ -122,44 +160,7 @@ async fn pop_consumers_share_one_queue_each_message_once() {
     pop_ack(&s, "c", None, &rid(&first)).await;
 
     // Four concurrent consumers for the rest.
-    let consumers = (0..4).map(|_| {
-        let client = reqwest::Client::new();
-        let url = s.base.clone();
-        tokio::spawn(async move {
-            let mut got: Vec<Vec<String>> = Vec::new();
-            let mut empty = 0;
-            while empty < 3 {
-                let v: Value = get_json(
-                    &client,
-                    &format!("{url}/mq/message"),
-                    &[("topic", TOPIC), ("consumer", "c"), ("pop", "true"), ("waitMs", "300")],
-                )
-                .await;
-                assert_eq!(v["status"], 200, "{v}");
-                let bodies = msg_bodies(&v);
-                assert!(retry_bodies(&v).is_empty(), "nothing was given back: {v}");
-                if bodies.is_empty() {
-                    empty += 1;
-                    continue;
-                }
-                empty = 0;
-                let ack: Value = get_json(
-                    &client,
-                    &format!("{url}/mq/ack"),
-                    &[
-                        ("topic", TOPIC),
-                        ("consumer", "c"),
-                        ("pop", "true"),
-                        ("requestId", &rid(&v)),
-                    ],
-                )
-                .await;
-                assert_eq!(ack["status"], 200, "{ack}");
-                got.push(bodies);
-            }
-            got
-        })
-    });
+    let consumers = (0..4).map(|_| tokio::spawn(pop_until_drained(s.base.clone())));
     let mut pulls = 0;
     for c in consumers {
         for pull in c.await.expect("consumer task") {
@@ -321,42 +322,7 @@ async fn pop_across_two_proxies_sharing_redis_hands_out_each_segment_once() {
         produce_ordered(&b, (0..N).map(numbered)).await;
     }
     let proxies = [a.base.clone(), b.base.clone(), a.base.clone(), b.base.clone()];
-    let consumers = proxies.into_iter().map(|base| {
-        tokio::spawn(async move {
-            let client = reqwest::Client::new();
-            let mut got = Vec::new();
-            let mut empty = 0;
-            while empty < 3 {
-                let v: Value = get_json(
-                    &client,
-                    &format!("{base}/mq/message"),
-                    &[("topic", TOPIC), ("consumer", "c"), ("pop", "true"), ("waitMs", "300")],
-                )
-                .await;
-                assert_eq!(v["status"], 200, "{v}");
-                let bodies = msg_bodies(&v);
-                if bodies.is_empty() {
-                    empty += 1;
-                    continue;
-                }
-                empty = 0;
-                let ack: Value = get_json(
-                    &client,
-                    &format!("{base}/mq/ack"),
-                    &[
-                        ("topic", TOPIC),
-                        ("consumer", "c"),
-                        ("pop", "true"),
-                        ("requestId", &rid(&v)),
-                    ],
-                )
-                .await;
-                assert_eq!(ack["status"], 200, "{ack}");
-                got.push(bodies);
-            }
-            got
-        })
-    });
+    let consumers = proxies.into_iter().map(|base| tokio::spawn(pop_until_drained(base)));
     let mut count: BTreeMap<String, usize> = BTreeMap::new();
     for c in consumers {
         for pull in c.await.expect("consumer task") {

@@ -68,6 +68,13 @@ pub struct ClientPage {
     pub size: u32,
 }
 
+impl ClientPage {
+    /// How many entries come before this page.
+    fn skip(self) -> usize {
+        (self.page.max(1) as usize - 1).saturating_mul(self.size as usize)
+    }
+}
+
 impl Default for ClientPage {
     fn default() -> Self {
         Self { page: 1, size: 100 }
@@ -197,12 +204,7 @@ impl Engine {
         let spec = self.registered_consumer(consumer)?;
         let keys = self.operator_contexts(&spec, client_id).await?;
         let context_count = keys.len();
-        let (skip, take) = page.map_or((0, usize::MAX), |p| {
-            (
-                (p.page.max(1) as usize - 1).saturating_mul(p.size as usize),
-                p.size as usize,
-            )
-        });
+        let (skip, take) = page.map_or((0, usize::MAX), |p| (p.skip(), p.size as usize));
         // One view at a time: only the page is kept, whatever the number of clients.
         let (mut lag, mut contexts) = (0, Vec::new());
         for (i, key) in keys.iter().enumerate() {
@@ -296,11 +298,14 @@ impl Engine {
         }
         let total = segments.len();
         let page = page.unwrap_or_default();
-        let skip = (page.page.max(1) as usize - 1).saturating_mul(page.size as usize);
         Ok(PopSegments {
             mode: spec.mode,
             total,
-            segments: segments.into_iter().skip(skip).take(page.size as usize).collect(),
+            segments: segments
+                .into_iter()
+                .skip(page.skip())
+                .take(page.size as usize)
+                .collect(),
         })
     }
 
