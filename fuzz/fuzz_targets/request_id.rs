@@ -39,6 +39,7 @@ fuzz_target!(|data: &[u8]| {
         next_offset: u64_at(data, 12),
         lock_time: u64_at(data, 20),
         force_ack: data.first().is_some_and(|b| b & 1 == 1),
+        pop: data.first().is_some_and(|b| b & 2 == 2),
     };
     let encoded = request_id::encode(&token, &keys, &ctx);
     let decoded = request_id::decode(&encoded, &keys, &ctx).expect("an encoded requestId decodes");
