@@ -36,6 +36,9 @@ pub struct ConfigError {
 pub struct TopicConfig {
     pub name: String,
     pub queues: u32,
+    /// A lite-message parent: produces may name lite topics under it.
+    #[serde(default)]
+    pub lite: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -300,9 +303,11 @@ impl Config {
             token_sha256: None,
         };
         Self {
+            // A lite-message parent too, so the README's lite-topic example works at once.
             topics: vec![TopicConfig {
                 name: DEMO_TOPIC.into(),
                 queues: 4,
+                lite: true,
             }],
             producers: vec![ProducerConfig {
                 name: format!("{DEMO_TOPIC}-producer"),
@@ -527,6 +532,7 @@ impl Config {
             .map(|t| TopicSpec {
                 name: t.name.clone(),
                 queues: t.queues,
+                lite: t.lite,
             })
             .collect()
     }

@@ -151,10 +151,14 @@ fn with_saved_registry(mut config: Config, file: &RegistryFile) -> Result<Config
     let Some(saved) = saved else { return Ok(config) };
     for t in saved.topics {
         match config.topics.iter_mut().find(|c| c.name == t.name) {
-            Some(c) => c.queues = c.queues.max(t.queues),
+            Some(c) => {
+                c.queues = c.queues.max(t.queues);
+                c.lite |= t.lite;
+            }
             None => config.topics.push(TopicConfig {
                 name: t.name,
                 queues: t.queues,
+                lite: t.lite,
             }),
         }
     }
@@ -284,6 +288,7 @@ pub async fn run(
     // The config's entries are created at start-up: saved along with the admin API's.
     engine.save_registry().await?;
     let idle_client_sweep = engine.spawn_idle_client_sweep();
+    let lite_topic_sweep = engine.spawn_lite_topic_sweep();
     let grpc = crate::grpc::router(engine.clone(), config.http.max_request_bytes())
         .map_err(|e| ServeError::Grpc(e.to_string()))?;
     let http_router = |role| {
@@ -351,6 +356,7 @@ pub async fn run(
         } => tracing::warn!(grace_ms = config.shutdown_grace_ms, "in-flight requests did not finish within the grace period"),
     }
     idle_client_sweep.abort();
+    lite_topic_sweep.abort();
     backend.shutdown().await;
     tokio::task::spawn_blocking(move || store.close())
         .await

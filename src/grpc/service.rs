@@ -50,6 +50,7 @@ fn target(t: Option<pb::ConsumeTarget>) -> Result<ConsumeTarget, Status> {
         topic: t.topic,
         consumer: t.consumer,
         client_id: t.client_id,
+        lite_topic: t.lite_topic,
     })
 }
 
@@ -107,6 +108,7 @@ impl pb::messaging_service_server::MessagingService for GrpcAdapter {
                 delivery_timestamp_ms: r.delivery_timestamp,
                 round_robin: r.round_robin,
                 client_ip: r.client_ip.or(peer),
+                lite_topics: r.lite_topics,
             })
             .await
             .map_err(status)?;
@@ -239,6 +241,7 @@ impl pb::messaging_service_server::MessagingService for GrpcAdapter {
                 },
                 Box::pin(commands),
             )
+            .await
             .map_err(status)?;
         let responses = events.map(|event| {
             event.map_err(status).map(|event| pb::ConsumeResponse {

@@ -139,11 +139,12 @@ fn client_page(page: Option<i32>, page_size: Option<i32>) -> Option<ClientPage> 
     })
 }
 
-fn target(topic: String, consumer: String, client_id: Option<String>) -> ConsumeTarget {
+fn target(topic: String, consumer: String, client_id: Option<String>, lite_topic: Option<String>) -> ConsumeTarget {
     ConsumeTarget {
         topic,
         consumer,
         client_id,
+        lite_topic,
     }
 }
 
@@ -238,6 +239,7 @@ impl HttpAdapter {
                     .iter()
                     .map(|t| TopicEntry {
                         name: t.name.clone(),
+                        lite: t.lite,
                         queues: self
                             .engine
                             .topic_queues(&t.name)
@@ -374,6 +376,10 @@ impl MqApi for HttpAdapter {
             delivery_timestamp_ms: p.delivery_timestamp,
             round_robin: p.round_robin.unwrap_or(false),
             client_ip: client_ip(p.client_ip, &ctx),
+            lite_topics: p
+                .lite_topics
+                .map(|l| l.split(',').map(str::to_owned).collect())
+                .unwrap_or_default(),
         };
         match producer.produce(req).await {
             Ok(r) => Reply::new(ProduceReply {
@@ -439,7 +445,11 @@ impl MqApi for HttpAdapter {
     }
 
     async fn fetch(&self, p: FetchParams, ctx: RequestContext) -> Reply<FetchReply> {
-        let consumer = match self.consumer(target(p.topic, p.consumer, p.client_id), p.token.as_deref(), &ctx) {
+        let consumer = match self.consumer(
+            target(p.topic, p.consumer, p.client_id, p.lite_topic),
+            p.token.as_deref(),
+            &ctx,
+        ) {
             Ok(call) => call,
             Err(e) => return fail(&e),
         };
@@ -493,7 +503,11 @@ impl MqApi for HttpAdapter {
     }
 
     async fn ack(&self, p: AckParams, ctx: RequestContext) -> Reply<StatusReply> {
-        let consumer = match self.consumer(target(p.topic, p.consumer, p.client_id), p.token.as_deref(), &ctx) {
+        let consumer = match self.consumer(
+            target(p.topic, p.consumer, p.client_id, p.lite_topic),
+            p.token.as_deref(),
+            &ctx,
+        ) {
             Ok(call) => call,
             Err(e) => return fail(&e),
         };
@@ -515,7 +529,11 @@ impl MqApi for HttpAdapter {
         ctx: RequestContext,
     ) -> Result<axum::response::Response, Reply<StatusReply>> {
         let consumer = self
-            .consumer(target(p.topic, p.consumer, p.client_id), p.token.as_deref(), &ctx)
+            .consumer(
+                target(p.topic, p.consumer, p.client_id, p.lite_topic),
+                p.token.as_deref(),
+                &ctx,
+            )
             .map_err(|e| fail(&e))?;
         // An EventSource reconnecting names the last batch it received: acknowledge it first.
         let last_event_id = ctx
@@ -540,7 +558,10 @@ impl MqApi for HttpAdapter {
             client_ip: client_ip(p.client_ip, &ctx),
             pop: p.pop.unwrap_or(false),
         };
-        let stream = consumer.consume(sub, tokio_stream::empty()).map_err(|e| fail(&e))?;
+        let stream = consumer
+            .consume(sub, tokio_stream::empty())
+            .await
+            .map_err(|e| fail(&e))?;
         let heartbeat = p
             .heartbeat
             .and_then(|h| u64::try_from(h).ok())
@@ -554,7 +575,11 @@ impl MqApi for HttpAdapter {
     }
 
     async fn unlock(&self, p: UnlockParams, ctx: RequestContext) -> Reply<StatusReply> {
-        let consumer = match self.consumer(target(p.topic, p.consumer, p.client_id), p.token.as_deref(), &ctx) {
+        let consumer = match self.consumer(
+            target(p.topic, p.consumer, p.client_id, p.lite_topic),
+            p.token.as_deref(),
+            &ctx,
+        ) {
             Ok(call) => call,
             Err(e) => return fail(&e),
         };
@@ -614,7 +639,7 @@ impl MqApi for HttpAdapter {
 
     async fn put_topic(&self, p: PutTopicParams, _ctx: RequestContext) -> Reply<RegistryReply> {
         let queues = u32::try_from(p.queues).unwrap_or(0);
-        self.registry_reply(self.engine.put_topic(p.name.trim(), queues).await)
+        self.registry_reply(self.engine.put_topic(p.name.trim(), queues, p.lite).await)
     }
 
     async fn delete_topic(&self, p: DeleteTopicParams, _ctx: RequestContext) -> Reply<RegistryReply> {

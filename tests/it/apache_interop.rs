@@ -336,6 +336,7 @@ async fn what_a_java_producer_sends_mqproxy_delivers() {
         topic: TOPIC.into(),
         consumer: BROADCAST.into(),
         client_id: Some("java-out".into()),
+        lite_topic: None,
     };
     for _ in 0..200 {
         let f = client

@@ -188,6 +188,7 @@ async fn grpc_calls_need_the_same_tokens() {
             topic: TOPIC.into(),
             consumer: "c".into(),
             client_id: None,
+            lite_topic: None,
         })
     };
     let fetch = |t: Option<&str>| {

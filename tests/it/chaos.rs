@@ -113,6 +113,7 @@ async fn grpc_consumer(base: String, log: Arc<Mutex<Log>>) {
                 topic: TOPIC.into(),
                 consumer: "c".into(),
                 client_id: None,
+                lite_topic: None,
             }),
             max_in_flight: Some(1),
             ..Default::default()

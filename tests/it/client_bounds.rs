@@ -231,6 +231,7 @@ async fn consume_streams_are_capped() {
                 topic: TOPIC.into(),
                 consumer: "b".into(),
                 client_id: Some(client_id.into()),
+                lite_topic: None,
             }),
             ..Default::default()
         })),

@@ -29,6 +29,7 @@ fn target(consumer: &str, client_id: Option<&str>) -> Option<pb::ConsumeTarget> 
         topic: TOPIC.into(),
         consumer: consumer.into(),
         client_id: client_id.map(str::to_owned),
+        lite_topic: None,
     })
 }
 

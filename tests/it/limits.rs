@@ -166,6 +166,7 @@ async fn idle_connections_close_but_quiet_streams_live() {
                     topic: TOPIC.into(),
                     consumer: "c".into(),
                     client_id: None,
+                    lite_topic: None,
                 }),
                 auto_ack: true,
                 ..Default::default()

@@ -22,6 +22,7 @@ mod disk_full;
 mod grpc;
 mod lifecycle;
 mod limits;
+mod lite;
 mod pop;
 mod process;
 mod produce;

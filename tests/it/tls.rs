@@ -75,6 +75,7 @@ async fn rest_and_grpc_share_the_tls_port() {
                 topic: TOPIC.into(),
                 consumer: "c".into(),
                 client_id: None,
+                lite_topic: None,
             }),
             ..Default::default()
         })

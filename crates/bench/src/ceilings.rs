@@ -38,6 +38,7 @@ pub fn open_store(dir: &Path, flush: FlushPolicy) -> anyhow::Result<EmbeddedStor
     config.topics = vec![TopicConfig {
         name: TOPIC.into(),
         queues: QUEUES,
+        lite: false,
     }];
     Ok(EmbeddedStore::open(mqproxy::server::embedded_config(&config))?)
 }
@@ -61,6 +62,7 @@ pub fn records(n: usize, size: usize) -> Vec<NewRecord> {
                 born_ms: now_ms(),
                 born_host: None,
                 body: vec![b'x'; size],
+                lite_topics: Vec::new(),
             }
         })
         .collect()

@@ -390,6 +390,7 @@ fn subscribe(max_in_flight: u32) -> pb::ConsumeRequest {
                 topic: TOPIC.into(),
                 consumer: CONSUMER.into(),
                 client_id: None,
+                lite_topic: None,
             }),
             max_in_flight: Some(max_in_flight),
             max_pull_size: None,

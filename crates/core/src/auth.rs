@@ -205,11 +205,11 @@ impl ConsumerCall<'_> {
     ///
     /// # Errors
     /// The subscription breaks the consumer's rules, or too many streams are open.
-    pub fn consume<C>(self, sub: Subscription, commands: C) -> Result<ConsumeStream, EngineError>
+    pub async fn consume<C>(self, sub: Subscription, commands: C) -> Result<ConsumeStream, EngineError>
     where
         C: Stream<Item = ConsumeCommand> + Send + Unpin + 'static,
     {
-        self.engine.consume(&self.spec, self.target, sub, commands)
+        self.engine.consume(&self.spec, self.target, sub, commands).await
     }
 }
 

@@ -15,6 +15,7 @@ const TOPIC: &str = "t";
 const PRODUCER: &str = "p";
 const CONSUMER: &str = "c";
 const LOCK_MS: u64 = 10_000;
+const LITE_IDLE_MS: u64 = 3_600_000;
 
 struct Harness {
     engine: Engine,
@@ -58,10 +59,12 @@ fn harness(queues: u32) -> Harness {
             max_broadcast_clients: 16,
             metrics_max_client_series: 4,
             max_consume_streams: 4,
+            lite_topic_idle_ms: LITE_IDLE_MS,
         },
         topics: vec![TopicSpec {
             name: TOPIC.into(),
             queues,
+            lite: true,
         }],
         producers: vec![ProducerSpec {
             name: PRODUCER.into(),
@@ -99,6 +102,7 @@ fn target() -> ConsumeTarget {
         topic: TOPIC.into(),
         consumer: CONSUMER.into(),
         client_id: None,
+        lite_topic: None,
     }
 }
 
@@ -127,6 +131,45 @@ impl Harness {
     async fn ack(&self, request_id: &str) -> AckOutcome {
         self.engine
             .consumer(target(), None)
+            .expect("consumer")
+            .ack(request_id)
+            .await
+            .expect("acked")
+    }
+}
+
+fn lite_target(lite: &str) -> ConsumeTarget {
+    ConsumeTarget {
+        lite_topic: Some(lite.into()),
+        ..target()
+    }
+}
+
+impl Harness {
+    async fn produce_lite(&self, body: &str, lites: &[&str]) -> Result<SendReceipt, EngineError> {
+        self.engine
+            .producer(PRODUCER, None)
+            .expect("producer")
+            .produce(ProduceRequest {
+                body: body.as_bytes().to_vec(),
+                lite_topics: lites.iter().map(|l| (*l).to_owned()).collect(),
+                ..Default::default()
+            })
+            .await
+    }
+
+    async fn fetch_lite(&self, lite: &str) -> FetchOutcome {
+        self.engine
+            .consumer(lite_target(lite), None)
+            .expect("consumer")
+            .fetch(FetchRequest::default())
+            .await
+            .expect("fetched")
+    }
+
+    async fn ack_lite(&self, lite: &str, request_id: &str) -> AckOutcome {
+        self.engine
+            .consumer(lite_target(lite), None)
             .expect("consumer")
             .ack(request_id)
             .await
@@ -275,6 +318,7 @@ async fn a_stream_holds_at_most_its_credit_of_batches() {
             },
             tokio_stream::wrappers::ReceiverStream::new(command_rx),
         )
+        .await
         .expect("stream opens");
     let (first, n1) = next_batch(&mut events).await;
     let (_second, n2) = next_batch(&mut events).await;
@@ -558,4 +602,109 @@ async fn pulls_with_and_without_pop_do_not_mix_in_one_consumer() {
         FetchStatus::NoNewMsg,
         "POP starts at the committed offset"
     );
+}
+
+#[tokio::test]
+async fn a_lite_message_reaches_each_named_lite_topic_and_its_parent() {
+    let h = harness(2);
+    h.produce_lite("m1", &["a", "b", "a"]).await.expect("produced");
+    h.produce_lite("m2", &["a"]).await.expect("produced");
+    let a = h.fetch_lite("a").await;
+    assert_eq!(bodies(&a), ["m1", "m2"], "in order, once although named twice");
+    let queue = a.queue.clone().expect("queue");
+    assert_eq!((queue.topic.as_str(), queue.queue_id), ("%LMQ%t$a", 0));
+    assert!(h.ack_lite("a", a.request_id.as_deref().expect("rid")).await.committed);
+    assert_eq!(h.fetch_lite("a").await.status, FetchStatus::NoNewMsg);
+    // Each lite topic has its own offsets; an ack names its lite topic.
+    let b = h.fetch_lite("b").await;
+    assert_eq!(bodies(&b), ["m1"]);
+    let wrong = h
+        .engine
+        .consumer(target(), None)
+        .expect("consumer")
+        .ack(b.request_id.as_deref().expect("rid"))
+        .await;
+    assert!(
+        wrong.is_err(),
+        "a lite batch's requestId is not the parent's: {wrong:?}"
+    );
+    assert!(h.ack_lite("b", b.request_id.as_deref().expect("rid")).await.committed);
+    // The parent's queues hold them too (as a broker's LMQ dispatch leaves them there).
+    let mut parent = Vec::new();
+    for _ in 0..2 {
+        let batch = h.fetch().await;
+        parent.extend(bodies(&batch));
+        if let Some(rid) = batch.request_id.as_deref() {
+            h.ack(rid).await;
+        }
+    }
+    parent.sort();
+    assert_eq!(parent, ["m1", "m2"]);
+}
+
+#[tokio::test]
+async fn lite_topics_are_refused_with_a_reason() {
+    let h = harness(1);
+    let delayed = h
+        .engine
+        .producer(PRODUCER, None)
+        .expect("producer")
+        .produce(ProduceRequest {
+            body: b"x".to_vec(),
+            delay_level: Some(1),
+            lite_topics: vec!["a".into()],
+            ..Default::default()
+        })
+        .await
+        .expect_err("delay with lite");
+    assert!(
+        delayed
+            .to_string()
+            .contains("liteTopics cannot be used with delayLevel"),
+        "{delayed}"
+    );
+    let long = "x".repeat(100);
+    let e = h.produce_lite("x", &[long.as_str()]).await.expect_err("too long");
+    assert!(e.to_string().contains("at most 100 characters, got 101"), "{e}");
+    let many: Vec<String> = (0..33).map(|i| format!("l{i}")).collect();
+    let many: Vec<&str> = many.iter().map(String::as_str).collect();
+    let e = h.produce_lite("x", &many).await.expect_err("too many");
+    assert!(e.to_string().contains("at most 32 lite topics, got 33"), "{e}");
+    let e = h
+        .engine
+        .consumer(lite_target("no/slash"), None)
+        .expect("consumer")
+        .fetch(FetchRequest::default())
+        .await
+        .expect_err("bad name");
+    assert!(e.to_string().starts_with("liteTopic:"), "{e}");
+}
+
+#[tokio::test]
+async fn an_idle_lite_topic_is_reclaimed_and_a_used_one_kept() {
+    let h = harness(1);
+    h.produce_lite("old", &["idle", "busy"]).await.expect("produced");
+    let batch = h.fetch_lite("idle").await;
+    assert!(
+        h.ack_lite("idle", batch.request_id.as_deref().expect("rid"))
+            .await
+            .committed
+    );
+    assert_eq!(h.engine.lite_topic_count(), 2);
+    h.clock.advance(LITE_IDLE_MS - 1_000);
+    // Pulled (nothing new) shortly before the idle time: kept.
+    assert_eq!(bodies(&h.fetch_lite("busy").await), ["old"]);
+    h.clock.advance(1_001);
+    assert_eq!(
+        h.engine.reclaim_idle_lite_topics(LITE_IDLE_MS).await,
+        1,
+        "idle goes, busy stays"
+    );
+    assert_eq!(h.engine.lite_topic_count(), 1);
+    assert!(h.engine.topic_queues("%LMQ%t$idle").is_empty(), "the store forgot it");
+    // Used again: a new lite topic, from its first message (the old one and its offsets went).
+    h.produce_lite("new", &["idle"]).await.expect("produced");
+    let again = h.fetch_lite("idle").await;
+    assert_eq!(bodies(&again), ["new"]);
+    assert_eq!(again.queue.expect("queue").min_offset, 0);
 }

@@ -22,6 +22,7 @@ mod engine_tests;
 mod error;
 pub mod ids;
 pub mod limits;
+mod lite;
 mod messages;
 mod metrics;
 mod produce;
@@ -74,6 +75,8 @@ impl ConsumeMode {
 pub struct TopicSpec {
     pub name: String,
     pub queues: u32,
+    /// A lite-message parent: produces may name lite topics under it (`liteTopics`).
+    pub lite: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -122,6 +125,8 @@ pub struct ProduceRequest {
     /// The producing client's address (`clientIp`, else what the transport saw), stored with
     /// the message.
     pub client_ip: Option<String>,
+    /// Lite topics under the (lite-message) topic the message is also delivered to.
+    pub lite_topics: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -187,6 +192,7 @@ struct Inner {
     producing: produce::ProduceState,
     consuming: consume::ConsumeState,
     streams: stream::StreamState,
+    lite: lite::LiteState,
 }
 
 impl Engine {
@@ -227,6 +233,7 @@ impl Engine {
                 consuming: consume::ConsumeState::new(config.consume, state, request_id_keys, clock.clone()),
                 streams: stream::StreamState::new(config.consume.max_consume_streams),
                 metrics: metrics::Metrics::new(),
+                lite: lite::LiteState::new(messages.lite_topics(), clock.now_ms()),
                 clock,
                 messages,
             }),

@@ -89,6 +89,13 @@ pub fn client_address(ip: Option<String>) -> Option<String> {
 /// The longest topic, producer or consumer name (RocketMQ's).
 pub const MAX_NAME_CHARS: usize = 127;
 
+/// The longest parent + lite topic name together (MQCloud's rule for lite topics).
+pub const MAX_LITE_TOPIC_CHARS: usize = 100;
+
+/// Lite topics one message may name (`liteTopics`): each is a copy on the embedded store and
+/// a dispatch on the broker.
+pub const MAX_LITE_TOPICS_PER_MESSAGE: usize = 32;
+
 /// `delayLevel`: an index into the store's delay table.
 pub const DELAY_LEVEL: Bounds = Bounds {
     min: 1,

@@ -240,6 +240,16 @@ impl Engine {
             (true, None) => self.strict_turn_queue(topic).await?,
             (false, _) => self.pick_queue(topic, order_id)?,
         };
+        let lite_topics = if req.lite_topics.iter().any(|l| !l.trim().is_empty()) {
+            if delivery != Delivery::Now {
+                return Err(EngineError::invalid(
+                    "liteTopics cannot be used with delayLevel or a future deliveryTimestamp: a lite message is delivered at once",
+                ));
+            }
+            self.open_lite_topics(topic, &req.lite_topics).await?
+        } else {
+            Vec::new()
+        };
         let born_host = limits::client_address(req.client_ip);
         let msg_id = self.inner.producing.ids.next();
         let keys = req.keys.filter(|k| !k.is_empty());
@@ -249,6 +259,7 @@ impl Engine {
             born_ms: now,
             born_host,
             body: req.body,
+            lite_topics,
         };
         let (_, queue, outcome) = self
             .append_with_failover(topic, chosen, order_id.is_none(), delivery, vec![record])
@@ -319,6 +330,7 @@ impl Engine {
                         born_ms: now,
                         born_host: born_host.clone(),
                         body,
+                        lite_topics: Vec::new(),
                     };
                     if let Some(group) = groups.last_mut() {
                         group.push((i, record));

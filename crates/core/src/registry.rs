@@ -76,6 +76,7 @@ impl Registry {
                 .map(|t| StoredTopic {
                     name: t.name,
                     queues: t.queues,
+                    lite: t.lite,
                 })
                 .collect(),
             producers: view
@@ -186,12 +187,21 @@ impl Engine {
     /// Creates a topic, or grows its queue count (queues are never taken away: they may hold
     /// messages and consumer offsets).
     ///
+    /// `lite`: whether it is a lite-message parent (None: as it is, or not for a new topic).
+    ///
     /// # Errors
     /// A bad name or queue count, fewer queues than before, or a store failure.
-    pub async fn put_topic(&self, name: &str, queues: u32) -> Result<RegistryView, EngineError> {
+    pub async fn put_topic(&self, name: &str, queues: u32, lite: Option<bool>) -> Result<RegistryView, EngineError> {
         check_name("topic", name)?;
+        if name.starts_with(mqproxy_store::LITE_TOPIC_PREFIX) {
+            return Err(EngineError::invalid(format!(
+                "topic {name:?}: names starting with {} are lite topics' queues",
+                mqproxy_store::LITE_TOPIC_PREFIX
+            )));
+        }
         limits::check(limits::QUEUES, "queues", u64::from(queues))?;
-        if let Some(old) = self.snapshot().topics.get(name)
+        let old = self.snapshot().topics.get(name).cloned();
+        if let Some(old) = &old
             && queues < old.queues
         {
             return Err(EngineError::invalid(format!(
@@ -202,6 +212,7 @@ impl Engine {
         let spec = TopicSpec {
             name: name.to_owned(),
             queues,
+            lite: lite.unwrap_or_else(|| old.is_some_and(|o| o.lite)),
         };
         let view = self
             .change_registry(Some((name.to_owned(), queues)), |r| {

@@ -48,6 +48,9 @@ pub struct ConsumeSettings {
     pub metrics_max_client_series: u32,
     /// gRPC Consume streams open at once on this proxy (ResourceExhausted past it).
     pub max_consume_streams: u32,
+    /// A lite topic with no send and no pull for this long is reclaimed: its messages (on the
+    /// embedded store) and its consumers' offsets go.
+    pub lite_topic_idle_ms: u64,
 }
 
 impl Default for ConsumeSettings {
@@ -60,6 +63,8 @@ impl Default for ConsumeSettings {
             max_broadcast_clients: 10_000,
             metrics_max_client_series: 100,
             max_consume_streams: 10_000,
+            // MQCloud's rule: about a day after the last send, when nobody consumes it.
+            lite_topic_idle_ms: DAY_MS,
         }
     }
 }
@@ -72,6 +77,7 @@ impl ConsumeSettings {
         Bounds::new(1_000, 365 * DAY_MS).setting("broadcast_client_idle_ms", self.broadcast_client_idle_ms)?;
         Bounds::new(1, 10_000_000).setting("max_broadcast_clients", u64::from(self.max_broadcast_clients))?;
         Bounds::new(0, 100_000).setting("metrics_max_client_series", u64::from(self.metrics_max_client_series))?;
-        Bounds::new(1, 10_000_000).setting("max_consume_streams", u64::from(self.max_consume_streams))
+        Bounds::new(1, 10_000_000).setting("max_consume_streams", u64::from(self.max_consume_streams))?;
+        Bounds::new(1_000, 365 * DAY_MS).setting("lite_topic_idle_ms", self.lite_topic_idle_ms)
     }
 }

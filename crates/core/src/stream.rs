@@ -87,7 +87,7 @@ impl StreamState {
 impl Engine {
     /// Opens a consume stream for `spec`'s consumer. The subscription is checked at once
     /// (topic, clientId rules); the stream then runs until the returned receiver is dropped.
-    pub(super) fn consume<C>(
+    pub(super) async fn consume<C>(
         &self,
         spec: &ConsumerSpec,
         target: ConsumeTarget,
@@ -97,7 +97,7 @@ impl Engine {
     where
         C: Stream<Item = ConsumeCommand> + Send + Unpin + 'static,
     {
-        let key = self.resolve(spec, &target)?;
+        let key = self.resolve(spec, &target).await?;
         if sub.max_in_flight != 0 {
             limits::check(limits::IN_FLIGHT, "maxInFlight", u64::from(sub.max_in_flight))?;
         }
@@ -131,7 +131,7 @@ impl Engine {
     /// change or remove it while the stream runs) and its settings, read once.
     async fn stream_round(&self, target: &ConsumeTarget) -> Result<(Arc<ConsumerSpec>, PullContext), EngineError> {
         let spec = self.registered_consumer(&target.consumer)?;
-        let key = self.resolve(&spec, target)?;
+        let key = self.resolve(&spec, target).await?;
         let ctx = self.pull_context(&spec, key).await?;
         Ok((spec, ctx))
     }

@@ -258,6 +258,10 @@ pub trait ConsumerStateStore: Send + Sync + 'static {
     /// their offsets, locks and retry entries go. Returns how many were forgotten.
     async fn forget_idle_clients(&self, topic: &str, group: &str, idle_before_ms: u64) -> Result<usize, StoreError>;
 
+    /// Forgets a context (a reclaimed lite topic's): offsets, locks, POP segments and retry
+    /// entries.
+    async fn forget_context(&self, ctx: &ContextKey) -> Result<(), StoreError>;
+
     async fn settings(&self, consumer: &str) -> Result<Option<ConsumerSettings>, StoreError>;
 
     /// Saves a consumer's settings (durably).
@@ -454,6 +458,23 @@ impl LocalConsumerState {
     /// The context if it exists: reads and steps that only finish something create nothing.
     fn existing(&self, key: &ContextKey) -> Option<Arc<Mutex<ContextState>>> {
         lock(&self.contexts).get(key).cloned()
+    }
+
+    /// Drops a context from memory; the changes that delete it from the durable store.
+    fn remove_context(&self, key: &ContextKey) -> Vec<ConsumerOp> {
+        let Some(context) = lock(&self.contexts).remove(key) else {
+            return Vec::new();
+        };
+        let st = lock(&context);
+        let queues = (0..u32::try_from(st.queues.len()).unwrap_or(u32::MAX)).map(|queue| ConsumerOp::DeleteQueue {
+            context: key.clone(),
+            queue,
+        });
+        let retries = st.retries.keys().map(|&seq| ConsumerOp::DeleteRetry {
+            context: key.clone(),
+            seq,
+        });
+        queues.chain(retries).collect()
     }
 
     fn put_queue(key: &ContextKey, queue: u32, state: &QueueState) -> ConsumerOp {
@@ -756,25 +777,25 @@ impl ConsumerStateStore for LocalConsumerState {
                 group: group.to_owned(),
                 client_id: Some(client.clone()),
             };
-            let Some(context) = lock(&self.contexts).remove(&key) else {
-                continue;
-            };
-            let st = lock(&context);
-            ops.extend(
-                (0..u32::try_from(st.queues.len()).unwrap_or(u32::MAX)).map(|queue| ConsumerOp::DeleteQueue {
-                    context: key.clone(),
-                    queue,
-                }),
-            );
-            ops.extend(st.retries.keys().map(|&seq| ConsumerOp::DeleteRetry {
-                context: key.clone(),
-                seq,
-            }));
+            ops.extend(self.remove_context(&key));
         }
         if !ops.is_empty() {
             self.durable.save(ops).await?;
         }
         Ok(idle.len())
+    }
+
+    async fn forget_context(&self, ctx: &ContextKey) -> Result<(), StoreError> {
+        if let Some(client) = &ctx.client_id
+            && let Some(clients) = lock(&self.clients).get_mut(&(ctx.topic.clone(), ctx.group.clone()))
+        {
+            clients.remove(client);
+        }
+        let ops = self.remove_context(ctx);
+        if !ops.is_empty() {
+            self.durable.save(ops).await?;
+        }
+        Ok(())
     }
 
     async fn settings(&self, consumer: &str) -> Result<Option<ConsumerSettings>, StoreError> {
@@ -980,8 +1001,67 @@ pub(crate) mod contract {
         assert_eq!(committed(&state.snapshot(&c, 1).await.expect("snapshot")), Some(2));
     }
 
+    /// A lite topic's contexts are apart from the group's own and from each other, and go
+    /// whole when forgotten.
+    async fn check_lite_contexts(state: &dyn ConsumerStateStore) {
+        let lite = |name: &str, client: Option<&str>| ContextKey {
+            topic: crate::lite_queue_topic("t", name),
+            group: "g".into(),
+            client_id: client.map(str::to_owned),
+        };
+        let (a, b) = (lite("a", None), lite("b", None));
+        state.set_committed(&a, 0, 7).await.expect("commit a");
+        state.set_committed(&b, 0, 9).await.expect("commit b");
+        assert!(state.try_lock(&a, request(0, None, 5)).await.expect("lock").is_some());
+        state
+            .add_retry(
+                &a,
+                [1; 16],
+                MessageLocation {
+                    topic: a.topic.clone(),
+                    queue: 0,
+                    offset: 3,
+                },
+            )
+            .await
+            .expect("retry");
+        let committed = |s: &ContextSnapshot| s.queues[0].committed;
+        assert_eq!(committed(&state.snapshot(&a, 1).await.expect("a")), Some(7));
+        assert_eq!(
+            committed(&state.snapshot(&ctx(), 1).await.expect("own")),
+            None,
+            "the group's own context is apart"
+        );
+        state.forget_context(&a).await.expect("forget");
+        let gone = state.snapshot(&a, 1).await.expect("a again");
+        assert_eq!(
+            (committed(&gone), gone.queues[0].lock_time, gone.retries.len()),
+            (None, None, 0)
+        );
+        assert_eq!(
+            committed(&state.snapshot(&b, 1).await.expect("b")),
+            Some(9),
+            "b is kept"
+        );
+        state.forget_context(&b).await.expect("forget b");
+        // A broadcast client of a lite topic: admitted per lite topic, forgotten with it.
+        let client = lite("a", Some("c1"));
+        assert!(state.admit_client(&client, 1, 1).await.expect("admit"));
+        assert_eq!(
+            state.client_ids(&client.topic, "g").await.expect("ids"),
+            vec!["c1".to_owned()]
+        );
+        assert!(
+            state.client_ids("t", "g").await.expect("ids").is_empty(),
+            "not the group's own"
+        );
+        state.forget_context(&client).await.expect("forget client");
+        assert!(state.client_ids(&client.topic, "g").await.expect("ids").is_empty());
+    }
+
     pub(crate) async fn check(state: &dyn ConsumerStateStore) {
         check_pop(state).await;
+        check_lite_contexts(state).await;
         let c = ctx();
         // A lock is taken only if it is still what the caller saw.
         assert!(state.try_lock(&c, request(0, None, 10)).await.expect("lock").is_some());

@@ -88,6 +88,20 @@ pub enum Delivery {
     At(u64),
 }
 
+/// What starts the name of a lite topic's queue topic: RocketMQ's light message queues (LMQ).
+pub const LITE_TOPIC_PREFIX: &str = "%LMQ%";
+
+/// The topic whose single queue (per broker) holds a lite topic: `%LMQ%<parent>$<lite>`, the
+/// name RocketMQ's multi-dispatch writes to and MQCloud's proxy reads.
+pub fn lite_queue_topic(parent: &str, lite: &str) -> String {
+    format!("{LITE_TOPIC_PREFIX}{parent}${lite}")
+}
+
+/// The (parent, lite) names of a lite queue topic; None for any other topic.
+pub fn split_lite_queue_topic(topic: &str) -> Option<(&str, &str)> {
+    topic.strip_prefix(LITE_TOPIC_PREFIX)?.rsplit_once('$')
+}
+
 /// A queue of a topic: the broker holding it and its id there. A topic's queues are listed in
 /// RocketMQ's route order (broker name, then queue id); the engine's queue index is the
 /// position in that list.
@@ -106,6 +120,9 @@ pub struct NewRecord {
     /// The producing client's address (`clientIp`), as the proxy learned it.
     pub born_host: Option<String>,
     pub body: Vec<u8>,
+    /// The lite topics' queue topics (`lite_queue_topic`) the message is also delivered to,
+    /// beside its own queue: each gets it at the end of its queue 0 (of each broker).
+    pub lite_topics: Vec<String>,
 }
 
 /// A message as read back from a queue.
@@ -343,6 +360,9 @@ pub struct RegistryEntries {
 pub struct StoredTopic {
     pub name: String,
     pub queues: u32,
+    /// A lite-message parent: produces may name lite topics under it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub lite: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -401,6 +421,19 @@ pub trait MessageStore: Send + Sync + 'static {
     /// Makes a topic (added or grown at run time) known with `queues` queues: the embedded
     /// store tracks their offsets; a cluster creates the topic if needed and reads its route.
     async fn add_topic(&self, topic: &str, queues: u32) -> Result<(), StoreError>;
+
+    /// Makes a lite topic's queue topic (`lite_queue_topic(parent, ..)`) known: one queue (queue
+    /// 0) per broker of `parent`. Cheap once known; created on first use.
+    async fn open_lite_topic(&self, parent: &str, lite_topic: &str) -> Result<(), StoreError>;
+
+    /// Reclaims an idle lite topic: the embedded store deletes its messages and forgets it; a
+    /// cluster forgets it (the broker's LMQ stays until the broker drops it).
+    async fn drop_lite_topic(&self, lite_topic: &str) -> Result<(), StoreError>;
+
+    /// The lite topics' queue topics that hold messages at start (reclaimed when idle).
+    fn lite_topics(&self) -> Vec<String> {
+        Vec::new()
+    }
 
     /// The queues of a topic in route order (empty for a topic the store does not know).
     fn queues(&self, topic: &str) -> std::sync::Arc<[QueueRef]>;
@@ -509,6 +542,11 @@ impl TopicSignals {
         for sender in topics.values() {
             sender.send_modify(|n| *n = n.wrapping_add(1));
         }
+    }
+
+    /// Whether anybody waits on `topic` now.
+    pub fn is_waited_on(&self, topic: &str) -> bool {
+        self.topics().get(topic).is_some_and(|s| s.receiver_count() > 0)
     }
 
     /// How many topics have a signal (waiters, or had some since the last notify).

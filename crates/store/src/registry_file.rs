@@ -66,6 +66,7 @@ mod tests {
             topics: vec![StoredTopic {
                 name: "t".into(),
                 queues: 3,
+                lite: true,
             }],
             ..RegistryEntries::default()
         };

@@ -60,6 +60,16 @@ impl ConsumeState {
         self.changes.notify_all();
     }
 
+    /// Whether a streaming or long-polling consumer waits on `topic` now.
+    pub(crate) fn is_waited_on(&self, topic: &str) -> bool {
+        self.changes.is_waited_on(topic)
+    }
+
+    /// The consumer state store (the lite topics' reclaim forgets contexts in it).
+    pub(crate) fn state(&self) -> &Arc<dyn ConsumerStateStore> {
+        &self.state
+    }
+
     /// Changes of `topic` from now on (see [`ConsumeState::notify`]).
     pub(crate) fn subscribe(&self, topic: &str) -> tokio::sync::watch::Receiver<u64> {
         self.changes.subscribe(topic)
@@ -73,6 +83,8 @@ pub struct ConsumeTarget {
     pub consumer: String,
     /// Broadcast consumers only.
     pub client_id: Option<String>,
+    /// A lite topic under the consumer's (parent) topic: its context and queue instead.
+    pub lite_topic: Option<String>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -425,8 +437,9 @@ impl Engine {
         self.consumer_spec(&self.snapshot(), name)
     }
 
-    /// Checks the request against its consumer's entry and names its consumption context.
-    pub(super) fn resolve(&self, spec: &ConsumerSpec, target: &ConsumeTarget) -> Result<ContextKey, EngineError> {
+    /// Checks the request against its consumer's entry and names its consumption context: the
+    /// consumer's topic, or the lite topic it names (opened on first use).
+    pub(super) async fn resolve(&self, spec: &ConsumerSpec, target: &ConsumeTarget) -> Result<ContextKey, EngineError> {
         if target.topic != spec.topic {
             return Err(EngineError::invalid(format!(
                 "consumer:{} subscribe:{} but fetch:{}",
@@ -443,8 +456,12 @@ impl Engine {
             }
             (_, c) => c.map(check_client_id).transpose()?,
         };
+        let topic = match target.lite_topic.as_deref().map(str::trim).filter(|l| !l.is_empty()) {
+            Some(lite) => self.open_lite(&spec.topic, lite, "liteTopic").await?,
+            None => spec.topic.clone(),
+        };
         Ok(ContextKey {
-            topic: spec.topic.clone(),
+            topic,
             group: spec.name.clone(),
             client_id,
         })
@@ -561,7 +578,7 @@ impl Engine {
         req: FetchRequest,
     ) -> Result<FetchOutcome, EngineError> {
         let result = async {
-            let key = self.resolve(spec, target)?;
+            let key = self.resolve(spec, target).await?;
             let options = PullOptions {
                 pop: req.pop,
                 ..PullOptions::checked(
@@ -574,7 +591,7 @@ impl Engine {
             let wait_ms = req.wait_ms.unwrap_or(0);
             limits::check(limits::WAIT_MS, "waitMs", wait_ms)?;
             // Seen before the first pull, so what happens during it ends a wait at once.
-            let mut changes = (wait_ms > 0).then(|| self.pull_changes(&spec.topic));
+            let mut changes = (wait_ms > 0).then(|| self.pull_changes(&key.topic));
             // Settings once per pull: they gate the pull and set the lock time the ack checks.
             let ctx = self.pull_context(spec, key).await?;
             let ack = match req.request_id.as_deref().map(str::trim).filter(|r| !r.is_empty()) {
@@ -745,7 +762,7 @@ impl Engine {
             if chosen.reset_to.is_some() {
                 break (chosen, Default::default());
             }
-            let read = tokio::time::timeout(options.read_timeout, self.read_batch(spec, &chosen, max_pull)).await;
+            let read = tokio::time::timeout(options.read_timeout, self.read_batch(&key.topic, &chosen, max_pull)).await;
             let read = read.unwrap_or_else(|_| {
                 Err(EngineError::Unavailable(format!(
                     "the pull's read of the message store took longer than pullTimeout ({} s)",
@@ -758,7 +775,7 @@ impl Engine {
                     self.release(key, &chosen, &[]).await?;
                     let retry_elsewhere = failed_queue.is_none()
                         && matches!(e, EngineError::Store(mqproxy_store::StoreError::Backend(_)))
-                        && self.other_broker_available(spec, chosen.queue);
+                        && self.other_broker_available(&key.topic, chosen.queue);
                     if !retry_elsewhere {
                         return Err(e);
                     }
@@ -825,8 +842,8 @@ impl Engine {
     }
 
     /// Whether a queue of the topic on another broker than `queue`'s is not avoided.
-    fn other_broker_available(&self, spec: &ConsumerSpec, queue: u32) -> bool {
-        let refs = self.inner.messages.queues(&spec.topic);
+    fn other_broker_available(&self, topic: &str, queue: u32) -> bool {
+        let refs = self.inner.messages.queues(topic);
         let Some(failed) = refs.get(queue as usize) else {
             return false;
         };
@@ -835,7 +852,7 @@ impl Engine {
                 && self
                     .inner
                     .messages
-                    .queue_available(&spec.topic, u32::try_from(i).unwrap_or(u32::MAX))
+                    .queue_available(topic, u32::try_from(i).unwrap_or(u32::MAX))
         })
     }
 
@@ -851,7 +868,7 @@ impl Engine {
         failed: Option<u32>,
     ) -> Result<Choice<Chosen>, EngineError> {
         let client_ip = &options.client_ip;
-        let queues = self.queue_count(&spec.topic);
+        let queues = self.queue_count(&key.topic);
         let now = self.now_ms();
         let timeout = spec.consume_timeout_ms;
         let snapshot = self.inner.consuming.state.snapshot(key, queues).await?;
@@ -859,9 +876,9 @@ impl Engine {
             0 => {}
             segments => return Err(pop::segments_in_flight(&spec.name, segments)),
         }
-        let refs = self.inner.messages.queues(&spec.topic);
+        let refs = self.inner.messages.queues(&key.topic);
         let ranges: Vec<_> = (0..queues)
-            .map(|q| self.inner.messages.queue_range(&spec.topic, q))
+            .map(|q| self.inner.messages.queue_range(&key.topic, q))
             .collect();
         let exact_ranges = self.inner.messages.ranges_are_exact();
         let backlog = |q: u32| {
@@ -869,7 +886,7 @@ impl Engine {
             r.max
                 .saturating_sub(snapshot.queues[q as usize].committed.unwrap_or(r.min).max(r.min))
         };
-        let avoided = |q: u32| failed == Some(q) || !self.inner.messages.queue_available(&spec.topic, q);
+        let avoided = |q: u32| failed == Some(q) || !self.inner.messages.queue_available(&key.topic, q);
         let mut order: Vec<u32> = (0..queues).collect();
         order.sort_by(|&a, &b| {
             avoided(a).cmp(&avoided(b)).then(backlog(b).cmp(&backlog(a))).then(
@@ -909,7 +926,7 @@ impl Engine {
             let (start, reset_to) = offsets(qs.committed);
             let queue_ref = &refs[queue as usize];
             let queue_snapshot = |state: &QueueState| QueueSnapshot {
-                topic: spec.topic.clone(),
+                topic: key.topic.clone(),
                 broker_name: queue_ref.broker_name.clone(),
                 queue_id: queue_ref.queue_id,
                 min_offset: range.min,
@@ -973,20 +990,14 @@ impl Engine {
     /// separately so they can be dropped.
     async fn read_batch(
         &self,
-        spec: &ConsumerSpec,
+        topic: &str,
         chosen: &Chosen,
         max_pull: u32,
     ) -> Result<(ReadOutcome, Vec<Delivered>, Vec<u64>), EngineError> {
         let read = self
             .inner
             .messages
-            .read(
-                &spec.topic,
-                chosen.queue,
-                chosen.start,
-                max_pull as usize,
-                MAX_PULL_BYTES,
-            )
+            .read(topic, chosen.queue, chosen.start, max_pull as usize, MAX_PULL_BYTES)
             .await?;
         let (retry_messages, missing) = self.read_retries(&chosen.retries).await?;
         Ok((read, retry_messages, missing))
@@ -1016,7 +1027,7 @@ impl Engine {
         target: &ConsumeTarget,
         request_id: &str,
     ) -> Result<AckOutcome, EngineError> {
-        let key = self.resolve(spec, target)?;
+        let key = self.resolve(spec, target).await?;
         let effective = Self::effective(spec, &self.settings_of(&spec.name).await?);
         let result = self.ack_in_context(&effective, &key, request_id.trim()).await;
         self.count_ack(spec, result.as_ref().map(|a| a.committed).map_err(|_| ()));
@@ -1044,7 +1055,7 @@ impl Engine {
         if issued.token.pop {
             return self.ack_segment(key, issued).await;
         }
-        let queues = self.queue_count(&spec.topic);
+        let queues = self.queue_count(&key.topic);
         let (token, queue) = (&issued.token, issued.queue);
         let info = token.info();
         let snapshot = self.inner.consuming.state.snapshot(key, queues).await?;
@@ -1104,7 +1115,7 @@ impl Engine {
         target: &ConsumeTarget,
         request_id: &str,
     ) -> Result<UnlockOutcome, EngineError> {
-        let key = self.resolve(spec, target)?;
+        let key = self.resolve(spec, target).await?;
         self.unlock_in_context(&key, request_id).await
     }
 

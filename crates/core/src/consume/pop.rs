@@ -64,7 +64,7 @@ impl Engine {
                 .inner
                 .consuming
                 .state
-                .snapshot(key, self.queue_count(&spec.topic))
+                .snapshot(key, self.queue_count(&key.topic))
                 .await?;
             let now = self.now_ms();
             if let Some(queue) = snapshot
@@ -151,9 +151,9 @@ impl Engine {
                 }));
             }
         }
-        let queues = self.queue_count(&spec.topic);
+        let queues = self.queue_count(&key.topic);
         let ranges: Vec<_> = (0..queues)
-            .map(|q| self.inner.messages.queue_range(&spec.topic, q))
+            .map(|q| self.inner.messages.queue_range(&key.topic, q))
             .collect();
         let exact_ranges = self.inner.messages.ranges_are_exact();
         // Where each queue's next segment starts: after what was handed out, never before the
@@ -179,7 +179,7 @@ impl Engine {
             return Ok(Choice::AllLocked);
         }
         order.sort_by(|&a, &b| {
-            let avoided = |q| !self.inner.messages.queue_available(&spec.topic, q);
+            let avoided = |q| !self.inner.messages.queue_available(&key.topic, q);
             avoided(a).cmp(&avoided(b)).then(backlog(b).cmp(&backlog(a))).then(
                 snapshot.queues[a as usize]
                     .last_pull_ms
@@ -210,7 +210,7 @@ impl Engine {
                 options.read_timeout,
                 self.inner
                     .messages
-                    .read(&spec.topic, queue, from, max_pull as usize, MAX_PULL_BYTES),
+                    .read(&key.topic, queue, from, max_pull as usize, MAX_PULL_BYTES),
             )
             .await
             .unwrap_or_else(|_| {
@@ -267,11 +267,11 @@ impl Engine {
         queue: u32,
         segment: Option<&PopSegment>,
     ) -> QueueSnapshot {
-        let refs = self.inner.messages.queues(&ctx.spec.topic);
-        let range = self.inner.messages.queue_range(&ctx.spec.topic, queue);
+        let refs = self.inner.messages.queues(&ctx.key.topic);
+        let range = self.inner.messages.queue_range(&ctx.key.topic, queue);
         let qs = &snapshot.queues[queue as usize];
         QueueSnapshot {
-            topic: ctx.spec.topic.clone(),
+            topic: ctx.key.topic.clone(),
             broker_name: refs
                 .get(queue as usize)
                 .map(|r| r.broker_name.clone())
@@ -297,7 +297,7 @@ impl Engine {
         grant: PopGrant,
         snapshot: &ContextSnapshot,
     ) -> Result<(FetchOutcome, Option<Issued>), EngineError> {
-        let (spec, key) = (&ctx.spec, &ctx.key);
+        let key = &ctx.key;
         let segment = &grant.segment;
         let queue = candidate.queue;
         let mut retry_messages = Vec::new();
@@ -306,7 +306,7 @@ impl Engine {
             let read = self
                 .inner
                 .messages
-                .read(&spec.topic, queue, segment.offset, count, usize::MAX)
+                .read(&key.topic, queue, segment.offset, count, usize::MAX)
                 .await?;
             retry_messages.extend(
                 read.messages

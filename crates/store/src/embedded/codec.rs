@@ -82,6 +82,7 @@ pub(super) fn decode_record(bytes: &[u8]) -> Result<(NewRecord, u64), StoreError
             born_ms,
             born_host,
             body,
+            lite_topics: Vec::new(),
         },
         store_ms,
     ))
@@ -202,6 +203,7 @@ mod tests {
             born_ms: 5,
             born_host: Some("203.0.113.7".into()),
             body: b"hello".to_vec(),
+            lite_topics: Vec::new(),
         };
         let bytes = encode_message(&record, 11, 12);
         let msg = decode_message(3, &bytes).expect("decode");

@@ -154,6 +154,8 @@ struct Inner {
     thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
     visible: Arc<crate::TopicSignals>,
     queues: RwLock<HashMap<String, Arc<[QueueRef]>>>,
+    /// The route of every lite topic (queue 0 of this store), shared by all of them.
+    lite_route: Arc<[QueueRef]>,
     path: PathBuf,
     broker_name: String,
 }
@@ -177,7 +179,8 @@ impl EmbeddedStore {
                 .map_err(db_err)?,
         );
         let (identity, counters) = writer::init(&db)?;
-        let ranges = Arc::new(RwLock::new(load_ranges(&db, &config.topics)?));
+        let (ranges, lite_topics) = load_ranges(&db, &config.topics)?;
+        let ranges = Arc::new(RwLock::new(ranges));
         let (tx, rx) = mpsc::channel();
         let visible = Arc::new(crate::TopicSignals::default());
         let pending_bytes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -191,7 +194,11 @@ impl EmbeddedStore {
         )?;
         let thread = writer::spawn(writer, rx)?;
         tracing::info!(path = %path.display(), flush = ?config.settings.flush, "embedded store open");
-        let queues = config
+        let lite_route: Arc<[QueueRef]> = Arc::from(vec![QueueRef {
+            broker_name: config.broker_name.clone(),
+            queue_id: 0,
+        }]);
+        let mut queues: HashMap<String, Arc<[QueueRef]>> = config
             .topics
             .iter()
             .map(|(topic, n)| {
@@ -204,6 +211,7 @@ impl EmbeddedStore {
                 (topic.clone(), refs)
             })
             .collect();
+        queues.extend(lite_topics.into_iter().map(|t| (t, lite_route.clone())));
         Ok(Self {
             inner: Arc::new(Inner {
                 pending_bytes,
@@ -215,6 +223,7 @@ impl EmbeddedStore {
                 thread: std::sync::Mutex::new(Some(thread)),
                 visible,
                 queues: RwLock::new(queues),
+                lite_route,
                 path,
                 broker_name: config.broker_name.clone(),
             }),
@@ -264,7 +273,11 @@ fn range_in_table(
     })
 }
 
-fn load_ranges(db: &Database, topics: &[(String, u32)]) -> Result<HashMap<(String, u32), QueueRange>, StoreError> {
+type Ranges = HashMap<(String, u32), QueueRange>;
+
+/// The ranges of the configured topics' queues and of every lite topic holding messages (and
+/// the names of those lite topics).
+fn load_ranges(db: &Database, topics: &[(String, u32)]) -> Result<(Ranges, Vec<String>), StoreError> {
     let txn = db.begin_read().map_err(db_err)?;
     let table = txn.open_table(MESSAGES).map_err(db_err)?;
     let mut ranges = HashMap::new();
@@ -273,7 +286,26 @@ fn load_ranges(db: &Database, topics: &[(String, u32)]) -> Result<HashMap<(Strin
             ranges.insert((topic.clone(), queue), range_in_table(&table, topic, queue)?);
         }
     }
-    Ok(ranges)
+    // Lite topics: one queue each; one look-up per topic (jumping past its messages).
+    let mut lite_topics = Vec::new();
+    let mut from = crate::LITE_TOPIC_PREFIX.to_owned();
+    loop {
+        let next = table
+            .range((from.as_str(), 0, 0)..)
+            .map_err(db_err)?
+            .next()
+            .transpose()
+            .map_err(db_err)?
+            .map(|(k, _)| k.value().0.to_owned());
+        let Some(topic) = next.filter(|t| t.starts_with(crate::LITE_TOPIC_PREFIX)) else {
+            break;
+        };
+        ranges.insert((topic.clone(), 0), range_in_table(&table, &topic, 0)?);
+        // The smallest name after `topic` and every (topic, ..) key.
+        from = format!("{topic}\0");
+        lite_topics.push(topic);
+    }
+    Ok((ranges, lite_topics))
 }
 
 async fn await_reply<T>(rx: oneshot::Receiver<Result<T, StoreError>>) -> Result<T, StoreError> {
@@ -346,6 +378,58 @@ impl MessageStore for EmbeddedStore {
             map.insert(topic.to_owned(), refs);
         }
         Ok(())
+    }
+
+    async fn open_lite_topic(&self, _parent: &str, lite_topic: &str) -> Result<(), StoreError> {
+        if self.inner.queues.read().is_ok_and(|m| m.contains_key(lite_topic)) {
+            return Ok(());
+        }
+        // Its range as the table holds it (empty when new): readers see it at once; the writer
+        // reads it again itself before the first append (and publishes it after that).
+        let key = (lite_topic.to_owned(), 0);
+        if !self.inner.ranges.read().is_ok_and(|r| r.contains_key(&key)) {
+            let db = self.inner.db.clone();
+            let topic = lite_topic.to_owned();
+            let range = tokio::task::spawn_blocking(move || {
+                let txn = db.begin_read().map_err(db_err)?;
+                let table = txn.open_table(MESSAGES).map_err(db_err)?;
+                range_in_table(&table, &topic, 0)
+            })
+            .await
+            .map_err(|e| StoreError::Database(format!("range task failed: {e}")))??;
+            if let Ok(mut ranges) = self.inner.ranges.write() {
+                ranges.entry(key).or_insert(range);
+            }
+        }
+        if let Ok(mut map) = self.inner.queues.write() {
+            map.entry(lite_topic.to_owned())
+                .or_insert_with(|| self.inner.lite_route.clone());
+        }
+        Ok(())
+    }
+
+    async fn drop_lite_topic(&self, lite_topic: &str) -> Result<(), StoreError> {
+        if let Ok(mut map) = self.inner.queues.write() {
+            map.remove(lite_topic);
+        }
+        let (reply, rx) = oneshot::channel();
+        self.send(WriteOp::DropQueue {
+            topic: lite_topic.to_owned(),
+            reply,
+        })?;
+        await_reply(rx).await
+    }
+
+    fn lite_topics(&self) -> Vec<String> {
+        self.inner.queues.read().map_or_else(
+            |_| Vec::new(),
+            |m| {
+                m.keys()
+                    .filter(|t| crate::split_lite_queue_topic(t).is_some())
+                    .cloned()
+                    .collect()
+            },
+        )
     }
 
     fn queues(&self, topic: &str) -> Arc<[QueueRef]> {

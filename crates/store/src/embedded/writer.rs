@@ -39,6 +39,11 @@ pub(super) enum WriteOp {
         queues: u32,
         reply: oneshot::Sender<Result<(), StoreError>>,
     },
+    /// Deletes a reclaimed lite topic's queue (its messages) and forgets its range.
+    DropQueue {
+        topic: String,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
 }
 
 /// A write without its answer channel (what a commit applies).
@@ -54,6 +59,9 @@ enum Work {
     Track {
         topic: String,
         queues: u32,
+    },
+    DropQueue {
+        topic: String,
     },
 }
 
@@ -87,13 +95,14 @@ impl WriteOp {
             Self::Consumer { ops, reply } => (Work::Consumer(ops), Reply::Done(reply)),
             Self::Probe { reply } => (Work::Probe, Reply::Done(reply)),
             Self::Track { topic, queues, reply } => (Work::Track { topic, queues }, Reply::Done(reply)),
+            Self::DropQueue { topic, reply } => (Work::DropQueue { topic }, Reply::Done(reply)),
         }
     }
 }
 
 /// What one record weighs in the pending-writes bound.
 pub(super) fn record_bytes(r: &NewRecord) -> usize {
-    r.body.len() + r.keys.as_ref().map_or(0, String::len) + 64
+    (r.body.len() + r.keys.as_ref().map_or(0, String::len) + 64) * (1 + r.lite_topics.len())
 }
 
 /// Free bytes for unprivileged writers on the file system holding `dir` (None: unknown).
@@ -233,6 +242,10 @@ pub(super) struct Writer {
     db: Arc<Database>,
     shared_ranges: Arc<RwLock<HashMap<(String, u32), QueueRange>>>,
     ranges: HashMap<(String, u32), QueueRange>,
+    /// The queues whose range the commit under way changed, with their range before it: only
+    /// these are published after the commit (or put back when it fails), so a commit costs the
+    /// same with 10 queues or 100,000 lite ones.
+    touched: HashMap<(String, u32), Option<QueueRange>>,
     /// Notified, per topic, after a commit that made messages visible there.
     visible: Arc<crate::TopicSignals>,
     /// Topics with messages appended in the commit under way (their waiters are woken after it).
@@ -305,6 +318,7 @@ impl Writer {
             db,
             shared_ranges,
             ranges,
+            touched: HashMap::new(),
             visible,
             appended: std::collections::HashSet::new(),
             counters,
@@ -435,7 +449,6 @@ impl Writer {
             return;
         }
         let saved_counters = self.counters;
-        let saved_ranges = self.ranges.clone();
         let saved_due = self.next_due;
         let started = Instant::now();
         let result = self.apply(works, now, due, purge, sync_now, &mut replies);
@@ -451,9 +464,7 @@ impl Writer {
                 if purge {
                     self.last_purge = Instant::now();
                 }
-                if let Ok(mut shared) = self.shared_ranges.write() {
-                    shared.clone_from(&self.ranges);
-                }
+                self.publish_ranges();
                 for topic in self.appended.drain() {
                     self.visible.notify(&topic);
                 }
@@ -488,13 +499,47 @@ impl Writer {
                 tracing::error!(error = %e, "store commit failed; its writes are answered with an error");
                 self.counters = saved_counters;
                 self.appended.clear();
-                self.ranges = saved_ranges;
+                self.restore_ranges();
                 self.next_due = saved_due;
                 let error = if is_disk_full(&e) { self.disk_full_error() } else { e };
                 for reply in replies {
                     reply.fail(error.duplicate());
                 }
             }
+        }
+    }
+
+    /// Remembers a queue's range as it was before this commit changed it.
+    fn touch_range(
+        touched: &mut HashMap<(String, u32), Option<QueueRange>>,
+        ranges: &HashMap<(String, u32), QueueRange>,
+        key: &(String, u32),
+    ) {
+        if !touched.contains_key(key) {
+            touched.insert(key.clone(), ranges.get(key).copied());
+        }
+    }
+
+    /// After a commit: the changed ranges become what readers see.
+    fn publish_ranges(&mut self) {
+        let Ok(mut shared) = self.shared_ranges.write() else {
+            return;
+        };
+        for (key, _) in self.touched.drain() {
+            match self.ranges.get(&key) {
+                Some(range) => shared.insert(key, *range),
+                None => shared.remove(&key),
+            };
+        }
+    }
+
+    /// After a failed commit: the changed ranges go back to what they were.
+    fn restore_ranges(&mut self) {
+        for (key, before) in self.touched.drain() {
+            match before {
+                Some(range) => self.ranges.insert(key, range),
+                None => self.ranges.remove(&key),
+            };
         }
     }
 
@@ -548,13 +593,15 @@ impl Writer {
                 }
                 Work::Track { topic, queues } => {
                     for queue in 0..queues {
-                        if let std::collections::hash_map::Entry::Vacant(slot) =
-                            self.ranges.entry((topic.clone(), queue))
-                        {
-                            slot.insert(super::range_in_table(&tables.messages, &topic, queue)?);
+                        let key = (topic.clone(), queue);
+                        if !self.ranges.contains_key(&key) {
+                            Self::touch_range(&mut self.touched, &self.ranges, &key);
+                            let range = super::range_in_table(&tables.messages, &topic, queue)?;
+                            self.ranges.insert(key, range);
                         }
                     }
                 }
+                Work::DropQueue { topic } => self.drop_queue(&mut tables, &topic)?,
             }
         }
         if due {
@@ -602,9 +649,30 @@ impl Writer {
             return Ok(appended);
         }
         for record in records {
-            appended.push(self.append_to_queue(tables, topic, queue, &record, now)?);
+            appended.push(self.append_to_queue(tables, topic, queue, &record, now, true)?);
+            // A lite message's copies: the msgId names the message in its own queue.
+            for lite_topic in &record.lite_topics {
+                self.append_to_queue(tables, lite_topic, 0, &record, now, false)?;
+            }
         }
         Ok(appended)
+    }
+
+    /// Deletes every message of a lite topic's queue and forgets the queue.
+    fn drop_queue(&mut self, tables: &mut Tables<'_>, topic: &str) -> Result<(), StoreError> {
+        let key = (topic.to_owned(), 0);
+        Self::touch_range(&mut self.touched, &self.ranges, &key);
+        self.ranges.remove(&key);
+        let mut removed = 0u64;
+        tables
+            .messages
+            .retain_in((topic, 0, 0)..=(topic, 0, u64::MAX), |_, _| {
+                removed += 1;
+                false
+            })
+            .map_err(db_err)?;
+        tracing::debug!(topic, removed, "lite topic reclaimed");
+        Ok(())
     }
 
     fn next_store_seq(&mut self) -> u64 {
@@ -620,8 +688,10 @@ impl Writer {
         queue: u32,
         record: &NewRecord,
         now: u64,
+        index: bool,
     ) -> Result<Appended, StoreError> {
         let key = (topic.to_owned(), queue);
+        Self::touch_range(&mut self.touched, &self.ranges, &key);
         if !self.ranges.contains_key(&key) {
             // A queue not tracked since start (its topic was not configured then, e.g. a due
             // delayed message of a removed topic): continue after what the table holds, never
@@ -645,15 +715,17 @@ impl Writer {
                 codec::encode_message(record, now, store_seq).as_slice(),
             )
             .map_err(db_err)?;
-        let location = MessageLocation {
-            topic: topic.to_owned(),
-            queue,
-            offset,
-        };
-        tables
-            .index
-            .insert(record.msg_id.as_slice(), codec::to_postcard(&location)?.as_slice())
-            .map_err(db_err)?;
+        if index {
+            let location = MessageLocation {
+                topic: topic.to_owned(),
+                queue,
+                offset,
+            };
+            tables
+                .index
+                .insert(record.msg_id.as_slice(), codec::to_postcard(&location)?.as_slice())
+                .map_err(db_err)?;
+        }
         Ok(Appended {
             queue_offset: offset,
             store_seq,
@@ -678,7 +750,7 @@ impl Writer {
         };
         for (key, value) in &due {
             let (topic, queue, record) = codec::decode_scheduled(value)?;
-            self.append_to_queue(tables, &topic, queue, &record, now)?;
+            self.append_to_queue(tables, &topic, queue, &record, now, true)?;
             tables.schedule.remove(key).map_err(db_err)?;
         }
         self.next_due = tables.schedule.first().map_err(db_err)?.map(|(k, _)| k.value().0);
@@ -695,6 +767,8 @@ impl Writer {
         let Tables { messages, index, .. } = tables;
         let mut removed_total = 0;
         for ((topic, queue), range) in &mut self.ranges {
+            let before = *range;
+            let lite_copy = crate::split_lite_queue_topic(topic).is_some();
             while range.min < range.max && budget > 0 {
                 let expired_id = match messages.get((topic.as_str(), *queue, range.min)).map_err(db_err)? {
                     Some(v) => {
@@ -705,10 +779,16 @@ impl Writer {
                 };
                 let Some(msg_id) = expired_id else { break };
                 messages.remove((topic.as_str(), *queue, range.min)).map_err(db_err)?;
-                index.remove(msg_id.as_slice()).map_err(db_err)?;
+                // The msgId index names the message's own queue, not its lite copies.
+                if !lite_copy {
+                    index.remove(msg_id.as_slice()).map_err(db_err)?;
+                }
                 range.min += 1;
                 budget -= 1;
                 removed_total += 1;
+            }
+            if *range != before {
+                self.touched.entry((topic.clone(), *queue)).or_insert(Some(before));
             }
         }
         if removed_total > 0 {

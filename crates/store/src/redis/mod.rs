@@ -224,6 +224,15 @@ fn redis_err(e: redis::RedisError) -> StoreError {
 /// The `<broker>:<queueId>` of a topic's queue index (the route's broker name and queue id).
 pub type QueueNames = Arc<dyn Fn(&str, u32) -> String + Send + Sync>;
 
+/// The group part of a context's keys: the consumer group, or for a lite topic's context
+/// `<group>$<lite>` (a group consumes one parent topic; lite names have no ':' or '$').
+fn group_of<'a>(topic: &str, group: &'a str) -> std::borrow::Cow<'a, str> {
+    match crate::split_lite_queue_topic(topic) {
+        Some((_, lite)) => std::borrow::Cow::Owned(format!("{group}${lite}")),
+        None => std::borrow::Cow::Borrowed(group),
+    }
+}
+
 /// Consumer state shared through Redis.
 #[derive(Clone)]
 pub struct RedisConsumerState {
@@ -274,9 +283,10 @@ impl RedisConsumerState {
     }
 
     fn key(&self, ctx: &ContextKey) -> String {
+        let group = group_of(&ctx.topic, &ctx.group);
         match &ctx.client_id {
-            Some(c) => format!("{}{}:{c}", self.prefix, ctx.group),
-            None => format!("{}{}", self.prefix, ctx.group),
+            Some(c) => format!("{}{group}:{c}", self.prefix),
+            None => format!("{}{group}", self.prefix),
         }
     }
 
@@ -668,7 +678,8 @@ impl ConsumerStateStore for RedisConsumerState {
         Ok(())
     }
 
-    async fn client_ids(&self, _topic: &str, group: &str) -> Result<Vec<String>, StoreError> {
+    async fn client_ids(&self, topic: &str, group: &str) -> Result<Vec<String>, StoreError> {
+        let group = &group_of(topic, group);
         let mut con = self.connection.clone();
         let mut ids: std::collections::BTreeSet<String> = con
             .zrange::<_, Vec<String>>(self.clients_key(group), 0, -1)
@@ -686,8 +697,8 @@ impl ConsumerStateStore for RedisConsumerState {
         let mut con = self.connection.clone();
         let admitted: i64 = self
             .admit
-            .key(self.clients_key(&ctx.group))
-            .key(self.legacy_clients_key(&ctx.group))
+            .key(self.clients_key(&group_of(&ctx.topic, &ctx.group)))
+            .key(self.legacy_clients_key(&group_of(&ctx.topic, &ctx.group)))
             .arg(client)
             .arg(now_ms)
             .arg(max_clients)
@@ -697,7 +708,8 @@ impl ConsumerStateStore for RedisConsumerState {
         Ok(admitted == 1)
     }
 
-    async fn forget_idle_clients(&self, _topic: &str, group: &str, idle_before_ms: u64) -> Result<usize, StoreError> {
+    async fn forget_idle_clients(&self, topic: &str, group: &str, idle_before_ms: u64) -> Result<usize, StoreError> {
+        let group = &group_of(topic, group);
         let mut con = self.connection.clone();
         let mut forgotten = 0;
         loop {
@@ -715,6 +727,27 @@ impl ConsumerStateStore for RedisConsumerState {
                 return Ok(forgotten);
             }
         }
+    }
+
+    async fn forget_context(&self, ctx: &ContextKey) -> Result<(), StoreError> {
+        let mut con = self.connection.clone();
+        let key = self.key(ctx);
+        let _: usize = con
+            .del(&[
+                key.clone(),
+                self.retry_key(ctx),
+                format!("{}:seq", self.retry_key(ctx)),
+                self.pop_key(ctx),
+            ])
+            .await
+            .map_err(redis_err)?;
+        if let Some(client) = &ctx.client_id {
+            let _: usize = con
+                .zrem(self.clients_key(&group_of(&ctx.topic, &ctx.group)), client)
+                .await
+                .map_err(redis_err)?;
+        }
+        Ok(())
     }
 
     async fn settings(&self, consumer: &str) -> Result<Option<ConsumerSettings>, StoreError> {

@@ -28,6 +28,13 @@ const UNIQ_KEY: &str = "UNIQ_KEY";
 /// The user property that carries the producing client's address (`clientIp`): the broker's
 /// born host is the proxy's own address, which the client sets and mqproxy cannot.
 const CLIENT_IP_PROPERTY: &str = "CLIENT_IP";
+/// The LMQ topics a message is dispatched to (comma-separated), and the broker's answer: its
+/// offset in each of them, in the same order.
+const MULTI_DISPATCH_PROPERTY: &str = "INNER_MULTI_DISPATCH";
+const MULTI_QUEUE_OFFSET_PROPERTY: &str = "INNER_MULTI_QUEUE_OFFSET";
+/// How long a lite topic's offsets read from its brokers are trusted: lite topics are not in
+/// the periodic refresh (there may be millions); a pull refreshes them when older.
+const LITE_OFFSETS_FRESH_FOR: Duration = Duration::from_secs(1);
 /// Broker response code of a message the broker refuses as invalid (MESSAGE_ILLEGAL: too big,
 /// a timer too far ahead): the caller's fault, 400. Every other code is the server's, 500.
 const CALLER_FAULT_CODES: [i32; 1] = [13];
@@ -73,6 +80,8 @@ struct Topic {
     refs: Arc<[QueueRef]>,
     queues: Vec<MessageQueue>,
     ranges: Vec<Mutex<QueueRange>>,
+    /// A lite topic's LMQ: when its offsets were last read from the brokers (None: stale).
+    lite_refreshed: Option<Mutex<Option<std::time::Instant>>>,
 }
 
 struct Inner {
@@ -331,6 +340,7 @@ impl RocketMqStore {
             refs,
             queues,
             ranges,
+            lite_refreshed: None,
         })
     }
 
@@ -449,6 +459,19 @@ impl RocketMqStore {
             );
         if let Some(keys) = &record.keys {
             builder = builder.key(keys.as_str());
+        }
+        if !record.lite_topics.is_empty() {
+            // The broker (enableLmq, enableMultiDispatch) adds it to queue 0 of each LMQ.
+            let lmqs: Vec<String> = record
+                .lite_topics
+                .iter()
+                .filter_map(|t| crate::split_lite_queue_topic(t))
+                .map(|(_, lite)| crate::lite_queue_topic(&topic.remote, lite))
+                .collect();
+            builder = builder.property(
+                rocketmq_model::common::message::message_property::MessagePropertyKey::InnerMultiDispatch,
+                lmqs.join(","),
+            );
         }
         if let Some(host) = &record.born_host {
             builder = builder
@@ -747,6 +770,16 @@ impl Inner {
     /// Re-reads every queue's min and max offset; wakes streams when a max grew.
     async fn refresh_offsets(&self) {
         for topic in self.all_topics() {
+            // Lite topics only while a consumer waits on one (a long poll, a stream).
+            if topic.lite_refreshed.is_none() || self.visible.is_waited_on(&topic.local) {
+                self.refresh_topic(&topic).await;
+            }
+        }
+    }
+
+    /// Re-reads the min and max offset of a topic's queues; wakes streams when a max grew.
+    async fn refresh_topic(&self, topic: &Topic) {
+        {
             let mut grew = false;
             for (mq, range) in topic.queues.iter().zip(&topic.ranges) {
                 // A failed broker is left to the prober: every failed call would count
@@ -788,6 +821,12 @@ fn update_range(range: &Mutex<QueueRange>, min: Option<u64>, max: u64) -> bool {
         r.min = min.min(r.max);
     }
     grew
+}
+
+/// The offset of a message in `lmq`, from the properties the broker's multi-dispatch set.
+fn lmq_offset(lmq: &str, dispatched: Option<&str>, offsets: Option<&str>) -> Option<u64> {
+    let position = dispatched?.split(',').position(|t| t == lmq)?;
+    offsets?.split(',').nth(position)?.trim().parse().ok()
 }
 
 fn append_status(status: SendStatus) -> AppendStatus {
@@ -850,6 +889,15 @@ impl RocketMqStore {
             .collect();
         if delivery == Delivery::Now && update_range(range, None, result.queue_offset + count) {
             self.inner.visible.notify(&topic.local);
+        }
+        // Their offsets are the broker's: read again at their next pull, which this wakes.
+        for lite_topic in records.iter().flat_map(|r| &r.lite_topics) {
+            if let Some(lite) = self.inner.topic(lite_topic)
+                && let Some(refreshed) = &lite.lite_refreshed
+            {
+                *refreshed.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+            }
+            self.inner.visible.notify(lite_topic);
         }
         Ok(AppendOutcome {
             appended,
@@ -922,6 +970,69 @@ impl MessageStore for RocketMqStore {
         }
         self.inner.refresh_offsets().await;
         Ok(())
+    }
+
+    async fn open_lite_topic(&self, parent: &str, lite_topic: &str) -> Result<(), StoreError> {
+        let topic = match self.inner.topic(lite_topic) {
+            Some(known) => known,
+            None => {
+                let parent = self.topic(parent)?;
+                let (_, lite) = crate::split_lite_queue_topic(lite_topic)
+                    .ok_or_else(|| StoreError::Rejected(format!("{lite_topic} is not a lite topic's queue topic")))?;
+                let remote = crate::lite_queue_topic(&parent.remote, lite);
+                // Queue 0 of the LMQ on each broker of the parent, in route order.
+                let mut brokers: Vec<&CheetahString> = parent.queues.iter().map(MessageQueue::broker_name).collect();
+                brokers.dedup();
+                let queues: Vec<MessageQueue> = brokers
+                    .into_iter()
+                    .map(|b| MessageQueue::from_parts(remote.as_str(), b.clone(), 0))
+                    .collect();
+                let opened = Arc::new(Topic {
+                    local: lite_topic.to_owned(),
+                    refs: queues
+                        .iter()
+                        .map(|q| QueueRef {
+                            broker_name: q.broker_name().to_string(),
+                            queue_id: 0,
+                        })
+                        .collect(),
+                    ranges: queues.iter().map(|_| Mutex::new(QueueRange::default())).collect(),
+                    queues,
+                    remote,
+                    lite_refreshed: Some(Mutex::new(None)),
+                });
+                let mut topics = self.inner.topics.write().map_err(|_| StoreError::Closed)?;
+                topics.entry(lite_topic.to_owned()).or_insert(opened).clone()
+            }
+        };
+        let stale = topic.lite_refreshed.as_ref().is_some_and(|r| {
+            let mut at = r.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let stale = at.is_none_or(|t| t.elapsed() >= LITE_OFFSETS_FRESH_FOR);
+            if stale {
+                *at = Some(std::time::Instant::now());
+            }
+            stale
+        });
+        if stale {
+            self.inner.refresh_topic(&topic).await;
+        }
+        Ok(())
+    }
+
+    async fn drop_lite_topic(&self, lite_topic: &str) -> Result<(), StoreError> {
+        if let Ok(mut topics) = self.inner.topics.write() {
+            topics.remove(lite_topic);
+        }
+        Ok(())
+    }
+
+    fn lite_topics(&self) -> Vec<String> {
+        self.inner
+            .all_topics()
+            .into_iter()
+            .filter(|t| t.lite_refreshed.is_some())
+            .map(|t| t.local.clone())
+            .collect()
     }
 
     fn queues(&self, topic: &str) -> Arc<[QueueRef]> {
@@ -1005,10 +1116,22 @@ impl MessageStore for RocketMqStore {
                     uniq_key.map(|k| k.to_string()),
                 ),
             };
+            // A message read from an LMQ carries its offset in the parent's queue; its offset
+            // in this LMQ is the broker's answer beside this LMQ's name.
+            let offset = if topic.lite_refreshed.is_some() {
+                lmq_offset(
+                    &topic.remote,
+                    inner.property(MULTI_DISPATCH_PROPERTY).as_deref(),
+                    inner.property(MULTI_QUEUE_OFFSET_PROPERTY).as_deref(),
+                )
+                .ok_or_else(|| StoreError::Corrupt(format!("a message of {} without its LMQ offset", topic.remote)))?
+            } else {
+                to_u64(m.queue_offset())
+            };
             messages.push(StoredMessage {
                 msg_id,
                 client_msg_id,
-                offset: to_u64(m.queue_offset()),
+                offset,
                 store_ms: to_u64(m.store_timestamp()),
                 keys: inner.get_keys().map(|k| k.to_string()).filter(|k| !k.is_empty()),
                 born_host: inner.property(CLIENT_IP_PROPERTY).map(|h| h.to_string()),
