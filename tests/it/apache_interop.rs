@@ -422,3 +422,87 @@ async fn a_java_group_and_an_mqproxy_consumer_of_one_name_keep_their_offsets() {
     assert_eq!(drain_sorted(&s, 3).await, want, "mqproxy's offsets held");
     assert!(s.drain(CLUSTERING, None).await.is_empty());
 }
+
+/// Lite topics on the broker's LMQ: what mqproxy produces with `liteTopics` a Java LMQ pull
+/// consumer reads from queue 0 of `%LMQ%<parent>$<lite>` (each message once, with the msgId
+/// mqproxy answered); a Java producer's message dispatched to the same LMQ reaches mqproxy's
+/// `liteTopic` consumer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lite_topics_are_the_brokers_lmq_both_ways() {
+    if skip_without_apache() {
+        return;
+    }
+    let (s, remote) = server("lite").await;
+    let lite = format!("session_{}", unique_suffix().replace('-', "_"));
+    let lmq = format!("%LMQ%{remote}${lite}");
+    let mut sent = HashMap::new();
+    for i in 0..4 {
+        let body = format!("reply-{i}");
+        let v = s
+            .post(
+                "/mq/produce",
+                &[("producer", PRODUCER), ("message", &body), ("liteTopics", &lite)],
+            )
+            .await;
+        assert_eq!(v["status"], 200, "{v}");
+        sent.insert(body, v["result"]["msgId"].as_str().expect("msgId").to_owned());
+    }
+    let out = Command::new(script())
+        .args(["tool", "lmq-consume", &namesrv_addr(), &remote, &lmq])
+        .args([format!("lmq-java-{}", unique_suffix()), "4".into(), "20".into()])
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run the Java tool");
+    let read = parse_lines(&out.stdout);
+    assert!(out.status.success(), "the Java LMQ consumer read {read:?}");
+    let got: HashMap<String, String> = read
+        .iter()
+        .map(|v| {
+            assert!(v["dispatch"].as_str().is_some_and(|d| d.split(',').any(|t| t == lmq)), "{v}");
+            (
+                v["body"].as_str().unwrap_or_default().to_owned(),
+                v["msgId"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(got, sent, "each message once, with its msgId");
+
+    // The other way: a Java producer's message with the LMQ dispatch property.
+    let props = format!("INNER_MULTI_DISPATCH={lmq}");
+    let java = java_produce(&remote, 1, "from-java", "-", &props, None);
+    let mut bodies = Vec::new();
+    for _ in 0..20 {
+        let v = s
+            .get(
+                "/mq/message",
+                &[
+                    ("topic", TOPIC),
+                    ("consumer", CLUSTERING),
+                    ("liteTopic", &lite),
+                    ("waitMs", "1000"),
+                ],
+            )
+            .await;
+        assert_eq!(v["status"], 200, "{v}");
+        bodies.extend(bodies_of(&v));
+        if let Some(request_id) = v["result"]["requestId"].as_str() {
+            let a = s
+                .get(
+                    "/mq/ack",
+                    &[
+                        ("topic", TOPIC),
+                        ("consumer", CLUSTERING),
+                        ("liteTopic", &lite),
+                        ("requestId", request_id),
+                    ],
+                )
+                .await;
+            assert_eq!(a["status"], 200, "{a}");
+        }
+        if bodies.len() >= 5 {
+            break;
+        }
+    }
+    bodies.sort();
+    assert_eq!(bodies, ["from-java0", "reply-0", "reply-1", "reply-2", "reply-3"], "{java:?}");
+}

@@ -37,6 +37,7 @@ public final class Tool {
             case "wait-cluster" -> status = waitCluster(args);
             case "produce" -> status = produce(args);
             case "consume" -> status = consume(args);
+            case "lmq-consume" -> status = lmqConsume(args);
             case "bench-produce" -> status = Bench.produce(args);
             case "bench-produce-proxy" -> status = Bench.produceProxy(args);
             case "bench-consume" -> status = Bench.consume(args);
@@ -52,7 +53,8 @@ public final class Tool {
     private static void usage() {
         System.err.println("usage: Tool wait-cluster NAMESRV CLUSTER BROKERS SECONDS\n"
             + "       Tool produce NAMESRV TOPIC COUNT BODY_PREFIX TAG KEYS PROPS ORDER_ID   (PROPS: k=v,k=v or -; ORDER_ID or -)\n"
-            + "       Tool consume NAMESRV TOPIC GROUP COUNT IDLE_SECONDS");
+            + "       Tool consume NAMESRV TOPIC GROUP COUNT IDLE_SECONDS\n"
+            + "       Tool lmq-consume NAMESRV PARENT_TOPIC LMQ_TOPIC GROUP COUNT IDLE_SECONDS");
         Bench.usage();
         System.exit(2);
     }
@@ -229,6 +231,74 @@ public final class Tool {
     }
 
     /** Persists NEXT (per queue, the offset to commit) until the brokers answer it back. */
+    /**
+     * Reads an LMQ (RocketMQ's light message queue, RIP-28) as RocketMQ's LMQ pull example does:
+     * queue 0 of the LMQ topic on each broker of its parent topic, from its first offset. One
+     * JSON line per message (msgId, body, brokerName, queueOffset: the message's offset in the
+     * LMQ), until COUNT messages or IDLE_SECONDS without one.
+     */
+    @SuppressWarnings("deprecation")
+    private static int lmqConsume(String[] args) throws Exception {
+        if (args.length != 7) {
+            usage();
+        }
+        String parent = args[2];
+        String lmq = args[3];
+        int count = Integer.parseInt(args[5]);
+        long idle = Long.parseLong(args[6]) * 1000;
+        DefaultMQPullConsumer consumer = new DefaultMQPullConsumer(args[4]);
+        consumer.setNamesrvAddr(args[1]);
+        consumer.setInstanceName("lmq-" + ProcessHandle.current().pid());
+        consumer.start();
+        try {
+            // The parent's route names the brokers (and fills the client's broker addresses).
+            TreeSet<String> brokers = new TreeSet<>();
+            for (MessageQueue q : consumer.fetchSubscribeMessageQueues(parent)) {
+                brokers.add(q.getBrokerName());
+            }
+            // The broker addresses the LMQ's calls need come from the parent's route.
+            consumer.getDefaultMQPullConsumerImpl().getRebalanceImpl().getmQClientFactory()
+                .updateTopicRouteInfoFromNameServer(parent);
+            Map<String, Long> next = new LinkedHashMap<>();
+            for (String broker : brokers) {
+                next.put(broker, consumer.minOffset(new MessageQueue(lmq, broker, 0)));
+            }
+            int seen = 0;
+            long deadline = System.currentTimeMillis() + idle;
+            while (seen < count && System.currentTimeMillis() < deadline) {
+                boolean any = false;
+                for (String broker : brokers) {
+                    MessageQueue queue = new MessageQueue(lmq, broker, 0);
+                    var result = consumer.pull(queue, "*", next.get(broker), 32);
+                    next.put(broker, result.getNextBeginOffset());
+                    if (result.getMsgFoundList() == null) {
+                        continue;
+                    }
+                    for (MessageExt m : result.getMsgFoundList()) {
+                        any = true;
+                        seen++;
+                        Map<String, Object> line = new LinkedHashMap<>();
+                        line.put("msgId", MessageClientIDSetter.getUniqID(m));
+                        line.put("body", new String(m.getBody(), StandardCharsets.UTF_8));
+                        line.put("brokerName", broker);
+                        line.put("dispatch", m.getProperty(MessageConst.PROPERTY_INNER_MULTI_DISPATCH));
+                        line.put("lmqOffsets", m.getProperty(MessageConst.PROPERTY_INNER_MULTI_QUEUE_OFFSET));
+                        System.out.println(object(line));
+                    }
+                }
+                System.out.flush();
+                if (any) {
+                    deadline = System.currentTimeMillis() + idle;
+                } else {
+                    Thread.sleep(100);
+                }
+            }
+            return seen >= count ? 0 : 1;
+        } finally {
+            consumer.shutdown();
+        }
+    }
+
     @SuppressWarnings("deprecation")
     private static boolean brokersHold(String namesrv, String group, DefaultLitePullConsumer consumer,
         Map<MessageQueue, Long> next) throws Exception {
