@@ -251,7 +251,9 @@ function showTopics(registry, metricsText) {
     const producers = registry.producers.filter((p) => p.topic === t.name).map((p) => p.name);
     const tr = document.createElement('tr');
     tr.dataset.topic = t.name;
-    tr.append(cell(t.name), cell(queues.join(', ')), cell(String(messages), 'num'), cell(producers.join(', ')));
+    // A lite-message parent shows how many lite topics it has now; others, nothing.
+    const lite = t.lite ? String(total(metricsText, 'mqproxy_lite_topics', `topic="${t.name}"`)) : '';
+    tr.append(cell(t.name), cell(queues.join(', ')), cell(String(messages), 'num'), cell(lite, 'num'), cell(producers.join(', ')));
     body.append(tr);
   }
 }

@@ -4,7 +4,8 @@
 // - the console shows the clustering consumer's lag go to 0, and its Pause button makes a pull
 //   answer PAUSED (Resume undoes it);
 // - demo/push.html (EventSource on /mq/stream) receives a message as it is produced and acks it;
-//   the console finds that message by msgId, with the producer's client IP.
+//   the console finds that message by msgId, with the producer's client IP;
+// - a produce with liteTopics makes a lite topic, counted in the console's topics table.
 // Usage: node console-and-demos.mjs http://127.0.0.1:PORT http://127.0.0.1:ADMIN_PORT
 // (the public listener, then the admin listener the console is served on; screenshots into
 // $ARTIFACTS). The console on the public listener is refused its admin calls without a token.
@@ -161,6 +162,21 @@ try {
       && document.querySelector('tr[data-consumer="http-clustering-consumer"] .lag')?.textContent === '0',
     null, { timeout: 10000 }).then(() => true, (e) => e.message);
   check('Skip in the console acknowledges the segment (lag 0)', skipped === true, skipped);
+
+  // A lite topic made by a produce: the console counts the parent's lite topics.
+  const lite = await consolePage.evaluate(async () => {
+    const r = await fetch('/mq/produce', {
+      method: 'POST',
+      headers: { 'content-type': 'application/x-www-form-urlencoded' },
+      body: 'producer=mqcloud-http-test-topic-producer&message=to-a-session&liteTopics=browser-session',
+    });
+    return await r.json();
+  });
+  check('a produce with liteTopics', lite.status === 200, JSON.stringify(lite));
+  const counted = await consolePage.waitForFunction(
+    () => document.querySelector('tr[data-topic="mqcloud-http-test-topic"] td:nth-child(4)')?.textContent === '1',
+    null, { timeout: 15000 }).then(() => true, (e) => e.message);
+  check('console counts the topic\'s lite topics', counted === true, counted);
 } catch (e) {
   check('browser run', false, e.message);
 } finally {

@@ -458,7 +458,10 @@ async fn lite_topics_are_the_brokers_lmq_both_ways() {
     let got: HashMap<String, String> = read
         .iter()
         .map(|v| {
-            assert!(v["dispatch"].as_str().is_some_and(|d| d.split(',').any(|t| t == lmq)), "{v}");
+            assert!(
+                v["dispatch"].as_str().is_some_and(|d| d.split(',').any(|t| t == lmq)),
+                "{v}"
+            );
             (
                 v["body"].as_str().unwrap_or_default().to_owned(),
                 v["msgId"].as_str().unwrap_or_default().to_owned(),
@@ -504,5 +507,9 @@ async fn lite_topics_are_the_brokers_lmq_both_ways() {
         }
     }
     bodies.sort();
-    assert_eq!(bodies, ["from-java0", "reply-0", "reply-1", "reply-2", "reply-3"], "{java:?}");
+    assert_eq!(
+        bodies,
+        ["from-java0", "reply-0", "reply-1", "reply-2", "reply-3"],
+        "{java:?}"
+    );
 }

@@ -252,7 +252,6 @@ async fn grpc_produces_to_and_consumes_lite_topics() {
     c.ack(pb::AckRequest {
         target: target(),
         request_id: fetched.request_id.clone().expect("requestId"),
-        ..Default::default()
     })
     .await
     .expect("ack");

@@ -429,3 +429,45 @@ async fn pop_streams_hold_several_segments_of_one_queue() {
     );
     assert!(started.elapsed() < Duration::from_secs(20), "given back, not expired");
 }
+
+/// The guide's lite-topic use: a session's replies pushed over SSE as they are produced to its
+/// lite topic, and nothing of another session's; an ack names the lite topic.
+#[tokio::test]
+async fn a_lite_topic_stream_gets_only_its_sessions_replies() {
+    let s = TestServer::start().await;
+    let session = format!("s{}", unique_suffix().replace('-', "_"));
+    let query = [
+        ("topic", TOPIC),
+        ("consumer", CLUSTERING),
+        ("liteTopic", session.as_str()),
+        ("heartbeat", "1"),
+    ];
+    let mut stream = EventStream::open(&s, &query, None).await;
+    for (message, lite) in [("other", "another-session"), ("reply", session.as_str())] {
+        let v = s
+            .post(
+                "/mq/produce",
+                &[("producer", PRODUCER), ("message", message), ("liteTopics", lite)],
+            )
+            .await;
+        assert_eq!(v["status"], 200, "{v}");
+    }
+    let (id, bodies) = stream.batch(Duration::from_secs(20)).await;
+    assert_eq!(bodies, ["reply"]);
+    let acked = s
+        .get(
+            "/mq/ack",
+            &[
+                ("topic", TOPIC),
+                ("consumer", CLUSTERING),
+                ("liteTopic", session.as_str()),
+                ("requestId", id.as_str()),
+            ],
+        )
+        .await;
+    assert_eq!(acked["status"], 200, "{acked}");
+    assert!(
+        acked["message"].as_str().is_some_and(|m| m.starts_with("ok")),
+        "{acked}"
+    );
+}

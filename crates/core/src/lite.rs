@@ -38,9 +38,20 @@ impl LiteState {
         }
     }
 
-    /// How many lite topics are known (metrics, tests).
+    /// How many lite topics are known (tests).
     pub(crate) fn len(&self) -> usize {
         self.uses().len()
+    }
+
+    /// How many lite topics each parent topic has (metrics).
+    pub(crate) fn count_by_parent(&self) -> HashMap<String, usize> {
+        let mut counts: HashMap<String, usize> = HashMap::new();
+        for topic in self.uses().keys() {
+            if let Some((parent, _)) = mqproxy_store::split_lite_queue_topic(topic) {
+                *counts.entry(parent.to_owned()).or_default() += 1;
+            }
+        }
+        counts
     }
 }
 

@@ -89,6 +89,8 @@ pub(super) struct Metrics {
     /// Only when the store knows (the embedded one): no label, no sample otherwise.
     pub store_bytes: Family<Vec<(String, String)>, Gauge>,
     pub delayed: Family<Vec<(String, String)>, Gauge>,
+    /// Lite topics this proxy knows, per parent topic.
+    pub lite_topics: Family<Vec<(String, String)>, Gauge>,
 }
 
 impl Metrics {
@@ -162,8 +164,15 @@ impl Metrics {
             "Delayed and timer messages waiting in the embedded store's schedule",
             delayed.clone(),
         );
+        let lite_topics = Family::default();
+        registry.register(
+            "lite_topics",
+            "Lite topics this proxy knows (made on first use, reclaimed when idle), per parent topic",
+            lite_topics.clone(),
+        );
         Self {
             registry,
+            lite_topics,
             produced,
             pulls,
             delivered,
@@ -277,6 +286,12 @@ impl Engine {
                     })
                     .set(gauge_value(range.max));
             }
+        }
+        m.lite_topics.clear();
+        for (parent, count) in self.inner.lite.count_by_parent() {
+            m.lite_topics
+                .get_or_create(&vec![("topic".to_owned(), parent)])
+                .set(gauge_value(count as u64));
         }
         let stats = self.inner.messages.stats().await;
         for (family, value) in [(&m.store_bytes, stats.size_bytes), (&m.delayed, stats.delayed)] {

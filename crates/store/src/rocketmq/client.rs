@@ -1121,8 +1121,8 @@ impl MessageStore for RocketMqStore {
             let offset = if topic.lite_refreshed.is_some() {
                 lmq_offset(
                     &topic.remote,
-                    inner.property(MULTI_DISPATCH_PROPERTY).as_deref(),
-                    inner.property(MULTI_QUEUE_OFFSET_PROPERTY).as_deref(),
+                    inner.property(MULTI_DISPATCH_PROPERTY),
+                    inner.property(MULTI_QUEUE_OFFSET_PROPERTY),
                 )
                 .ok_or_else(|| StoreError::Corrupt(format!("a message of {} without its LMQ offset", topic.remote)))?
             } else {
