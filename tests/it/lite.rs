@@ -342,3 +342,41 @@ async fn lite_topics_survive_a_restart() {
         "continues after its old messages"
     );
 }
+
+/// The lite gauge of `/metrics` for the demo topic (0 when absent).
+async fn lite_topics_gauge(s: &TestServer) -> u64 {
+    let text = s.metrics_text().await;
+    let needle = format!("mqproxy_lite_topics{{topic=\"{TOPIC}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(needle.as_str()))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// The sweep reclaims a lite topic idle for `lite_topic_idle_ms` (here a second): the gauge
+/// drops to 0; on the embedded store its messages went with it, so a pull finds nothing.
+#[tokio::test]
+async fn an_idle_lite_topic_is_reclaimed_by_the_sweep() {
+    let mut config = config(None);
+    config.consume.lite_topic_idle_ms = 1_000;
+    let s = TestServer::with_config(config).await;
+    let name = lite("short-lived");
+    produce_lite(&s, "gone-soon", &name).await;
+    assert_eq!(lite_topics_gauge(&s).await, 1);
+    eventually(
+        std::time::Duration::from_secs(10),
+        "the lite topic reclaimed",
+        || async { (lite_topics_gauge(&s).await == 0).then_some(()) },
+    )
+    .await;
+    if !rocketmq_backend() {
+        let v = s
+            .get(
+                "/mq/message",
+                &[("topic", TOPIC), ("consumer", CLUSTERING), ("liteTopic", &name)],
+            )
+            .await;
+        assert_eq!(v["status"], 200, "{v}");
+        assert!(bodies_of(&v).is_empty(), "its messages went with it: {v}");
+    }
+}

@@ -240,6 +240,26 @@ impl Engine {
         }
     }
 
+    /// Runs `sweep` every tenth of `idle_ms` (at most a minute apart) until the engine is
+    /// dropped: what forgets state idle for `idle_ms`.
+    pub(crate) fn spawn_idle_sweep<F, Fut>(&self, idle_ms: u64, sweep: F) -> tokio::task::JoinHandle<()>
+    where
+        F: Fn(Engine) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
+        let engine = Arc::downgrade(&self.inner);
+        let every = std::time::Duration::from_millis((idle_ms / 10).clamp(100, 60_000));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(inner) = engine.upgrade() else { return };
+                sweep(Engine { inner }).await;
+            }
+        })
+    }
+
     /// The engine's time, epoch ms.
     pub(crate) fn now_ms(&self) -> u64 {
         self.inner.clock.now_ms()

@@ -7,7 +7,7 @@
 use super::{ConsumeMode, Engine, EngineError, TopicSpec, limits};
 use mqproxy_store::ContextKey;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 /// The lite topics this proxy knows and when each was last used.
 pub(crate) struct LiteState {
@@ -131,17 +131,9 @@ impl Engine {
     /// Reclaims, every tenth of `lite_topic_idle_ms` (at most a minute apart), the lite topics
     /// idle longer than that; ends when the engine is dropped.
     pub fn spawn_lite_topic_sweep(&self) -> tokio::task::JoinHandle<()> {
-        let engine = Arc::downgrade(&self.inner);
         let idle_ms = self.inner.consuming.settings().lite_topic_idle_ms;
-        let every = std::time::Duration::from_millis((idle_ms / 10).clamp(100, 60_000));
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                let Some(inner) = engine.upgrade() else { return };
-                Engine { inner }.reclaim_idle_lite_topics(idle_ms).await;
-            }
+        self.spawn_idle_sweep(idle_ms, move |engine| async move {
+            engine.reclaim_idle_lite_topics(idle_ms).await;
         })
     }
 

@@ -386,17 +386,9 @@ impl Engine {
     /// Forgets, every tenth of `broadcast_client_idle_ms` (at most a minute apart), the
     /// broadcast clients idle longer than that; ends when the engine is dropped.
     pub fn spawn_idle_client_sweep(&self) -> tokio::task::JoinHandle<()> {
-        let engine = Arc::downgrade(&self.inner);
         let idle_ms = self.inner.consuming.settings.broadcast_client_idle_ms;
-        let every = std::time::Duration::from_millis((idle_ms / 10).clamp(100, 60_000));
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                let Some(inner) = engine.upgrade() else { return };
-                Engine { inner }.forget_idle_clients(idle_ms).await;
-            }
+        self.spawn_idle_sweep(idle_ms, move |engine| async move {
+            engine.forget_idle_clients(idle_ms).await;
         })
     }
 
