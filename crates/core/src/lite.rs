@@ -85,17 +85,16 @@ fn lite_queue_topic(parent: &TopicSpec, lite: &str, parameter: &str) -> Result<S
 }
 
 impl Engine {
-    /// The lite topic `lite` under `parent` (a registered topic), opened in the store and
-    /// counted as used now; its queue topic.
-    pub(crate) async fn open_lite(&self, parent: &str, lite: &str, parameter: &str) -> Result<String, EngineError> {
-        let spec = self
-            .snapshot()
-            .topics
-            .get(parent)
-            .cloned()
-            .ok_or_else(|| EngineError::invalid(format!("topic {parent} is not registered")))?;
-        let topic = lite_queue_topic(&spec, lite, parameter)?;
-        self.inner.messages.open_lite_topic(parent, &topic).await?;
+    /// The lite topic `lite` under `parent`, opened in the store and counted as used now; its
+    /// queue topic.
+    pub(crate) async fn open_lite(
+        &self,
+        parent: &TopicSpec,
+        lite: &str,
+        parameter: &str,
+    ) -> Result<String, EngineError> {
+        let topic = lite_queue_topic(parent, lite, parameter)?;
+        self.inner.messages.open_lite_topic(&parent.name, &topic).await?;
         self.inner.lite.touch(&topic, self.now_ms());
         Ok(topic)
     }
@@ -118,7 +117,7 @@ impl Engine {
         }
         let mut topics = Vec::with_capacity(names.len());
         for lite in names {
-            topics.push(self.open_lite(&parent.name, lite, "liteTopics").await?);
+            topics.push(self.open_lite(parent, lite, "liteTopics").await?);
         }
         Ok(topics)
     }

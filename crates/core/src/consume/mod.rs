@@ -449,7 +449,15 @@ impl Engine {
             (_, c) => c.map(check_client_id).transpose()?,
         };
         let topic = match target.lite_topic.as_deref().map(str::trim).filter(|l| !l.is_empty()) {
-            Some(lite) => self.open_lite(&spec.topic, lite, "liteTopic").await?,
+            Some(lite) => {
+                let parent = self
+                    .snapshot()
+                    .topics
+                    .get(&spec.topic)
+                    .cloned()
+                    .ok_or_else(|| EngineError::invalid(format!("topic {} is not registered", spec.topic)))?;
+                self.open_lite(&parent, lite, "liteTopic").await?
+            }
             None => spec.topic.clone(),
         };
         Ok(ContextKey {

@@ -384,23 +384,9 @@ impl MessageStore for EmbeddedStore {
         if self.inner.queues.read().is_ok_and(|m| m.contains_key(lite_topic)) {
             return Ok(());
         }
-        // Its range as the table holds it (empty when new): readers see it at once; the writer
-        // reads it again itself before the first append (and publishes it after that).
-        let key = (lite_topic.to_owned(), 0);
-        if !self.inner.ranges.read().is_ok_and(|r| r.contains_key(&key)) {
-            let db = self.inner.db.clone();
-            let topic = lite_topic.to_owned();
-            let range = tokio::task::spawn_blocking(move || {
-                let txn = db.begin_read().map_err(db_err)?;
-                let table = txn.open_table(MESSAGES).map_err(db_err)?;
-                range_in_table(&table, &topic, 0)
-            })
-            .await
-            .map_err(|e| StoreError::Database(format!("range task failed: {e}")))??;
-            if let Ok(mut ranges) = self.inner.ranges.write() {
-                ranges.entry(key).or_insert(range);
-            }
-        }
+        // Only its route: the table holds no rows of a lite topic whose range is not loaded (those
+        // with messages were loaded at start, a reclaimed one's rows went with it), so an unknown
+        // range is the empty one `queue_range` answers, until the writer's first append.
         if let Ok(mut map) = self.inner.queues.write() {
             map.entry(lite_topic.to_owned())
                 .or_insert_with(|| self.inner.lite_route.clone());

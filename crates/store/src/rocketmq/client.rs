@@ -779,33 +779,31 @@ impl Inner {
 
     /// Re-reads the min and max offset of a topic's queues; wakes streams when a max grew.
     async fn refresh_topic(&self, topic: &Topic) {
-        {
-            let mut grew = false;
-            for (mq, range) in topic.queues.iter().zip(&topic.ranges) {
-                // A failed broker is left to the prober: every failed call would count
-                // towards the client's circuit breaker for its address.
-                if self.broker_avoided(mq.broker_name()) {
+        let mut grew = false;
+        for (mq, range) in topic.queues.iter().zip(&topic.ranges) {
+            // A failed broker is left to the prober: every failed call would count
+            // towards the client's circuit breaker for its address.
+            if self.broker_avoided(mq.broker_name()) {
+                continue;
+            }
+            // One call at a time: a broker that fails the first is not asked the second.
+            let both = match self.offset(mq, OffsetEnd::Min).await {
+                Ok(min) => self.offset(mq, OffsetEnd::Max).await.map(|max| (min, max)),
+                Err(e) => Err(e),
+            };
+            let (min, max) = match both {
+                Ok(both) => both,
+                Err(e) => {
+                    tracing::debug!(topic = %topic.remote, queue = mq.queue_id(), error = %e, "offset refresh failed");
+                    self.broker_answered::<()>(mq.broker_name(), &Err(e));
                     continue;
                 }
-                // One call at a time: a broker that fails the first is not asked the second.
-                let both = match self.offset(mq, OffsetEnd::Min).await {
-                    Ok(min) => self.offset(mq, OffsetEnd::Max).await.map(|max| (min, max)),
-                    Err(e) => Err(e),
-                };
-                let (min, max) = match both {
-                    Ok(both) => both,
-                    Err(e) => {
-                        tracing::debug!(topic = %topic.remote, queue = mq.queue_id(), error = %e, "offset refresh failed");
-                        self.broker_answered::<()>(mq.broker_name(), &Err(e));
-                        continue;
-                    }
-                };
-                self.broker_answered(mq.broker_name(), &Ok(()));
-                grew |= update_range(range, Some(min), max);
-            }
-            if grew {
-                self.visible.notify(&topic.local);
-            }
+            };
+            self.broker_answered(mq.broker_name(), &Ok(()));
+            grew |= update_range(range, Some(min), max);
+        }
+        if grew {
+            self.visible.notify(&topic.local);
         }
     }
 }
