@@ -214,12 +214,17 @@ async fn idle_connections_close_but_quiet_streams_live() {
 /// More writes than the store takes: past `max_pending_write_mib` produce answers HTTP 503
 /// with `Retry-After` at once (whatever the status policy) and stores nothing; every produce
 /// answered 200 is stored.
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_overloaded_store_answers_503_with_retry_after() {
     if embedded_only("the pending-writes bound is the embedded store's") {
         return;
     }
-    let s = TestServer::with_toml(&format!("store.max_pending_write_mib = 1\n{}", one_queue(""))).await;
+    // One write per flush (no group commit): the writer falls behind 16 concurrent 1 MiB writes.
+    let s = TestServer::with_toml(&format!(
+        "store.max_pending_write_mib = 1\nstore.group_commit_max = 1\n{}",
+        one_queue("")
+    ))
+    .await;
     let body = "o".repeat(1 << 20);
     let mut stored = 0usize;
     let mut overloaded = None;

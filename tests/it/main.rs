@@ -31,3 +31,4 @@ mod rocketmq;
 mod rocketmq_outage;
 mod sse;
 mod tls;
+mod torn_tail;

@@ -101,6 +101,157 @@ pub(super) fn decode_message(offset: u64, bytes: &[u8]) -> Result<StoredMessage,
     })
 }
 
+/// A message in the commit log, as decoded from its record.
+#[derive(Debug, Clone)]
+pub(super) struct LogMessage {
+    /// The queue (its store-wide number) the record was appended to.
+    pub(super) queue_number: u32,
+    /// The lite queues it was also delivered to.
+    pub(super) lite_queues: Vec<u32>,
+    /// A copy made by the conversion from the redb layout: not in the msgId lookup.
+    pub(super) copy: bool,
+    pub(super) store_ms: u64,
+    pub(super) record: NewRecord,
+}
+
+const LOG_KEYS: u8 = 1;
+const LOG_BORN_HOST: u8 = 1 << 1;
+/// `born_ms` is a full u64, not a 4-byte lag behind `store_ms`.
+const LOG_BORN_FULL: u8 = 1 << 2;
+const LOG_COPY: u8 = 1 << 3;
+const LOG_LITE: u8 = 1 << 4;
+
+/// A commit-log record's payload: `flags[1] queue[4] msg_id[16] store_ms[8] born[4|8]
+/// [keys_len[4] keys] [host_len[1] host] [lite_count[1] lite_queue[4]..] body`, little-endian.
+/// `born` is `store_ms - born_ms` when that fits in 4 bytes (it is the time the message waited
+/// for its commit): 33 bytes of header for a plain message, 41 with the frame.
+pub(super) fn encode_log_message(
+    out: &mut Vec<u8>,
+    queue_number: u32,
+    record: &NewRecord,
+    store_ms: u64,
+    lite_queues: &[u32],
+    copy: bool,
+) {
+    let keys = record.keys.as_deref().unwrap_or("").as_bytes();
+    let host = record.born_host.as_deref().map(|h| &h.as_bytes()[..h.len().min(255)]);
+    let lag = store_ms
+        .checked_sub(record.born_ms)
+        .and_then(|lag| u32::try_from(lag).ok());
+    // The engine bounds lite topics per message far below 255.
+    let lite_queues = &lite_queues[..lite_queues.len().min(255)];
+    let mut flags = 0;
+    for (set, flag) in [
+        (!keys.is_empty(), LOG_KEYS),
+        (host.is_some(), LOG_BORN_HOST),
+        (lag.is_none(), LOG_BORN_FULL),
+        (copy, LOG_COPY),
+        (!lite_queues.is_empty(), LOG_LITE),
+    ] {
+        if set {
+            flags |= flag;
+        }
+    }
+    out.push(flags);
+    out.extend_from_slice(&queue_number.to_le_bytes());
+    out.extend_from_slice(&record.msg_id);
+    out.extend_from_slice(&store_ms.to_le_bytes());
+    match lag {
+        Some(lag) => out.extend_from_slice(&lag.to_le_bytes()),
+        None => out.extend_from_slice(&record.born_ms.to_le_bytes()),
+    }
+    if !keys.is_empty() {
+        out.extend_from_slice(&u32::try_from(keys.len()).unwrap_or(u32::MAX).to_le_bytes());
+        out.extend_from_slice(keys);
+    }
+    if let Some(host) = host {
+        out.push(host.len() as u8);
+        out.extend_from_slice(host);
+    }
+    if !lite_queues.is_empty() {
+        out.push(lite_queues.len() as u8);
+        for queue in lite_queues {
+            out.extend_from_slice(&queue.to_le_bytes());
+        }
+    }
+    out.extend_from_slice(&record.body);
+}
+
+/// Reads a commit-log payload front to back.
+struct Cursor<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8], StoreError> {
+        let out = self
+            .bytes
+            .get(self.at..self.at + n)
+            .ok_or_else(|| corrupt(&format!("short {what} in a log record")))?;
+        self.at += n;
+        Ok(out)
+    }
+
+    fn array<const N: usize>(&mut self, what: &str) -> Result<[u8; N], StoreError> {
+        self.take(N, what)?
+            .try_into()
+            .map_err(|_| corrupt(&format!("short {what} in a log record")))
+    }
+
+    fn string(&mut self, n: usize, what: &str) -> Result<String, StoreError> {
+        String::from_utf8(self.take(n, what)?.to_vec()).map_err(|_| corrupt(&format!("{what} not UTF-8")))
+    }
+}
+
+/// The message of a commit-log payload (the inverse of [`encode_log_message`]).
+pub(super) fn decode_log_message(bytes: &[u8]) -> Result<LogMessage, StoreError> {
+    let mut cursor = Cursor { bytes, at: 0 };
+    let [flags] = cursor.array::<1>("flags")?;
+    let queue_number = u32::from_le_bytes(cursor.array("queue")?);
+    let msg_id = cursor.array::<16>("msgId")?;
+    let store_ms = u64::from_le_bytes(cursor.array("store time")?);
+    let born_ms = if flags & LOG_BORN_FULL == 0 {
+        store_ms.saturating_sub(u64::from(u32::from_le_bytes(cursor.array("born time")?)))
+    } else {
+        u64::from_le_bytes(cursor.array("born time")?)
+    };
+    let keys = if flags & LOG_KEYS == 0 {
+        None
+    } else {
+        let len = u32::from_le_bytes(cursor.array("keys length")?) as usize;
+        Some(cursor.string(len, "keys")?)
+    };
+    let born_host = if flags & LOG_BORN_HOST == 0 {
+        None
+    } else {
+        let [len] = cursor.array::<1>("born host length")?;
+        Some(cursor.string(usize::from(len), "born host")?)
+    };
+    let mut lite_queues = Vec::new();
+    if flags & LOG_LITE != 0 {
+        let [count] = cursor.array::<1>("lite count")?;
+        for _ in 0..count {
+            lite_queues.push(u32::from_le_bytes(cursor.array("lite queue")?));
+        }
+    }
+    let body = bytes.get(cursor.at..).unwrap_or_default().to_vec();
+    Ok(LogMessage {
+        queue_number,
+        lite_queues,
+        copy: flags & LOG_COPY != 0,
+        store_ms,
+        record: NewRecord {
+            msg_id,
+            keys,
+            born_ms,
+            born_host,
+            body,
+            lite_topics: Vec::new(),
+        },
+    })
+}
+
 /// A scheduled message: `topic_len[2] topic queue[4]` then the message layout.
 pub(super) fn encode_scheduled(topic: &str, queue: u32, record: &NewRecord) -> Vec<u8> {
     let topic = topic.as_bytes();
@@ -227,6 +378,56 @@ mod tests {
         };
         let msg = decode_message(0, &encode_message(&plain, 1, 1)).expect("decode");
         assert_eq!((msg.born_host, msg.keys, msg.body), (None, None, b"hello".to_vec()));
+    }
+
+    #[test]
+    fn log_message_round_trips_and_stays_small() {
+        let record = NewRecord {
+            msg_id: [3; 16],
+            keys: Some("k".into()),
+            born_ms: 1_000,
+            born_host: Some("10.1.2.3".into()),
+            body: vec![7; 128],
+            lite_topics: Vec::new(),
+        };
+        let mut out = Vec::new();
+        encode_log_message(&mut out, 9, &record, 1_005, &[4, 5], false);
+        let back = decode_log_message(&out).expect("decode");
+        assert_eq!(
+            (back.queue_number, back.lite_queues.as_slice(), back.copy, back.store_ms),
+            (9, &[4, 5][..], false, 1_005)
+        );
+        assert_eq!(back.record.msg_id, record.msg_id);
+        assert_eq!(
+            (back.record.keys, back.record.born_host, back.record.born_ms),
+            (record.keys.clone(), record.born_host.clone(), 1_000)
+        );
+        assert_eq!(back.record.body, record.body);
+        // Born after it was stored (another clock): the full time is kept.
+        let plain = NewRecord {
+            keys: None,
+            born_host: None,
+            born_ms: 2_000,
+            ..record
+        };
+        out.clear();
+        encode_log_message(&mut out, 1, &plain, 1_005, &[], true);
+        let back = decode_log_message(&out).expect("decode");
+        assert_eq!((back.record.born_ms, back.copy, back.record.keys), (2_000, true, None));
+        out.clear();
+        encode_log_message(
+            &mut out,
+            1,
+            &NewRecord {
+                born_ms: 1_000,
+                ..plain
+            },
+            1_005,
+            &[],
+            false,
+        );
+        assert_eq!(out.len(), 33 + 128, "a plain message's header");
+        assert!(decode_log_message(&out[..20]).is_err());
     }
 
     /// A record written before the born host existed (this layout, no flag) reads unchanged.

@@ -1,13 +1,19 @@
-//! The embedded store (the default): one redb database file under `data_dir`.
+//! The embedded store (the default), under `data_dir`: message bodies in a commit log
+//! (`log/`: append-only segments, [`log`]) with an index file per queue (`index/`, [`index`]),
+//! and the small, rarely written state (consumer offsets, the delay schedule, identity, queue
+//! numbers) in one redb database. `layout = "redb"` keeps the bodies in redb too (the layout
+//! before the commit log).
 //!
 //! All writes go through one writer thread ([`writer`]) that takes every write waiting in its
-//! channel, applies them in one transaction and commits once: concurrent produce requests share
-//! one flush (group commit). A caller is answered only after the commit that holds its write.
-//! The same thread moves due delayed messages into their queues and purges expired messages,
-//! so the database has exactly one writer and the in-memory queue ranges change only after a
-//! commit.
+//! channel, applies them together and flushes once: concurrent produce requests share one
+//! fdatasync (group commit). A caller is answered only after the flush that holds its write.
+//! The same thread moves due delayed messages into their queues and drops expired messages,
+//! so the store has exactly one writer and the in-memory queue ranges change only after a
+//! flush.
 
 mod codec;
+mod index;
+mod log;
 mod writer;
 
 use super::{
@@ -30,6 +36,8 @@ const MESSAGES: TableDefinition<(&str, u32, u64), &[u8]> = TableDefinition::new(
 const SCHEDULE: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("schedule");
 /// msgId -> location, for the operator's "resend message".
 const MSG_INDEX: TableDefinition<&[u8], &[u8]> = TableDefinition::new("msg_index");
+/// (topic, queue) -> the queue's number in the commit log's records and index files.
+const QUEUE_NUMBERS: TableDefinition<(&str, u32), u32> = TableDefinition::new("queue_numbers");
 /// (context, queue) -> queue state.
 const CONSUMER_QUEUES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("consumer_queues");
 /// (context, seq) -> retry entry.
@@ -51,10 +59,23 @@ pub enum FlushPolicy {
     Async,
 }
 
+/// Where the embedded store keeps message bodies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Layout {
+    /// A commit log of fixed-size segments and an index file per queue (the default).
+    Log,
+    /// In the redb database, beside the consumer state (the layout before the commit log).
+    Redb,
+}
+
 /// The `[store]` section: how the embedded store writes, caches and expires.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct EmbeddedSettings {
+    pub layout: Layout,
+    /// The size of a commit-log segment (MiB): retention removes whole segments.
+    pub segment_mib: u64,
     pub flush: FlushPolicy,
     /// A flush longer than this answers FLUSH_DISK_TIMEOUT (the message is kept).
     pub flush_timeout_ms: u64,
@@ -79,6 +100,8 @@ pub struct EmbeddedSettings {
 impl Default for EmbeddedSettings {
     fn default() -> Self {
         Self {
+            layout: Layout::Log,
+            segment_mib: 128,
             flush: FlushPolicy::Sync,
             flush_timeout_ms: 5_000,
             // Each durable checkpoint stalls the writer in proportion to what piled up: 1 s
@@ -103,6 +126,7 @@ impl EmbeddedSettings {
     /// # Errors
     /// The first value out of its range, named by its key in the section.
     pub fn check(&self) -> Result<(), SettingError> {
+        Bounds::new(1, 4_096).setting("segment_mib", self.segment_mib)?;
         Bounds::new(1, 600_000).setting("flush_timeout_ms", self.flush_timeout_ms)?;
         Bounds::new(1, 600_000).setting("async_flush_interval_ms", self.async_flush_interval_ms)?;
         Bounds::new(1, 1 << 20).setting("cache_mib", self.cache_mib)?;
@@ -119,6 +143,10 @@ impl EmbeddedSettings {
 
     fn max_pending_write_bytes(&self) -> usize {
         usize::try_from(self.max_pending_write_mib.saturating_mul(MIB)).unwrap_or(usize::MAX)
+    }
+
+    fn segment_bytes(&self) -> u64 {
+        self.segment_mib.saturating_mul(MIB)
     }
 
     pub(crate) fn min_free_disk_bytes(&self) -> u64 {
@@ -156,8 +184,149 @@ struct Inner {
     queues: RwLock<HashMap<String, Arc<[QueueRef]>>>,
     /// The route of every lite topic (queue 0 of this store), shared by all of them.
     lite_route: Arc<[QueueRef]>,
+    /// The commit log, with `layout = "log"`.
+    log: Option<Arc<LogShared>>,
     path: PathBuf,
     broker_name: String,
+}
+
+/// The numbers commit-log records and index files name queues by (assigned on a queue's
+/// first append, kept in redb).
+#[derive(Debug, Default)]
+pub(super) struct QueueNumbers {
+    by_queue: HashMap<(String, u32), u32>,
+    by_number: HashMap<u32, (String, u32)>,
+}
+
+impl QueueNumbers {
+    pub(super) fn get(&self, topic: &str, queue: u32) -> Option<u32> {
+        // A borrowed look-up of a (String, u32) key needs an owned key; the names are short.
+        self.by_queue.get(&(topic.to_owned(), queue)).copied()
+    }
+
+    pub(super) fn name(&self, number: u32) -> Option<&(String, u32)> {
+        self.by_number.get(&number)
+    }
+
+    pub(super) fn insert(&mut self, topic: &str, queue: u32, number: u32) {
+        self.by_queue.insert((topic.to_owned(), queue), number);
+        self.by_number.insert(number, (topic.to_owned(), queue));
+    }
+
+    pub(super) fn remove(&mut self, topic: &str, queue: u32) -> Option<u32> {
+        let number = self.by_queue.remove(&(topic.to_owned(), queue))?;
+        self.by_number.remove(&number);
+        Some(number)
+    }
+
+    pub(super) fn iter(&self) -> impl Iterator<Item = (&(String, u32), u32)> {
+        self.by_queue.iter().map(|(k, n)| (k, *n))
+    }
+}
+
+/// The commit log as readers see it: its segments, the index files, the queue numbers.
+#[derive(Debug)]
+pub(super) struct LogShared {
+    segments: Arc<log::Segments>,
+    indexes: Arc<index::Indexes>,
+    numbers: RwLock<QueueNumbers>,
+}
+
+impl LogShared {
+    fn number(&self, topic: &str, queue: u32) -> Option<u32> {
+        self.numbers.read().ok()?.get(topic, queue)
+    }
+
+    /// Up to `max` messages of a queue from `from` (within `range`, already clamped), stopping
+    /// before the bodies pass `max_bytes` (the first always comes). A record the disk damaged
+    /// is left out with an error in the log, so consumers go on past it.
+    fn read(&self, number: u32, from: u64, max: usize, max_bytes: usize) -> Result<Vec<StoredMessage>, StoreError> {
+        let entries = self.indexes.read(number, from, max)?;
+        // Records within the byte budget (sizes include the small headers).
+        let mut budget = 0usize;
+        let mut take = 0;
+        for entry in &entries {
+            budget += entry.size as usize;
+            if budget > max_bytes.saturating_add(256) && take > 0 {
+                break;
+            }
+            take += 1;
+        }
+        let mut out = Vec::with_capacity(take);
+        let mut bytes = 0;
+        let mut i = 0;
+        while i < take {
+            // Records side by side in the log are read with one pread.
+            let mut end = i + 1;
+            while end < take && entries[end].pos == entries[end - 1].pos + u64::from(entries[end - 1].size) {
+                end += 1;
+            }
+            let first = entries[i].pos;
+            let span = (entries[end - 1].pos + u64::from(entries[end - 1].size) - first) as usize;
+            let chunk = match self.segments.read(first, span) {
+                Ok(chunk) => chunk,
+                Err(e) if out.is_empty() && i == 0 => return Err(e),
+                Err(_) => break,
+            };
+            for (k, entry) in entries[i..end].iter().enumerate() {
+                let at = (entry.pos - first) as usize;
+                let offset = from + (i + k) as u64;
+                let Some(payload) = chunk.get(at..at + entry.size as usize).and_then(log::payload_of) else {
+                    tracing::error!(
+                        number,
+                        offset,
+                        pos = entry.pos,
+                        "a damaged commit-log record is skipped"
+                    );
+                    continue;
+                };
+                let message = codec::decode_log_message(payload)?;
+                bytes += message.record.body.len();
+                if bytes > max_bytes && !out.is_empty() {
+                    return Ok(out);
+                }
+                out.push(StoredMessage {
+                    msg_id: message.record.msg_id,
+                    client_msg_id: None,
+                    offset,
+                    store_ms: message.store_ms,
+                    keys: message.record.keys,
+                    born_host: message.record.born_host,
+                    body: message.record.body,
+                });
+            }
+            i = end;
+        }
+        Ok(out)
+    }
+
+    /// Where the message with `msg_id` sits: the newest segment's msgIds first.
+    fn locate(&self, msg_id: &[u8; 16]) -> Result<Option<MessageLocation>, StoreError> {
+        let fp = index::fingerprint(msg_id);
+        for base in self.segments.bases().into_iter().rev() {
+            for pos in self.indexes.id_candidates(base, fp)? {
+                let Ok(payload) = self.segments.read_record_at(pos) else {
+                    continue;
+                };
+                let message = codec::decode_log_message(&payload)?;
+                if message.record.msg_id != *msg_id || message.copy {
+                    continue;
+                }
+                let Some((topic, queue)) = self
+                    .numbers
+                    .read()
+                    .ok()
+                    .and_then(|n| n.name(message.queue_number).cloned())
+                else {
+                    continue;
+                };
+                if let Some(offset) = self.indexes.offset_of(message.queue_number, pos)? {
+                    return Ok(Some(MessageLocation { topic, queue, offset }));
+                }
+            }
+        }
+        Ok(None)
+    }
 }
 
 fn db_err(e: impl std::fmt::Display) -> StoreError {
@@ -179,11 +348,22 @@ impl EmbeddedStore {
                 .map_err(db_err)?,
         );
         let (identity, counters) = writer::init(&db)?;
-        let (ranges, lite_topics) = load_ranges(&db, &config.topics)?;
+        let (ranges, lite_topics, log) = match config.settings.layout {
+            Layout::Redb => {
+                writer::refuse_log_data(&config.data_dir)?;
+                let (ranges, lite_topics) = load_ranges(&db, &config.topics)?;
+                (ranges, lite_topics, None)
+            }
+            Layout::Log => {
+                let opened = writer::open_log(&db, &config)?;
+                (opened.ranges, opened.lite_topics, Some((opened.shared, opened.state)))
+            }
+        };
         let ranges = Arc::new(RwLock::new(ranges));
         let (tx, rx) = mpsc::channel();
         let visible = Arc::new(crate::TopicSignals::default());
         let pending_bytes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (log_shared, log_state) = log.unzip();
         let writer = writer::Writer::new(
             db.clone(),
             ranges.clone(),
@@ -191,9 +371,15 @@ impl EmbeddedStore {
             &config,
             counters,
             pending_bytes.clone(),
+            log_state,
         )?;
         let thread = writer::spawn(writer, rx)?;
-        tracing::info!(path = %path.display(), flush = ?config.settings.flush, "embedded store open");
+        tracing::info!(
+            path = %config.data_dir.display(),
+            layout = ?config.settings.layout,
+            flush = ?config.settings.flush,
+            "embedded store open"
+        );
         let lite_route: Arc<[QueueRef]> = Arc::from(vec![QueueRef {
             broker_name: config.broker_name.clone(),
             queue_id: 0,
@@ -224,6 +410,7 @@ impl EmbeddedStore {
                 visible,
                 queues: RwLock::new(queues),
                 lite_route,
+                log: log_shared,
                 path,
                 broker_name: config.broker_name.clone(),
             }),
@@ -443,6 +630,23 @@ impl MessageStore for EmbeddedStore {
         max: usize,
         max_bytes: usize,
     ) -> Result<ReadOutcome, StoreError> {
+        if let Some(log) = &self.inner.log {
+            let range = self.queue_range(topic, queue);
+            let from = from.max(range.min);
+            let Some(number) = log.number(topic, queue).filter(|_| from < range.max) else {
+                return Ok(ReadOutcome::default());
+            };
+            let max = max.min(usize::try_from(range.max - from).unwrap_or(usize::MAX));
+            let log = log.clone();
+            return tokio::task::spawn_blocking(move || {
+                Ok(ReadOutcome {
+                    messages: log.read(number, from, max, max_bytes)?,
+                    skip_to: None,
+                })
+            })
+            .await
+            .map_err(|e| StoreError::Database(format!("read task failed: {e}")))?;
+        }
         let db = self.inner.db.clone();
         let topic = topic.to_owned();
         tokio::task::spawn_blocking(move || {
@@ -481,13 +685,15 @@ impl MessageStore for EmbeddedStore {
     async fn stats(&self) -> StoreStats {
         let db = self.inner.db.clone();
         let path = self.inner.path.clone();
+        let log = self.inner.log.clone();
         tokio::task::spawn_blocking(move || {
             let delayed = db
                 .begin_read()
                 .ok()
                 .and_then(|txn| txn.open_table(SCHEDULE).ok().and_then(|t| t.len().ok()));
+            let log_bytes = log.map_or(0, |log| log.segments.bytes());
             StoreStats {
-                size_bytes: std::fs::metadata(&path).ok().map(|m| m.len()),
+                size_bytes: std::fs::metadata(&path).ok().map(|m| m.len() + log_bytes),
                 delayed: Some(delayed.unwrap_or(0)),
             }
         })
@@ -516,6 +722,12 @@ impl MessageStore for EmbeddedStore {
         let Some(msg_id) = hex::decode(msg_id).ok().and_then(|b| <[u8; 16]>::try_from(b).ok()) else {
             return Ok(None);
         };
+        if let Some(log) = &self.inner.log {
+            let log = log.clone();
+            return tokio::task::spawn_blocking(move || Ok(log.locate(&msg_id)?.map(|at| (at, msg_id))))
+                .await
+                .map_err(|e| StoreError::Database(format!("lookup task failed: {e}")))?;
+        }
         let db = self.inner.db.clone();
         tokio::task::spawn_blocking(move || {
             let txn = db.begin_read().map_err(db_err)?;

@@ -1,8 +1,13 @@
 //! The single writer of the embedded store: group commit, delayed-message delivery, retention.
 
+mod log_commit;
+
+pub(super) use log_commit::{LogState, open_log, refuse_log_data};
+
 use super::codec;
 use super::{
-    CONSUMER_QUEUES, EmbeddedConfig, FlushPolicy, MESSAGES, META, MSG_INDEX, RETRIES, SCHEDULE, SETTINGS, db_err,
+    CONSUMER_QUEUES, EmbeddedConfig, FlushPolicy, MESSAGES, META, MSG_INDEX, QUEUE_NUMBERS, RETRIES, SCHEDULE,
+    SETTINGS, db_err,
 };
 use crate::{
     AppendOutcome, AppendStatus, Appended, ConsumerOp, ConsumerSnapshot, ContextKey, MessageLocation, NewRecord,
@@ -161,6 +166,7 @@ pub(super) fn init(db: &Database) -> Result<(StoreIdentity, Counters), StoreErro
     txn.open_table(MESSAGES).map_err(db_err)?;
     txn.open_table(SCHEDULE).map_err(db_err)?;
     txn.open_table(SETTINGS).map_err(db_err)?;
+    txn.open_table(QUEUE_NUMBERS).map_err(db_err)?;
     let secret: [u8; 32] = {
         let mut meta = txn.open_table(META).map_err(db_err)?;
         let existing = meta
@@ -268,11 +274,15 @@ pub(super) struct Writer {
     room: DiskRoom,
     /// Bytes of appends sent and not yet taken by this writer (the store's overload bound).
     pending_bytes: Arc<std::sync::atomic::AtomicUsize>,
+    /// The commit log, with `layout = "log"` (messages are in redb without it).
+    log: Option<LogState>,
 }
 
 enum Reply {
     Append(oneshot::Sender<Result<AppendOutcome, StoreError>>, Vec<Appended>),
     Done(oneshot::Sender<Result<(), StoreError>>),
+    /// Already answered (with an error) while the rest of its group went on.
+    Answered,
 }
 
 impl Reply {
@@ -284,6 +294,7 @@ impl Reply {
             Self::Done(tx) => {
                 let _ = tx.send(Err(error));
             }
+            Self::Answered => {}
         }
     }
 }
@@ -306,6 +317,7 @@ impl Writer {
         config: &EmbeddedConfig,
         counters: Counters,
         pending_bytes: Arc<std::sync::atomic::AtomicUsize>,
+        log: Option<LogState>,
     ) -> Result<Self, StoreError> {
         let settings = &config.settings;
         let ranges = shared_ranges.read().map_err(|_| StoreError::Closed)?.clone();
@@ -336,6 +348,7 @@ impl Writer {
             min_free_bytes: settings.min_free_disk_bytes(),
             room: DiskRoom::Room,
             pending_bytes,
+            log,
         })
     }
 
@@ -419,6 +432,11 @@ impl Writer {
         }
         // Closing: make everything durable whatever the flush policy.
         self.commit(Vec::new(), true);
+        if let Some(log) = self.log.as_mut()
+            && let Err(e) = log.close(&self.data_dir)
+        {
+            tracing::error!(error = %e, "commit log checkpoint at close failed");
+        }
         tracing::info!("embedded store writer stopped");
     }
 
@@ -451,7 +469,20 @@ impl Writer {
         let saved_counters = self.counters;
         let saved_due = self.next_due;
         let started = Instant::now();
-        let result = self.apply(works, now, due, purge, sync_now, &mut replies);
+        let result = match self.log.take() {
+            Some(mut log) => {
+                let group = log_commit::Group {
+                    now,
+                    due,
+                    purge,
+                    sync_now,
+                };
+                let result = self.apply_log(&mut log, works, group, &mut replies);
+                self.log = Some(log);
+                result
+            }
+            None => self.apply(works, now, due, purge, sync_now, &mut replies),
+        };
         let elapsed = started.elapsed();
         match result {
             Ok(()) => {
@@ -492,6 +523,7 @@ impl Writer {
                         Reply::Done(tx) => {
                             let _ = tx.send(Ok(()));
                         }
+                        Reply::Answered => {}
                     }
                 }
             }
