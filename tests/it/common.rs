@@ -20,7 +20,7 @@ pub struct TestServer {
     pub admin_base: String,
     pub client: reqwest::Client,
     pub data_dir: PathBuf,
-    config: Config,
+    pub config: Config,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
     _tmp: Option<tempfile::TempDir>,

@@ -364,3 +364,62 @@ fn request_id_secrets_are_validated() {
         .unwrap_err();
     assert_eq!(alone.key, "request_id.previous_secret", "{alone}");
 }
+
+/// A data directory of the redb layout (the store before the commit log) is converted at the
+/// first start with the log: messages keep their offsets and msgIds, committed offsets hold,
+/// new messages continue the queue; the redb layout then refuses the directory.
+#[tokio::test]
+async fn a_redb_data_directory_is_converted_to_the_commit_log() {
+    if common::embedded_only("the layouts are the embedded store's") {
+        return;
+    }
+    let mut config = common::config(Some(&one_queue("max_pull_size=2\n")));
+    config.store.layout = mqproxy::store::embedded::Layout::Redb;
+    let s = TestServer::with_config(config).await;
+    let mut ids = Vec::new();
+    for m in ["a", "b", "c", "d", "e"] {
+        ids.push(
+            s.produce(m).await["result"]["msgId"]
+                .as_str()
+                .expect("msgId")
+                .to_owned(),
+        );
+    }
+    let first = s.fetch("c", None).await;
+    assert_eq!(bodies_of(&first), ["a", "b"]);
+    let next = s.fetch("c", Some(&rid(&first))).await;
+    assert_eq!(bodies_of(&next), ["c", "d"], "{next}");
+    let s = s
+        .restart_with(|c| c.store.layout = mqproxy::store::embedded::Layout::Log)
+        .await;
+    // The batch handed out before the restart is still locked; given back, it comes again.
+    s.get(
+        "/mq/unlock",
+        &[("topic", TOPIC), ("consumer", "c"), ("requestId", &rid(&next))],
+    )
+    .await;
+    let again = s.fetch("c", None).await;
+    assert_eq!(bodies_of(&again), ["c", "d"], "{again}");
+    assert!(s.config.data_dir.join("log").is_dir(), "the commit log exists");
+    assert_eq!(again["result"]["queueInfo"]["committedOffset"], 2, "{again}");
+    let view = s.get("/admin/message", &[("msgId", &ids[4])]).await;
+    assert_eq!(
+        view["result"]["queueOffset"], 4,
+        "the msgId lookup finds a converted message: {view}"
+    );
+    assert_eq!(view["result"]["body"], "e", "{view}");
+    s.produce("f").await;
+    let rest = s.fetch("c", Some(&rid(&again))).await;
+    assert_eq!(bodies_of(&rest), ["e", "f"], "{rest}");
+    let data_dir = s.config.data_dir.clone();
+    let mut s = s;
+    s.shutdown().await;
+    let mut redb = s.config.clone();
+    redb.store.layout = mqproxy::store::embedded::Layout::Redb;
+    let refused = mqproxy::store::embedded::EmbeddedStore::open(mqproxy::server::embedded_config(&redb));
+    let message = refused.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(
+        message.contains("commit log") && message.contains(&data_dir.join("log").display().to_string()),
+        "the redb layout refuses a commit log: {message:?}"
+    );
+}

@@ -6,7 +6,7 @@
 use crate::server::{QUEUES, TOPIC};
 use mqproxy::config::{Config, TopicConfig};
 use mqproxy::store::embedded::EmbeddedStore;
-use mqproxy::store::embedded::FlushPolicy;
+use mqproxy::store::embedded::{FlushPolicy, Layout};
 use mqproxy::store::{Delivery, MessageStore, NewRecord};
 use std::io::Write;
 use std::path::Path;
@@ -30,11 +30,35 @@ pub fn flush_rate(dir: &Path, duration: Duration) -> anyhow::Result<f64> {
     Ok(rate)
 }
 
+/// Writes of 1 MiB to a new file in `dir` for `duration`, then one fdatasync: the disk's
+/// sequential write rate in bytes/s (what a log-structured store could reach at best).
+pub fn sequential_write_rate(dir: &Path, duration: Duration) -> anyhow::Result<f64> {
+    let path = dir.join("sequential-probe");
+    let mut file = std::fs::File::create(&path)?;
+    let block = vec![7u8; 1 << 20];
+    let started = Instant::now();
+    let mut bytes = 0u64;
+    while started.elapsed() < duration {
+        file.write_all(&block)?;
+        bytes += block.len() as u64;
+    }
+    file.sync_data()?;
+    let rate = bytes as f64 / started.elapsed().as_secs_f64();
+    std::fs::remove_file(path)?;
+    Ok(rate)
+}
+
 /// The embedded store as the server opens it (same settings), on `dir`, with the bench topic.
 pub fn open_store(dir: &Path, flush: FlushPolicy) -> anyhow::Result<EmbeddedStore> {
+    open_store_with(dir, flush, Layout::Log)
+}
+
+/// [`open_store`] with the bodies in `layout` (the redb layout is the comparison of the log's).
+pub fn open_store_with(dir: &Path, flush: FlushPolicy, layout: Layout) -> anyhow::Result<EmbeddedStore> {
     let mut config = Config::demo();
     config.data_dir = dir.to_path_buf();
     config.store.flush = flush;
+    config.store.layout = layout;
     config.topics = vec![TopicConfig {
         name: TOPIC.into(),
         queues: QUEUES,

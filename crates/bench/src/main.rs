@@ -243,7 +243,9 @@ fn env_from(common: &Common, default_warmup: f64, default_duration: f64) -> anyh
     let data_root = common.data_root.clone().unwrap_or_else(std::env::temp_dir);
     std::fs::create_dir_all(&data_root)?;
     let flush_rate = ceilings::flush_rate(&data_root, Duration::from_secs(1))?;
+    let sequential_rate = ceilings::sequential_write_rate(&data_root, Duration::from_secs(1))?;
     Ok(Env {
+        sequential_rate,
         server_bin: common.server_bin.clone().unwrap_or_else(server::default_server_bin),
         data_root,
         warmup: Duration::from_secs_f64(common.warmup.unwrap_or(default_warmup)),
@@ -285,11 +287,12 @@ where
 
 fn print_preamble(env: &Env, rounds: usize) {
     println!(
-        "machine: {}; data dir {}; flush rate (1 KiB write + fdatasync): {:.0}/s ({:.2} ms each)",
+        "machine: {}; data dir {}; flush rate (1 KiB write + fdatasync): {:.0}/s ({:.2} ms each); sequential write {:.0} MiB/s",
         machine(),
         env.data_root.display(),
         env.flush_rate,
-        1000.0 / env.flush_rate
+        1000.0 / env.flush_rate,
+        env.sequential_rate / f64::from(1 << 20)
     );
     println!(
         "warm-up {:.1} s, measured {:.1} s, median of {rounds} run(s); latency in ms; RSS of the server at start/peak",

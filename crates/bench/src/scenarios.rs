@@ -9,7 +9,7 @@ use anyhow::{Context, bail};
 use bytes::Bytes;
 use hdrhistogram::Histogram;
 use mqproxy::grpc::pb;
-use mqproxy::store::embedded::FlushPolicy;
+use mqproxy::store::embedded::{FlushPolicy, Layout};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -25,6 +25,8 @@ pub struct Env {
     pub duration: Duration,
     /// fdatasync'd 1 KiB appends per second on the data directory's disk.
     pub flush_rate: f64,
+    /// The disk's sequential write rate (bytes/s), measured at start.
+    pub sequential_rate: f64,
     /// TOML appended to every generated server config (`--server-toml`).
     pub server_toml: String,
 }
@@ -85,6 +87,8 @@ struct ProduceFigures {
     measured: client::LoadResult,
     http: client::LoadResult,
     store_rate: f64,
+    /// The same store with the bodies in redb (the layout before the commit log).
+    redb_rate: f64,
     rss: (f64, f64),
 }
 
@@ -112,17 +116,25 @@ async fn measure_produce(env: &Env, connections: usize, load: &ProduceLoad) -> a
     drop(proc);
 
     let http = http_ceiling(env, &reply, connections, load.path, load.body.clone()).await?;
-    let store_dir = server::fresh_dir(&env.data_root, "store-ceiling")?;
-    let store = ceilings::open_store(&store_dir, flush_of(load.flush))?;
-    let store_rate = ceilings::store_write_rate(&store, connections, load.per_request, load.size, env.duration).await?;
-    store.close();
-    let _ = std::fs::remove_dir_all(store_dir);
+    let store_rate = store_alone(env, connections, load, Layout::Log).await?;
+    let redb_rate = store_alone(env, connections, load, Layout::Redb).await?;
     Ok(ProduceFigures {
         measured,
         http,
         store_rate,
+        redb_rate,
         rss: (idle_rss, peak_rss),
     })
+}
+
+/// The embedded store's own write rate (no HTTP) with the load's writers and batches.
+async fn store_alone(env: &Env, connections: usize, load: &ProduceLoad, layout: Layout) -> anyhow::Result<f64> {
+    let store_dir = server::fresh_dir(&env.data_root, "store-ceiling")?;
+    let store = ceilings::open_store_with(&store_dir, flush_of(load.flush), layout)?;
+    let rate = ceilings::store_write_rate(&store, connections, load.per_request, load.size, env.duration).await?;
+    store.close();
+    let _ = std::fs::remove_dir_all(store_dir);
+    Ok(rate)
 }
 
 /// REST produce, one message per request, `connections` clients.
@@ -147,6 +159,14 @@ pub async fn produce(env: &Env, connections: usize, size: usize, flush: &'static
         Row::measured(&label, f.measured.requests_per_s, Some(f.measured.latency), ceilings).with_rss(f.rss.0, f.rss.1),
         Row::ceiling("  bare axum, same load", f.http.requests_per_s, Some(f.http.latency)),
         Row::ceiling("  store alone, same writers", f.store_rate, None),
+        Row::ceiling(
+            &format!(
+                "  store alone, redb layout ({:.2}x)",
+                f.store_rate / f.redb_rate.max(1.0)
+            ),
+            f.redb_rate,
+            None,
+        ),
     ])
 }
 
@@ -171,6 +191,7 @@ pub async fn produce_batch(env: &Env, connections: usize, per_batch: usize, size
             vec![
                 Ceiling::new("axum", f.http.requests_per_s * n),
                 Ceiling::new("store", f.store_rate),
+                Ceiling::new("disk seq", env.sequential_rate / (size as f64 + 53.0)),
             ],
         )
         .with_rss(f.rss.0, f.rss.1),
@@ -180,6 +201,19 @@ pub async fn produce_batch(env: &Env, connections: usize, per_batch: usize, size
             Some(f.http.latency),
         ),
         Row::ceiling("  store alone, same batches", f.store_rate, None),
+        Row::ceiling(
+            &format!(
+                "  store alone, redb layout ({:.2}x)",
+                f.store_rate / f.redb_rate.max(1.0)
+            ),
+            f.redb_rate,
+            None,
+        ),
+        Row::ceiling(
+            "  disk sequential write, in messages",
+            env.sequential_rate / (size as f64 + 53.0),
+            None,
+        ),
     ])
 }
 
@@ -558,7 +592,7 @@ async fn e2e_latency_of(env: &Env, push: Push, count: usize, size: usize) -> any
 /// Pull latency of one consumer (pull 128 + ack) over a backlog of `stored` 128-byte
 /// messages, for the run's duration.
 pub async fn backlog(env: &Env, stored: u64) -> anyhow::Result<Row> {
-    // ~570 bytes per stored 128-byte message (measured), plus room to spare.
+    // Up to ~570 bytes per stored 128-byte message (the redb layout), plus room to spare.
     let needed = stored.saturating_mul(600) + (4 << 30);
     let free = free_bytes(&env.data_root);
     if free < needed {
@@ -583,7 +617,9 @@ pub async fn backlog(env: &Env, stored: u64) -> anyhow::Result<Row> {
     drop(store); // releases the database file for the server
     let fill_s = fill_started.elapsed().as_secs_f64();
     let disk = dir_size(&dir);
+    let start = Instant::now();
     let proc = server::start_mqproxy(&env.server_bin, dir, &env.setup())?;
+    let start_s = start.elapsed().as_secs_f64();
     let idle_rss = proc.rss_mib().0;
     // The first WARMUP_PULLS pulls warm up; then pull until the time is up or half the
     // backlog is read (the backlog stays deep).
@@ -625,8 +661,9 @@ pub async fn backlog(env: &Env, stored: u64) -> anyhow::Result<Row> {
     )
     .with_rss(idle_rss, peak_rss)
     .with_note(format!(
-        "filled in {fill_s:.1} s, {:.0} MiB on disk",
-        disk as f64 / f64::from(1u32 << 20)
+        "filled in {fill_s:.1} s, {:.0} MiB on disk ({:.0} B per message), server up in {start_s:.2} s",
+        disk as f64 / f64::from(1u32 << 20),
+        disk as f64 / stored.max(1) as f64
     )))
 }
 
@@ -644,13 +681,19 @@ fn free_bytes(dir: &Path) -> u64 {
     stat.f_bavail.saturating_mul(stat.f_frsize)
 }
 
+/// Disk space the files under `dir` take (allocated blocks, subdirectories included: the
+/// commit log's preallocated segments count whole).
 fn dir_size(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
     std::fs::read_dir(dir)
         .map(|entries| {
             entries
                 .filter_map(Result::ok)
-                .filter_map(|e| e.metadata().ok())
-                .map(|m| m.len())
+                .map(|e| match e.metadata() {
+                    Ok(m) if m.is_dir() => dir_size(&e.path()),
+                    Ok(m) => m.blocks() * 512,
+                    Err(_) => 0,
+                })
                 .sum()
         })
         .unwrap_or(0)
