@@ -172,7 +172,12 @@ pub async fn closed_loop(
                 if sent >= end {
                     break;
                 }
-                let reply = conn.post_form(path, body.clone()).await?;
+                // No body: a GET (the health check); else a form POST.
+                let reply = if body.is_empty() {
+                    conn.get(path).await?
+                } else {
+                    conn.post_form(path, body.clone()).await?
+                };
                 let status = body_status(&reply)?;
                 if status != 200 {
                     bail!("status {status}: {}", String::from_utf8_lossy(&reply));

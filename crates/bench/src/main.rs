@@ -75,6 +75,13 @@ enum Command {
         #[command(flatten)]
         common: Common,
     },
+    /// `GET /healthz` against a bare axum handler: the HTTP stack's own cost.
+    Healthz {
+        #[arg(long, default_value_t = 64)]
+        connections: usize,
+        #[command(flatten)]
+        common: Common,
+    },
     /// REST produce, one message per request.
     Produce {
         #[arg(long, default_value_t = 64)]
@@ -308,6 +315,7 @@ async fn all(plan: Plan, quick: bool, namesrv: Option<String>, common: Common) -
     let rounds = common.rounds.unwrap_or(plan.rounds);
     let started = Instant::now();
     print_preamble(&env, rounds);
+    run_rounds(rounds, || scenarios::healthz(&env, 64)).await?;
     for &size in &plan.produce_sizes {
         run_rounds(rounds, || scenarios::produce(&env, 64, size, "sync")).await?;
     }
@@ -370,6 +378,9 @@ fn main() -> anyhow::Result<()> {
                     (false, false) => Plan::quick(),
                 };
                 all(plan, !full, namesrv, common).await
+            }
+            Command::Healthz { connections, common } => {
+                single(common, async |env| scenarios::healthz(env, connections).await).await
             }
             Command::Produce {
                 connections,

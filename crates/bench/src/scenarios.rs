@@ -72,6 +72,28 @@ async fn http_ceiling(
     result
 }
 
+/// `GET /healthz`, `connections` clients: the HTTP stack itself (listener, middleware, routing,
+/// envelope) against a bare axum handler answering the same bytes.
+pub async fn healthz(env: &Env, connections: usize) -> anyhow::Result<Vec<Row>> {
+    let proc = server::start_mqproxy(&env.server_bin, server::fresh_dir(&env.data_root, "healthz")?, &env.setup())?;
+    let idle_rss = proc.rss_mib().0;
+    let reply = HttpConn::connect(proc.addr).await?.get("/healthz").await?;
+    let measured = closed_loop(proc.addr, connections, env.warmup, env.duration, "/healthz", Bytes::new()).await?;
+    let peak_rss = proc.rss_mib().1;
+    drop(proc);
+    let http = http_ceiling(env, &reply, connections, "/healthz", Bytes::new()).await?;
+    Ok(vec![
+        Row::measured(
+            &format!("healthz x{connections}"),
+            measured.requests_per_s,
+            Some(measured.latency),
+            vec![Ceiling::new("axum", http.requests_per_s)],
+        )
+        .with_rss(idle_rss, peak_rss),
+        Row::ceiling("  bare axum, same load", http.requests_per_s, Some(http.latency)),
+    ])
+}
+
 /// One produce shape: `per_request` messages of `size` bytes per POST to `path`.
 struct ProduceLoad {
     path: &'static str,
