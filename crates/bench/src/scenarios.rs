@@ -75,10 +75,22 @@ async fn http_ceiling(
 /// `GET /healthz`, `connections` clients: the HTTP stack itself (listener, middleware, routing,
 /// envelope) against a bare axum handler answering the same bytes.
 pub async fn healthz(env: &Env, connections: usize) -> anyhow::Result<Vec<Row>> {
-    let proc = server::start_mqproxy(&env.server_bin, server::fresh_dir(&env.data_root, "healthz")?, &env.setup())?;
+    let proc = server::start_mqproxy(
+        &env.server_bin,
+        server::fresh_dir(&env.data_root, "healthz")?,
+        &env.setup(),
+    )?;
     let idle_rss = proc.rss_mib().0;
     let reply = HttpConn::connect(proc.addr).await?.get("/healthz").await?;
-    let measured = closed_loop(proc.addr, connections, env.warmup, env.duration, "/healthz", Bytes::new()).await?;
+    let measured = closed_loop(
+        proc.addr,
+        connections,
+        env.warmup,
+        env.duration,
+        "/healthz",
+        Bytes::new(),
+    )
+    .await?;
     let peak_rss = proc.rss_mib().1;
     drop(proc);
     let http = http_ceiling(env, &reply, connections, "/healthz", Bytes::new()).await?;
@@ -112,6 +124,17 @@ struct ProduceFigures {
     /// The same store with the bodies in redb (the layout before the commit log).
     redb_rate: f64,
     rss: (f64, f64),
+}
+
+impl ProduceFigures {
+    /// The store alone with the redb layout, and how many times faster the log is.
+    fn redb_row(&self) -> Row {
+        let label = format!(
+            "  store alone, redb layout (log {:.2}x)",
+            self.store_rate / self.redb_rate.max(1.0)
+        );
+        Row::ceiling(&label, self.redb_rate, None)
+    }
 }
 
 async fn measure_produce(env: &Env, connections: usize, load: &ProduceLoad) -> anyhow::Result<ProduceFigures> {
@@ -177,18 +200,12 @@ pub async fn produce(env: &Env, connections: usize, size: usize, flush: &'static
         ceilings.push(Ceiling::new("conns x flush", connections as f64 * env.flush_rate));
     }
     let label = format!("produce {flush} {} x{connections}", size_label(size));
+    let redb = f.redb_row();
     Ok(vec![
         Row::measured(&label, f.measured.requests_per_s, Some(f.measured.latency), ceilings).with_rss(f.rss.0, f.rss.1),
         Row::ceiling("  bare axum, same load", f.http.requests_per_s, Some(f.http.latency)),
         Row::ceiling("  store alone, same writers", f.store_rate, None),
-        Row::ceiling(
-            &format!(
-                "  store alone, redb layout ({:.2}x)",
-                f.store_rate / f.redb_rate.max(1.0)
-            ),
-            f.redb_rate,
-            None,
-        ),
+        redb,
     ])
 }
 
@@ -205,6 +222,7 @@ pub async fn produce_batch(env: &Env, connections: usize, per_batch: usize, size
     let f = measure_produce(env, connections, &load).await?;
     let n = per_batch as f64;
     let label = format!("produce-batch {per_batch} {} x{connections}", size_label(size));
+    let redb = f.redb_row();
     Ok(vec![
         Row::measured(
             &label,
@@ -223,14 +241,7 @@ pub async fn produce_batch(env: &Env, connections: usize, per_batch: usize, size
             Some(f.http.latency),
         ),
         Row::ceiling("  store alone, same batches", f.store_rate, None),
-        Row::ceiling(
-            &format!(
-                "  store alone, redb layout ({:.2}x)",
-                f.store_rate / f.redb_rate.max(1.0)
-            ),
-            f.redb_rate,
-            None,
-        ),
+        redb,
         Row::ceiling(
             "  disk sequential write, in messages",
             env.sequential_rate / (size as f64 + 53.0),

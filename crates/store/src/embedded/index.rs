@@ -73,6 +73,9 @@ pub(super) enum IndexFile {
 pub(super) struct Indexes {
     queues: PathBuf,
     log: PathBuf,
+    /// Queue index files open for reading (a pull opens none); the writer forgets one it
+    /// replaces or deletes.
+    open_queues: std::sync::Mutex<HashMap<u32, std::sync::Arc<File>>>,
 }
 
 impl Indexes {
@@ -82,6 +85,7 @@ impl Indexes {
         Ok(Self {
             queues,
             log: data_dir.join("log"),
+            open_queues: std::sync::Mutex::new(HashMap::new()),
         })
     }
 
@@ -100,9 +104,33 @@ impl Indexes {
         }
     }
 
+    /// A queue's index file, open for reading (kept open).
+    fn queue_file(&self, queue: u32) -> Result<Option<std::sync::Arc<File>>, StoreError> {
+        let mut open = self.open_queues.lock().map_err(|_| StoreError::Closed)?;
+        if let Some(file) = open.get(&queue) {
+            return Ok(Some(file.clone()));
+        }
+        let Some(file) = self.open(IndexFile::Queue(queue))? else {
+            return Ok(None);
+        };
+        if open.len() >= OPEN_FILES {
+            open.clear();
+        }
+        let file = std::sync::Arc::new(file);
+        open.insert(queue, file.clone());
+        Ok(Some(file))
+    }
+
+    /// Closes the reading handle of a queue index the writer replaced or deleted.
+    fn forget(&self, queue: u32) {
+        if let Ok(mut open) = self.open_queues.lock() {
+            open.remove(&queue);
+        }
+    }
+
     /// Up to `max` entries of a queue from `offset` on (fewer at its end).
     pub(super) fn read(&self, queue: u32, offset: u64, max: usize) -> Result<Vec<Entry>, StoreError> {
-        let Some(file) = self.open(IndexFile::Queue(queue))? else {
+        let Some(file) = self.queue_file(queue)? else {
             return Ok(Vec::new());
         };
         let base = queue_base(&file)?;
@@ -315,6 +343,9 @@ impl IndexWriter {
     /// Deletes an index (a dropped queue, a removed segment's msgIds).
     pub(super) fn remove(&mut self, file: IndexFile) -> Result<(), StoreError> {
         self.open.remove(&file);
+        if let IndexFile::Queue(queue) = file {
+            self.indexes.forget(queue);
+        }
         self.dirty.remove(&file);
         match std::fs::remove_file(self.indexes.path(file)) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(e)),
@@ -405,6 +436,7 @@ impl IndexWriter {
         out.sync_data().map_err(io)?;
         std::fs::rename(&tmp, &path).map_err(io)?;
         self.open.remove(&file);
+        self.indexes.forget(queue);
         tracing::debug!(queue, dropped = dead, "queue index trimmed");
         Ok(())
     }

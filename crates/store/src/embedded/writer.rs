@@ -586,13 +586,7 @@ impl Writer {
         sync_now: bool,
         replies: &mut [Reply],
     ) -> Result<(), StoreError> {
-        let mut txn = self.db.begin_write().map_err(db_err)?;
-        txn.set_durability(if sync_now {
-            Durability::Immediate
-        } else {
-            Durability::None
-        })
-        .map_err(db_err)?;
+        let txn = begin_write(&self.db, sync_now)?;
         let mut tables = Tables {
             messages: txn.open_table(MESSAGES).map_err(db_err)?,
             index: txn.open_table(MSG_INDEX).map_err(db_err)?,
@@ -828,6 +822,18 @@ impl Writer {
         }
         Ok(())
     }
+}
+
+/// A write transaction, durable at commit when `sync_now`.
+fn begin_write(db: &Database, sync_now: bool) -> Result<WriteTransaction, StoreError> {
+    let mut txn = db.begin_write().map_err(db_err)?;
+    txn.set_durability(if sync_now {
+        Durability::Immediate
+    } else {
+        Durability::None
+    })
+    .map_err(db_err)?;
+    Ok(txn)
 }
 
 fn apply_consumer_ops(txn: &WriteTransaction, ops: Vec<ConsumerOp>) -> Result<(), StoreError> {

@@ -7,7 +7,7 @@ use super::super::log::{self as commit_log, LogWriter};
 use super::super::{LogShared, MESSAGES, META, MSG_INDEX, QUEUE_NUMBERS, QueueNumbers, SCHEDULE, codec, db_err};
 use super::{EmbeddedConfig, MAINTENANCE_BATCH, Reply, Work, Writer};
 use crate::{Appended, NewRecord, QueueRange, StoreError};
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -687,13 +687,7 @@ impl Writer {
         now: u64,
         sync_now: bool,
     ) -> Result<Vec<Vec<Appended>>, StoreError> {
-        let mut txn = self.db.begin_write().map_err(db_err)?;
-        txn.set_durability(if sync_now {
-            Durability::Immediate
-        } else {
-            Durability::None
-        })
-        .map_err(db_err)?;
+        let txn = super::begin_write(&self.db, sync_now)?;
         let mut dropped = Vec::new();
         for work in works {
             match std::mem::replace(work, Work::Probe) {
