@@ -252,7 +252,8 @@ impl IndexWriter {
     pub(super) fn stage_queue(&mut self, queue: u32, offset: u64, entry: Entry) {
         let staged = self.staged.entry(IndexFile::Queue(queue)).or_default();
         if staged.is_empty() {
-            self.new_bases.insert(queue, offset);
+            // The file's first offset, if this creates it.
+            self.new_bases.entry(queue).or_insert(offset);
         }
         staged.extend_from_slice(&entry.encode());
     }
@@ -271,7 +272,8 @@ impl IndexWriter {
         self.new_bases.clear();
     }
 
-    /// Writes what is staged.
+    /// Writes what is staged. What fails stays staged (in order) and is written again by the
+    /// next call: the log records it points to are already written.
     pub(super) fn write(&mut self) -> Result<(), StoreError> {
         let staged = std::mem::take(&mut self.staged);
         let mut result = Ok(());
@@ -280,12 +282,25 @@ impl IndexWriter {
                 IndexFile::Queue(q) => self.new_bases.get(&q).copied(),
                 IndexFile::Ids(_) => None,
             };
-            if let Err(e) = self.append(file, base, &bytes) {
-                result = Err(e);
+            match self.append(file, base, &bytes) {
+                Ok(()) => {
+                    if let IndexFile::Queue(q) = file {
+                        self.new_bases.remove(&q);
+                    }
+                }
+                Err(e) => {
+                    self.open.remove(&file);
+                    self.staged.insert(file, bytes);
+                    result = Err(e);
+                }
             }
         }
-        self.new_bases.clear();
         result
+    }
+
+    /// Whether entries wait to be written again (a checkpoint must not pass their records).
+    pub(super) fn has_staged(&self) -> bool {
+        !self.staged.is_empty()
     }
 
     fn handle(&mut self, file: IndexFile, base: Option<u64>) -> Result<&mut (File, u64), StoreError> {

@@ -322,6 +322,8 @@ impl LogState {
 
     /// Makes the indexes durable up to the log's tail and records it.
     fn checkpoint_now(&mut self, log_dir: &Path) -> Result<(), StoreError> {
+        // Never past records whose index entries are not written yet.
+        self.index.write()?;
         let tail = self.writer.tail();
         self.writer.sync()?;
         self.index.sync()?;
@@ -460,8 +462,9 @@ impl Writer {
             return Err(e);
         }
         if let Err(e) = log.index.write() {
-            // The records are in the log: a restart indexes them again from it.
-            tracing::error!(error = %e, "writing the queue indexes failed; they are completed from the log at the next start");
+            // The records are in the log: their entries are written with the next group (or
+            // from the log at the next start: no checkpoint passes them before).
+            tracing::error!(error = %e, "writing the queue indexes failed; retried with the next write");
         }
         self.apply_log_rest(log, redb_work, delayed, due_entries, group, replies);
         Ok(())
@@ -477,6 +480,9 @@ impl Writer {
         due: bool,
         replies: &mut [Reply],
     ) -> Result<(Vec<(usize, Work)>, Vec<Delayed>, Vec<Due>), StoreError> {
+        // Index entries of earlier records whose write failed go first: until they are
+        // written, no new record is (a full disk refuses appends until space returns).
+        log.index.write()?;
         let due_entries = if due { self.take_due(now)? } else { Vec::new() };
         let mut queues: Vec<(&str, u32)> = Vec::new();
         for work in &works {
@@ -578,6 +584,7 @@ impl Writer {
             self.purge_log(log, now);
         }
         if log.writer.tail() > log.checkpoint
+            && !log.index.has_staged()
             && (log.last_checkpoint.elapsed() >= CHECKPOINT_INTERVAL
                 || log.writer.tail() - log.checkpoint >= CHECKPOINT_BYTES)
         {
