@@ -650,8 +650,11 @@ pub async fn backlog(env: &Env, stored: u64) -> anyhow::Result<Row> {
     drop(store); // releases the database file for the server
     let fill_s = fill_started.elapsed().as_secs_f64();
     let disk = dir_size(&dir);
+    // Start-up: from the spawn to the first answer of /readyz (the "listening" line comes
+    // before the store is open; requests wait for it).
     let start = Instant::now();
     let proc = server::start_mqproxy(&env.server_bin, dir, &env.setup())?;
+    HttpConn::connect(proc.addr).await?.get("/readyz").await?;
     let start_s = start.elapsed().as_secs_f64();
     let idle_rss = proc.rss_mib().0;
     // The first WARMUP_PULLS pulls warm up; then pull until the time is up or half the
