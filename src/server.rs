@@ -300,12 +300,7 @@ pub async fn run(
             role,
         )
     };
-    let observed = |app: axum::Router| {
-        app.layer(axum::middleware::from_fn_with_state(
-            engine.clone(),
-            http::metrics::observe,
-        ))
-    };
+    let observed = |app: axum::Router| app.layer(http::metrics::ObserveLayer::new(engine.clone()));
     let app = observed(http_router(ListenerRole::Public).merge(grpc).fallback(unmatched));
     let admin_app = observed(http_router(ListenerRole::Admin).fallback(unmatched));
 

@@ -10,10 +10,10 @@
 //!   serves loopback clients whose request carries no forwarding header (a proxy put in front
 //!   of the admin listener too still needs the token).
 
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::{ConnectInfo, Request};
 use axum::http::{HeaderMap, StatusCode};
-use axum::middleware::Next;
 use axum::response::Response;
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use subtle::ConstantTimeEq;
@@ -144,22 +144,92 @@ fn presented_token(req: &Request) -> Option<String> {
     })
 }
 
-/// Middleware: guards the admin paths, passes every other request through.
-pub(crate) async fn guard(
-    State(access): State<Arc<AdminAccess>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    req: Request,
-    next: Next,
-) -> Response {
-    if !is_admin_path(req.uri().path()) {
-        return next.run(req).await;
+/// Middleware: guards the admin paths, passes every other request through. A plain tower
+/// layer deciding at once (the rule needs no I/O): no boxed future per request.
+#[derive(Clone)]
+pub(crate) struct AdminGuardLayer {
+    access: Arc<AdminAccess>,
+}
+
+impl AdminGuardLayer {
+    pub(crate) fn new(access: AdminAccess) -> Self {
+        Self {
+            access: Arc::new(access),
+        }
     }
-    match access.check(presented_token(&req).as_deref(), peer, is_forwarded(req.headers())) {
-        Ok(()) => next.run(req).await,
-        Err(refusal) => {
-            // Logged without the token.
-            tracing::warn!(%peer, listener = ?access.role, path = req.uri().path(), reason = ?refusal, "admin request refused");
-            super::support::refusal(refusal.status(), refusal.message())
+}
+
+impl<S> tower::Layer<S> for AdminGuardLayer {
+    type Service = AdminGuard<S>;
+
+    fn layer(&self, inner: S) -> AdminGuard<S> {
+        AdminGuard {
+            inner,
+            access: self.access.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub(crate) struct AdminGuard<S> {
+    inner: S,
+    access: Arc<AdminAccess>,
+}
+
+impl<S> tower::Service<Request> for AdminGuard<S>
+where
+    S: tower::Service<Request, Response = Response, Error = Infallible>,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = GuardFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request) -> Self::Future {
+        if is_admin_path(req.uri().path()) {
+            // The listener always records the peer; without it nothing counts as loopback.
+            let peer = req
+                .extensions()
+                .get::<ConnectInfo<SocketAddr>>()
+                .map_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)), |c| c.0);
+            let allowed = self
+                .access
+                .check(presented_token(&req).as_deref(), peer, is_forwarded(req.headers()));
+            if let Err(refusal) = allowed {
+                // Logged without the token.
+                tracing::warn!(%peer, listener = ?self.access.role, path = req.uri().path(), reason = ?refusal, "admin request refused");
+                let refused = super::support::refusal(refusal.status(), refusal.message());
+                return GuardFuture::Refused {
+                    response: Some(refused),
+                };
+            }
+        }
+        GuardFuture::Pass {
+            inner: self.inner.call(req),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The inner service's answer, or the refusal made at once.
+    #[project = GuardProjection]
+    pub(crate) enum GuardFuture<F> {
+        Pass { #[pin] inner: F },
+        Refused { response: Option<Response> },
+    }
+}
+
+impl<F: std::future::Future<Output = Result<Response, Infallible>>> std::future::Future for GuardFuture<F> {
+    type Output = Result<Response, Infallible>;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        match self.project() {
+            GuardProjection::Pass { inner } => inner.poll(cx),
+            // Polled once: the refusal is taken then.
+            GuardProjection::Refused { response } => std::task::Poll::Ready(Ok(response.take().unwrap_or_default())),
         }
     }
 }

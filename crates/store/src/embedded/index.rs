@@ -20,8 +20,9 @@ const QUEUE_MAGIC: &[u8; 4] = b"MQIX";
 const ID_ENTRY_BYTES: u64 = 8;
 /// How many stale entries at the front of a queue index make it worth rewriting.
 const REWRITE_DEAD_ENTRIES: u64 = 1 << 16;
-/// Write handles kept open (more are closed and reopened on use).
-const OPEN_FILES: usize = 1_024;
+/// Index files kept open, by the writer and by readers each (more are closed and reopened on
+/// use), so the store's descriptors stay few beside the segments' and the connections'.
+const OPEN_FILES: usize = 256;
 
 fn io(e: std::io::Error) -> StoreError {
     StoreError::Io(e)
