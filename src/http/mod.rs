@@ -5,6 +5,7 @@
 pub mod admin_auth;
 pub mod api;
 mod assets;
+mod cors;
 mod handlers;
 pub(crate) mod metrics;
 mod sse;
@@ -15,11 +16,9 @@ pub(crate) use handlers::HttpAdapter;
 use crate::engine::limits::Bounds;
 use crate::engine::{Engine, SettingError};
 use axum::Router;
-use axum::http::HeaderValue;
 use std::sync::Arc;
 use std::time::Duration;
 use support::{RouterSettings, RouterState};
-use tower_http::cors::{AllowOrigin, Any, CorsLayer};
 
 /// The REST contract, exactly as checked in.
 const OPENAPI_YAML: &str = include_str!("../../openapi/mqproxy.yaml");
@@ -77,19 +76,6 @@ impl HttpSettings {
     }
 }
 
-fn cors(origins: &[String]) -> Option<CorsLayer> {
-    if origins.is_empty() {
-        return None;
-    }
-    let layer = CorsLayer::new().allow_methods(Any).allow_headers(Any);
-    Some(if origins.iter().any(|o| o == "*") {
-        layer.allow_origin(Any)
-    } else {
-        let list: Vec<HeaderValue> = origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()).collect();
-        layer.allow_origin(AllowOrigin::list(list))
-    })
-}
-
 /// The whole HTTP application, as served on one listener (the admin rule depends on which).
 /// It has no fallback of its own: the server sets one after merging the gRPC routes
 /// ([`support::no_such_endpoint`] for REST requests).
@@ -135,7 +121,7 @@ pub(crate) fn router(
     } else {
         app
     };
-    match cors(&settings.cors_allowed_origins) {
+    match cors::layer(&settings.cors_allowed_origins) {
         Some(layer) => app.layer(layer),
         None => app,
     }

@@ -318,6 +318,50 @@ async fn cors_is_open_by_default() {
     );
 }
 
+/// The CORS headers are the same whether or not a request names an origin (one without
+/// `Origin` skips the CORS layer and gets them as fixed values): with any origin allowed,
+/// `*` and the layer's `Vary`; with a list, the listed origin only when it is named.
+#[tokio::test]
+async fn cors_headers_do_not_depend_on_the_origin_header_being_there() {
+    let vary = "origin, access-control-request-method, access-control-request-headers";
+    let header = |resp: &reqwest::Response, name: &str| {
+        resp.headers()
+            .get_all(name)
+            .iter()
+            .map(|v| v.to_str().unwrap_or("").to_owned())
+            .collect::<Vec<_>>()
+    };
+    let s = TestServer::start().await;
+    let plain = s.client.get(format!("{}/healthz", s.base)).send().await.expect("get");
+    let browser = s
+        .client
+        .get(format!("{}/healthz", s.base))
+        .header("Origin", "http://example.test")
+        .send()
+        .await
+        .expect("get");
+    for resp in [&plain, &browser] {
+        assert_eq!(header(resp, "access-control-allow-origin"), ["*"]);
+        assert_eq!(header(resp, "vary"), [vary]);
+    }
+    let listed = TestServer::with_toml("http.cors_allowed_origins = [\"http://allowed.test\"]\n").await;
+    let ask = |origin: Option<&'static str>| {
+        let mut request = listed.client.get(format!("{}/healthz", listed.base));
+        if let Some(origin) = origin {
+            request = request.header("Origin", origin);
+        }
+        request.send()
+    };
+    let plain = ask(None).await.expect("get");
+    assert!(header(&plain, "access-control-allow-origin").is_empty());
+    assert_eq!(header(&plain, "vary"), [vary]);
+    let allowed = ask(Some("http://allowed.test")).await.expect("get");
+    assert_eq!(header(&allowed, "access-control-allow-origin"), ["http://allowed.test"]);
+    assert_eq!(header(&allowed, "vary"), [vary]);
+    let other = ask(Some("http://other.test")).await.expect("get");
+    assert!(header(&other, "access-control-allow-origin").is_empty());
+}
+
 /// Liveness and readiness.
 #[tokio::test]
 async fn health_endpoints() {
