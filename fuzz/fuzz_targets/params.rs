@@ -1,6 +1,7 @@
 //! Request parameter parsing: query string plus a form, JSON or other body (what
 //! `read_request` does), then every generated `XxxParams::from_pairs` of the seed's endpoints.
-//! Any input is parameters or a 4xx error, never a panic.
+//! Any input is parameters or a 4xx error, never a panic; the form fast path
+//! (`support::form_pairs`) decodes every input as `form_urlencoded::parse` does.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -8,6 +9,10 @@ use mqproxy::http::api;
 use mqproxy::http::support::{RouterSettings, read_request};
 
 fuzz_target!(|data: &[u8]| {
+    // The form body's fast path decodes exactly as the form_urlencoded crate does.
+    let fast: Vec<(String, String)> = mqproxy::http::support::form_pairs(data).collect();
+    let reference: Vec<(String, String)> = form_urlencoded::parse(data).into_owned().collect();
+    assert_eq!(fast, reference);
     // Layout: first byte picks the content type; up to the first 0xFF is the query string.
     let Some((&kind, rest)) = data.split_first() else {
         return;

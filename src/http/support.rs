@@ -171,6 +171,33 @@ fn is_json(headers: &HeaderMap) -> bool {
 
 /// Parameters from the query string, then from a form body (or a JSON object body, whose
 /// string values are taken as they are and other values as JSON text).
+/// The pairs of an `application/x-www-form-urlencoded` body, exactly as
+/// `form_urlencoded::parse` gives them. A name or value with no `%` and no `+` (a plain-text
+/// message body, the common case) is checked as UTF-8 and copied once, instead of the three
+/// byte-by-byte passes (plus, percent, lossy UTF-8) that were a tenth of a 1 KiB produce's CPU.
+pub fn form_pairs(bytes: &[u8]) -> impl Iterator<Item = (String, String)> + '_ {
+    bytes.split(|b| *b == b'&').filter(|pair| !pair.is_empty()).map(|pair| {
+        let (name, value) = match memchr::memchr(b'=', pair) {
+            Some(at) => (&pair[..at], &pair[at + 1..]),
+            None => (pair, &[][..]),
+        };
+        (form_component(name), form_component(value))
+    })
+}
+
+/// One decoded name or value of a form.
+fn form_component(raw: &[u8]) -> String {
+    if memchr::memchr2(b'%', b'+', raw).is_none()
+        && let Ok(text) = std::str::from_utf8(raw)
+    {
+        return text.to_owned();
+    }
+    let plus_as_space: Vec<u8> = raw.iter().map(|&b| if b == b'+' { b' ' } else { b }).collect();
+    percent_encoding::percent_decode(&plus_as_space)
+        .decode_utf8_lossy()
+        .into_owned()
+}
+
 pub async fn read_request(
     req: Request,
     settings: &RouterSettings,
@@ -226,7 +253,7 @@ pub async fn read_request(
                 pairs.push((k.clone(), text));
             }
         } else if is_form(&parts.headers).unwrap_or(true) {
-            pairs.extend(form_urlencoded::parse(&bytes).into_owned());
+            pairs.extend(form_pairs(&bytes));
         } else {
             return Err(RequestError {
                 status: 415,
@@ -317,4 +344,54 @@ pub fn respond<T: Serialize + Envelope>(settings: &RouterSettings, reply: Reply<
             .insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECONDS));
     }
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::form_pairs;
+
+    /// The fast path gives what `form_urlencoded::parse` gives, on plain text and on every
+    /// kind of escape, separator and broken byte (the `params` fuzz target checks the same on
+    /// arbitrary input).
+    #[test]
+    fn form_pairs_decode_as_form_urlencoded_does() {
+        let alphabet: &[&[u8]] = &[
+            b"a",
+            b"Z",
+            b"0",
+            b"=",
+            b"&",
+            b"+",
+            b"%",
+            b"%2",
+            b"%41",
+            b"%e4%b8%ad",
+            b"%zz",
+            "中".as_bytes(),
+            b"\xff",
+            b" ",
+            b"~",
+        ];
+        let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+        let mut inputs: Vec<Vec<u8>> = vec![
+            b"".to_vec(),
+            b"producer=p&message=hello world".to_vec(),
+            vec![b'x'; 1024],
+        ];
+        for _ in 0..5_000 {
+            let mut input = Vec::new();
+            for _ in 0..(seed % 24) {
+                seed = seed
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(1_442_695_040_888_963_407);
+                input.extend_from_slice(alphabet[(seed >> 33) as usize % alphabet.len()]);
+            }
+            inputs.push(input);
+        }
+        for input in inputs {
+            let fast: Vec<(String, String)> = form_pairs(&input).collect();
+            let reference: Vec<(String, String)> = form_urlencoded::parse(&input).into_owned().collect();
+            assert_eq!(fast, reference, "input {:?}", String::from_utf8_lossy(&input));
+        }
+    }
 }
