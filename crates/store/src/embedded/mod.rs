@@ -191,17 +191,16 @@ struct Inner {
 }
 
 /// The numbers commit-log records and index files name queues by (assigned on a queue's
-/// first append, kept in redb).
+/// first append, kept in redb). By topic, then queue id: a look-up by `&str` allocates nothing.
 #[derive(Debug, Default)]
 pub(super) struct QueueNumbers {
-    by_queue: HashMap<(String, u32), u32>,
+    by_topic: HashMap<String, HashMap<u32, u32>>,
     by_number: HashMap<u32, (String, u32)>,
 }
 
 impl QueueNumbers {
     pub(super) fn get(&self, topic: &str, queue: u32) -> Option<u32> {
-        // A borrowed look-up of a (String, u32) key needs an owned key; the names are short.
-        self.by_queue.get(&(topic.to_owned(), queue)).copied()
+        self.by_topic.get(topic)?.get(&queue).copied()
     }
 
     pub(super) fn name(&self, number: u32) -> Option<&(String, u32)> {
@@ -209,18 +208,22 @@ impl QueueNumbers {
     }
 
     pub(super) fn insert(&mut self, topic: &str, queue: u32, number: u32) {
-        self.by_queue.insert((topic.to_owned(), queue), number);
+        self.by_topic.entry(topic.to_owned()).or_default().insert(queue, number);
         self.by_number.insert(number, (topic.to_owned(), queue));
     }
 
     pub(super) fn remove(&mut self, topic: &str, queue: u32) -> Option<u32> {
-        let number = self.by_queue.remove(&(topic.to_owned(), queue))?;
+        let queues = self.by_topic.get_mut(topic)?;
+        let number = queues.remove(&queue)?;
+        if queues.is_empty() {
+            self.by_topic.remove(topic);
+        }
         self.by_number.remove(&number);
         Some(number)
     }
 
     pub(super) fn iter(&self) -> impl Iterator<Item = (&(String, u32), u32)> {
-        self.by_queue.iter().map(|(k, n)| (k, *n))
+        self.by_number.iter().map(|(n, k)| (k, *n))
     }
 }
 

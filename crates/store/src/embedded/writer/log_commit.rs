@@ -257,21 +257,10 @@ fn convert_from_redb(db: &Database, state: &mut LogState, log_dir: &Path) -> Res
 impl LogState {
     /// The number of a queue, assigned (durably, before any record names it) if new.
     fn number_for(&mut self, db: &Database, topic: &str, queue: u32) -> Result<u32, StoreError> {
-        if let Some(n) = self.shared.number(topic, queue) {
-            return Ok(n);
-        }
-        let number = self.next_number;
-        let txn = db.begin_write().map_err(db_err)?;
-        txn.open_table(QUEUE_NUMBERS)
-            .map_err(db_err)?
-            .insert((topic, queue), number)
-            .map_err(db_err)?;
-        txn.commit().map_err(db_err)?;
-        self.next_number += 1;
-        if let Ok(mut numbers) = self.shared.numbers.write() {
-            numbers.insert(topic, queue, number);
-        }
-        Ok(number)
+        self.number_all(db, &[(topic, queue)])?;
+        self.shared
+            .number(topic, queue)
+            .ok_or_else(|| StoreError::Database(format!("queue {topic}/{queue} got no number")))
     }
 
     /// Numbers for every queue in `queues` that has none, in one durable commit.
@@ -341,7 +330,7 @@ impl LogState {
         let from = self
             .checkpoint
             .min(segments.bases().last().copied().unwrap_or(self.checkpoint));
-        let numbers: Vec<u32> = self
+        let numbers: std::collections::HashSet<u32> = self
             .shared
             .numbers
             .read()
@@ -355,13 +344,13 @@ impl LogState {
                 ends.insert(number, end);
             }
         }
-        for base in segments.bases() {
-            if base + segment_bytes.max(1) > self.checkpoint || base >= from {
-                self.index.cut_ids(base, self.checkpoint)?;
-            }
+        let bases = segments.bases();
+        // The msgId files of the segments the scan reads (from the one holding `from` on).
+        let scanned = &bases[bases.partition_point(|b| *b <= from).saturating_sub(1)..];
+        for &base in scanned {
+            self.index.cut_ids(base, self.checkpoint)?;
         }
         let checkpoint = self.checkpoint;
-        let bases = segments.bases();
         let mut replayed = 0u64;
         let mut staged = 0u64;
         let index = &mut self.index;
@@ -389,12 +378,8 @@ impl LogState {
                 *end += 1;
             }
             if !message.copy {
-                let base = bases
-                    .iter()
-                    .rev()
-                    .find(|b| **b <= record.pos)
-                    .copied()
-                    .unwrap_or(record.pos);
+                let holding = bases.partition_point(|b| *b <= record.pos).saturating_sub(1);
+                let base = bases.get(holding).copied().unwrap_or(record.pos);
                 index.stage_id(base, &message.record.msg_id, record.pos);
             }
             replayed += 1;
