@@ -148,7 +148,7 @@ impl Indexes {
 
     /// The offset of the queue's entry for the record at `pos`, if it has one.
     pub(super) fn offset_of(&self, queue: u32, pos: u64) -> Result<Option<u64>, StoreError> {
-        let Some(file) = self.open(IndexFile::Queue(queue))? else {
+        let Some(file) = self.queue_file(queue)? else {
             return Ok(None);
         };
         let (base, count) = queue_extent(&file)?;
@@ -175,7 +175,7 @@ impl Indexes {
 
     /// A queue's offsets `min..max` with records at or after `log_start`; None without a file.
     pub(super) fn queue_range(&self, queue: u32, log_start: u64) -> Result<Option<(u64, u64)>, StoreError> {
-        let Some(file) = self.open(IndexFile::Queue(queue))? else {
+        let Some(file) = self.queue_file(queue)? else {
             return Ok(None);
         };
         let (base, count) = queue_extent(&file)?;

@@ -524,7 +524,7 @@ impl Writer {
     fn apply_log_rest(
         &mut self,
         log: &mut LogState,
-        mut redb_work: Vec<(usize, Work)>,
+        redb_work: Vec<(usize, Work)>,
         delayed: Vec<Delayed>,
         due_entries: Vec<Due>,
         group: Group,
@@ -534,9 +534,15 @@ impl Writer {
             now, purge, sync_now, ..
         } = group;
         if !redb_work.is_empty() || !delayed.is_empty() || !due_entries.is_empty() {
+            // The replies of the writes in the redb commit, answered if it fails.
+            let in_commit: Vec<usize> = redb_work
+                .iter()
+                .map(|(i, _)| *i)
+                .chain(delayed.iter().map(|d| d.0))
+                .collect();
             let result = self.apply_log_state(
                 log,
-                redb_work.iter_mut().map(|(_, w)| w),
+                redb_work.into_iter().map(|(_, w)| w),
                 &delayed,
                 &due_entries,
                 now,
@@ -558,7 +564,7 @@ impl Writer {
                             "due delayed messages stay scheduled and will be delivered again"
                         );
                     }
-                    for i in redb_work.iter().map(|(i, _)| *i).chain(delayed.iter().map(|d| d.0)) {
+                    for i in in_commit {
                         let reply = std::mem::replace(&mut replies[i], Reply::Answered);
                         reply.fail(e.duplicate());
                     }
@@ -670,10 +676,10 @@ impl Writer {
 
     /// The redb part of a group: consumer changes, probes, dropped lite queues, new delayed
     /// messages (their `Appended`, in order, returned) and the removal of delivered ones.
-    fn apply_log_state<'w>(
+    fn apply_log_state(
         &mut self,
         log: &mut LogState,
-        works: impl Iterator<Item = &'w mut Work>,
+        works: impl Iterator<Item = Work>,
         delayed: &[Delayed],
         delivered: &[Due],
         now: u64,
@@ -682,7 +688,7 @@ impl Writer {
         let txn = super::begin_write(&self.db, sync_now)?;
         let mut dropped = Vec::new();
         for work in works {
-            match std::mem::replace(work, Work::Probe) {
+            match work {
                 Work::Consumer(ops) => super::apply_consumer_ops(&txn, ops)?,
                 Work::Probe => {
                     let mut meta = txn.open_table(META).map_err(db_err)?;
