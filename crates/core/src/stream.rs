@@ -279,7 +279,11 @@ impl Engine {
         }
         // The stream is gone: its unacknowledged batches go back at once, not at lock expiry.
         let unlocked = in_flight.len();
-        for batch in in_flight.into_values() {
+        // Oldest first: a pull racing the give-back sees the batches in the order they went
+        // out (POP hands given-back segments out oldest first).
+        let mut batches: Vec<InFlight> = in_flight.into_values().collect();
+        batches.sort_by_key(|b| b.expires_ms);
+        for batch in batches {
             if let Err(e) = self.unlock_issued(&key, &batch.issued).await {
                 tracing::warn!(error = %e, "cannot unlock a batch of a closed stream; it comes back at lock expiry");
             }
