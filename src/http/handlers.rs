@@ -69,10 +69,16 @@ fn send_result(r: SendReceipt) -> SendResult {
     }
 }
 
+/// A body as JSON text: the stored bytes themselves when they are UTF-8 (no copy), else with
+/// U+FFFD for what is not (the contract's bodies are text; a gRPC producer may store any bytes).
+fn body_text(body: Vec<u8>) -> String {
+    String::from_utf8(body).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+}
+
 fn message(d: Delivered) -> Message {
     Message {
         message_id: d.msg_id,
-        message: String::from_utf8_lossy(&d.body).into_owned(),
+        message: body_text(d.body),
         timestamp: d.store_ms as i64,
     }
 }
@@ -626,7 +632,7 @@ impl MqApi for HttpAdapter {
                     store_timestamp: to_i64(m.store_ms),
                     keys: m.keys,
                     client_ip: m.client_ip,
-                    body: String::from_utf8_lossy(&m.body).into_owned(),
+                    body: body_text(m.body),
                 }),
             }),
             Err(e) => fail(&e),

@@ -6,8 +6,11 @@
 
 use super::consume::{Issued, PullContext, PullOptions};
 use super::{ConsumeTarget, ConsumerSpec, Delivered, Engine, EngineError, FetchStatus, limits};
+use futures_util::stream::FuturesOrdered;
 use mqproxy_store::ContextKey;
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -20,6 +23,9 @@ const RATE_LIMITED_RETRY_MS: u64 = 50;
 /// How often a stream with all its batches out looks whether one was acknowledged elsewhere
 /// (`/mq/ack`, perhaps on another proxy sharing Redis: no local signal reaches it).
 const FULL_RECHECK_MS: u64 = 1_000;
+
+/// The answer to a command on the stream, ready once the ack it made is durable.
+type CommandResult = Pin<Box<dyn Future<Output = ConsumeEvent> + Send>>;
 
 /// What a streaming consumer subscribes to (the consumer is the [`super::ConsumerCall`]'s).
 #[derive(Debug, Clone, Default)]
@@ -156,6 +162,9 @@ impl Engine {
         // Keyed by requestId: what a client acknowledges on the stream is found here, with no
         // signature to check.
         let mut in_flight: HashMap<String, InFlight> = HashMap::new();
+        // Answers to commands, in command order, each sent once its ack's commit is durable;
+        // meanwhile the stream goes on reading its next batch (the pull sees the ack at once).
+        let mut results: FuturesOrdered<CommandResult> = FuturesOrdered::new();
         let mut commands_open = true;
         // A broadcast stream pulls at least this often, so a quiet but live client is never
         // taken for an idle one and forgotten.
@@ -207,9 +216,21 @@ impl Engine {
                             messages: outcome.messages,
                             retry_messages: outcome.retry_messages,
                         };
-                        let Ok(permit) = tx.reserve().await else {
-                            let _ = self.unlock_issued(&ctx.key, &issued).await;
-                            break 'stream;
+                        // The answers to earlier commands go first (their commits were flushed
+                        // while this batch was read), so events keep the order things happened.
+                        let mut gone = false;
+                        while let Some(answer) = results.next().await {
+                            gone = tx.send(Ok(answer)).await.is_err();
+                            if gone {
+                                break;
+                            }
+                        }
+                        let permit = match tx.reserve().await {
+                            Ok(permit) if !gone => permit,
+                            _ => {
+                                let _ = self.unlock_issued(&ctx.key, &issued).await;
+                                break 'stream;
+                            }
                         };
                         permit.send(Ok(event));
                         if sub.auto_ack {
@@ -262,16 +283,16 @@ impl Engine {
             };
             tokio::select! {
                 command = commands.next(), if commands_open => match command {
-                    Some(command) => {
-                        let event = self.apply_command(spec, ctx, &mut in_flight, command).await;
-                        tokio::select! {
-                            sent = tx.send(Ok(event)) => if sent.is_err() { break 'stream },
-                            () = tx.closed() => break 'stream,
-                        }
-                    }
+                    Some(command) => results.push_back(self.apply_command(spec, ctx, &mut in_flight, command).await),
                     // The client stopped sending (half-close): keep delivering until it goes.
                     None => commands_open = false,
                 },
+                Some(event) = results.next(), if !results.is_empty() => {
+                    tokio::select! {
+                        sent = tx.send(Ok(event)) => if sent.is_err() { break 'stream },
+                        () = tx.closed() => break 'stream,
+                    }
+                }
                 true = changes.changed() => {}
                 () = sleep => {}
                 () = tx.closed() => break 'stream,
@@ -304,30 +325,37 @@ impl Engine {
     }
 
     /// An ack or unlock sent on the stream: of a batch this stream holds, from what it kept;
-    /// of any other (a requestId from elsewhere), once its signature is checked.
+    /// of any other (a requestId from elsewhere), once its signature is checked. Applied now;
+    /// answered by the returned future once an ack's commit is durable.
     async fn apply_command(
         &self,
-        spec: &ConsumerSpec,
+        spec: &Arc<ConsumerSpec>,
         ctx: &PullContext,
         in_flight: &mut HashMap<String, InFlight>,
         command: ConsumeCommand,
-    ) -> ConsumeEvent {
+    ) -> CommandResult {
         let (ConsumeCommand::Ack(request_id) | ConsumeCommand::Unlock(request_id)) = &command;
         let held = in_flight.remove(request_id.trim());
-        let outcome = match (&command, held) {
-            (ConsumeCommand::Ack(_), Some(b)) => {
-                let acked = self.ack_issued(&ctx.spec, &ctx.key, &b.issued).await;
-                self.count_ack(spec, acked.as_ref().map(|a| a.committed).map_err(|_| ()));
-                acked.map(|o| o.message)
+        let ack = match (&command, held) {
+            (ConsumeCommand::Ack(_), Some(b)) => self.start_ack_issued(&ctx.spec, &ctx.key, &b.issued).await,
+            (ConsumeCommand::Ack(rid), None) => self.start_ack(&ctx.spec, &ctx.key, rid.trim()).await,
+            (ConsumeCommand::Unlock(_), Some(b)) => {
+                let unlocked = self.unlock_issued(&ctx.key, &b.issued).await.map(|o| o.message);
+                return Box::pin(std::future::ready(ConsumeEvent::CommandResult(unlocked)));
             }
-            (ConsumeCommand::Unlock(_), Some(b)) => self.unlock_issued(&ctx.key, &b.issued).await.map(|o| o.message),
-            (ConsumeCommand::Ack(rid), None) => {
-                let acked = self.ack_in_context(&ctx.spec, &ctx.key, rid.trim()).await;
-                self.count_ack(spec, acked.as_ref().map(|a| a.committed).map_err(|_| ()));
-                acked.map(|o| o.message)
+            (ConsumeCommand::Unlock(rid), None) => {
+                let unlocked = self.unlock_in_context(&ctx.key, rid).await.map(|o| o.message);
+                return Box::pin(std::future::ready(ConsumeEvent::CommandResult(unlocked)));
             }
-            (ConsumeCommand::Unlock(rid), None) => self.unlock_in_context(&ctx.key, rid).await.map(|o| o.message),
         };
-        ConsumeEvent::CommandResult(outcome)
+        let (engine, spec) = (self.clone(), spec.clone());
+        Box::pin(async move {
+            let acked = match ack {
+                Ok(pending) => pending.durably().await,
+                Err(e) => Err(e),
+            };
+            engine.count_ack(&spec, acked.as_ref().map(|a| a.committed).map_err(|_| ()));
+            ConsumeEvent::CommandResult(acked.map(|o| o.message))
+        })
     }
 }

@@ -7,8 +7,8 @@
 //! batch is finished only by the lock that handed it out.
 
 use super::{
-    ConsumerOp, ConsumerSettings, ConsumerStore, ContextKey, MessageLocation, PopQueue, PopSegment, QueueState,
-    RetryEntry, StoreError,
+    ConsumerOp, ConsumerSettings, ConsumerStore, ContextKey, MessageLocation, PendingWrite, PopQueue, PopSegment,
+    QueueState, RetryEntry, StoreError,
 };
 use crate::settings::{Bounds, SettingError};
 use async_trait::async_trait;
@@ -111,6 +111,44 @@ pub struct LockGrant {
     pub state: QueueState,
     /// The retry entries claimed for this batch.
     pub retries: Vec<RetryEntry>,
+}
+
+/// What [`ConsumerStateStore::finish`] did.
+#[must_use = "the committed offset is durable only when `durable` has resolved"]
+pub struct Finished {
+    /// Whether the lock matched (the batch was finished).
+    pub matched: bool,
+    /// Resolves when the new committed offset is durable (at once where each step is durable
+    /// when it returns, as on Redis). Awaited by the caller before it answers, so a pull can
+    /// read its next batch while the ack's commit is flushed.
+    pub durable: PendingWrite,
+}
+
+impl Finished {
+    /// Finished, and durable already.
+    pub fn done(matched: bool) -> Self {
+        Self {
+            matched,
+            durable: Box::pin(std::future::ready(Ok(()))),
+        }
+    }
+
+    /// Waits for durability: whether the lock matched.
+    ///
+    /// # Errors
+    /// The durable store's failure to write the change.
+    pub async fn durably(self) -> Result<bool, StoreError> {
+        self.durable.await?;
+        Ok(self.matched)
+    }
+}
+
+impl std::fmt::Debug for Finished {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Finished")
+            .field("matched", &self.matched)
+            .finish_non_exhaustive()
+    }
 }
 
 /// What happens to the retry entries delivered with a finished batch.
@@ -223,8 +261,8 @@ pub trait ConsumerStateStore: Send + Sync + 'static {
     ) -> Result<(), StoreError>;
 
     /// If the queue is still locked with `lock_time`: sets the committed offset to `commit` when
-    /// given (durably, before returning), clears the lock, and applies `retries` to the entries
-    /// delivered with that lock. Returns whether the lock matched.
+    /// given (durable when [`Finished::durable`] resolves), clears the lock, and applies
+    /// `retries` to the entries delivered with that lock. Every later step sees the change.
     async fn finish(
         &self,
         ctx: &ContextKey,
@@ -232,7 +270,7 @@ pub trait ConsumerStateStore: Send + Sync + 'static {
         lock_time: u64,
         commit: Option<u64>,
         retries: RetryFate,
-    ) -> Result<bool, StoreError>;
+    ) -> Result<Finished, StoreError>;
 
     /// An operator's reset: sets the committed offset whatever it was (durably). A lock stays:
     /// the batch it holds can no longer commit, since its offset no longer matches. The
@@ -655,15 +693,15 @@ impl ConsumerStateStore for LocalConsumerState {
         lock_time: u64,
         commit: Option<u64>,
         retries: RetryFate,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Finished, StoreError> {
         let Some(context) = self.existing(ctx) else {
-            return Ok(false);
+            return Ok(Finished::done(false));
         };
         let pending = {
             let mut st = lock(&context);
             let qs = st.queue_mut(queue);
             if qs.lock_time != Some(lock_time) {
-                return Ok(false);
+                return Ok(Finished::done(false));
             }
             if commit.is_some() {
                 qs.committed = commit;
@@ -674,10 +712,15 @@ impl ConsumerStateStore for LocalConsumerState {
             ops.extend(st.settle_retries(ctx, queue, lock_time, retries));
             self.durable.save(ops)
         };
-        if commit.is_some() {
-            pending.await?;
+        if commit.is_none() {
+            // Only the lock and retry entries changed: a crash before they are written
+            // delivers the batch again, as an expired lock would.
+            return Ok(Finished::done(true));
         }
-        Ok(true)
+        Ok(Finished {
+            matched: true,
+            durable: pending,
+        })
     }
 
     async fn set_committed(&self, ctx: &ContextKey, queue: u32, offset: u64) -> Result<(), StoreError> {
@@ -1093,15 +1136,37 @@ pub(crate) mod contract {
                 .is_some()
         );
         // Only the current lock finishes a batch; finishing commits and unlocks.
-        assert!(!state.finish(&c, 0, 10, Some(5), RetryFate::Done).await.expect("finish"));
-        assert!(state.finish(&c, 0, 12, Some(5), RetryFate::Done).await.expect("finish"));
+        assert!(
+            !state
+                .finish(&c, 0, 10, Some(5), RetryFate::Done)
+                .await
+                .expect("finish")
+                .durably()
+                .await
+                .expect("finish")
+        );
+        assert!(
+            state
+                .finish(&c, 0, 12, Some(5), RetryFate::Done)
+                .await
+                .expect("finish")
+                .durably()
+                .await
+                .expect("finish")
+        );
         let snap = state.snapshot(&c, 2).await.expect("snapshot");
         assert_eq!(
             (snap.queues.len(), snap.queues[0].committed, snap.queues[0].lock_time),
             (2, Some(5), None)
         );
         assert!(
-            !state.finish(&c, 0, 12, Some(9), RetryFate::Done).await.expect("finish"),
+            !state
+                .finish(&c, 0, 12, Some(9), RetryFate::Done)
+                .await
+                .expect("finish")
+                .durably()
+                .await
+                .expect("finish"),
             "twice"
         );
         // No ABA: after lock and release, a lock time not later than the last pull is refused.
@@ -1118,7 +1183,15 @@ pub(crate) mod contract {
         claim.claim_retries = vec![(seq, None)];
         let grant = state.try_lock(&c, claim).await.expect("lock").expect("granted");
         assert_eq!(grant.retries.len(), 1);
-        assert!(state.finish(&c, 1, 20, None, RetryFate::Free).await.expect("unlock"));
+        assert!(
+            state
+                .finish(&c, 1, 20, None, RetryFate::Free)
+                .await
+                .expect("unlock")
+                .durably()
+                .await
+                .expect("unlock")
+        );
         assert_eq!(
             state.snapshot(&c, 2).await.expect("snapshot").retries[0].in_flight,
             None
@@ -1130,7 +1203,15 @@ pub(crate) mod contract {
             grant.retries.is_empty(),
             "a retry is claimed only if its mark is as seen"
         );
-        assert!(state.finish(&c, 1, 21, None, RetryFate::Free).await.expect("unlock"));
+        assert!(
+            state
+                .finish(&c, 1, 21, None, RetryFate::Free)
+                .await
+                .expect("unlock")
+                .durably()
+                .await
+                .expect("unlock")
+        );
         let mut claim = request(1, None, 22);
         claim.claim_retries = vec![(seq, None)];
         assert_eq!(
@@ -1143,7 +1224,15 @@ pub(crate) mod contract {
                 .len(),
             1
         );
-        assert!(state.finish(&c, 1, 22, Some(1), RetryFate::Done).await.expect("ack"));
+        assert!(
+            state
+                .finish(&c, 1, 22, Some(1), RetryFate::Done)
+                .await
+                .expect("ack")
+                .durably()
+                .await
+                .expect("ack")
+        );
         assert!(state.snapshot(&c, 2).await.expect("snapshot").retries.is_empty());
         // An operator's reset sets the offset and leaves a lock in place; that lock's batch then
         // finishes as the engine decides (it sees the new offset).
@@ -1154,7 +1243,15 @@ pub(crate) mod contract {
             (snap.queues[1].committed, snap.queues[1].lock_time),
             (Some(40), Some(30))
         );
-        assert!(state.finish(&c, 1, 30, None, RetryFate::Free).await.expect("unlock"));
+        assert!(
+            state
+                .finish(&c, 1, 30, None, RetryFate::Free)
+                .await
+                .expect("unlock")
+                .durably()
+                .await
+                .expect("unlock")
+        );
         // A lock's own timeout is kept with it, read back with it, and goes when it is released;
         // the next lock without one has none.
         let mut timed = request(1, None, 31);
@@ -1166,7 +1263,15 @@ pub(crate) mod contract {
             (snap.queues[1].lock_time, snap.queues[1].lock_timeout_ms),
             (Some(31), Some(15_000))
         );
-        assert!(state.finish(&c, 1, 31, None, RetryFate::Free).await.expect("unlock"));
+        assert!(
+            state
+                .finish(&c, 1, 31, None, RetryFate::Free)
+                .await
+                .expect("unlock")
+                .durably()
+                .await
+                .expect("unlock")
+        );
         assert_eq!(
             state.snapshot(&c, 2).await.expect("snapshot").queues[1].lock_timeout_ms,
             None
@@ -1182,7 +1287,15 @@ pub(crate) mod contract {
             (snap.queues[1].lock_time, snap.queues[1].lock_timeout_ms),
             (Some(32), None)
         );
-        assert!(state.finish(&c, 1, 32, None, RetryFate::Free).await.expect("unlock"));
+        assert!(
+            state
+                .finish(&c, 1, 32, None, RetryFate::Free)
+                .await
+                .expect("unlock")
+                .durably()
+                .await
+                .expect("unlock")
+        );
         // Round-robin turns: one sequence per topic.
         assert_eq!(state.next_turn("t").await.expect("turn"), 0);
         assert_eq!(state.next_turn("t").await.expect("turn"), 1);

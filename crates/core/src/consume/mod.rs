@@ -221,6 +221,28 @@ pub struct AckOutcome {
     pub message: String,
 }
 
+/// An ack applied, its commit possibly still being flushed.
+#[must_use = "an ack is answered only once `durably` has resolved"]
+pub(crate) struct PendingAck {
+    outcome: AckOutcome,
+    durable: mqproxy_store::PendingWrite,
+}
+
+impl PendingAck {
+    fn done(outcome: AckOutcome) -> Self {
+        Self {
+            outcome,
+            durable: Box::pin(std::future::ready(Ok(()))),
+        }
+    }
+
+    /// The outcome, once the commit is durable.
+    pub(crate) async fn durably(self) -> Result<AckOutcome, EngineError> {
+        self.durable.await?;
+        Ok(self.outcome)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UnlockOutcome {
     pub unlocked: bool,
@@ -594,11 +616,24 @@ impl Engine {
             let mut changes = (wait_ms > 0).then(|| self.pull_changes(&key.topic));
             // Settings once per pull: they gate the pull and set the lock time the ack checks.
             let ctx = self.pull_context(spec, key).await?;
-            let ack = match req.request_id.as_deref().map(str::trim).filter(|r| !r.is_empty()) {
-                Some(rid) => Some(self.ack_in_context(&ctx.spec, &ctx.key, rid).await),
-                None => None,
+            // The ack's commit is flushed while the next batch is read and locked: the pull sees
+            // the ack at once, and nothing is answered before the commit is durable.
+            let (ack, ack_durable) = match req.request_id.as_deref().map(str::trim).filter(|r| !r.is_empty()) {
+                Some(rid) => match self.start_ack(&ctx.spec, &ctx.key, rid).await {
+                    Ok(PendingAck { outcome, durable }) => (Some(Ok(outcome)), Some(durable)),
+                    Err(e) => (Some(Err(e)), None),
+                },
+                None => (None, None),
             };
-            let (outcome, _) = self.pull(&ctx, ack, &options).await?;
+            let pulled = self.pull(&ctx, ack, &options).await;
+            let flushed = match ack_durable {
+                Some(durable) => durable.await,
+                None => Ok(()),
+            };
+            let (mut outcome, _) = pulled?;
+            if let Err(e) = flushed {
+                outcome.ack = Some(Err(e.into()));
+            }
             match changes.as_mut() {
                 Some(changes) if outcome.status == FetchStatus::NoNewMsg => {
                     self.long_poll(spec, ctx, options, outcome, changes, wait_ms).await
@@ -1012,6 +1047,8 @@ impl Engine {
             .consuming
             .state
             .finish(key, chosen.queue, chosen.lock_time, None, RetryFate::Free)
+            .await?
+            .durably()
             .await?;
         self.inner.consuming.notify(&key.topic);
         Ok(())
@@ -1041,8 +1078,19 @@ impl Engine {
         key: &ContextKey,
         request_id: &str,
     ) -> Result<AckOutcome, EngineError> {
+        self.start_ack(spec, key, request_id).await?.durably().await
+    }
+
+    /// [`Self::ack_in_context`] up to its commit being flushed: every later step sees the ack,
+    /// and the caller awaits [`PendingAck::durably`] before it answers.
+    pub(super) async fn start_ack(
+        &self,
+        spec: &ConsumerSpec,
+        key: &ContextKey,
+        request_id: &str,
+    ) -> Result<PendingAck, EngineError> {
         let (token, queue) = self.decode_token(request_id, key)?;
-        self.ack_issued(spec, key, &Issued { token, queue }).await
+        self.start_ack_issued(spec, key, &Issued { token, queue }).await
     }
 
     /// The Java proxy's ack algorithm, with "the lock that issued the batch" checked exactly.
@@ -1052,23 +1100,32 @@ impl Engine {
         key: &ContextKey,
         issued: &Issued,
     ) -> Result<AckOutcome, EngineError> {
+        self.start_ack_issued(spec, key, issued).await?.durably().await
+    }
+
+    pub(super) async fn start_ack_issued(
+        &self,
+        spec: &ConsumerSpec,
+        key: &ContextKey,
+        issued: &Issued,
+    ) -> Result<PendingAck, EngineError> {
         if issued.token.pop {
-            return self.ack_segment(key, issued).await;
+            return Ok(PendingAck::done(self.ack_segment(key, issued).await?));
         }
         let queues = self.queue_count(&key.topic);
         let (token, queue) = (&issued.token, issued.queue);
         let info = token.info();
         let snapshot = self.inner.consuming.state.snapshot(key, queues).await?;
         let qs = &snapshot.queues[queue as usize];
-        let outcome = match qs.lock_time {
-            None => AckOutcome {
+        let pending = match qs.lock_time {
+            None => PendingAck::done(AckOutcome {
                 committed: false,
                 message: format!("lock not exist {info}"),
-            },
-            Some(t) if t != token.lock_time => AckOutcome {
+            }),
+            Some(t) if t != token.lock_time => PendingAck::done(AckOutcome {
                 committed: false,
                 message: format!("ack ignored: the queue was locked again since (lockTime {t}) {info}"),
-            },
+            }),
             Some(t) => {
                 let expired = self.now_ms().saturating_sub(t) > qs.lock_timeout(spec.consume_timeout_ms);
                 let prefix = if expired { "lock expired, " } else { "" };
@@ -1082,27 +1139,30 @@ impl Engine {
                 // The batch reached the consumer and it acknowledged it: its retry messages are
                 // done whether or not the offset moved.
                 let commit_to = commit.then_some(token.next_offset);
-                if self
+                let finished = self
                     .inner
                     .consuming
                     .state
                     .finish(key, queue, t, commit_to, RetryFate::Done)
-                    .await?
-                {
-                    AckOutcome {
-                        committed: commit,
-                        message: format!("{prefix}{what} {info}"),
+                    .await?;
+                if finished.matched {
+                    PendingAck {
+                        outcome: AckOutcome {
+                            committed: commit,
+                            message: format!("{prefix}{what} {info}"),
+                        },
+                        durable: finished.durable,
                     }
                 } else {
-                    AckOutcome {
+                    PendingAck::done(AckOutcome {
                         committed: false,
                         message: format!("ack ignored: the lock changed meanwhile {info}"),
-                    }
+                    })
                 }
             }
         };
         self.inner.consuming.notify(&key.topic);
-        Ok(outcome)
+        Ok(pending)
     }
 
     /// Unlocks the queue of an unacknowledged batch so it is delivered again at once.
@@ -1140,6 +1200,8 @@ impl Engine {
             .consuming
             .state
             .finish(key, issued.queue, token.lock_time, None, RetryFate::Free)
+            .await?
+            .durably()
             .await?;
         if unlocked {
             self.inner.consuming.notify(&key.topic);

@@ -17,8 +17,8 @@
 //! Only this module imports the Redis client.
 
 use super::consumer_state::{
-    ConsumerStateStore, ContextSnapshot, LockGrant, LockRequest, PopFate, PopFinished, PopGrant, PopTake, PopTakeKind,
-    RetryFate,
+    ConsumerStateStore, ContextSnapshot, Finished, LockGrant, LockRequest, PopFate, PopFinished, PopGrant, PopTake,
+    PopTakeKind, RetryFate,
 };
 use super::{ConsumerSettings, ContextKey, MessageLocation, PopQueue, PopSegment, QueueState, RetryEntry, StoreError};
 use async_trait::async_trait;
@@ -639,7 +639,7 @@ impl ConsumerStateStore for RedisConsumerState {
         lock_time: u64,
         commit: Option<u64>,
         retries: RetryFate,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Finished, StoreError> {
         let mut con = self.connection.clone();
         let matched: i64 = self
             .finish
@@ -655,7 +655,7 @@ impl ConsumerStateStore for RedisConsumerState {
             .invoke_async(&mut con)
             .await
             .map_err(redis_err)?;
-        Ok(matched == 1)
+        Ok(Finished::done(matched == 1))
     }
 
     async fn drop_retries(&self, ctx: &ContextKey, seqs: &[u64]) -> Result<(), StoreError> {
