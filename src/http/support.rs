@@ -173,10 +173,22 @@ fn is_json(headers: &HeaderMap) -> bool {
 /// string values are taken as they are and other values as JSON text).
 /// The pairs of an `application/x-www-form-urlencoded` body, exactly as
 /// `form_urlencoded::parse` gives them. A name or value with no `%` and no `+` (a plain-text
-/// message body, the common case) is checked as UTF-8 and copied once, instead of the three
-/// byte-by-byte passes (plus, percent, lossy UTF-8) that were a tenth of a 1 KiB produce's CPU.
+/// message body, the common case) is checked as UTF-8 and copied once; others are decoded a
+/// run at a time: the byte-by-byte passes (plus, percent, lossy UTF-8) were a tenth of a
+/// 1 KiB produce's CPU and a fifth of a batch's.
 pub fn form_pairs(bytes: &[u8]) -> impl Iterator<Item = (String, String)> + '_ {
-    bytes.split(|b| *b == b'&').filter(|pair| !pair.is_empty()).map(|pair| {
+    // Split at `&` by memchr (a batch's body is ~100 KiB: `slice::split` tests it bytewise).
+    let mut rest = Some(bytes);
+    let pairs = std::iter::from_fn(move || {
+        let current = rest?;
+        let (pair, next) = match memchr::memchr(b'&', current) {
+            Some(at) => (&current[..at], Some(&current[at + 1..])),
+            None => (current, None),
+        };
+        rest = next;
+        Some(pair)
+    });
+    pairs.filter(|pair| !pair.is_empty()).map(|pair| {
         let (name, value) = match memchr::memchr(b'=', pair) {
             Some(at) => (&pair[..at], &pair[at + 1..]),
             None => (pair, &[][..]),
@@ -192,10 +204,37 @@ fn form_component(raw: &[u8]) -> String {
     {
         return text.to_owned();
     }
-    let plus_as_space: Vec<u8> = raw.iter().map(|&b| if b == b'+' { b' ' } else { b }).collect();
-    percent_encoding::percent_decode(&plus_as_space)
-        .decode_utf8_lossy()
-        .into_owned()
+    // The runs between escapes are copied whole (a batch's JSON escapes only its quotes and
+    // a few punctuation marks: byte-at-a-time decoding was a fifth of a batch's CPU).
+    let mut decoded = Vec::with_capacity(raw.len());
+    let mut rest = raw;
+    while let Some(at) = memchr::memchr2(b'%', b'+', rest) {
+        decoded.extend_from_slice(&rest[..at]);
+        let escaped = (rest[at] == b'%')
+            .then(|| Some((hex_digit(*rest.get(at + 1)?)? << 4) | hex_digit(*rest.get(at + 2)?)?))
+            .flatten();
+        match (rest[at], escaped) {
+            (b'+', _) => {
+                decoded.push(b' ');
+                rest = &rest[at + 1..];
+            }
+            (_, Some(byte)) => {
+                decoded.push(byte);
+                rest = &rest[at + 3..];
+            }
+            // A `%` not followed by two hex digits stays as it is.
+            (_, None) => {
+                decoded.push(b'%');
+                rest = &rest[at + 1..];
+            }
+        }
+    }
+    decoded.extend_from_slice(rest);
+    String::from_utf8(decoded).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+}
+
+fn hex_digit(b: u8) -> Option<u8> {
+    char::from(b).to_digit(16).and_then(|d| u8::try_from(d).ok())
 }
 
 pub async fn read_request(
