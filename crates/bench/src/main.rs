@@ -19,6 +19,7 @@ mod scenarios;
 mod server;
 
 use clap::{Parser, Subcommand};
+use mqproxy::store::embedded::Layout;
 use report::Row;
 use scenarios::Env;
 use std::path::PathBuf;
@@ -203,6 +204,9 @@ struct Plan {
     stream_messages: u64,
     e2e_count: usize,
     backlogs: Vec<u64>,
+    /// Also run the 1 KiB produce, batch, consume and stream rows on the redb layout (the
+    /// store before the commit log), in the same run.
+    redb_rows: bool,
 }
 
 impl Plan {
@@ -216,6 +220,7 @@ impl Plan {
             stream_messages: 300_000,
             e2e_count: 500,
             backlogs: vec![100_000, 1_000_000],
+            redb_rows: false,
         }
     }
 
@@ -229,6 +234,7 @@ impl Plan {
             stream_messages: 30_000,
             e2e_count: 100,
             backlogs: vec![100_000],
+            redb_rows: false,
         }
     }
 
@@ -242,6 +248,7 @@ impl Plan {
             stream_messages: 4_000_000,
             e2e_count: 5_000,
             backlogs: vec![1_000_000, 10_000_000, 50_000_000],
+            redb_rows: true,
         }
     }
 }
@@ -259,6 +266,7 @@ fn env_from(common: &Common, default_warmup: f64, default_duration: f64) -> anyh
         duration: Duration::from_secs_f64(common.duration.unwrap_or(default_duration)),
         flush_rate,
         server_toml: common.server_toml.clone(),
+        layout: Layout::Log,
     })
 }
 
@@ -324,6 +332,41 @@ async fn all(plan: Plan, quick: bool, namesrv: Option<String>, common: Common) -
     run_rounds(rounds, || scenarios::produce_batch(&env, 8, 100, 1024)).await?;
     run_rounds(rounds, || scenarios::consume(&env, 8, plan.consume_messages, 1024)).await?;
     run_rounds(rounds, || scenarios::stream(&env, 4, plan.stream_messages, 1024)).await?;
+    if plan.redb_rows {
+        let redb = Env {
+            server_toml: format!("{}\nstore.layout = \"redb\"", env.server_toml),
+            layout: Layout::Redb,
+            ..env.clone()
+        };
+        let on_redb = |rows: anyhow::Result<Vec<Row>>| {
+            rows.map(|rows| {
+                rows.into_iter()
+                    .map(|mut r| {
+                        if !r.label.starts_with(' ') {
+                            r.label = format!("redb: {}", r.label);
+                        }
+                        r
+                    })
+                    .collect::<Vec<Row>>()
+            })
+        };
+        run_rounds(rounds, || async {
+            on_redb(scenarios::produce(&redb, 64, 1024, "sync").await)
+        })
+        .await?;
+        run_rounds(rounds, || async {
+            on_redb(scenarios::produce_batch(&redb, 8, 100, 1024).await)
+        })
+        .await?;
+        run_rounds(rounds, || async {
+            on_redb(scenarios::consume(&redb, 8, plan.consume_messages, 1024).await)
+        })
+        .await?;
+        run_rounds(rounds, || async {
+            on_redb(scenarios::stream(&redb, 4, plan.stream_messages, 1024).await)
+        })
+        .await?;
+    }
     run_rounds(rounds, || scenarios::e2e_latency(&env, plan.e2e_count, 1024)).await?;
     let mut backlog_rows = Vec::new();
     for &stored in &plan.backlogs {

@@ -29,6 +29,9 @@ pub struct Env {
     pub sequential_rate: f64,
     /// TOML appended to every generated server config (`--server-toml`).
     pub server_toml: String,
+    /// The layout preloaded data directories are written in (the server's, set in
+    /// `server_toml` when not the default).
+    pub layout: Layout,
 }
 
 impl Env {
@@ -254,7 +257,7 @@ pub async fn produce_batch(env: &Env, connections: usize, per_batch: usize, size
 /// of them with `readers` readers of `per_read` messages.
 async fn preloaded(env: &Env, label: &str, total: u64, size: usize, readers: usize) -> anyhow::Result<(PathBuf, f64)> {
     let dir = server::fresh_dir(&env.data_root, label)?;
-    let store = ceilings::open_store(&dir, FlushPolicy::Async)?;
+    let store = ceilings::open_store_with(&dir, FlushPolicy::Async, env.layout)?;
     ceilings::fill(&store, total, 1000, size).await?;
     let read_rate = ceilings::store_read_rate(&store, readers, 128).await?;
     store.close();
