@@ -218,19 +218,17 @@ impl Engine {
                         };
                         // The answers to earlier commands go first (their commits were flushed
                         // while this batch was read), so events keep the order things happened.
-                        let mut gone = false;
+                        let mut open = true;
                         while let Some(answer) = results.next().await {
-                            gone = tx.send(Ok(answer)).await.is_err();
-                            if gone {
+                            open = tx.send(Ok(answer)).await.is_ok();
+                            if !open {
                                 break;
                             }
                         }
-                        let permit = match tx.reserve().await {
-                            Ok(permit) if !gone => permit,
-                            _ => {
-                                let _ = self.unlock_issued(&ctx.key, &issued).await;
-                                break 'stream;
-                            }
+                        let reserved = if open { tx.reserve().await.ok() } else { None };
+                        let Some(permit) = reserved else {
+                            let _ = self.unlock_issued(&ctx.key, &issued).await;
+                            break 'stream;
                         };
                         permit.send(Ok(event));
                         if sub.auto_ack {
